@@ -1,0 +1,1 @@
+"""DeepSpeed config templates (JSON); ftcore/ds_config.py fills them from the typed config."""

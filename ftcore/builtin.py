@@ -1,0 +1,106 @@
+"""The built-in default: a tiny Llama, a real tokenizer and a small chat set, with nothing downloaded.
+
+- `builtin:tiny-llama`: the architecture is ftcore/assets/tiny-llama/config.json; on first use its weights are
+  initialised from a fixed seed and saved, with the tokenizer, as an ordinary HF model directory under
+  $FT_CACHE_DIR (default ~/.cache/ft). The tokenizer is Mistral's SentencePiece model (32k vocab, Apache-2.0)
+  shipped inside the mistral-common package, converted to a fast HF tokenizer, with the fallback chat template.
+- `builtin:chat-demo`: ftcore/assets/chat-demo/{train,eval}.jsonl (regenerate with make_chat_demo.py there).
+
+Several processes may ask at once (every rank of a launch): each builds into its own temporary directory and
+renames it into place; the loser of the race discards its copy. The result is identical either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ftcore.config import BUILTIN_PREFIX
+from ftcore.data.chat_template import FALLBACK_CHAT_TEMPLATE
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama" / "config.json"}
+BUILTIN_DATA = {
+    "chat-demo": ASSETS / "chat-demo" / "train.jsonl",
+    "chat-demo-eval": ASSETS / "chat-demo" / "eval.jsonl",
+}
+INIT_SEED = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FT_CACHE_DIR", Path.home() / ".cache" / "ft"))
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def resolve_data_path(path: str) -> str:
+    if not is_builtin(path):
+        return path
+    key = path[len(BUILTIN_PREFIX):]
+    if key not in BUILTIN_DATA:
+        raise ValueError(f"unknown built-in dataset {path!r}; available: "
+                         + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_DATA))
+    return str(BUILTIN_DATA[key])
+
+
+def _sentencepiece_model() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def _fingerprint(config_path: Path) -> str:
+    h = hashlib.sha256(config_path.read_bytes())
+    h.update(FALLBACK_CHAT_TEMPLATE.encode())
+    h.update(_sentencepiece_model().read_bytes())
+    h.update(str(INIT_SEED).encode())
+    return h.hexdigest()[:12]
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for `name`: built-in models are materialised on first use; others pass through."""
+    if not is_builtin(name):
+        return name
+    key = name[len(BUILTIN_PREFIX):]
+    if key not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; available: "
+                         + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS))
+    config_path = BUILTIN_MODELS[key]
+    target = cache_dir() / "builtin" / f"{key}-{_fingerprint(config_path)}"
+    if (target / "model.safetensors").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+    try:
+        _build_tiny_model(config_path, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "model.safetensors").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _build_tiny_model(config_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as spm_dir:
+        shutil.copy(_sentencepiece_model(), Path(spm_dir) / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(spm_dir)  # SentencePiece -> fast (tokenizers) conversion
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    config = AutoConfig.from_pretrained(config_path.parent)
+    torch.manual_seed(INIT_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)

@@ -1,0 +1,171 @@
+"""Checkpoints: the only code that touches checkpoint files.
+
+Layout (under output_dir/checkpoints/):
+    step-000300/engine/...        DeepSpeed shards (every rank writes its own; frozen base weights excluded for LoRA)
+    step-000300/trainer_state.json  step, token counts, world size, config fingerprint
+    step-000300/data_state.json     every rank's data-stream state, gathered
+    step-000300/rng_rank{R}.pt      each rank's RNG states
+    step-000300/manifest.json       every file with its size: written last; a dir without it is not a checkpoint
+    latest                          names the newest complete step dir; replaced atomically after the rename
+
+A save writes into step-000300.tmp/, every rank fsyncs, rank 0 writes the manifest, renames the directory into
+place, then updates `latest`, then prunes to keep_last. An interrupted save leaves only a *.tmp directory, which
+is never read and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+ENGINE_TAG = "engine"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the reason and the path."""
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_file(path)  # directories fsync the same way on POSIX: makes renames inside them durable
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless `path` is a complete checkpoint (manifest present, every file its size)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, size in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: missing {rel}")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path}: {rel} is {f.stat().st_size} bytes, manifest says {size} (truncated?)")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int, world_size: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+
+    # ---- finding -------------------------------------------------------------------------------------
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint, or None. `latest` is trusted only if what it names is complete."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            verify_checkpoint(path)  # a broken pointer is an error, never a silent fallback to an older step
+            newer = [p for p in self._complete_dirs() if p.name > path.name]
+            # A crash between the rename and the pointer update leaves a complete, newer dir: use it.
+            return newer[-1] if newer else path
+        dirs = self._complete_dirs()
+        return dirs[-1] if dirs else None
+
+    def _complete_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                      and (p / MANIFEST).is_file())
+
+    # ---- saving --------------------------------------------------------------------------------------
+    def save(self, step: int, engine: Any, trainer_state: dict, data_state: dict,
+             exclude_frozen: bool, barrier: Callable[[], None]) -> Path:
+        """Collective: every rank calls it. Returns the final directory."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (final.name + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step-*.tmp"):
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        barrier()
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, data_state)
+        if self.rank == 0:
+            (tmp / "data_state.json").write_text(json.dumps(gathered, indent=1))
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        barrier()
+        # Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote).
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync_file(f)
+        barrier()
+        if self.rank == 0:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+            if final.exists():  # same step saved before (e.g. a resumed run re-reaching it): replace whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _atomic_write_text(self.root / "latest", final.name + "\n")
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self._complete_dirs()[: -self.keep_last]:
+            shutil.rmtree(old)
+
+    # ---- loading -------------------------------------------------------------------------------------
+    def load(self, path: Path, engine: Any, exclude_frozen: bool) -> tuple[dict, dict]:
+        """Restore engine (weights, optimizer, scheduler), this rank's RNG. Returns (trainer_state, data_state)."""
+        verify_checkpoint(path)
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        if trainer_state["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{path}: written by {trainer_state['world_size']} ranks, this run has {self.world_size}; "
+                "resume with the same number of processes")
+        data_states = json.loads((path / "data_state.json").read_text())
+        load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=not exclude_frozen,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load the engine state under {ENGINE_TAG}/")
+        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        return trainer_state, data_states[self.rank]

@@ -1,0 +1,329 @@
+"""The one typed config tree. Every field a user can set is defined here, and only here.
+
+Precedence (highest first): ``--set a.b=c`` on the command line > the YAML file > the defaults below.
+Unknown keys and bad values are errors that name the field (and the YAML line when it came from the file).
+Relative paths are taken relative to the working directory the command runs in.
+
+Each component receives only its own section: ``build_model(cfg.model, cfg.adapter)``,
+``build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype)``, and so on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line that names the field (and file/line when known)."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (a typo must never silently become a default); assignments are validated too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "builtin:tiny-llama"
+    """HF model directory, hub id, or `builtin:tiny-llama` (a tiny Llama built from a config shipped in the repo)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded and trained in (mixed precision keeps fp32 master weights in DeepSpeed)."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """auto = flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant; works with LoRA). Trades ~30% compute for memory."""
+
+
+class AdapterConfig(Section):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    """full = every weight trains; lora = low-rank adapters (peft); qlora = lora on a 4-bit NF4 base."""
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """Module names (or suffixes) that get adapters; all-linear = every linear layer except the output head."""
+
+
+class DataSource(Section):
+    path: str
+    """A JSONL file (one JSON object per line)."""
+    format: Literal["chat", "alpaca", "text"] = "chat"
+    """chat: {"messages": [{"role", "content"}...]}; alpaca: instruction/input/output; text: {"text": ...}."""
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:chat-demo")])
+    """Training sources. `builtin:chat-demo` is the small chat set shipped in the repo."""
+    eval: Optional[list[DataSource]] = None
+    """Optional evaluation sources (loss and perplexity every train.eval_every steps)."""
+    max_seq_len: int = Field(512, gt=8)
+    """Samples are truncated to this many tokens."""
+    train_on: Optional[Literal["assistant", "last_assistant", "completion", "all"]] = None
+    """Which tokens carry loss. Default by format: chat -> assistant, alpaca -> completion, text -> all."""
+    shuffle: bool = True
+    """Shuffle the sample order each epoch (deterministically from train.seed)."""
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(1, gt=0)
+    """Samples per forward pass per process."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro batches per optimizer step. Effective batch = micro_batch_size * grad_accum_steps * world size."""
+    max_steps: int = Field(100, gt=0)
+    """Optimizer steps in the run; the learning-rate schedule spans exactly this many."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps, then cosine decay to 0 at max_steps."""
+    seed: int = 42
+    """Seeds model init of new modules, dropout and the data order."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N steps (0 = only at the end). Needs data.eval."""
+    log_every: int = Field(1, gt=0)
+    """Print a log line every N steps (rank 0)."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping by global norm (0 = off)."""
+    stop_at_step: Optional[int] = Field(None, gt=0)
+    """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
+    audit_log: bool = False
+    """Write output_dir/audit/rank{R}.jsonl: sample ids and loss per step per rank (used by tests)."""
+
+
+class DistributedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 = data parallel, 1 = shard optimizer, 2 = + gradients, 3 = + parameters."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """CPU offload: optimizer states (stage >= 1), or optimizer and parameters (stage 3)."""
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
+    """ZeRO-3 keeps parameters smaller than this many elements whole on every rank."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0 = only at the end). A final checkpoint is always written."""
+    keep_last: int = Field(2, gt=0)
+    """Keep this many most recent checkpoints; older ones are deleted after a newer one is complete."""
+
+
+class Config(Section):
+    output_dir: str = "outputs/run"
+    """Run directory: checkpoints/, final/, logs. A rerun with the same output_dir resumes."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Config":
+        d, t = self.distributed, self.train
+        if d.offload == "all" and d.zero_stage != 3:
+            raise _field_error("distributed.offload", "'all' (parameter offload) needs distributed.zero_stage=3")
+        if d.offload == "optimizer" and d.zero_stage == 0:
+            raise _field_error("distributed.offload", "'optimizer' needs distributed.zero_stage >= 1")
+        if t.warmup_steps > t.max_steps:
+            raise _field_error("train.warmup_steps", f"{t.warmup_steps} exceeds train.max_steps={t.max_steps}")
+        if t.stop_at_step is not None and t.stop_at_step > t.max_steps:
+            raise _field_error("train.stop_at_step", f"{t.stop_at_step} exceeds train.max_steps={t.max_steps}")
+        if t.eval_every and not self.data.eval:
+            raise _field_error("train.eval_every", "is set but data.eval has no sources")
+        if self.adapter.method == "qlora":
+            raise _field_error(
+                "adapter.method", "'qlora' is not available yet (4-bit NF4 training lands with the QLoRA work); "
+                "use 'lora' or 'full'")
+        return self
+
+    def effective_batch_size(self, world_size: int) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum_steps * world_size
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _field_error(field: str, message: str) -> _FieldError:
+    return _FieldError(field, message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML + --set overrides, with errors that point at the field and the YAML line.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value). The value is read as YAML, so `true`, `3`, `[q_proj, v_proj]` work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(part, node, path[: i + 1], text)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {text}: {'.'.join(path[: i + 1])} is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, path, text)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list, path: list[str], text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {text}: {'.'.join(path)}: index must be 0..{len(node) - 1}")
+    return int(part)
+
+
+def _yaml_line(root: Optional[yaml.Node], path: tuple) -> Optional[int]:
+    """1-based line of the deepest YAML node on `path` (so an error can say 'config.yaml:12')."""
+    node, line = root, None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{msg} (got {err.get('input')!r})"
+
+
+def _section_keys(loc: tuple) -> list[str]:
+    """Valid keys at the place an unknown key was found, for the error message."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            for a in args:  # Optional[list[DataSource]]
+                inner = getattr(a, "__args__", ())
+                model = next((i for i in inner if isinstance(i, type) and issubclass(i, BaseModel)), model)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, source: str, yaml_root: Optional[yaml.Node],
+                            overridden: set[tuple]) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):  # cross-field check: it names its own field
+            field, text = ctx_error.field, ctx_error.message
+            loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+        else:
+            field = ".".join(str(p) for p in loc) or "<top level>"
+            text = _describe(err)
+            if err["type"] == "extra_forbidden":
+                keys = _section_keys(loc)
+                text += f"; valid keys here: {', '.join(keys)}" if keys else ""
+        where = source
+        if any(loc[: len(o)] == o for o in overridden):
+            where = "--set"
+        else:
+            line = _yaml_line(yaml_root, loc)
+            if line is not None:
+                where = f"{source}:{line}"
+        parts.append(f"{where}: {field}: {text}")
+    return "config error: " + "; ".join(parts)
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError with a one-line message."""
+    tree: dict = {}
+    yaml_root = None
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config error: cannot read {path}: {e.strerror}") from None
+        try:
+            yaml_root = yaml.compose(text)
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"config error: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+    overridden: set[tuple] = set()
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply_override(tree, keys, value, text)
+        overridden.add(tuple(int(k) if k.isdigit() else k for k in keys))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, yaml_root, overridden)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every field: the reference table in the README is made from this."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += field_docs(ann, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
+        rows.append((prefix + name, repr(default), field.description or ""))
+    return rows

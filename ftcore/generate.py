@@ -1,0 +1,41 @@
+"""Greedy generation from a training output: a PEFT adapter dir (loaded onto its base) or a full model dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ftcore.builtin import resolve_model_path
+from ftcore.data.chat_template import render
+
+
+def load_for_inference(model_dir: str) -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"--model {model_dir}: no such directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_dir = resolve_model_path(PeftConfig.from_pretrained(path).base_model_name_or_path)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+    model, tokenizer = load_for_inference(model_dir)
+    answers = []
+    for prompt in prompts:
+        text = render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers

@@ -1,0 +1,438 @@
+"""The fine-tuning recipe: full or LoRA fine-tuning of a causal LM on accelerate + DeepSpeed ZeRO 0-3.
+
+Features
+    - Full fine-tuning or LoRA (peft) on every linear layer or chosen modules.
+    - DeepSpeed ZeRO 0/1/2/3 with optional CPU offload; the DeepSpeed config is derived from this run's typed
+      config (ftcore/ds_config.py), never written by hand.
+    - Non-reentrant gradient checkpointing (works with LoRA: input grads are enabled).
+    - Cosine schedule with linear warmup, AdamW, gradient clipping, gradient accumulation.
+    - Loss normalised by the number of trained tokens in the whole optimizer step (all micro batches, all ranks),
+      so accumulation and data parallelism give the same gradient as one big batch.
+    - Eval loss and perplexity every train.eval_every steps and at the end.
+    - Checkpoints every checkpoint.every_steps and at the end; automatic resume from output_dir.
+
+Effective batch (samples per optimizer step)
+    train.micro_batch_size * train.grad_accum_steps * world_size
+
+Resume
+    A run restarted with the same output_dir resumes from the newest complete checkpoint (`--resume PATH` picks
+    one, `--resume none` starts fresh). Engine state (weights, optimizer, scheduler), step, every rank's data
+    position and RNG are restored, so at the same world size the resumed losses equal the uninterrupted ones.
+    A checkpoint written under a different config or world size is refused with the differences listed.
+
+Commands
+    workstation, 2 processes:   ft launch examples/demo.yaml --nproc 2
+    already-started processes:  ft train examples/demo.yaml          (plain python, torchrun, accelerate launch)
+    override any field:         ft launch cfg.yaml --nproc 8 --set train.lr=1e-4 --set distributed.zero_stage=3
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ftcore.checkpoint import CheckpointError, CheckpointManager
+from ftcore.config import Config, dump_config
+from ftcore.data.stream import Batch, TrainStream, eval_batches
+from ftcore.ds_config import build_ds_config
+from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer, resolve_model_dir
+
+# Fields that must match between a checkpoint and the run resuming it (anything else may change, e.g. logging).
+FINGERPRINT_FIELDS = (
+    "model.name_or_path", "model.dtype", "adapter", "data.train", "data.max_seq_len", "data.train_on",
+    "data.shuffle", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps", "train.lr",
+    "train.weight_decay", "train.warmup_steps", "train.seed", "distributed.zero_stage",
+)
+
+
+class TrainError(RuntimeError):
+    """A failure of the run with its reason (wrong world size, non-finite loss, bad checkpoint...)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_env() -> None:
+    """A plain `python`/`ft train` start is a world of one: give torch.distributed what a launcher would."""
+    if "WORLD_SIZE" in os.environ:
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise TrainError(f"WORLD_SIZE is set but {', '.join(missing)} are not: start with `ft launch`, "
+                             "torchrun or accelerate launch, or unset WORLD_SIZE for a single process")
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+
+
+def config_fingerprint(cfg: Config) -> dict:
+    dumped = cfg.model_dump(mode="json")
+    out = {}
+    for dotted in FINGERPRINT_FIELDS:
+        node: Any = dumped
+        for part in dotted.split("."):
+            node = node[part]
+        out[dotted] = node
+    return out
+
+
+def _fingerprint_diff(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current[k]!r}" for k in current if saved.get(k) != current[k]]
+
+
+class Recipe:
+    """Setup in dependency order (distributed -> seed -> tokenizer/data -> model -> optimizer/schedule ->
+    engine -> checkpointer -> resume), then a small train loop."""
+
+    def __init__(self, cfg: Config, resume: str = "auto"):
+        self.cfg = cfg
+        self.resume_arg = resume
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.trained_tokens_seen = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_data()
+        self._setup_model()
+        self._setup_engine()
+        self.checkpoints = CheckpointManager(self.output_dir, self.cfg.checkpoint.keep_last, self.rank,
+                                             self.world_size)
+        self._maybe_resume()
+
+    def _setup_distributed(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
+
+        ensure_process_env()
+        cfg = self.cfg
+        self.cuda = torch.cuda.is_available()
+        backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if self.cuda else "gloo")
+        if backend == "nccl" and not self.cuda:
+            raise TrainError("distributed.backend=nccl needs CUDA GPUs; this machine has none (use auto or gloo)")
+        self.ds_config = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, self.cuda)
+        if cfg.distributed.zero_stage == 3:
+            # Must exist before from_pretrained: transformers then loads straight into partitioned parameters.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
+        # The explicit process group backend matters on CPU: without it accelerate reports a world of 1 on
+        # every rank (each would think it is the main process and read the same data).
+        self.accelerator = Accelerator(
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.ds_config),
+            mixed_precision=mixed,
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
+        )
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        expected = int(os.environ["WORLD_SIZE"])
+        if not dist.is_initialized() or dist.get_world_size() != expected or self.world_size != expected:
+            raise TrainError(
+                f"world size mismatch: WORLD_SIZE={expected}, torch.distributed="
+                f"{dist.get_world_size() if dist.is_initialized() else 'not initialised'}, "
+                f"accelerate={self.world_size}")
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        set_seed(cfg.train.seed)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.model_dir = resolve_model_dir(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, self.rank, self.world_size,
+                                        cfg.train.micro_batch_size)
+        self.eval_set: list[Batch] = (eval_batches(cfg.data, self.tokenizer, self.rank, self.world_size,
+                                                   cfg.train.micro_batch_size) if cfg.data.eval else [])
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.model = load_model(cfg.model, cfg.adapter, self.model_dir, self.cuda, cfg.train.seed)
+        self.trainable, self.total_params = count_parameters(self.model)
+        if self.trainable == 0:
+            raise TrainError("no parameter requires grad: check adapter.target_modules")
+        self.is_lora = cfg.adapter.method == "lora"
+        self.expected_adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]  # frozen weights get no optimizer state
+        # No decay on biases and norms (1-D); ZeRO-3 placeholders are flat, so look at the original shape.
+        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if self.cfg.distributed.offload != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # the offloaded step runs on the host
+
+            return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=t.lr)
+
+    def _setup_engine(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        t = self.cfg.train
+        optimizer = self._build_optimizer()
+        self.engine, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # The engine owns the schedule: it steps it once per optimizer step (at the accumulation boundary, and
+        # not when fp16 overflow skips the step) and saves/loads it with its checkpoint. accelerate hands only
+        # DeepSpeed-native schedulers to the engine, so it is attached here; it is built on the client optimizer,
+        # whose param_groups DeepSpeed's ZeRO optimizer steps with.
+        self.engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            (self.output_dir / "config.yaml").write_text(dump_config(self.cfg))
+
+    def _maybe_resume(self) -> None:
+        if self.resume_arg == "none":
+            return
+        if self.resume_arg == "auto":
+            path = self.checkpoints.latest()
+            if path is None:
+                return
+        else:
+            path = Path(self.resume_arg)
+            if not path.is_dir():
+                raise CheckpointError(f"--resume {path}: no such checkpoint directory")
+        saved = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").is_file() \
+            else {}
+        diff = _fingerprint_diff(saved.get("config_fingerprint", {}), config_fingerprint(self.cfg))
+        if diff:
+            raise CheckpointError(f"{path} was written by a different config: " + "; ".join(diff)
+                                  + f" (use a new output_dir, or --resume none)")
+        trainer_state, data_state = self.checkpoints.load(path, self.engine, exclude_frozen=self.is_lora)
+        self.train_stream.load_state_dict(data_state)
+        self.step = trainer_state["step"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        self.trained_tokens_seen = trainer_state["trained_tokens_seen"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def log(self, message: str) -> None:
+        if self.is_main:
+            self.console.print(message) if hasattr(self, "console") else print(message, flush=True)
+
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _barrier(self) -> None:
+        dist.barrier()
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "trained_tokens_seen": self.trained_tokens_seen,
+                "world_size": self.world_size, "config_fingerprint": config_fingerprint(self.cfg)}
+
+    # ------------------------------------------------------------------------------------------ steps
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro batches."""
+        gas = self.cfg.train.grad_accum_steps
+        batches = [self.train_stream.next_batch() for _ in range(gas)]
+        local_trained = sum(b.trained_tokens for b in batches)
+        local_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        global_trained, global_tokens = self._all_reduce_sum([local_trained, local_tokens])
+        # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
+        # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
+        # gradient of the true per-token mean over the effective batch.
+        rescale = gas * self.world_size
+        lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps it after)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            out = self.engine(**batch.model_inputs(self.device), num_items_in_batch=max(int(global_trained), 1))
+            loss_sum += out.loss.detach().double()
+            self.accelerator.backward(out.loss * rescale)  # DeepSpeed steps at the accumulation boundary
+        step_loss = self._all_reduce_sum([loss_sum.item()])[0]
+        if not math.isfinite(step_loss):
+            raise TrainError(f"non-finite loss {step_loss} at step {self.step + 1}; last good checkpoint: "
+                             f"{self.checkpoints.latest()}")
+        grad_norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        self.tokens_seen += int(global_tokens)
+        self.trained_tokens_seen += int(global_trained)
+        if self.cfg.train.audit_log:
+            self._audit({"step": self.step, "samples": [s for b in batches for s in b.sample_ids],
+                         "local_trained_tokens": local_trained, "loss": step_loss})
+        return {"step": self.step, "loss": step_loss, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": int(global_tokens), "trained_tokens": int(global_trained)}
+
+    def _audit(self, record: dict) -> None:
+        audit_dir = self.output_dir / "audit"
+        audit_dir.mkdir(parents=True, exist_ok=True)
+        with open(audit_dir / f"rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        loss_sum = tokens = 0.0
+        for batch in self.eval_set:
+            out = self.engine(**batch.model_inputs(self.device), num_items_in_batch=1)  # -> sum over tokens
+            loss_sum += out.loss.item()
+            tokens += batch.trained_tokens
+        self.engine.train()
+        loss_sum, tokens = self._all_reduce_sum([loss_sum, tokens])
+        loss = loss_sum / max(tokens, 1)
+        return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        last = cfg.train.stop_at_step or cfg.train.max_steps
+        self.log(f"world size {self.world_size} | effective batch {cfg.effective_batch_size(self.world_size)} | "
+                 f"trainable {self.trainable:,} / {self.total_params:,} params | ZeRO-{cfg.distributed.zero_stage}")
+        if self.step >= last:
+            self.log(f"nothing to train: checkpoint is at step {self.step}, the run stops at {last}")
+        self.engine.train()
+        saved_at = self.step
+        with self._progress(last) as advance:
+            while self.step < last:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                metrics["step_time_s"] = time.perf_counter() - started
+                metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
+                advance(metrics)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < last:
+                    self._record(self.evaluate())
+                every = cfg.checkpoint.every_steps
+                if every and self.step % every == 0 and self.step < last:
+                    self.save_checkpoint()
+                    saved_at = self.step
+        if self.eval_set:
+            self._record(self.evaluate())
+        if saved_at != self.step or self.checkpoints.latest() is None:
+            self.save_checkpoint()
+        if self.step >= cfg.train.max_steps:
+            self.save_final()
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoints.save(self.step, self.engine, self.trainer_state(), self.train_stream.state_dict(),
+                                     exclude_frozen=self.is_lora, barrier=self._barrier)
+        self.log(f"checkpoint saved: {path}")
+
+    def _record(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if "eval_loss" in metrics:
+            self.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}")
+
+    @contextlib.contextmanager
+    def _progress(self, last: int) -> Iterator[Any]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.console = Console()
+        progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=self.console, disable=not self.is_main, transient=False)
+        task = progress.add_task("train", total=last, completed=self.step, loss="-")
+
+        def advance(metrics: dict) -> None:
+            self._record(metrics)
+            progress.update(task, completed=metrics["step"], loss=f"{metrics['loss']:.4f}")
+            if self.is_main and (metrics["step"] % self.cfg.train.log_every == 0 or metrics["step"] == last):
+                norm = metrics["grad_norm"]
+                progress.console.print(
+                    f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
+                    f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f}")
+
+        with progress:
+            yield advance
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def save_final(self) -> None:
+        """output_dir/final/: PEFT adapter dir (LoRA) or HF safetensors model dir (full), plus the tokenizer.
+        Written to final.tmp/ and renamed when complete and checked."""
+        final = self.output_dir / "final"
+        tmp = self.output_dir / "final.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        unwrapped = self.accelerator.unwrap_model(self.engine)
+        if self.is_lora:
+            self._save_adapter(unwrapped, tmp)
+        else:
+            state_dict = self.accelerator.get_state_dict(self.engine)  # ZeRO-3: 16-bit gather onto rank 0
+            if self.is_main:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                check_full_model(tmp, self.total_params)
+        if self.is_main:
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "ft_config.yaml").write_text(dump_config(self.cfg))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.log(f"final {'adapter' if self.is_lora else 'model'} saved: {final}")
+        self._barrier()
+
+    def _save_adapter(self, unwrapped: torch.nn.Module, out: Path) -> None:
+        import deepspeed
+
+        named = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+        # Under ZeRO-3 each rank holds a slice: gather the adapter (small) on every rank, copy on rank 0.
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            state = {n: p.detach().to("cpu", copy=True) for n, p in named} if self.is_main else {}
+        if self.is_main:
+            unwrapped.save_pretrained(out, state_dict=state, safe_serialization=True)
+            check_adapter(out, self.expected_adapter_shapes)
+
+
+def check_adapter(adapter_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """A saved adapter must hold every LoRA tensor at its full shape (ZeRO-3 is known to save empty ones)."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise TrainError(f"{adapter_dir}: adapter_model.safetensors was not written")
+    with safe_open(path, "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    want = {k: v for k, v in expected.items()}
+    problems = [f"{k}: missing" for k in want if k not in saved]
+    problems += [f"{k}: shape {saved[k]}, expected {v}" for k, v in want.items() if k in saved and saved[k] != v]
+    if not saved or problems:
+        raise TrainError(f"{path} is not a complete adapter ({len(saved)} tensors): " + "; ".join(problems[:5]))
+
+
+def check_full_model(model_dir: Path, total_params: int) -> None:
+    """A saved full model must hold as many elements as the model has parameters (tied weights counted once)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    count = 0
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for k in f.keys():
+                shape = f.get_slice(k).get_shape()
+                count += math.prod(shape)
+    if count != total_params:
+        raise TrainError(f"{model_dir}: saved {count:,} weight elements, the model has {total_params:,}")
+
+
+def run(cfg: Config, resume: str = "auto") -> None:
+    recipe = Recipe(cfg, resume=resume)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

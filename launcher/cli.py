@@ -1,0 +1,122 @@
+"""`ft`: the command line. Each subcommand parses, validates, then dispatches; none imports torch unless it runs
+training or generation.
+
+    ft config examples/demo.yaml --set train.lr=1e-4       print the resolved config
+    ft launch examples/demo.yaml --nproc 2                 train on this machine in 2 processes (DeepSpeed)
+    ft launch examples/demo.yaml --nproc 2 --dry-run       print the launch command and exit
+    ft train examples/demo.yaml                            train in the current process(es)
+    ft generate --model outputs/demo/final --prompt "What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from ftcore.config import ConfigError, dump_config, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LLMs with LoRA or full fine-tuning on accelerate + DeepSpeed.")
+
+CONFIG_ARG = typer.Argument(None, help="YAML config (optional: defaults are the built-in demo).")
+SET_OPT = typer.Option([], "--set", help="Override a field: --set train.lr=1e-4 (repeatable; wins over YAML).")
+RESUME_OPT = typer.Option("auto", "--resume",
+                          help="auto: newest complete checkpoint in output_dir; none: start fresh; or a step dir.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Optional[str], sets: List[str]):
+    try:
+        return load_config(config, sets)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command()
+def config(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT) -> None:
+    """Print the resolved config (defaults < YAML < --set).
+
+    Example: ft config examples/demo.yaml --set distributed.zero_stage=3
+    """
+    typer.echo(dump_config(_load(config, sets)), nl=False)
+
+
+@app.command()
+def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume: str = RESUME_OPT) -> None:
+    """Run the training recipe in the process(es) this was started in (python, torchrun, accelerate, srun).
+
+    Example: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
+    """
+    cfg = _load(config, sets)
+    from ftcore.checkpoint import CheckpointError
+    from ftcore.data.stream import DataError
+    from ftcore.model import ModelError
+    from ftcore.train import TrainError, run
+
+    try:
+        run(cfg, resume=resume)
+    except (DataError, ModelError, CheckpointError, TrainError, ValueError) as e:
+        _fail(str(e), code=1)
+
+
+@app.command()
+def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
+           nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this machine."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment, run nothing."),
+           port: Optional[int] = typer.Option(None, "--port", help="Rendezvous port (default: a free one)."),
+           resume: str = RESUME_OPT) -> None:
+    """Launch training on this workstation with accelerate + DeepSpeed in --nproc processes.
+
+    Example: ft launch examples/demo.yaml --nproc 2 --set train.max_steps=50
+    """
+    from launcher.workstation import LaunchSpec, build_command, free_port, run
+
+    cfg = _load(config, sets)  # validate before starting anything
+    if nproc < 1:
+        _fail(f"--nproc must be >= 1, got {nproc}")
+    spec = LaunchSpec(config_path=config, overrides=tuple(sets), nproc=nproc,
+                      zero_stage=cfg.distributed.zero_stage,
+                      mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype],
+                      main_port=port or free_port(), resume=resume)
+    argv, env = build_command(spec, os.environ)
+    if dry_run:
+        import shlex
+
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        typer.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())) + " " + shlex.join(argv))
+        return
+    raise typer.Exit(run(argv, env))
+
+
+@app.command()
+def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT adapter or full HF model."),
+             prompt: List[str] = typer.Option(..., "--prompt", help="User message (repeatable)."),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens")) -> None:
+    """Greedy generation from a fine-tuned model (base + adapter, or a full model), with its chat template.
+
+    Example: ft generate --model outputs/demo/final --prompt "What is the capital of France?"
+    """
+    from ftcore.generate import generate as run_generate
+
+    try:
+        for p, answer in zip(prompt, run_generate(model, prompt, max_new_tokens)):
+            typer.echo(f"user: {p}\nassistant: {answer}")
+    except (OSError, ValueError) as e:
+        _fail(str(e), code=1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
