@@ -299,6 +299,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise ConfigError(f"config error: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+    tree = _merge(Config().model_dump(mode="json"), tree)  # so --set can reach into default lists too
     overridden: set[tuple] = set()
     for text in overrides or []:
         keys, value = parse_override(text)
@@ -308,6 +309,13 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, yaml_root, overridden)) from None
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists too) replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
 
 
 def dump_config(cfg: Config) -> str:

@@ -6,13 +6,13 @@ Knows nothing of data. Receives only its own config sections.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ftcore.builtin import is_builtin, resolve_model_path
+from ftcore.builtin import resolve_model_path
 from ftcore.config import AdapterConfig, ModelConfig
+from ftcore.preflight import check_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,17 +39,8 @@ def resolve_attn_implementation(requested: str, cuda: bool) -> str:
 
 def resolve_model_dir(model_cfg: ModelConfig) -> str:
     """Local directory (built-in models are materialised), or a hub id passed through to transformers."""
-    name = model_cfg.name_or_path
-    if is_builtin(name):
-        return resolve_model_path(name)
-    path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
-    if looks_local:
-        if not path.is_dir():
-            raise ModelError(f"model.name_or_path: {name} does not exist or is not a directory")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.name_or_path: {name} has no config.json (not an HF model directory)")
-    return str(path) if looks_local else name
+    check_model_path(model_cfg.name_or_path)
+    return resolve_model_path(model_cfg.name_or_path)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -45,6 +45,7 @@ from ftcore.checkpoint import CheckpointError, CheckpointManager
 from ftcore.config import Config, dump_config
 from ftcore.data.stream import Batch, TrainStream, eval_batches
 from ftcore.ds_config import build_ds_config
+from ftcore.preflight import check_inputs
 from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer, resolve_model_dir
 
 # Fields that must match between a checkpoint and the run resuming it (anything else may change, e.g. logging).
@@ -120,6 +121,7 @@ class Recipe:
 
         ensure_process_env()
         cfg = self.cfg
+        check_inputs(cfg)
         self.cuda = torch.cuda.is_available()
         backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if self.cuda else "gloo")
         if backend == "nccl" and not self.cuda:

@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 
 from ftcore.config import ConfigError, dump_config, load_config
+from ftcore.preflight import check_inputs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs with LoRA or full fine-tuning on accelerate + DeepSpeed.")
@@ -30,13 +31,17 @@ RESUME_OPT = typer.Option("auto", "--resume",
 def _fail(message: str, code: int = 2) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    label = "" if message.startswith("config error:") else "error: "
+    print(f"{prefix}{label}{message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
-def _load(config: Optional[str], sets: List[str]):
+def _load(config: Optional[str], sets: List[str], check_paths: bool = False):
     try:
-        return load_config(config, sets)
+        cfg = load_config(config, sets)
+        if check_paths:
+            check_inputs(cfg)
+        return cfg
     except ConfigError as e:
         _fail(str(e))
 
@@ -56,7 +61,7 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
 
     Example: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
     """
-    cfg = _load(config, sets)
+    cfg = _load(config, sets, check_paths=True)
     from ftcore.checkpoint import CheckpointError
     from ftcore.data.stream import DataError
     from ftcore.model import ModelError
@@ -80,7 +85,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     """
     from launcher.workstation import LaunchSpec, build_command, free_port, run
 
-    cfg = _load(config, sets)  # validate before starting anything
+    cfg = _load(config, sets, check_paths=True)  # validate before starting anything
     if nproc < 1:
         _fail(f"--nproc must be >= 1, got {nproc}")
     spec = LaunchSpec(config_path=config, overrides=tuple(sets), nproc=nproc,

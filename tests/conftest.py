@@ -1,0 +1,46 @@
+"""Shared test helpers. Training runs start real processes (accelerate launch, DeepSpeed, gloo): nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One built-in model cache for the whole session (built once, ~3 s), inherited by every launched process.
+os.environ.setdefault("FT_CACHE_DIR", str(ROOT / ".pytest_cache" / "ft-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_ft(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `ft` CLI in a subprocess (what a user types), capturing output."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ft {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tiny_run_args(output_dir: Path, *extra: str) -> list[str]:
+    """A small, fast training config on the built-in model/data (fp32: resumed losses must be exact)."""
+    return ["examples/demo.yaml", "--set", f"output_dir={output_dir}", "--set", "train.max_steps=8",
+            "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64", "--set", "train.log_every=1",
+            "--set", "train.eval_every=4", "--set", "checkpoint.every_steps=4", "--set", "train.audit_log=true",
+            "--set", "train.warmup_steps=2", *extra]
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir() -> str:
+    from ftcore.builtin import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-llama")

@@ -1,0 +1,75 @@
+"""Typed config: precedence, and one-line errors that name the field (and YAML line)."""
+
+from pathlib import Path
+
+import pytest
+
+from ftcore.config import Config, ConfigError, dump_config, load_config
+from tests.conftest import run_ft
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_set_precedence(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.001\n  max_steps: 7\nadapter:\n  r: 4\n")
+    cfg = load_config(path, ["train.lr=5e-4", "adapter.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.lr == 5e-4  # --set beats YAML
+    assert cfg.train.max_steps == 7  # YAML beats default
+    assert cfg.adapter.r == 4
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.micro_batch_size == Config().train.micro_batch_size  # default kept
+    assert load_config(None, ["data.train.0.format=alpaca"]).data.train[0].format == "alpaca"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["distributed.zero_stage=3", "model.dtype=bfloat16"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("yaml_text, overrides, expected", [
+    ("train:\n  lr: 1e-4\n  mx_steps: 3\n", [], "cfg.yaml:3: train.mx_steps: unknown key; valid keys here:"),
+    ("model:\n  dtype: fp8\n", [], "cfg.yaml:2: model.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("train:\n  micro_batch_size: many\n", [], "cfg.yaml:2: train.micro_batch_size: Input should be a valid integer"),
+    ("", ["distributed.zero_stage=5"], "--set: distributed.zero_stage: Input should be 0, 1, 2 or 3"),
+    ("", ["distributed.offload=all"], "distributed.offload: 'all' (parameter offload) needs distributed.zero_stage=3"),
+    ("", ["train.warmup_steps=500", "train.max_steps=10"], "train.warmup_steps: 500 exceeds train.max_steps=10"),
+    ("", ["bogus.key=1"], "bogus: unknown key; valid keys here: adapter, checkpoint, data, distributed, model"),
+    ("model: [1, 2\n", [], "cfg.yaml:2: invalid YAML"),
+])
+def test_errors_are_one_line_and_name_the_field(tmp_path, yaml_text, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, yaml_text), overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_config_errors(tmp_path):
+    bad = write(tmp_path, "model:\n  dtype: fp8\n")
+    proc = run_ft("config", str(bad), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "model.dtype" in proc.stderr and "fp8" in proc.stderr
+
+    proc = run_ft("launch", "--set", "model.name_or_path=/no/such/model", "--nproc", "2", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "config error: model.name_or_path: /no/such/model does not exist or is not a directory"
+
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    proc = run_ft("train", "--set", f"model.name_or_path={empty}", check=False)
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr
+
+    proc = run_ft("launch", "--set", "data.train.0.path=/no/data.jsonl", "--dry-run", check=False)
+    assert proc.returncode == 2 and "data.train.0.path: /no/data.jsonl does not exist" in proc.stderr
+
+
+def test_cli_prints_resolved_config():
+    proc = run_ft("config", "examples/demo.yaml", "--set", "train.lr=0.5")
+    cfg = load_config("examples/demo.yaml", ["train.lr=0.5"])
+    assert proc.stdout == dump_config(cfg)
