@@ -81,8 +81,10 @@ def resolve_model_path(name: str) -> str:
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "model.safetensors").exists():  # not a lost race: a real failure
-                raise
+            if (target / "model.safetensors").exists():  # another process won the race with the same result
+                return str(target)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover: replace it
+            staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
@@ -103,4 +105,7 @@ def _build_tiny_model(config_path: Path, out: Path) -> None:
     torch.manual_seed(INIT_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # transformers writes weights only on distributed rank 0: build before any process group exists.
     model.save_pretrained(out)
+    if not (out / "model.safetensors").is_file():
+        raise RuntimeError(f"building {config_path.parent.name}: the weights were not written to {out}")

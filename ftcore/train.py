@@ -122,6 +122,9 @@ class Recipe:
         ensure_process_env()
         cfg = self.cfg
         check_inputs(cfg)
+        # Before the process group exists: a built-in model is materialised here (transformers saves weights on
+        # distributed rank 0 only, so building after init would leave other ranks' copies without weights).
+        self.model_dir = resolve_model_dir(cfg.model)
         self.cuda = torch.cuda.is_available()
         backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if self.cuda else "gloo")
         if backend == "nccl" and not self.cuda:
@@ -154,7 +157,6 @@ class Recipe:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.model_dir = resolve_model_dir(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, self.rank, self.world_size,
                                         cfg.train.micro_batch_size)
@@ -195,6 +197,8 @@ class Recipe:
         # DeepSpeed-native schedulers to the engine, so it is attached here; it is built on the client optimizer,
         # whose param_groups DeepSpeed's ZeRO optimizer steps with.
         self.engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+        if self.cfg.train.audit_log:
+            self._audit_world()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
@@ -274,9 +278,22 @@ class Recipe:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens": int(global_tokens), "trained_tokens": int(global_trained)}
 
-    def _audit(self, record: dict) -> None:
+    def _audit_world(self) -> None:
+        """What this rank sees: world size per accelerate and torch.distributed, and how many parameter elements
+        it holds locally (under ZeRO-3 a partition: about 1/world of the full count)."""
+        params = list(self.accelerator.unwrap_model(self.engine).parameters())
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        self._audit({"rank": self.rank, "accelerate_num_processes": self.world_size,
+                     "accelerate_process_index": self.accelerator.process_index,
+                     "dist_world_size": dist.get_world_size(), "local_param_numel": local,
+                     "full_param_numel": self.total_params}, name=f"rank{self.rank}_world.json")
+
+    def _audit(self, record: dict, name: Optional[str] = None) -> None:
         audit_dir = self.output_dir / "audit"
         audit_dir.mkdir(parents=True, exist_ok=True)
+        if name:
+            (audit_dir / name).write_text(json.dumps(record))
+            return
         with open(audit_dir / f"rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

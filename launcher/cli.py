@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 
 from ftcore.config import ConfigError, dump_config, load_config
+from ftcore.builtin import is_builtin
 from ftcore.preflight import check_inputs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -93,6 +94,10 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
                       mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype],
                       main_port=port or free_port(), resume=resume)
     argv, env = build_command(spec, os.environ)
+    if not dry_run and is_builtin(cfg.model.name_or_path):
+        from ftcore.builtin import resolve_model_path
+
+        resolve_model_path(cfg.model.name_or_path)  # build once here rather than racing in every rank
     if dry_run:
         import shlex
 
