@@ -1,0 +1,135 @@
+"""Formats, loss masks, rank sharding and exact stream resume on the built-in tokenizer."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from ftcore.config import DataSource, load_config
+from ftcore.data.formats import IGNORE_INDEX, tokenize_record
+from ftcore.data.stream import DataError, TrainStream, eval_batches
+
+
+@pytest.fixture(scope="module")
+def tok(builtin_model_dir):
+    return AutoTokenizer.from_pretrained(builtin_model_dir)
+
+
+def trained_text(tok, sample):
+    return tok.decode([i for i, l in zip(sample.input_ids, sample.labels) if l != IGNORE_INDEX])
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of Peru?"},
+                     {"role": "assistant", "content": "Lima."}]}
+
+
+def test_chat_trains_every_assistant_turn_and_eos_only(tok):
+    sample = tokenize_record(CHAT, "chat", "assistant", tok)
+    assert trained_text(tok, sample) == "Hello!</s>Lima.</s>"
+    # The whole conversation is one tokenization: prompt tokens are there, just not trained.
+    assert "Capital of Peru?" in tok.decode(sample.input_ids)
+
+
+def test_last_assistant_and_all(tok):
+    assert trained_text(tok, tokenize_record(CHAT, "chat", "last_assistant", tok)) == "Lima.</s>"
+    everything = tokenize_record(CHAT, "chat", "all", tok)
+    assert everything.labels == everything.input_ids
+
+
+def test_alpaca_trains_the_output_only(tok):
+    sample = tokenize_record({"instruction": "Add", "input": "2 and 3", "output": "5"}, "alpaca", "completion", tok)
+    assert trained_text(tok, sample) == "5</s>"
+    assert "2 and 3" in tok.decode(sample.input_ids)
+
+
+def test_text_trains_everything_with_bos_eos(tok):
+    sample = tokenize_record({"text": "to be or not to be"}, "text", "all", tok)
+    assert sample.input_ids[0] == tok.bos_token_id and sample.input_ids[-1] == tok.eos_token_id
+    assert sample.labels == sample.input_ids
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_records(n):
+    return [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(n)]
+
+
+def stream(tmp_path, tok, rank, world, records=None, **over):
+    path = write_jsonl(tmp_path / "d.jsonl", records if records is not None else chat_records(50))
+    cfg = load_config(None, [f"data.train=[{{path: {path}, format: chat}}]",
+                             *[f"{k}={v}" for k, v in over.items()]])
+    return TrainStream(cfg.data, tok, seed=3, rank=rank, world_size=world, micro_batch_size=2)
+
+
+def test_ranks_read_disjoint_equal_shares(tmp_path, tok):
+    seen = []
+    for rank in range(3):
+        s = stream(tmp_path, tok, rank, 3)
+        seen.append([i for _ in range(8) for i in s.next_batch().sample_ids])  # 16 of the 16 per rank
+    assert all(len(x) == 16 and len(set(x)) == 16 for x in seen)
+    assert not (set(seen[0]) & set(seen[1])) and not (set(seen[1]) & set(seen[2]))
+
+
+def test_resume_continues_exactly(tmp_path, tok):
+    straight = stream(tmp_path, tok, 1, 2)
+    reference = [straight.next_batch() for _ in range(30)]  # crosses two epoch boundaries
+    assert straight.epoch == 2  # 60 samples at 25 per rank per epoch
+    first = stream(tmp_path, tok, 1, 2)
+    for _ in range(11):
+        first.next_batch()
+    resumed = stream(tmp_path, tok, 1, 2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for expected in reference[11:]:
+        got = resumed.next_batch()
+        assert got.sample_ids == expected.sample_ids
+        assert got.input_ids.equal(expected.input_ids) and got.labels.equal(expected.labels)
+
+
+def test_resume_refuses_other_world_or_changed_data(tmp_path, tok):
+    state = stream(tmp_path, tok, 0, 2).state_dict()
+    with pytest.raises(DataError, match="rank 0 of 2, this is rank 0 of 4"):
+        stream(tmp_path, tok, 0, 4).load_state_dict(state)
+    with pytest.raises(DataError, match="the data changed"):
+        stream(tmp_path, tok, 0, 2, records=chat_records(60)).load_state_dict(state)
+
+
+def test_bad_records_name_file_and_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(chat_records(1)[0]) + "\n\n{not json\n")
+    cfg = load_config(None, [f"data.train=[{{path: {path}, format: chat}}]", "data.shuffle=false"])
+    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
+    s.next_batch()
+    with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON"):
+        s.next_batch()
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "only a question"}]}])
+    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
+    with pytest.raises(DataError, match=r"d\.jsonl:1: chat record has no assistant message"):
+        s.next_batch()
+    with pytest.raises(DataError, match="format 'text'"):
+        load = load_config(None, [f"data.train=[{{path: {path}, format: text}}]", "data.train_on=assistant"])
+        TrainStream(load.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
+
+
+def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path, tok):
+    path = write_jsonl(tmp_path / "e.jsonl", chat_records(5))
+    cfg = load_config(None, [f"data.eval=[{{path: {path}, format: chat}}]"])
+    shares = [eval_batches(cfg.data, tok, rank, 2, micro_batch_size=2) for rank in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 2
+    ids = [i for share in shares for b in share for i in b.sample_ids]
+    assert sorted(ids) == sorted(f"e.jsonl:{n}" for n in range(1, 6))  # each sample once, fillers carry no id
+    assert sum(b.trained_tokens for share in shares for b in share) == sum(
+        tokenize_record(r, "chat", "assistant", tok).trained_tokens for r in chat_records(5))
+
+
+def test_truncation_drops_samples_with_nothing_to_learn(tmp_path, tok):
+    long_prompt = [{"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "x"}]}]
+    s = stream(tmp_path, tok, 0, 1, records=long_prompt + chat_records(3), **{"data.max_seq_len": 16})
+    batches = [s.next_batch() for _ in range(3)]
+    assert all(b.input_ids.shape[1] <= 16 for b in batches)
+    assert s.skipped_no_loss >= 1
+    assert DataSource(path="x").format == "chat"
