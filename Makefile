@@ -1,0 +1,37 @@
+# Quick start:  make demo   |   make test
+# Both create the virtualenv on first use. torch is installed first, pinned (TORCH_SPEC), so pip never resolves
+# a different build on its own: on a CPU-only machine torch==2.13.0 is the local CPU wheel. On a GPU machine,
+# set TORCH_SPEC to the CUDA build you want (or pre-install it in the venv).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python and JIT-builds the few ops it needs on first use.
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# LoRA fine-tuning of the built-in tiny Llama on 2 processes with DeepSpeed ZeRO-2, then a generation.
+demo: $(STAMP)
+	rm -rf outputs/demo
+	$(VENV)/bin/ft launch examples/demo.yaml --nproc 2
+	$(VENV)/bin/ft generate --model outputs/demo/final --prompt "What is the capital of France?" \
+		--prompt "What is 3 plus 4?"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Everything but the multi-process training runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not multiproc"
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,40 @@
+"""`ft train` in a plain process (a world of one, ZeRO-0), rerun behaviour, and generation from the output."""
+
+import pytest
+
+from tests.conftest import read_jsonl, run_ft, tiny_run_args
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    run_ft("train", *tiny_run_args(out, "--set", "distributed.zero_stage=0", "--set", "train.max_steps=4"))
+    return out
+
+
+def test_plain_process_trains_and_saves(run_dir):
+    losses = [r["loss"] for r in read_jsonl(run_dir / "audit" / "rank0.jsonl")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "ds_config.json").is_file() and (run_dir / "config.yaml").is_file()
+    assert not list(run_dir.glob("*.tmp")) and not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_rerunning_a_finished_run_trains_nothing(run_dir):
+    proc = run_ft("train", *tiny_run_args(run_dir, "--set", "distributed.zero_stage=0", "--set", "train.max_steps=4"))
+    assert "nothing to train: checkpoint is at step 4" in proc.stdout
+    assert len(read_jsonl(run_dir / "audit" / "rank0.jsonl")) == 4
+
+
+def test_resuming_under_a_different_config_is_refused(run_dir):
+    proc = run_ft("train", *tiny_run_args(run_dir, "--set", "distributed.zero_stage=0", "--set", "train.max_steps=4",
+                                          "--set", "adapter.r=8"), check=False)
+    assert proc.returncode == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "was written by a different config" in message and "adapter" in message and "'r': 8" in message
+
+
+def test_generate_from_the_adapter(run_dir):
+    proc = run_ft("generate", "--model", str(run_dir / "final"), "--prompt", "What is 2 plus 3?",
+                  "--max-new-tokens", "5")
+    assert proc.stdout.startswith("user: What is 2 plus 3?\nassistant:")
