@@ -330,8 +330,10 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += field_docs(ann, f"{prefix}{name}.")
             continue
-        default = field.get_default(call_default_factory=True)
+        default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
-        rows.append((prefix + name, repr(default), field.description or ""))
+        rows.append((prefix + name, default if field.is_required() else repr(default), field.description or ""))
+        if name in ("train", "eval") and model is DataConfig:  # list items: document the source fields once
+            rows += field_docs(DataSource, f"{prefix}{name}[].") if name == "train" else []
     return rows

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from ftcore.config import DataSource, load_config
+from ftcore.config import load_config
 from ftcore.data.formats import IGNORE_INDEX, tokenize_record
 from ftcore.data.stream import DataError, TrainStream, eval_batches
 
@@ -128,8 +128,16 @@ def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path, tok):
 
 def test_truncation_drops_samples_with_nothing_to_learn(tmp_path, tok):
     long_prompt = [{"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "x"}]}]
-    s = stream(tmp_path, tok, 0, 1, records=long_prompt + chat_records(3), **{"data.max_seq_len": 16})
-    batches = [s.next_batch() for _ in range(3)]
-    assert all(b.input_ids.shape[1] <= 16 for b in batches)
+    short_len = len(tokenize_record(chat_records(1)[0], "chat", "assistant", tok).input_ids)
+    s = stream(tmp_path, tok, 0, 1, records=long_prompt + chat_records(3), **{"data.max_seq_len": short_len})
+    batches = [s.next_batch() for _ in range(3)]  # 6 samples: the long one comes up at least once
+    assert all(b.input_ids.shape[1] <= short_len for b in batches)
+    assert all(b.trained_tokens > 0 for b in batches)
     assert s.skipped_no_loss >= 1
-    assert DataSource(path="x").format == "chat"
+    assert "d.jsonl:1" not in [i for b in batches for i in b.sample_ids]
+
+
+def test_a_stream_with_nothing_to_learn_fails_instead_of_looping(tmp_path, tok):
+    s = stream(tmp_path, tok, 0, 1, records=chat_records(4), **{"data.max_seq_len": 9})
+    with pytest.raises(DataError, match="no sample .* has a trained token within data.max_seq_len=9"):
+        s.next_batch()

@@ -153,6 +153,7 @@ class TrainStream:
         return self.sources[src], global_index - int(self._starts[src])
 
     def _next_sample(self) -> tuple[Tokenized, str]:
+        skipped_in_a_row = 0
         while True:
             if self.position >= self.per_rank:
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
@@ -161,6 +162,10 @@ class TrainStream:
             sample = _truncate(source.tokenize(index, self.tokenizer), self.cfg.max_seq_len)
             if sample.trained_tokens == 0:  # e.g. the answer was cut off by truncation
                 self.skipped_no_loss += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= self.per_rank:  # a whole epoch of this rank's share: would loop forever
+                    raise DataError(f"no sample of this rank's {self.per_rank} in data.train has a trained token "
+                                    f"within data.max_seq_len={self.cfg.max_seq_len}; raise it or check train_on")
                 continue
             return sample, source.sample_id(index)
 
