@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 import typer
@@ -19,6 +20,11 @@ import typer
 from ftcore.config import ConfigError, dump_config, load_config
 from ftcore.builtin import is_builtin
 from ftcore.preflight import check_inputs
+
+# Deprecations inside our dependencies (DeepSpeed's collectives, transformers' checkpointing alias), printed
+# once per rank per step otherwise; they are not actionable by a user of ft.
+for _pattern in (r".*all_gather_into_tensor.*", r".*reduce_scatter_tensor.*", r".*is_gradient_checkpointing.*"):
+    warnings.filterwarnings("ignore", message=_pattern, category=FutureWarning)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs with LoRA or full fine-tuning on accelerate + DeepSpeed.")
