@@ -167,5 +167,5 @@ class CheckpointManager:
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load the engine state under {ENGINE_TAG}/")
-        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=True))
         return trainer_state, data_states[self.rank]

@@ -319,7 +319,7 @@ class Recipe:
         if self.step >= last:
             self.log(f"nothing to train: checkpoint is at step {self.step}, the run stops at {last}")
         self.engine.train()
-        saved_at = self.step
+        started_at = saved_at = self.step
         with self._progress(last) as advance:
             while self.step < last:
                 started = time.perf_counter()
@@ -333,11 +333,13 @@ class Recipe:
                 if every and self.step % every == 0 and self.step < last:
                     self.save_checkpoint()
                     saved_at = self.step
-        if self.eval_set:
+        trained = self.step > started_at
+        if trained and self.eval_set:
             self._record(self.evaluate())
         if saved_at != self.step or self.checkpoints.latest() is None:
             self.save_checkpoint()
-        if self.step >= cfg.train.max_steps:
+        # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
+        if self.step >= cfg.train.max_steps and (trained or not (self.output_dir / "final").is_dir()):
             self.save_final()
 
     def save_checkpoint(self) -> None:
@@ -425,9 +427,8 @@ def check_adapter(adapter_dir: Path, expected: dict[str, tuple[int, ...]]) -> No
         raise TrainError(f"{adapter_dir}: adapter_model.safetensors was not written")
     with safe_open(path, "pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    want = {k: v for k, v in expected.items()}
-    problems = [f"{k}: missing" for k in want if k not in saved]
-    problems += [f"{k}: shape {saved[k]}, expected {v}" for k, v in want.items() if k in saved and saved[k] != v]
+    problems = [f"{k}: missing" for k in expected if k not in saved]
+    problems += [f"{k}: shape {saved[k]}, expected {v}" for k, v in expected.items() if k in saved and saved[k] != v]
     if not saved or problems:
         raise TrainError(f"{path} is not a complete adapter ({len(saved)} tensors): " + "; ".join(problems[:5]))
 

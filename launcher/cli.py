@@ -76,7 +76,7 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
 
     try:
         run(cfg, resume=resume)
-    except (DataError, ModelError, CheckpointError, TrainError, ValueError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
         _fail(str(e), code=1)
 
 

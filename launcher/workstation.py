@@ -49,6 +49,7 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
         "--use_deepspeed",
         "--zero_stage", str(spec.zero_stage),
         "--mixed_precision", spec.mixed_precision,
+        "--dynamo_backend", "no",
     ]
     if spec.nnodes > 1:  # torchrun-style rendezvous on every node, not DeepSpeed's pdsh/ssh launcher
         argv += ["--deepspeed_multinode_launcher", "standard"]
