@@ -25,6 +25,8 @@ from ftcore.preflight import check_inputs
 # once per rank per step otherwise; they are not actionable by a user of ft.
 for _pattern in (r".*all_gather_into_tensor.*", r".*reduce_scatter_tensor.*", r".*is_gradient_checkpointing.*"):
     warnings.filterwarnings("ignore", message=_pattern, category=FutureWarning)
+# DeepSpeed steps the schedule right after the optimizer, but through a path torch's call counter does not see.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs with LoRA or full fine-tuning on accelerate + DeepSpeed.")

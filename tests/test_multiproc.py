@@ -42,7 +42,8 @@ def runs(tmp_path_factory):
 
 RUN_ARGS = {
     "zero2_lora": (),
-    "zero3_lora": ("--set", "distributed.zero_stage=3", "--set", "distributed.zero3_param_persistence_threshold=0"),
+    "zero3_lora": ("--set", "distributed.zero_stage=3", "--set", "distributed.zero3_param_persistence_threshold=0",
+                   "--set", "model.gradient_checkpointing=true"),
     "zero2_full": ("--set", "adapter.method=full", "--set", "train.lr=1e-3"),
     "zero3_full": ("--set", "adapter.method=full", "--set", "train.lr=1e-3", "--set", "distributed.zero_stage=3",
                    "--set", "distributed.zero3_param_persistence_threshold=0"),
