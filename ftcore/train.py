@@ -140,6 +140,7 @@ class Recipe:
         # every rank (each would think it is the main process and read the same data).
         self.accelerator = Accelerator(
             deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.ds_config),
+            gradient_accumulation_steps=cfg.train.grad_accum_steps,
             mixed_precision=mixed,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
         )
@@ -260,9 +261,15 @@ class Recipe:
         lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps it after)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
-            out = self.engine(**batch.model_inputs(self.device), num_items_in_batch=max(int(global_trained), 1))
-            loss_sum += out.loss.detach().double()
-            self.accelerator.backward(out.loss * rescale)  # DeepSpeed steps at the accumulation boundary
+            # accumulate() tells accelerate (and through it DeepSpeed) which micro batch ends the step; outside it
+            # every backward would be treated as a boundary and step the optimizer.
+            with self.accelerator.accumulate(self.engine):
+                out = self.engine(**batch.model_inputs(self.device), num_items_in_batch=max(int(global_trained), 1))
+                loss_sum += out.loss.detach().double()
+                self.accelerator.backward(out.loss * rescale)
+        if self.engine.global_steps != self.step + 1:
+            raise TrainError(f"DeepSpeed took {self.engine.global_steps} optimizer steps where the recipe expects "
+                             f"{self.step + 1}: gradient accumulation is out of step")
         step_loss = self._all_reduce_sum([loss_sum.item()])[0]
         if not math.isfinite(step_loss):
             raise TrainError(f"non-finite loss {step_loss} at step {self.step + 1}; last good checkpoint: "

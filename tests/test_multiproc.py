@@ -160,3 +160,22 @@ def test_resume_equals_uninterrupted_run(runs, tmp_path):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-000004", "step-000008"], ckpts
     del first
+
+
+def test_accumulation_and_data_parallelism_train_the_same_thing(runs, tmp_path):
+    """1 process x 2 accumulated micro batches sees the same 8 samples per step as 2 processes x 1: the loss is
+    normalised over the trained tokens of the whole effective batch, so steps and weights must agree."""
+    from safetensors.torch import load_file
+
+    two_ranks, _ = runs("zero2_lora")
+    out = tmp_path / "one_rank"
+    run_ft("train", *tiny_run_args(out, "--set", "train.grad_accum_steps=2"))
+    one = read_jsonl(out / "audit" / "rank0.jsonl")
+    two = [read_jsonl(two_ranks / "audit" / f"rank{r}.jsonl") for r in (0, 1)]
+    for step in range(8):
+        assert sorted(one[step]["samples"]) == sorted(two[0][step]["samples"] + two[1][step]["samples"])
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two[0]], rel=1e-5)
+    a = load_file(out / "final" / "adapter_model.safetensors")
+    b = load_file(two_ranks / "final" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-3)
