@@ -38,14 +38,16 @@ def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
 
 
+def _lookup(name: str, table: dict[str, Path], kind: str) -> tuple[str, Path]:
+    key = name[len(BUILTIN_PREFIX):]
+    if key not in table:
+        raise ValueError(f"unknown built-in {kind} {name!r}; available: "
+                         + ", ".join(BUILTIN_PREFIX + k for k in table))
+    return key, table[key]
+
+
 def resolve_data_path(path: str) -> str:
-    if not is_builtin(path):
-        return path
-    key = path[len(BUILTIN_PREFIX):]
-    if key not in BUILTIN_DATA:
-        raise ValueError(f"unknown built-in dataset {path!r}; available: "
-                         + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_DATA))
-    return str(BUILTIN_DATA[key])
+    return str(_lookup(path, BUILTIN_DATA, "dataset")[1]) if is_builtin(path) else path
 
 
 def _sentencepiece_model() -> Path:
@@ -66,11 +68,7 @@ def resolve_model_path(name: str) -> str:
     """A local directory for `name`: built-in models are materialised on first use; others pass through."""
     if not is_builtin(name):
         return name
-    key = name[len(BUILTIN_PREFIX):]
-    if key not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; available: "
-                         + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS))
-    config_path = BUILTIN_MODELS[key]
+    key, config_path = _lookup(name, BUILTIN_MODELS, "model")
     target = cache_dir() / "builtin" / f"{key}-{_fingerprint(config_path)}"
     if (target / "model.safetensors").exists():
         return str(target)

@@ -38,6 +38,11 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant; works with LoRA). Trades ~30% compute for memory."""
 
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for this dtype's precision mode."""
+        return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
+
 
 class AdapterConfig(Section):
     method: Literal["full", "lora", "qlora"] = "lora"

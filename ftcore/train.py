@@ -33,17 +33,18 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 
-from ftcore.checkpoint import CheckpointError, CheckpointManager
+from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from ftcore.config import Config, dump_config
 from ftcore.data.stream import Batch, TrainStream, eval_batches
+from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
 from ftcore.preflight import check_inputs
 from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer, resolve_model_dir
@@ -58,24 +59,6 @@ FINGERPRINT_FIELDS = (
 
 class TrainError(RuntimeError):
     """A failure of the run with its reason (wrong world size, non-finite loss, bad checkpoint...)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_process_env() -> None:
-    """A plain `python`/`ft train` start is a world of one: give torch.distributed what a launcher would."""
-    if "WORLD_SIZE" in os.environ:
-        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise TrainError(f"WORLD_SIZE is set but {', '.join(missing)} are not: start with `ft launch`, "
-                             "torchrun or accelerate launch, or unset WORLD_SIZE for a single process")
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
 
 
 def config_fingerprint(cfg: Config) -> dict:
@@ -101,6 +84,7 @@ class Recipe:
         self.cfg = cfg
         self.resume_arg = resume
         self.output_dir = Path(cfg.output_dir)
+        self.console = Console()
         self.step = 0
         self.tokens_seen = 0
         self.trained_tokens_seen = 0
@@ -119,7 +103,10 @@ class Recipe:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 
-        ensure_process_env()
+        try:
+            ensure_process_env()
+        except DistEnvError as e:
+            raise TrainError(str(e)) from None
         cfg = self.cfg
         check_inputs(cfg)
         # Before the process group exists: a built-in model is materialised here (transformers saves weights on
@@ -135,13 +122,12 @@ class Recipe:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
         # The explicit process group backend matters on CPU: without it accelerate reports a world of 1 on
         # every rank (each would think it is the main process and read the same data).
         self.accelerator = Accelerator(
             deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.ds_config),
             gradient_accumulation_steps=cfg.train.grad_accum_steps,
-            mixed_precision=mixed,
+            mixed_precision=cfg.model.mixed_precision,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
         )
         self.rank = self.accelerator.process_index
@@ -216,12 +202,12 @@ class Recipe:
             path = Path(self.resume_arg)
             if not path.is_dir():
                 raise CheckpointError(f"--resume {path}: no such checkpoint directory")
-        saved = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").is_file() \
-            else {}
+        verify_checkpoint(path)
+        saved = json.loads((path / "trainer_state.json").read_text())
         diff = _fingerprint_diff(saved.get("config_fingerprint", {}), config_fingerprint(self.cfg))
         if diff:
             raise CheckpointError(f"{path} was written by a different config: " + "; ".join(diff)
-                                  + f" (use a new output_dir, or --resume none)")
+                                  + " (use a new output_dir, or --resume none)")
         trainer_state, data_state = self.checkpoints.load(path, self.engine, exclude_frozen=self.is_lora)
         self.train_stream.load_state_dict(data_state)
         self.step = trainer_state["step"]
@@ -232,7 +218,7 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
         if self.is_main:
-            self.console.print(message) if hasattr(self, "console") else print(message, flush=True)
+            self.console.print(message)
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -364,11 +350,9 @@ class Recipe:
 
     @contextlib.contextmanager
     def _progress(self, last: int) -> Iterator[Any]:
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self.console = Console()
         progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                             console=self.console, disable=not self.is_main, transient=False)

@@ -92,14 +92,15 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
 
     Example: ft launch examples/demo.yaml --nproc 2 --set train.max_steps=50
     """
-    from launcher.workstation import LaunchSpec, build_command, free_port, run
+    from ftcore.dist_env import free_port
+    from launcher.workstation import LaunchSpec, build_command, run
 
     cfg = _load(config, sets, check_paths=True)  # validate before starting anything
     if nproc < 1:
         _fail(f"--nproc must be >= 1, got {nproc}")
     spec = LaunchSpec(config_path=config, overrides=tuple(sets), nproc=nproc,
                       zero_stage=cfg.distributed.zero_stage,
-                      mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype],
+                      mixed_precision=cfg.model.mixed_precision,
                       main_port=port or free_port(), resume=resume)
     argv, env = build_command(spec, os.environ)
     if not dry_run and is_builtin(cfg.model.name_or_path):

@@ -8,7 +8,6 @@ config from them (accelerate's --use_deepspeed only makes it start one process p
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,12 +26,6 @@ class LaunchSpec:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = sys.executable

@@ -50,3 +50,10 @@ def test_cpu_offloaded_optimizer_trains(tmp_path):
     # 2 linear warmup steps to 3e-3, then cosine to 0 at step 4: the engine steps the schedule once per step.
     assert lrs == pytest.approx([0.0, 1.5e-3, 3e-3, 1.5e-3])
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_from_a_directory_that_is_not_a_checkpoint_is_refused(run_dir, tmp_path):
+    proc = run_ft("train", *tiny_run_args(run_dir, "--set", "distributed.zero_stage=0", "--set", "train.max_steps=4"),
+                  "--resume", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path}: not a complete checkpoint (no manifest.json)"
