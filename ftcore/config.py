@@ -335,10 +335,14 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += field_docs(ann, f"{prefix}{name}.")
             continue
-        default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
-        rows.append((prefix + name, default if field.is_required() else repr(default), field.description or ""))
-        if name in ("train", "eval") and model is DataConfig:  # list items: document the source fields once
-            rows += field_docs(DataSource, f"{prefix}{name}[].") if name == "train" else []
+        if field.is_required():
+            default = "(required)"
+        else:
+            value = field.get_default(call_default_factory=True)
+            if isinstance(value, list):
+                value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
+            default = repr(value)
+        rows.append((prefix + name, default, field.description or ""))
+        if model is DataConfig and name == "train":  # list items: document the source fields once
+            rows += field_docs(DataSource, f"{prefix}{name}[].")
     return rows

@@ -10,9 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from ftcore.builtin import resolve_model_path
 from ftcore.config import AdapterConfig, ModelConfig
-from ftcore.preflight import check_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,12 +33,6 @@ def resolve_attn_implementation(requested: str, cuda: bool) -> str:
         if not cuda:
             raise ModelError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or auto")
     return requested
-
-
-def resolve_model_dir(model_cfg: ModelConfig) -> str:
-    """Local directory (built-in models are materialised), or a hub id passed through to transformers."""
-    check_model_path(model_cfg.name_or_path)
-    return resolve_model_path(model_cfg.name_or_path)
 
 
 def load_tokenizer(model_dir: str) -> Any:

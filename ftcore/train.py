@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,8 @@ from ftcore.data.stream import Batch, TrainStream, eval_batches
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
 from ftcore.preflight import check_inputs
-from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer, resolve_model_dir
+from ftcore.builtin import resolve_model_path
+from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer
 
 # Fields that must match between a checkpoint and the run resuming it (anything else may change, e.g. logging).
 FINGERPRINT_FIELDS = (
@@ -111,7 +112,7 @@ class Recipe:
         check_inputs(cfg)
         # Before the process group exists: a built-in model is materialised here (transformers saves weights on
         # distributed rank 0 only, so building after init would leave other ranks' copies without weights).
-        self.model_dir = resolve_model_dir(cfg.model)
+        self.model_dir = resolve_model_path(cfg.model.name_or_path)
         self.cuda = torch.cuda.is_available()
         backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if self.cuda else "gloo")
         if backend == "nccl" and not self.cuda:
@@ -276,18 +277,19 @@ class Recipe:
         it holds locally (under ZeRO-3 a partition: about 1/world of the full count)."""
         params = list(self.accelerator.unwrap_model(self.engine).parameters())
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-        self._audit({"rank": self.rank, "accelerate_num_processes": self.world_size,
-                     "accelerate_process_index": self.accelerator.process_index,
-                     "dist_world_size": dist.get_world_size(), "local_param_numel": local,
-                     "full_param_numel": self.total_params}, name=f"rank{self.rank}_world.json")
+        record = {"rank": self.rank, "accelerate_num_processes": self.world_size,
+                  "accelerate_process_index": self.accelerator.process_index,
+                  "dist_world_size": dist.get_world_size(), "local_param_numel": local,
+                  "full_param_numel": self.total_params}
+        (self._audit_dir() / f"rank{self.rank}_world.json").write_text(json.dumps(record))
 
-    def _audit(self, record: dict, name: Optional[str] = None) -> None:
+    def _audit_dir(self) -> Path:
         audit_dir = self.output_dir / "audit"
         audit_dir.mkdir(parents=True, exist_ok=True)
-        if name:
-            (audit_dir / name).write_text(json.dumps(record))
-            return
-        with open(audit_dir / f"rank{self.rank}.jsonl", "a") as f:
+        return audit_dir
+
+    def _audit(self, record: dict) -> None:
+        with open(self._audit_dir() / f"rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     @torch.no_grad()

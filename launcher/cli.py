@@ -18,7 +18,6 @@ from typing import List, Optional
 import typer
 
 from ftcore.config import ConfigError, dump_config, load_config
-from ftcore.builtin import is_builtin
 from ftcore.preflight import check_inputs
 
 # Deprecations inside our dependencies (DeepSpeed's collectives, transformers' checkpointing alias), printed
@@ -103,10 +102,10 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
                       mixed_precision=cfg.model.mixed_precision,
                       main_port=port or free_port(), resume=resume)
     argv, env = build_command(spec, os.environ)
-    if not dry_run and is_builtin(cfg.model.name_or_path):
+    if not dry_run:
         from ftcore.builtin import resolve_model_path
 
-        resolve_model_path(cfg.model.name_or_path)  # build once here rather than racing in every rank
+        resolve_model_path(cfg.model.name_or_path)  # a built-in model is built once here, not raced by every rank
     if dry_run:
         import shlex
 

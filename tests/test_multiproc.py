@@ -147,7 +147,7 @@ def test_resume_equals_uninterrupted_run(runs, tmp_path):
 
     straight, _ = runs("zero2_lora")
     out = tmp_path / "resumed"
-    first = launch(out, "--set", "train.stop_at_step=4")
+    launch(out, "--set", "train.stop_at_step=4")
     assert not (out / "final").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
     second = launch(out)
@@ -159,7 +159,6 @@ def test_resume_equals_uninterrupted_run(runs, tmp_path):
     # keep_last=2: step-000004 and step-000008 remain, nothing half-written.
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-000004", "step-000008"], ckpts
-    del first
 
 
 def test_accumulation_and_data_parallelism_train_the_same_thing(runs, tmp_path):
