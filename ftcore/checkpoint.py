@@ -154,18 +154,23 @@ class CheckpointManager:
             shutil.rmtree(old)
 
     # ---- loading -------------------------------------------------------------------------------------
-    def load(self, path: Path, engine: Any, exclude_frozen: bool) -> tuple[dict, dict]:
-        """Restore engine (weights, optimizer, scheduler), this rank's RNG. Returns (trainer_state, data_state)."""
+    def load(self, path: Path, engine: Any, exclude_frozen: bool, zero_stage: int) -> tuple[dict, list[dict]]:
+        """Restore engine (weights, optimizer, scheduler) and RNG. Returns (trainer_state, every rank's data
+        state as saved). Another world size is accepted for ZeRO 0-2 (optimizer state is saved in DeepSpeed's
+        elastic layout and re-partitioned on load); ZeRO-3 parameter shards are tied to the world size."""
         verify_checkpoint(path)
         trainer_state = json.loads((path / "trainer_state.json").read_text())
-        if trainer_state["world_size"] != self.world_size:
+        saved_world = trainer_state["world_size"]
+        if saved_world != self.world_size and zero_stage == 3:
             raise CheckpointError(
-                f"{path}: written by {trainer_state['world_size']} ranks, this run has {self.world_size}; "
-                "resume with the same number of processes")
+                f"{path}: a ZeRO-3 checkpoint written by {saved_world} ranks cannot be resumed by "
+                f"{self.world_size}; resume with {saved_world} processes")
         data_states = json.loads((path / "data_state.json").read_text())
         load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=not exclude_frozen,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load the engine state under {ENGINE_TAG}/")
-        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=True))
-        return trainer_state, data_states[self.rank]
+        # RNG streams (dropout) are per rank: a rank that did not exist before starts from rank 0's.
+        rng_file = path / f"rng_rank{self.rank if self.rank < saved_world else 0}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=True))
+        return trainer_state, data_states

@@ -57,11 +57,47 @@ class AdapterConfig(Section):
     """Module names (or suffixes) that get adapters; all-linear = every linear layer except the output head."""
 
 
+class FieldNames(Section):
+    """Where each format finds its fields in a record (defaults: the usual names)."""
+
+    messages: str = "messages"
+    """chat: the list of turns."""
+    role: str = "role"
+    """chat: a turn's role key."""
+    content: str = "content"
+    """chat: a turn's text key."""
+    instruction: str = "instruction"
+    """alpaca: the instruction."""
+    input: str = "input"
+    """alpaca: the optional input appended to the instruction."""
+    output: str = "output"
+    """alpaca: the answer (trained)."""
+    prompt: str = "prompt"
+    """prompt_completion: the prompt (not trained)."""
+    completion: str = "completion"
+    """prompt_completion: the completion (trained)."""
+    text: str = "text"
+    """text: the raw text."""
+
+
 class DataSource(Section):
     path: str
-    """A JSONL file (one JSON object per line)."""
-    format: Literal["chat", "alpaca", "text"] = "chat"
-    """chat: {"messages": [{"role", "content"}...]}; alpaca: instruction/input/output; text: {"text": ...}."""
+    """JSONL (.jsonl/.json, or .jsonl.gz), Parquet (.parquet), plain text (.txt/.md, optionally .gz), a directory
+    of those, a glob (`corpus/*.jsonl.gz`), or a directory written by HF datasets' save_to_disk."""
+    format: Literal["chat", "alpaca", "text", "prompt_completion"] = "chat"
+    """chat: {"messages": [{"role", "content"}...]}; alpaca: instruction/input/output; text: {"text": ...};
+    prompt_completion: {"prompt", "completion"} concatenated as raw text. Plain text files are format text."""
+    weight: float = Field(1.0, gt=0)
+    """Share of this source in the training mix (weights are normalised over data.train); a source is repeated or
+    subsampled, each in its own seeded order, to meet its share."""
+    fields: FieldNames = Field(default_factory=FieldNames)
+    """Field names in this source's records, e.g. {messages: conversations, role: from, content: value}."""
+    roles: dict[str, str] = Field(default_factory=dict)
+    """Rename roles to system/user/assistant/tool, e.g. {human: user, gpt: assistant}."""
+    text_unit: Literal["document", "paragraph", "line"] = "document"
+    """Plain text files: one sample per file, per blank-line-separated paragraph, or per non-empty line."""
+    split: str = "train"
+    """For a save_to_disk DatasetDict: which split to read."""
 
 
 class DataConfig(Section):
@@ -70,11 +106,32 @@ class DataConfig(Section):
     eval: Optional[list[DataSource]] = None
     """Optional evaluation sources (loss and perplexity every train.eval_every steps)."""
     max_seq_len: int = Field(512, gt=8)
-    """Samples are truncated to this many tokens."""
+    """Longest sample (and packed row) in tokens; longer samples are handled by data.overflow."""
     train_on: Optional[Literal["assistant", "last_assistant", "completion", "all"]] = None
-    """Which tokens carry loss. Default by format: chat -> assistant, alpaca -> completion, text -> all."""
+    """Which tokens carry loss. Default by format: chat -> assistant, alpaca/prompt_completion -> completion,
+    text -> all."""
+    overflow: Literal["truncate", "drop", "split"] = "truncate"
+    """Samples longer than max_seq_len: cut at max_seq_len, skip them, or (format text only) split into chunks."""
+    packing: bool = False
+    """Pack several samples into each row of max_seq_len; samples never attend to each other."""
+    packing_buffer: int = Field(512, ge=1)
+    """Samples held to choose a best fit from when packing (bounded memory)."""
     shuffle: bool = True
     """Shuffle the sample order each epoch (deterministically from train.seed)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed record: stop with file:line and the reason, or skip it (counted and reported)."""
+    audit: bool = False
+    """Write output_dir/audit/rank{R}.jsonl: the ids (file:line or file:row) of the samples each rank trained on
+    at each step, with the loss."""
+
+    @model_validator(mode="after")
+    def _check_overflow(self) -> "DataConfig":
+        if self.overflow == "split":
+            bad = [s.path for s in self.train if s.format != "text"]
+            if bad:
+                raise _field_error("data.overflow", f"'split' applies to format text only; {bad[0]} is not text "
+                                   "(use truncate or drop)")
+        return self
 
 
 class TrainConfig(Section):
@@ -100,8 +157,6 @@ class TrainConfig(Section):
     """Gradient clipping by global norm (0 = off)."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
-    audit_log: bool = False
-    """Write output_dir/audit/rank{R}.jsonl: sample ids and loss per step per rank (used by tests)."""
 
 
 class DistributedConfig(Section):

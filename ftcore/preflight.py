@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ftcore.builtin import is_builtin, resolve_data_path
 from ftcore.config import Config, ConfigError
+from ftcore.data.sources import expand
 
 
 def is_hub_id(name: str) -> bool:
@@ -29,11 +30,9 @@ def check_data_paths(cfg: Config) -> None:
     for section, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval or [])):
         for i, source in enumerate(sources):
             try:
-                path = Path(resolve_data_path(source.path))
-            except ValueError as e:
+                expand(resolve_data_path(source.path))
+            except ValueError as e:  # unknown builtin, missing file, glob matching nothing, empty directory
                 raise ConfigError(f"config error: {section}.{i}.path: {e}") from None
-            if not path.is_file():
-                raise ConfigError(f"config error: {section}.{i}.path: {source.path} does not exist")
 
 
 def check_inputs(cfg: Config) -> None:

@@ -43,7 +43,7 @@ from rich.console import Console
 
 from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from ftcore.config import Config, dump_config
-from ftcore.data.stream import Batch, TrainStream, eval_batches
+from ftcore.data.stream import Batch, DataError, TrainStream, eval_batches, pad_eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
 from ftcore.preflight import check_inputs
@@ -51,10 +51,12 @@ from ftcore.builtin import resolve_model_path
 from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer
 
 # Fields that must match between a checkpoint and the run resuming it (anything else may change, e.g. logging).
+# How the effective batch is split (micro batch, accumulation, world size) may change: the data stream and the
+# optimizer state carry over; the effective batch itself is checked separately.
 FINGERPRINT_FIELDS = (
     "model.name_or_path", "model.dtype", "adapter", "data.train", "data.max_seq_len", "data.train_on",
-    "data.shuffle", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps", "train.lr",
-    "train.weight_decay", "train.warmup_steps", "train.seed", "distributed.zero_stage",
+    "data.overflow", "data.packing", "data.packing_buffer", "data.on_error", "data.shuffle", "train.max_steps",
+    "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "distributed.zero_stage",
 )
 
 
@@ -148,8 +150,17 @@ class Recipe:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, self.rank, self.world_size,
                                         cfg.train.micro_batch_size)
-        self.eval_set: list[Batch] = (eval_batches(cfg.data, self.tokenizer, self.rank, self.world_size,
-                                                   cfg.train.micro_batch_size) if cfg.data.eval else [])
+        # Reads the first batch now: data with nothing to train on fails here, before the model is loaded.
+        self.train_stream.prime()
+        self.log("data.train: " + ", ".join(f"{g.spec_text} ({len(g):,} records in {len(g.files)} file"
+                                            f"{'s' if len(g.files) > 1 else ''}, weight {g.weight:g})"
+                                            for g in self.train_stream.groups))
+        self.eval_set: list[Batch] = []
+        if cfg.data.eval:
+            mine = eval_batches(cfg.data, self.tokenizer, self.rank, self.world_size, cfg.train.micro_batch_size)
+            most = torch.tensor([len(mine)], device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            self.eval_set = pad_eval_batches(mine, int(most.item()), self.train_stream.pad_id)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -158,6 +169,8 @@ class Recipe:
         if self.trainable == 0:
             raise TrainError("no parameter requires grad: check adapter.target_modules")
         self.is_lora = cfg.adapter.method == "lora"
+        self.attn_implementation = self.model.config._attn_implementation
+        self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.expected_adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -185,7 +198,7 @@ class Recipe:
         # DeepSpeed-native schedulers to the engine, so it is attached here; it is built on the client optimizer,
         # whose param_groups DeepSpeed's ZeRO optimizer steps with.
         self.engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
-        if self.cfg.train.audit_log:
+        if self.cfg.data.audit:
             self._audit_world()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +222,23 @@ class Recipe:
         if diff:
             raise CheckpointError(f"{path} was written by a different config: " + "; ".join(diff)
                                   + " (use a new output_dir, or --resume none)")
-        trainer_state, data_state = self.checkpoints.load(path, self.engine, exclude_frozen=self.is_lora)
-        self.train_stream.load_state_dict(data_state)
+        effective = self.cfg.effective_batch_size(self.world_size)
+        if saved.get("effective_batch_size", effective) != effective:
+            raise CheckpointError(
+                f"{path}: the effective batch was {saved['effective_batch_size']} samples per step, this run's is "
+                f"{effective} (micro_batch_size {self.cfg.train.micro_batch_size} x grad_accum_steps "
+                f"{self.cfg.train.grad_accum_steps} x {self.world_size} processes); set train.grad_accum_steps "
+                "or train.micro_batch_size so that it stays the same")
+        trainer_state, data_states = self.checkpoints.load(path, self.engine, exclude_frozen=self.is_lora,
+                                                           zero_stage=self.cfg.distributed.zero_stage)
+        try:
+            states = restore_states(data_states, self.world_size)
+            self.train_stream.load_state_dict(states[self.rank])
+        except (DataError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}/data_state.json: {e}") from None
+        if len(data_states) != self.world_size:
+            self.log(f"world size changed from {len(data_states)} to {self.world_size}: the data stream was "
+                     "resharded (every sample not yet trained on is read once)")
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.trained_tokens_seen = trainer_state["trained_tokens_seen"]
@@ -231,7 +259,8 @@ class Recipe:
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "trained_tokens_seen": self.trained_tokens_seen,
-                "world_size": self.world_size, "config_fingerprint": config_fingerprint(self.cfg)}
+                "world_size": self.world_size, "effective_batch_size": self.cfg.effective_batch_size(self.world_size),
+                "config_fingerprint": config_fingerprint(self.cfg)}
 
     # ------------------------------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -239,7 +268,7 @@ class Recipe:
         gas = self.cfg.train.grad_accum_steps
         batches = [self.train_stream.next_batch() for _ in range(gas)]
         local_trained = sum(b.trained_tokens for b in batches)
-        local_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        local_tokens = sum(b.real_tokens for b in batches)
         global_trained, global_tokens = self._all_reduce_sum([local_trained, local_tokens])
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
@@ -251,7 +280,7 @@ class Recipe:
             # accumulate() tells accelerate (and through it DeepSpeed) which micro batch ends the step; outside it
             # every backward would be treated as a boundary and step the optimizer.
             with self.accelerator.accumulate(self.engine):
-                out = self.engine(**batch.model_inputs(self.device), num_items_in_batch=max(int(global_trained), 1))
+                out = self.engine(**self._inputs(batch), num_items_in_batch=max(int(global_trained), 1))
                 loss_sum += out.loss.detach().double()
                 self.accelerator.backward(out.loss * rescale)
         if self.engine.global_steps != self.step + 1:
@@ -265,12 +294,18 @@ class Recipe:
         self.step += 1
         self.tokens_seen += int(global_tokens)
         self.trained_tokens_seen += int(global_trained)
-        if self.cfg.train.audit_log:
+        if self.cfg.data.audit:
             self._audit({"step": self.step, "samples": [s for b in batches for s in b.sample_ids],
                          "local_trained_tokens": local_trained, "loss": step_loss})
-        return {"step": self.step, "loss": step_loss, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens": int(global_tokens), "trained_tokens": int(global_trained)}
+        metrics = {"step": self.step, "loss": step_loss, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tokens": int(global_tokens), "trained_tokens": int(global_trained)}
+        if self.cfg.data.packing:
+            metrics["packing_efficiency"] = self.train_stream.packing_efficiency  # this rank's, cumulative
+        return metrics
+
+    def _inputs(self, batch: Batch) -> dict:
+        return batch.model_inputs(self.device, self.attn_implementation, self.compute_dtype)
 
     def _audit_world(self) -> None:
         """What this rank sees: world size per accelerate and torch.distributed, and how many parameter elements
@@ -297,7 +332,7 @@ class Recipe:
         self.engine.eval()
         loss_sum = tokens = 0.0
         for batch in self.eval_set:
-            out = self.engine(**batch.model_inputs(self.device), num_items_in_batch=1)  # -> sum over tokens
+            out = self.engine(**self._inputs(batch), num_items_in_batch=1)  # -> sum over tokens
             loss_sum += out.loss.item()
             tokens += batch.trained_tokens
         self.engine.train()
@@ -331,11 +366,34 @@ class Recipe:
         trained = self.step > started_at
         if trained and self.eval_set:
             self._record(self.evaluate())
+        if trained:
+            self._data_report()
         if saved_at != self.step or self.checkpoints.latest() is None:
             self.save_checkpoint()
         # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
         if self.step >= cfg.train.max_steps and (trained or not (self.output_dir / "final").is_dir()):
             self.save_final()
+
+    def _data_report(self) -> None:
+        """All ranks' data counters summed: what was read, trained, cut, dropped and skipped (with reasons)."""
+        reports = [None] * self.world_size
+        dist.all_gather_object(reports, self.train_stream.report())
+        if not self.is_main:
+            return
+        keys = [k for k in reports[0] if isinstance(reports[0][k], int)]
+        total = {k: sum(r[k] for r in reports) for k in keys}
+        total["packing_efficiency"] = total["tokens"] / total["row_tokens"] if total["row_tokens"] else None
+        total["error_examples"] = [e for r in reports for e in r["error_examples"]][:5]
+        (self.output_dir / "data_report.json").write_text(json.dumps(total, indent=1))
+        line = (f"data: {total['samples']:,} samples, {total['trained_tokens']:,} trained of {total['tokens']:,} "
+                f"tokens; truncated {total['truncated']}, dropped (too long) {total['dropped_too_long']}, split "
+                f"{total['split_records']}, skipped (malformed) {total['skipped_errors']}, skipped (nothing to "
+                f"train) {total['skipped_no_trained_tokens']}")
+        if self.cfg.data.packing:
+            line += f"; packing efficiency {total['packing_efficiency']:.3f}"
+        self.log(line)
+        for example in total["error_examples"]:
+            self.log(f"  skipped {example}")
 
     def save_checkpoint(self) -> None:
         path = self.checkpoints.save(self.step, self.engine, self.trainer_state(), self.train_stream.state_dict(),
@@ -367,7 +425,8 @@ class Recipe:
                 norm = metrics["grad_norm"]
                 progress.console.print(
                     f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
-                    f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f}")
+                    f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f}"
+                    + (f" packing {metrics['packing_efficiency']:.3f}" if "packing_efficiency" in metrics else ""))
 
         with progress:
             yield advance

@@ -5,14 +5,18 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from ftcore.config import load_config
-from ftcore.data.formats import IGNORE_INDEX, tokenize_record
-from ftcore.data.stream import DataError, TrainStream, eval_batches
+from ftcore.config import FieldNames, load_config
+from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, tokenize_record as _tokenize
+from ftcore.data.stream import DataError, TrainStream, eval_batches, pad_eval_batches, restore_states
 
 
 @pytest.fixture(scope="module")
 def tok(builtin_model_dir):
     return AutoTokenizer.from_pretrained(builtin_model_dir)
+
+
+def tokenize_record(record, fmt, train_on, tok, **spec):
+    return _tokenize(record, RecordSpec(fmt, train_on, spec.pop("fields", FieldNames()), **spec), tok)
 
 
 def trained_text(tok, sample):
@@ -34,7 +38,8 @@ def test_chat_trains_every_assistant_turn_and_eos_only(tok):
 def test_last_assistant_and_all(tok):
     assert trained_text(tok, tokenize_record(CHAT, "chat", "last_assistant", tok)) == "Lima.</s>"
     everything = tokenize_record(CHAT, "chat", "all", tok)
-    assert everything.labels == everything.input_ids
+    # Every token but the first (which nothing predicts) is trained.
+    assert everything.labels[0] == IGNORE_INDEX and everything.labels[1:] == everything.input_ids[1:]
 
 
 def test_alpaca_trains_the_output_only(tok):
@@ -46,7 +51,7 @@ def test_alpaca_trains_the_output_only(tok):
 def test_text_trains_everything_with_bos_eos(tok):
     sample = tokenize_record({"text": "to be or not to be"}, "text", "all", tok)
     assert sample.input_ids[0] == tok.bos_token_id and sample.input_ids[-1] == tok.eos_token_id
-    assert sample.labels == sample.input_ids
+    assert sample.labels[0] == IGNORE_INDEX and sample.labels[1:] == sample.input_ids[1:]
 
 
 def write_jsonl(path, records):
@@ -78,7 +83,7 @@ def test_ranks_read_disjoint_equal_shares(tmp_path, tok):
 def test_resume_continues_exactly(tmp_path, tok):
     straight = stream(tmp_path, tok, 1, 2)
     reference = [straight.next_batch() for _ in range(30)]  # crosses two epoch boundaries
-    assert straight.epoch == 2  # 60 samples at 25 per rank per epoch
+    assert straight.cursor.taken * 2 > 2 * 50  # 60 of this rank's positions: into the third epoch of 50
     first = stream(tmp_path, tok, 1, 2)
     for _ in range(11):
         first.next_batch()
@@ -94,6 +99,9 @@ def test_resume_refuses_other_world_or_changed_data(tmp_path, tok):
     state = stream(tmp_path, tok, 0, 2).state_dict()
     with pytest.raises(DataError, match="rank 0 of 2, this is rank 0 of 4"):
         stream(tmp_path, tok, 0, 4).load_state_dict(state)
+    # The supported way: every rank's state, resharded for the new world.
+    states = [stream(tmp_path, tok, r, 2).state_dict() for r in range(2)]
+    stream(tmp_path, tok, 0, 4).load_state_dict(restore_states(states, 4)[0])
     with pytest.raises(DataError, match="the data changed"):
         stream(tmp_path, tok, 0, 2, records=chat_records(60)).load_state_dict(state)
 
@@ -104,11 +112,11 @@ def test_bad_records_name_file_and_line(tmp_path, tok):
     cfg = load_config(None, [f"data.train=[{{path: {path}, format: chat}}]", "data.shuffle=false"])
     s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
     s.next_batch()
-    with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON: Expecting property name"):
         s.next_batch()
     write_jsonl(path, [{"messages": [{"role": "user", "content": "only a question"}]}])
     s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
-    with pytest.raises(DataError, match=r"d\.jsonl:1: chat record has no assistant message"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: chat record has no assistant turn"):
         s.next_batch()
     with pytest.raises(DataError, match="format 'text'"):
         load = load_config(None, [f"data.train=[{{path: {path}, format: text}}]", "data.train_on=assistant"])
@@ -119,9 +127,12 @@ def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path, tok):
     path = write_jsonl(tmp_path / "e.jsonl", chat_records(5))
     cfg = load_config(None, [f"data.eval=[{{path: {path}, format: chat}}]"])
     shares = [eval_batches(cfg.data, tok, rank, 2, micro_batch_size=2) for rank in range(2)]
-    assert len(shares[0]) == len(shares[1]) == 2
+    assert [len(s) for s in shares] == [2, 1]  # 3 and 2 samples
+    # The recipe pads every rank to the most batches any rank has, with rows that carry no loss.
+    shares = [pad_eval_batches(s, 2, tok.pad_token_id) for s in shares]
+    assert len(shares[0]) == len(shares[1]) == 2 and shares[1][1].trained_tokens == 0
     ids = [i for share in shares for b in share for i in b.sample_ids]
-    assert sorted(ids) == sorted(f"e.jsonl:{n}" for n in range(1, 6))  # each sample once, fillers carry no id
+    assert sorted(i.rsplit("/", 1)[-1] for i in ids) == sorted(f"e.jsonl:{n}" for n in range(1, 6))
     assert sum(b.trained_tokens for share in shares for b in share) == sum(
         tokenize_record(r, "chat", "assistant", tok).trained_tokens for r in chat_records(5))
 
@@ -133,11 +144,11 @@ def test_truncation_drops_samples_with_nothing_to_learn(tmp_path, tok):
     batches = [s.next_batch() for _ in range(3)]  # 6 samples: the long one comes up at least once
     assert all(b.input_ids.shape[1] <= short_len for b in batches)
     assert all(b.trained_tokens > 0 for b in batches)
-    assert s.skipped_no_loss >= 1
-    assert "d.jsonl:1" not in [i for b in batches for i in b.sample_ids]
+    assert s.counters["skipped_no_trained_tokens"] >= 1 and s.counters["truncated"] >= 1
+    assert not [i for b in batches for i in b.sample_ids if i.endswith("d.jsonl:1")]
 
 
 def test_a_stream_with_nothing_to_learn_fails_instead_of_looping(tmp_path, tok):
     s = stream(tmp_path, tok, 0, 1, records=chat_records(4), **{"data.max_seq_len": 9})
-    with pytest.raises(DataError, match="no sample .* has a trained token within data.max_seq_len=9"):
+    with pytest.raises(DataError, match=r"records in a row gave nothing to train on .*max_seq_len=9"):
         s.next_batch()

@@ -16,6 +16,8 @@ FALLBACK_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '<|tool_calls|>' + (message['tool_calls'] | tojson) }}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{{ '\n' }}"
     "{% endfor %}"

@@ -3,6 +3,9 @@
 - chat:   {"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}
 - alpaca: {"instruction": str, "input": str (optional), "output": str} -> a user/assistant exchange
 - text:   {"text": str} -> BOS + text + EOS
+- prompt_completion: {"prompt": str, "completion": str} -> BOS + prompt + completion + EOS (raw text, no template)
+
+Field names come from the source's `fields`, role names may be renamed with its `roles`.
 
 labels are the input ids where the token carries loss and -100 elsewhere (HF models shift them internally).
 """
@@ -10,15 +13,17 @@ labels are the input ids where the token carries loss and -100 elsewhere (HF mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Optional
 
 from ftcore.data.chat_template import ROLES, assistant_char_spans
 
 IGNORE_INDEX = -100
-DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "text": "all"}
+DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "prompt_completion": "completion", "text": "all"}
 VALID_TRAIN_ON = {
     "chat": {"assistant", "last_assistant", "all"},
     "alpaca": {"completion", "all"},
+    "prompt_completion": {"completion", "all"},
     "text": {"all"},
 }
 
@@ -36,6 +41,19 @@ class Tokenized:
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class RecordSpec:
+    """How to read one source's records: its format, field names, role renames and loss mask."""
+
+    format: str
+    train_on: str
+    fields: Any = None  # ftcore.config.FieldNames
+    roles: dict = dc_field(default_factory=dict)
+
 
 def resolve_train_on(fmt: str, train_on: Optional[str]) -> str:
     mode = train_on or DEFAULT_TRAIN_ON[fmt]
@@ -45,44 +63,87 @@ def resolve_train_on(fmt: str, train_on: Optional[str]) -> str:
     return mode
 
 
-def _messages(record: dict) -> list[dict]:
-    messages = record.get("messages")
+def _field(record: dict, name: str, kind: str, optional: bool = False) -> Any:
+    value = record.get(name)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if name not in record else f"{type(value).__name__}, not a string"
+        raise RecordError(f"{kind} field {name!r} is {got}")
+    return value
+
+
+def _messages(record: dict, spec: RecordSpec) -> list[dict]:
+    f = spec.fields
+    messages = record.get(f.messages)
     if not isinstance(messages, list) or not messages:
-        raise RecordError("chat record needs a non-empty 'messages' list")
+        got = "missing" if f.messages not in record else ("empty" if messages == [] else type(messages).__name__)
+        raise RecordError(f"chat field {f.messages!r} must be a non-empty list of turns (is {got})")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise RecordError(f"messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': str}}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("chat record has no assistant message to learn from")
-    return messages
+        if not isinstance(m, dict):
+            raise RecordError(f"{f.messages}[{i}] is {type(m).__name__}, not an object")
+        role = spec.roles.get(m.get(f.role), m.get(f.role))
+        if role not in ROLES:
+            raise RecordError(f"{f.messages}[{i}].{f.role} is {m.get(f.role)!r}; expected one of {'/'.join(ROLES)}"
+                              " (rename roles with the source's roles: mapping)")
+        content = m.get(f.content)
+        turn = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            turn["tool_calls"] = m["tool_calls"]
+            turn["content"] = content if content is not None else ""
+        if not isinstance(turn["content"], str):
+            raise RecordError(f"{f.messages}[{i}].{f.content} is "
+                              f"{'missing' if content is None else type(content).__name__}, not a string")
+        out.append(turn)
+    if not any(m["role"] == "assistant" for m in out):
+        raise RecordError("chat record has no assistant turn to learn from")
+    return out
 
 
-def _alpaca_messages(record: dict) -> list[dict]:
-    instruction, output = record.get("instruction"), record.get("output")
-    if not isinstance(instruction, str) or not isinstance(output, str):
-        raise RecordError("alpaca record needs string fields 'instruction' and 'output'")
-    extra = record.get("input") or ""
-    if not isinstance(extra, str):
-        raise RecordError("alpaca field 'input' must be a string")
+def _alpaca_messages(record: dict, spec: RecordSpec) -> list[dict]:
+    f = spec.fields
+    instruction = _field(record, f.instruction, "alpaca")
+    extra = _field(record, f.input, "alpaca", optional=True)
+    output = _field(record, f.output, "alpaca")
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def tokenize_record(record: Any, fmt: str, train_on: str, tokenizer: Any) -> Tokenized:
+def _bos_eos(tokenizer: Any, ids: list[int], eos: bool = True) -> list[int]:
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def _finish(ids: list[int], labels: list[int]) -> Tokenized:
+    # The first token is never predicted (HF shifts labels left by one): marking it keeps trained-token counts
+    # exact, and in a packed row it stops a sample's first token being "predicted" from the previous sample.
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return Tokenized(ids, labels)
+
+
+def tokenize_record(record: Any, spec: RecordSpec, tokenizer: Any) -> Tokenized:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    fmt, train_on, f = spec.format, spec.train_on, spec.fields
     if fmt == "text":
-        text = record.get("text")
-        if not isinstance(text, str):
-            raise RecordError("text record needs a string field 'text'")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
-        if tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        return Tokenized(ids, list(ids))
+        ids = _bos_eos(tokenizer, tokenizer(_field(record, f.text, "text"), add_special_tokens=False)["input_ids"])
+        return _finish(ids, list(ids))
+    if fmt == "prompt_completion":
+        prompt_ids = tokenizer(_field(record, f.prompt, "prompt_completion"), add_special_tokens=False)["input_ids"]
+        completion = _field(record, f.completion, "prompt_completion")
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        prompt_ids = _bos_eos(tokenizer, prompt_ids, eos=False)
+        completion_ids = completion_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        ids = prompt_ids + completion_ids
+        labels = list(ids) if train_on == "all" else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+        return _finish(ids, labels)
 
-    messages = _messages(record) if fmt == "chat" else _alpaca_messages(record)
+    messages = _messages(record, spec) if fmt == "chat" else _alpaca_messages(record, spec)
     which = "assistant" if train_on == "completion" else train_on
     try:
         text, spans = assistant_char_spans(tokenizer, messages, "assistant" if which == "all" else which)
@@ -91,9 +152,9 @@ def tokenize_record(record: Any, fmt: str, train_on: str, tokenizer: Any) -> Tok
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if which == "all":
-        return Tokenized(ids, list(ids))
+        return _finish(ids, list(ids))
     labels = []
     for token_id, (start, end) in zip(ids, enc["offset_mapping"]):
         inside = any(s <= start < e for s, e in spans) and end > start
         labels.append(token_id if inside else IGNORE_INDEX)
-    return Tokenized(ids, labels)
+    return _finish(ids, labels)

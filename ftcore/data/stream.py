@@ -1,20 +1,20 @@
-"""Per-rank streams of tokenized batches with a deterministic global order and exact resume.
+"""Per-rank streams of tokenized training batches: read -> parse -> tokenize -> overflow -> (pack) -> batch.
 
-The global sample order of epoch e is a pure function of (sources, seed, e): all sources concatenated, then
-permuted with a generator seeded by (seed, e). Rank r of W takes positions r, r+W, r+2W, ... and every rank
-takes the same count (N // W) so that ranks stay in lockstep (a rank that runs out first would leave the
-others waiting in a collective). Records are read by seeking to byte offsets indexed in one pass, so resuming
-at sample k costs one seek, not k reads; memory is one 8-byte offset per line.
+Order (see order.py): stream positions map to records by a pure function of the seed; rank r of W reads
+positions r, r+W, ... (after any left over from a resharded checkpoint). Records are read by block, so nothing
+is loaded whole and memory does not grow with the corpus.
 
-State is (epoch, position): position counts this rank's samples already emitted in batches.
+State (state_dict) is the cursor, the ids of samples read but not yet emitted (the packing buffer), and the
+counters. Loading it seeks: buffered samples are re-read by position, the cursor continues where it was, so
+the resumed batches equal the uninterrupted run's. At another world size, `reshard` (order.py) hands every
+position no rank had emitted to exactly one new rank.
 """
 
 from __future__ import annotations
 
 import json
-from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -22,75 +22,131 @@ import torch
 
 from ftcore.builtin import resolve_data_path
 from ftcore.config import DataConfig, DataSource
-from ftcore.data.formats import IGNORE_INDEX, RecordError, Tokenized, resolve_train_on, tokenize_record
+from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
+from ftcore.data.order import Mixture, RankCursor, SourceOrder, WINDOW_BLOCKS, reshard
+from ftcore.data.packing import BestFitPacker, packed_attention_inputs
+from ftcore.data.sources import FileSource, RawRecord, SourceError, expand, open_file
+
+STATE_VERSION = 2
+MAX_ERROR_EXAMPLES = 5
+# Records read in a row that yield nothing to train on before the stream gives up (a misconfigured mask or
+# max_seq_len, not bad luck).
+MAX_BARREN_RUN = 10_000
+COUNTER_KEYS = ("records", "samples", "truncated", "dropped_too_long", "split_records", "split_pieces",
+                "skipped_errors", "skipped_no_trained_tokens", "tokens", "trained_tokens", "row_tokens")
+
+__all__ = ["Batch", "DataError", "SourceGroup", "TrainStream", "eval_batches", "reshard"]
 
 
 class DataError(ValueError):
     """A data problem phrased as one line naming the file (and line)."""
 
 
-class JsonlSource:
-    """One JSONL file: line offsets indexed once, records read by seek."""
+@dataclass
+class Piece:
+    tag: tuple[int, int]  # (stream position, index of the piece in its record's pieces)
+    sample: Tokenized
+    sample_id: str
 
-    def __init__(self, spec: DataSource, train_on: Optional[str]):
-        self.path = Path(resolve_data_path(spec.path))
-        self.format = spec.format
+
+# ---------------------------------------------------------------------------------------------- sources
+class SourceGroup:
+    """One entry of data.train / data.eval: its files as one sequence of blocks, and how to read records."""
+
+    def __init__(self, spec: DataSource, data_cfg: DataConfig, index: int, seed: int):
+        self.spec_text = spec.path
         try:
-            self.train_on = resolve_train_on(spec.format, train_on)
-        except ValueError as e:
-            raise DataError(f"{spec.path}: {e}") from None
-        if not self.path.is_file():
-            raise DataError(f"{spec.path}: data file does not exist")
-        self.offsets = array("q")  # byte offset of each non-blank line
-        self.line_numbers = array("q")
-        with open(self.path, "rb") as f:
-            offset = 0
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    self.offsets.append(offset)
-                    self.line_numbers.append(number)
-                offset += len(line)
-        if not self.offsets:
-            raise DataError(f"{self.path}: no records")
-        self._handle = None
+            self.spec = RecordSpec(spec.format, resolve_train_on(spec.format, data_cfg.train_on), spec.fields,
+                                   spec.roles)
+            path = resolve_data_path(spec.path)
+            self.files: list[FileSource] = [open_file(p, spec.format, spec.text_unit, spec.split)
+                                            for p in expand(path)]
+        except (ValueError, OSError) as e:  # SourceError, unknown builtin, bad train_on, unreadable file
+            raise DataError(f"{spec.path}: {e}" if not str(e).startswith(spec.path) else str(e)) from None
+        self.weight = spec.weight
+        counts = [np.frombuffer(f.counts, dtype=np.int64) if len(f.counts) else np.zeros(0, np.int64)
+                  for f in self.files]
+        self.block_file = np.concatenate([np.full(len(c), i) for i, c in enumerate(counts)]).astype(np.int64)
+        self.block_local = np.concatenate([np.arange(len(c)) for c in counts]).astype(np.int64)
+        all_counts = np.concatenate(counts)
+        if all_counts.sum() == 0:
+            raise DataError(f"{spec.path}: no records (empty source)")
+        self.order = SourceOrder(all_counts, seed, index, data_cfg.shuffle)
+        self._blocks: OrderedDict[int, list[RawRecord]] = OrderedDict()
+        self.blocks_read = 0
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return self.order.total
 
-    def sample_id(self, index: int) -> str:
-        return f"{self.path.name}:{self.line_numbers[index]}"
+    def record(self, block: int, offset: int) -> RawRecord:
+        records = self._blocks.get(block)
+        if records is None:
+            source = self.files[int(self.block_file[block])]
+            try:
+                records = source.read_block(int(self.block_local[block]))
+            except (ValueError, OSError) as e:
+                raise DataError(str(e)) from None
+            self.blocks_read += 1
+            self._blocks[block] = records
+            while len(self._blocks) > WINDOW_BLOCKS + 1:  # the current shuffle window, plus one
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        return records[offset]
 
-    def read(self, index: int) -> Any:
-        if self._handle is None:
-            self._handle = open(self.path, "rb")
-        self._handle.seek(self.offsets[index])
-        line = self._handle.readline()
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{self.path}:{self.line_numbers[index]}: invalid JSON: {e.msg}") from None
-
-    def tokenize(self, index: int, tokenizer: Any) -> Tokenized:
-        try:
-            return tokenize_record(self.read(index), self.format, self.train_on, tokenizer)
-        except RecordError as e:
-            raise DataError(f"{self.path}:{self.line_numbers[index]}: {e}") from None
+    def all_records(self):
+        """Every record in file order (for evaluation)."""
+        for block in range(len(self.block_file)):
+            for record in self.files[int(self.block_file[block])].read_block(int(self.block_local[block])):
+                yield record
 
 
+def parse_record(raw: RawRecord, spec: RecordSpec) -> Any:
+    if isinstance(raw.value, dict):
+        return raw.value
+    try:
+        text = raw.value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"invalid UTF-8 at byte {e.start}") from None
+    if spec.format == "text" and not raw.value.lstrip().startswith(b"{"):
+        return {spec.fields.text: text}  # plain text file
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+# ---------------------------------------------------------------------------------------------- batches
 @dataclass
 class Batch:
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor  # 1 on real tokens, 0 on padding (also kept for packed rows: token counts)
     labels: torch.Tensor
     sample_ids: list[str] = field(default_factory=list)
+    position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
+    seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
 
     @property
     def trained_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def model_inputs(self, device: Any) -> dict:
-        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                "labels": self.labels.to(device)}
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def model_inputs(self, device: Any, attn_implementation: str = "sdpa",
+                     dtype: Optional[torch.dtype] = None) -> dict:
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                    "labels": self.labels.to(device), "use_cache": False}
+        extra = packed_attention_inputs(self.seq_lens, self.input_ids.shape[1], attn_implementation, dtype)
+        ids, labels, positions = self.input_ids, self.labels, self.position_ids
+        if attn_implementation == "flash_attention_2":  # one varlen sequence: rows flattened
+            ids, labels, positions = ids.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
+        out = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device),
+               "use_cache": False}
+        out.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+        return out
 
 
 def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str]) -> Batch:
@@ -107,6 +163,32 @@ def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str]) -> Bat
     return Batch(ids, mask, labels, sample_ids)
 
 
+def collate_packed(rows: list[list[Piece]], pad_id: int) -> Batch:
+    """Rows of concatenated samples, right-padded to the fullest row; the padding tail is its own segment."""
+    width = max(sum(len(p.sample) for p in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    seq_lens, sample_ids = [], []
+    for r, row in enumerate(rows):
+        offset, lens = 0, []
+        for piece in row:
+            n = len(piece.sample)
+            ids[r, offset:offset + n] = torch.tensor(piece.sample.input_ids)
+            labels[r, offset:offset + n] = torch.tensor(piece.sample.labels)
+            positions[r, offset:offset + n] = torch.arange(n)
+            mask[r, offset:offset + n] = 1
+            offset += n
+            lens.append(n)
+            sample_ids.append(piece.sample_id)
+        if offset < width:
+            positions[r, offset:] = torch.arange(width - offset)
+            lens.append(width - offset)
+        seq_lens.append(lens)
+    return Batch(ids, mask, labels, sample_ids, positions, seq_lens)
+
+
 def pad_token_id(tokenizer: Any) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
@@ -114,102 +196,233 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def _open_sources(specs: list[DataSource], data_cfg: DataConfig) -> list[JsonlSource]:
-    return [JsonlSource(spec, data_cfg.train_on) for spec in specs]
+# ---------------------------------------------------------------------------------------------- samples
+class SampleMaker:
+    """Raw record -> the pieces to train on, applying data.overflow and data.on_error, with counters."""
+
+    def __init__(self, data_cfg: DataConfig, tokenizer: Any):
+        self.cfg, self.tokenizer = data_cfg, tokenizer
+        self.counters = {k: 0 for k in COUNTER_KEYS}
+        self.error_examples: list[str] = []
+
+    def make(self, raw: RawRecord, spec: RecordSpec, count: bool = True) -> list[Optional[Tokenized]]:
+        """The record's pieces, in order; a piece with nothing to train on is None (kept so piece indexes are
+        stable). An unusable record gives [] under on_error=skip."""
+        c = self.counters if count else {k: 0 for k in COUNTER_KEYS}
+        c["records"] += 1
+        try:
+            sample = tokenize_record(parse_record(raw, spec), spec, self.tokenizer)
+        except RecordError as e:
+            if self.cfg.on_error == "raise":
+                raise DataError(f"{raw.where}: {e} (data.on_error=skip skips such records)") from None
+            c["skipped_errors"] += 1
+            if count and len(self.error_examples) < MAX_ERROR_EXAMPLES:
+                self.error_examples.append(f"{raw.where}: {e}")
+            return []
+        limit = self.cfg.max_seq_len
+        pieces: list[Tokenized] = [sample]
+        if len(sample) > limit:
+            if self.cfg.overflow == "drop":
+                c["dropped_too_long"] += 1
+                return []
+            if self.cfg.overflow == "truncate":
+                c["truncated"] += 1
+                pieces = [Tokenized(sample.input_ids[:limit], sample.labels[:limit])]
+            else:
+                pieces = split_sample(sample, limit)
+                c["split_records"] += 1
+                c["split_pieces"] += len(pieces)
+        out: list[Optional[Tokenized]] = []
+        for piece in pieces:
+            if piece.trained_tokens == 0:  # e.g. the answer was cut off by truncation
+                c["skipped_no_trained_tokens"] += 1
+                out.append(None)
+            else:
+                out.append(piece)
+        return out
 
 
-def _truncate(sample: Tokenized, max_len: int) -> Tokenized:
-    return Tokenized(sample.input_ids[:max_len], sample.labels[:max_len])
+def split_sample(sample: Tokenized, limit: int) -> list[Tokenized]:
+    """Chunks of `limit` tokens overlapping by one: each chunk's first token is only context (its prediction
+    belongs to the previous chunk), so every token but the very first is trained exactly once."""
+    pieces, start = [], 0
+    while True:
+        ids = sample.input_ids[start:start + limit]
+        labels = list(sample.labels[start:start + limit])
+        labels[0] = IGNORE_INDEX
+        pieces.append(Tokenized(ids, labels))
+        if start + limit >= len(sample):
+            return pieces
+        start += limit - 1
 
 
+# ---------------------------------------------------------------------------------------------- train stream
 class TrainStream:
-    """This rank's endless stream of training batches (epochs roll over), with state_dict for exact resume."""
+    """This rank's endless stream of training batches, with state_dict / load_state_dict for exact resume."""
 
     def __init__(self, data_cfg: DataConfig, tokenizer: Any, seed: int, rank: int, world_size: int,
                  micro_batch_size: int):
         self.cfg, self.tokenizer, self.seed = data_cfg, tokenizer, seed
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
-        self.sources = _open_sources(data_cfg.train, data_cfg)
-        self.total = sum(len(s) for s in self.sources)
-        self.per_rank = self.total // world_size
-        if self.per_rank < micro_batch_size:
-            raise DataError(f"data.train has {self.total} samples: too few for {world_size} ranks x "
-                            f"micro_batch_size {micro_batch_size}")
-        self._starts = np.cumsum([0] + [len(s) for s in self.sources])
-        self.epoch, self.position = 0, 0
-        self.skipped_no_loss = 0
-        self._order: Optional[np.ndarray] = None
+        self.groups = [SourceGroup(spec, data_cfg, i, seed) for i, spec in enumerate(data_cfg.train)]
+        self.mixture = Mixture([g.weight for g in self.groups], seed)
+        self.cursor = RankCursor(rank, world_size)
+        self.maker = SampleMaker(data_cfg, tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
+        self.packer: Optional[BestFitPacker[Piece]] = BestFitPacker(data_cfg.max_seq_len) if data_cfg.packing \
+            else None
+        self.fifo: deque[Piece] = deque()
+        self.barren_limit = min(MAX_BARREN_RUN, sum(len(g) for g in self.groups))
 
-    def _rank_order(self) -> np.ndarray:
-        if self._order is None:
-            order = np.arange(self.total)
-            if self.cfg.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.total)
-            self._order = order[self.rank:: self.world_size][: self.per_rank]
-        return self._order
+    @property
+    def counters(self) -> dict:
+        return self.maker.counters
 
-    def _locate(self, global_index: int) -> tuple[JsonlSource, int]:
-        src = int(np.searchsorted(self._starts, global_index, side="right") - 1)
-        return self.sources[src], global_index - int(self._starts[src])
+    @property
+    def total_records(self) -> int:
+        return sum(len(g) for g in self.groups)
 
-    def _next_sample(self) -> tuple[Tokenized, str]:
-        skipped_in_a_row = 0
-        while True:
-            if self.position >= self.per_rank:
-                self.epoch, self.position, self._order = self.epoch + 1, 0, None
-            source, index = self._locate(int(self._rank_order()[self.position]))
-            self.position += 1
-            sample = _truncate(source.tokenize(index, self.tokenizer), self.cfg.max_seq_len)
-            if sample.trained_tokens == 0:  # e.g. the answer was cut off by truncation
-                self.skipped_no_loss += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= self.per_rank:  # a whole epoch of this rank's share: would loop forever
-                    raise DataError(f"no sample of this rank's {self.per_rank} in data.train has a trained token "
-                                    f"within data.max_seq_len={self.cfg.max_seq_len}; raise it or check train_on")
+    def _buffered(self) -> int:
+        return len(self.packer) if self.packer is not None else len(self.fifo)
+
+    def _buffer(self, piece: Piece) -> None:
+        if self.packer is not None:
+            self.packer.add(len(piece.sample), piece)
+        else:
+            self.fifo.append(piece)
+
+    def _pieces_at(self, position: int, only: int, count: bool = True) -> list[Piece]:
+        g, draw = self.mixture.locate(position)
+        group = self.groups[g]
+        _, block, offset = group.order.locate(draw)
+        raw = group.record(block, offset)
+        made = self.maker.make(raw, group.spec, count=count)
+        many = len(made) > 1
+        out = []
+        for i, sample in enumerate(made):
+            if sample is None or (only >= 0 and i != only):
                 continue
-            return sample, source.sample_id(index)
+            out.append(Piece((position, i), sample, f"{raw.where}#{i}" if many else raw.where))
+        return out
+
+    def _fill(self, target: int) -> None:
+        barren = 0
+        while self._buffered() < target:
+            position, piece = self.cursor.next()
+            pieces = self._pieces_at(position, piece)
+            for p in pieces:
+                self._buffer(p)
+            barren = 0 if pieces else barren + 1
+            if barren >= self.barren_limit:
+                c = self.counters
+                raise DataError(
+                    f"data.train: {barren} records in a row gave nothing to train on (malformed, skipped: "
+                    f"{c['skipped_errors']}; longer than data.max_seq_len={self.cfg.max_seq_len}, dropped: "
+                    f"{c['dropped_too_long']}; no trained token left: {c['skipped_no_trained_tokens']}); check "
+                    "data.train_on, data.max_seq_len and the files")
+
+    def _emitted(self, pieces: list[Piece], row_tokens: int) -> None:
+        c = self.counters
+        c["samples"] += len(pieces)
+        c["tokens"] += sum(len(p.sample) for p in pieces)
+        c["trained_tokens"] += sum(p.sample.trained_tokens for p in pieces)
+        c["row_tokens"] += row_tokens
+
+    def prime(self) -> None:
+        """Read ahead the first batch: a source with nothing to train on fails here, before any model loads."""
+        self._fill(self.cfg.packing_buffer if self.packer is not None else self.micro_batch_size)
 
     def next_batch(self) -> Batch:
-        pairs = [self._next_sample() for _ in range(self.micro_batch_size)]
-        return collate([p[0] for p in pairs], pad_token_id(self.tokenizer), [p[1] for p in pairs])
+        if self.packer is None:
+            self._fill(self.micro_batch_size)
+            pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
+            batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces])
+            self._emitted(pieces, batch.input_ids.numel())
+            return batch
+        rows = []
+        for _ in range(self.micro_batch_size):
+            self._fill(self.cfg.packing_buffer)
+            rows.append(self.packer.pop_row())
+        batch = collate_packed(rows, self.pad_id)
+        self._emitted([p for row in rows for p in row], batch.input_ids.numel())
+        return batch
 
+    @property
+    def packing_efficiency(self) -> Optional[float]:
+        """Real tokens / row slots over every batch emitted so far (padding is the rest)."""
+        c = self.counters
+        return c["tokens"] / c["row_tokens"] if c["row_tokens"] else None
+
+    # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "rank": self.rank,
-                "world_size": self.world_size, "total_samples": self.total,
-                "skipped_no_loss": self.skipped_no_loss}
+        buffered = self.packer.items() if self.packer is not None else list(self.fifo)
+        return {"version": STATE_VERSION, "cursor": self.cursor.state_dict(),
+                "buffer": [list(p.tag) for p in buffered], "counters": dict(self.counters),
+                "error_examples": list(self.maker.error_examples), "source_records": [len(g) for g in self.groups],
+                "packing": self.cfg.packing, "max_seq_len": self.cfg.max_seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size or state["rank"] != self.rank:
-            raise DataError(f"data state is for rank {state['rank']} of {state['world_size']}, "
-                            f"this is rank {self.rank} of {self.world_size}")
-        if state["total_samples"] != self.total:
-            raise DataError(f"data.train now has {self.total} samples, the checkpoint saw "
-                            f"{state['total_samples']}: the data changed since the checkpoint was written")
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
-        self.skipped_no_loss = state["skipped_no_loss"]
+        """Continue exactly where `state` left off. A state from another world size must go through reshard
+        first (every rank's state is needed to know what is left)."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data state version {state.get('version')} is not {STATE_VERSION}: the checkpoint "
+                            "was written by another version of ft")
+        cursor = state["cursor"]
+        if cursor["world_size"] != self.world_size or cursor["rank"] != self.rank:
+            raise DataError(f"data state is for rank {cursor['rank']} of {cursor['world_size']}, this is rank "
+                            f"{self.rank} of {self.world_size} (reshard the states first)")
+        if state["source_records"] != [len(g) for g in self.groups]:
+            raise DataError(f"data.train now has {[len(g) for g in self.groups]} records per source, the "
+                            f"checkpoint saw {state['source_records']}: the data changed since it was written")
+        self.cursor.load_state_dict(cursor)
+        self.maker.counters = {k: state["counters"].get(k, 0) for k in COUNTER_KEYS}
+        self.maker.error_examples = list(state.get("error_examples", []))
+        self.fifo.clear()
+        if self.packer is not None:
+            self.packer = BestFitPacker(self.cfg.max_seq_len)
+        for position, piece in state["buffer"]:  # re-read by position: seeks, no replay
+            for p in self._pieces_at(position, piece, count=False):
+                self._buffer(p)
+
+    def report(self) -> dict:
+        """Counters plus packing efficiency and the first few skipped records' reasons."""
+        out = dict(self.counters)
+        out["packing_efficiency"] = self.packing_efficiency
+        out["error_examples"] = list(self.maker.error_examples)
+        return out
 
 
+def restore_states(states: list[dict], world_size: int) -> list[dict]:
+    """Checkpointed per-rank states -> states for this world size (unchanged when it is the same)."""
+    if len(states) == world_size:
+        return states
+    return reshard(states, world_size)
+
+
+# ---------------------------------------------------------------------------------------------- eval
 def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: int,
                  micro_batch_size: int) -> list[Batch]:
-    """This rank's share of the eval set, in order. Every rank gets the same number of batches (forward passes
-    are collectives under ZeRO-3); a rank short of samples gets filler rows whose labels are all ignored."""
-    sources = _open_sources(data_cfg.eval or [], data_cfg)
-    everything = [(s, i) for s in sources for i in range(len(s))]
-    mine = everything[rank::world_size]
-    per_rank = -(-len(everything) // world_size)
-    n_batches = -(-per_rank // micro_batch_size)
+    """This rank's share of the eval set, in file order (records i with i % world == rank), unpacked.
+    Ranks may end up with different batch counts (skipped records); pad_eval_batches evens them out."""
+    maker = SampleMaker(data_cfg, tokenizer)
+    mine: list[tuple[Tokenized, str]] = []
+    index = 0
+    for i, spec in enumerate(data_cfg.eval or []):
+        group = SourceGroup(spec, data_cfg, i, 0)
+        for raw in group.all_records():
+            if index % world_size == rank:
+                made = maker.make(raw, group.spec)
+                mine += [(s, f"{raw.where}#{j}" if len(made) > 1 else raw.where)
+                         for j, s in enumerate(made) if s is not None]
+            index += 1
     pad = pad_token_id(tokenizer)
-    batches = []
-    for b in range(n_batches):
-        samples, ids = [], []
-        for j in range(b * micro_batch_size, (b + 1) * micro_batch_size):
-            if j < len(mine):
-                source, index = mine[j]
-                samples.append(_truncate(source.tokenize(index, tokenizer), data_cfg.max_seq_len))
-                ids.append(source.sample_id(index))
-            else:
-                filler = samples[0] if samples else _truncate(
-                    everything[0][0].tokenize(everything[0][1], tokenizer), data_cfg.max_seq_len)
-                samples.append(Tokenized(filler.input_ids, [IGNORE_INDEX] * len(filler.input_ids)))
-        batches.append(collate(samples, pad, ids))
-    return batches
+    return [collate([s for s, _ in mine[b:b + micro_batch_size]], pad,
+                    [w for _, w in mine[b:b + micro_batch_size]])
+            for b in range(0, len(mine), micro_batch_size)]
+
+
+def pad_eval_batches(batches: list[Batch], count: int, pad_id: int) -> list[Batch]:
+    """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
+    collective under ZeRO-3)."""
+    filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
+    return batches + [collate([filler], pad_id, []) for _ in range(count - len(batches))]
