@@ -166,10 +166,24 @@ class CheckpointManager:
                 f"{path}: a ZeRO-3 checkpoint written by {saved_world} ranks cannot be resumed by "
                 f"{self.world_size}; resume with {saved_world} processes")
         data_states = json.loads((path / "data_state.json").read_text())
+        resharding = saved_world != self.world_size and zero_stage in (1, 2)
+        # DeepSpeed's load_checkpoint refuses ZeRO optimizer state from another world size outright, although
+        # its ZeRO-1/2 optimizer can merge and re-partition state saved in the elastic layout (our templates set
+        # elastic_checkpoint). So: load module and schedule through the engine, then hand every saved rank's
+        # optimizer state to the optimizer's own elastic restore.
         load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=not exclude_frozen,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+                                              load_optimizer_states=not resharding, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load the engine state under {ENGINE_TAG}/")
+        if resharding:
+            saved_states = engine._get_all_zero_checkpoints(str(path), ENGINE_TAG)
+            if saved_states is None or len(saved_states) != saved_world:
+                raise CheckpointError(f"{path}: expected optimizer state files of {saved_world} ranks under "
+                                      f"{ENGINE_TAG}/")
+            zero_optimizer = engine.optimizer
+            zero_optimizer._load_global_state(saved_states[0])
+            zero_optimizer._restore_elastic_base_optimizer_state(saved_states)
+            zero_optimizer._restore_from_elastic_fp32_weights(saved_states)
         # RNG streams (dropout) are per rank: a rank that did not exist before starts from rank 0's.
         rng_file = path / f"rng_rank{self.rank if self.rank < saved_world else 0}.pt"
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -185,7 +185,10 @@ class Recipe:
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # the offloaded step runs on the host
 
             return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True)
-        return torch.optim.AdamW(groups, lr=t.lr)
+        # DeepSpeed's elastic ZeRO-1/2 checkpoint (what lets a run resume at another world size) records the step
+        # from param_groups, where DeepSpeed's own optimizers keep it; torch's AdamW keeps it per parameter (and
+        # that is what it uses). An inert group entry satisfies the checkpoint format.
+        return torch.optim.AdamW([{**g, "step": 0} for g in groups], lr=t.lr)
 
     def _setup_engine(self) -> None:
         from transformers import get_cosine_schedule_with_warmup
@@ -231,6 +234,11 @@ class Recipe:
                 "or train.micro_batch_size so that it stays the same")
         trainer_state, data_states = self.checkpoints.load(path, self.engine, exclude_frozen=self.is_lora,
                                                            zero_stage=self.cfg.distributed.zero_stage)
+        # DeepSpeed's elastic optimizer-state restore brings back the moments and steps but not the param groups'
+        # hyperparameters: put back the learning rate the restored schedule says the next step uses.
+        scheduler = self.engine.lr_scheduler
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
         try:
             states = restore_states(data_states, self.world_size)
             self.train_stream.load_state_dict(states[self.rank])
@@ -247,7 +255,7 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
         if self.is_main:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True)  # log lines stay whole in captured logs
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -296,6 +304,7 @@ class Recipe:
         self.trained_tokens_seen += int(global_trained)
         if self.cfg.data.audit:
             self._audit({"step": self.step, "samples": [s for b in batches for s in b.sample_ids],
+                         "positions": [q for b in batches for q in b.positions],
                          "local_trained_tokens": local_trained, "loss": step_loss})
         metrics = {"step": self.step, "loss": step_loss, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,

@@ -125,6 +125,7 @@ class Batch:
     sample_ids: list[str] = field(default_factory=list)
     position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
     seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
+    positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
 
     @property
     def trained_tokens(self) -> int:
@@ -186,7 +187,8 @@ def collate_packed(rows: list[list[Piece]], pad_id: int) -> Batch:
             positions[r, offset:] = torch.arange(width - offset)
             lens.append(width - offset)
         seq_lens.append(lens)
-    return Batch(ids, mask, labels, sample_ids, positions, seq_lens)
+    return Batch(ids, mask, labels, sample_ids, positions, seq_lens,
+                 [p.tag[0] for row in rows for p in row])
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -337,6 +339,7 @@ class TrainStream:
             self._fill(self.micro_batch_size)
             pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
             batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces])
+            batch.positions = [p.tag[0] for p in pieces]
             self._emitted(pieces, batch.input_ids.numel())
             return batch
         rows = []
