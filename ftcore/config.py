@@ -395,7 +395,7 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
         else:
             value = field.get_default(call_default_factory=True)
             if isinstance(value, list):
-                value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
+                value = [v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
             default = repr(value)
         rows.append((prefix + name, default, field.description or ""))
         if model is DataConfig and name == "train":  # list items: document the source fields once

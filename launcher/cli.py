@@ -6,6 +6,7 @@ training or generation.
     ft launch examples/demo.yaml --nproc 2 --dry-run       print the launch command and exit
     ft train examples/demo.yaml                            train in the current process(es)
     ft generate --model outputs/demo/final --prompt "What is the capital of France?"
+    ft data inspect examples/demo.yaml -n 3                show processed samples (trained tokens marked) + stats
 """
 
 from __future__ import annotations
@@ -130,6 +131,67 @@ def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT 
             typer.echo(f"user: {p}\nassistant: {answer}")
     except (OSError, ValueError) as e:
         _fail(str(e), code=1)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at the training data as the model will see it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
+                 show: int = typer.Option(3, "-n", "--show", help="Samples to print."),
+                 scan: int = typer.Option(1000, "--scan", help="Samples to read for the statistics.")) -> None:
+    """Show processed samples (trained tokens marked) and statistics of the first --scan samples in training
+    order: samples, tokens, length histogram, share of trained tokens, packing efficiency, skipped/truncated.
+
+    Example: ft data inspect examples/demo.yaml -n 2 --set data.max_seq_len=128
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    from ftcore.builtin import resolve_model_path
+    from ftcore.data.inspect import inspect_data, length_histogram
+    from ftcore.data.stream import DataError
+    from ftcore.model import load_tokenizer
+
+    cfg = _load(config, sets, check_paths=True)
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path))
+        result = inspect_data(cfg, tokenizer, show, scan)
+    except (DataError, OSError, ValueError) as e:
+        _fail(str(e), code=1)
+    console = Console(soft_wrap=True)
+    plain = not console.is_terminal or console.no_color
+    # On a terminal trained tokens are green and masked ones dim; in plain output trained runs are in «».
+    console.print(("legend: «trained tokens» masked tokens" if plain else
+                   Text.assemble("legend: ", ("trained tokens", "bold green"), " ", ("masked tokens", "dim"))))
+    for sample_id, runs in result.shown:
+        console.rule(sample_id)
+        text = Text()
+        for piece, trained in runs:
+            if plain:
+                text.append(f"«{piece}»" if trained else piece)
+            else:
+                text.append(piece, style="bold green" if trained else "dim")
+        console.print(text)
+    c, n = result.counters, len(result.lengths)
+    tokens, trained = sum(result.lengths), sum(result.trained)
+    console.rule("statistics")
+    for path, records, files in result.sources:
+        console.print(f"source {path}: {records:,} records in {files} file{'s' if files > 1 else ''}")
+    console.print(f"samples scanned: {n:,} (from {c['records']:,} records, in training order)")
+    console.print(f"tokens: {tokens:,} (mean {tokens / max(n, 1):.1f}, max {max(result.lengths, default=0)}); "
+                  f"trained: {trained:,} ({trained / max(tokens, 1):.1%})")
+    console.print(f"truncated: {c['truncated']}, dropped (too long): {c['dropped_too_long']}, split: "
+                  f"{c['split_records']} records into {c['split_pieces']} pieces, skipped (malformed): "
+                  f"{c['skipped_errors']}, skipped (nothing to train): {c['skipped_no_trained_tokens']}")
+    console.print(f"packing efficiency at max_seq_len {cfg.data.max_seq_len}: {result.packing_efficiency:.3f} "
+                  f"({result.packing_rows} rows; data.packing is {'on' if cfg.data.packing else 'off'})")
+    console.print(f"length histogram (tokens, max_seq_len {cfg.data.max_seq_len}):")
+    for line in length_histogram(result.lengths, cfg.data.max_seq_len):
+        console.print("  " + line)
+    for example in result.error_examples:
+        console.print(f"skipped: {example}")
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ def test_cli_config_errors(tmp_path):
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
 
     proc = run_ft("launch", "--set", "data.train.0.path=/no/data.jsonl", "--dry-run", check=False)
-    assert proc.returncode == 2 and "data.train.0.path: /no/data.jsonl does not exist" in proc.stderr
+    assert proc.returncode == 2 and "data.train.0.path: /no/data.jsonl: does not exist" in proc.stderr
 
 
 def test_cli_prints_resolved_config():
