@@ -225,3 +225,23 @@ def test_elastic_resume_one_rank_to_two_with_packing(tmp_path):
     assert report["packing_efficiency"] == pytest.approx(report["tokens"] / report["row_tokens"])
     assert report["packing_efficiency"] > 0.8
     assert f"packing efficiency {report['packing_efficiency']:.3f}" in resumed.stdout
+
+
+def test_resume_at_another_world_size_is_refused_where_it_cannot_be_exact(runs, tmp_path):
+    import shutil
+
+    zero3, _ = runs("zero3_lora", *RUN_ARGS["zero3_lora"])
+    copy = tmp_path / "zero3"
+    shutil.copytree(zero3, copy)
+    proc = run_ft("train", *tiny_run_args(copy, *RUN_ARGS["zero3_lora"], "--set", "train.grad_accum_steps=2"),
+                  check=False)
+    assert proc.returncode == 1
+    assert "a ZeRO-3 checkpoint written by 2 ranks cannot be resumed by 1; resume with 2 processes" in proc.stderr
+
+    zero2, _ = runs("zero2_lora")
+    copy = tmp_path / "zero2"
+    shutil.copytree(zero2, copy)
+    proc = run_ft("train", *tiny_run_args(copy), check=False)
+    assert proc.returncode == 1
+    assert ("the effective batch was 8 samples per step, this run's is 4 (micro_batch_size 4 x grad_accum_steps 1 "
+            "x 1 processes); set train.grad_accum_steps") in proc.stderr
