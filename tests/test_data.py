@@ -152,3 +152,35 @@ def test_a_stream_with_nothing_to_learn_fails_instead_of_looping(tmp_path, tok):
     s = stream(tmp_path, tok, 0, 1, records=chat_records(4), **{"data.max_seq_len": 9})
     with pytest.raises(DataError, match=r"records in a row gave nothing to train on .*max_seq_len=9"):
         s.next_batch()
+
+
+def test_prompt_completion_trains_the_completion_and_eos(tok):
+    record = {"prompt": "Translate to French: cat ->", "completion": " chat"}
+    sample = tokenize_record(record, "prompt_completion", "completion", tok)
+    assert trained_text(tok, sample) == "chat</s>"
+    assert sample.input_ids[0] == tok.bos_token_id and sample.input_ids[-1] == tok.eos_token_id
+    everything = tokenize_record(record, "prompt_completion", "all", tok)
+    assert everything.labels[1:] == everything.input_ids[1:]
+    with pytest.raises(RecordError, match="prompt_completion field 'completion' is int, not a string"):
+        tokenize_record({"prompt": "a", "completion": 3}, "prompt_completion", "completion", tok)
+
+
+def test_tool_turns_are_context_and_tool_calls_are_trained(tok):
+    record = {"messages": [
+        {"role": "user", "content": "Weather in Lima?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "weather", "arguments": {"city": "Lima"}}]},
+        {"role": "tool", "content": "18C, cloudy"},
+        {"role": "assistant", "content": "It is 18C and cloudy."}]}
+    sample = tokenize_record(record, "chat", "assistant", tok)
+    trained = trained_text(tok, sample)
+    assert '"city": "Lima"' in trained and trained.endswith("It is 18C and cloudy.</s>")
+    assert "18C, cloudy" not in trained and "18C, cloudy" in tok.decode(sample.input_ids)
+
+
+def test_system_prompt_and_multi_turn_masks_follow_the_turns(tok):
+    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                           {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
+                           {"role": "assistant", "content": "A2"}, {"role": "user", "content": "U3"},
+                           {"role": "assistant", "content": "A3"}]}
+    assert trained_text(tok, tokenize_record(record, "chat", "assistant", tok)) == "A1</s>A2</s>A3</s>"
+    assert trained_text(tok, tokenize_record(record, "chat", "last_assistant", tok)) == "A3</s>"
