@@ -5,7 +5,8 @@
 
 A chat JSONL corpus with a skewed length mix (most conversations short, a few long) is generated on the fly.
 Each measurement runs in a fresh process (so peak RSS is its own): open the corpus (index pass), then read and
-tokenize samples through the real TrainStream for a fixed time, with packing on. The trainer's consumption is
+tokenize samples through the real TrainStream for a fixed time, with packing on; then time the first batch after
+resuming at 1% and at 90% of the epoch (a seek, so both should be equally fast). The trainer's consumption is
 measured by a short real `ft train` of the built-in model on this machine (single process, its own tokens/s).
 """
 
@@ -79,9 +80,24 @@ while time.perf_counter() - t1 < {seconds}:
     stream.next_batch()
 wall, cpu = time.perf_counter() - t1, time.process_time() - cpu0
 c = stream.counters
+peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # streaming only, before the resume probe
+
+def first_batch_after_resume(fraction):
+    # A checkpointed state whose cursor is `fraction` of the way through the epoch (its packing buffer
+    # re-read by position, like a real resume), loaded into a fresh stream: time to its first batch.
+    state = stream.state_dict()
+    state["cursor"]["taken"] = int(fraction * stream.total_records)
+    fresh = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=8)
+    t = time.perf_counter()
+    fresh.load_state_dict(state)
+    fresh.next_batch()
+    return time.perf_counter() - t
+
+resume_early, resume_late = first_batch_after_resume(0.01), first_batch_after_resume(0.9)
 print(json.dumps({{"open_s": opened, "records": stream.total_records, "tokens": c["tokens"] - c0["tokens"],
                    "wall_s": wall, "cpu_s": cpu, "packing_efficiency": stream.packing_efficiency,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                   "resume_first_batch_s_at_1pct": resume_early, "resume_first_batch_s_at_90pct": resume_late,
+                   "peak_rss_mb": peak_rss_mb}}))
 """
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -129,6 +145,8 @@ def main() -> None:
         "packing_efficiency": round(full["packing_efficiency"], 4),
         "corpus_mb": full["size_mb"], "corpus_records": full["records"],
         "index_s": round(full["open_s"], 2), "index_s_one_eighth": round(small["open_s"], 2),
+        "resume_first_batch_s_at_1pct_of_epoch": round(full["resume_first_batch_s_at_1pct"], 3),
+        "resume_first_batch_s_at_90pct_of_epoch": round(full["resume_first_batch_s_at_90pct"], 3),
         "max_seq_len": args.max_seq_len,
         "trainer_tokens_per_s": round(trainer),
         "pipeline_vs_trainer": round(per_core / trainer, 1),
