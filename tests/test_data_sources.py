@@ -36,6 +36,22 @@ def group(tmp_path, path, fmt="text", **extra):
     return SourceGroup(cfg.data.train[0], cfg.data, 0, seed=0)
 
 
+def test_a_broken_line_in_a_text_format_jsonl_is_an_error_not_text(tmp_path):
+    """format text on JSONL reads the 'text' field; a line that is not JSON must not be trained on as raw text."""
+    from transformers import AutoTokenizer
+
+    from ftcore.data.stream import TrainStream
+    from ftcore.builtin import resolve_model_path
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\nthis is not json\n')
+    cfg = load_config(None, [f"data.train=[{{path: '{path}', format: text}}]", "data.shuffle=false"])
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=2)
+    with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
+        s.next_batch()
+
+
 def test_jsonl_blocks_keep_line_numbers_across_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(jsonl_bytes(records(300), blank_every=10))

@@ -180,16 +180,18 @@ def test_accumulation_and_data_parallelism_train_the_same_thing(runs, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-3)
 
 
-def test_elastic_resume_two_ranks_to_one_continues_the_same_run(runs, tmp_path):
-    """Stop a 2-process ZeRO-2 run, resume it with 1 process (accumulating 2 micro batches to keep the effective
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_elastic_resume_two_ranks_to_one_continues_the_same_run(runs, tmp_path, stage):
+    """Stop a 2-process run, resume it with 1 process (accumulating 2 micro batches to keep the effective
     batch): DeepSpeed re-partitions the optimizer state, the data stream is resharded, and the run goes on to
     train on the same samples, with the same losses, as the uninterrupted 2-process run."""
     from safetensors.torch import load_file
 
-    straight, _ = runs("zero2_lora")
+    zero = ("--set", f"distributed.zero_stage={stage}")
+    straight, _ = runs("zero2_lora") if stage == 2 else runs(f"zero{stage}_lora", *zero)
     out = tmp_path / "elastic"
-    launch(out, "--set", "train.stop_at_step=4")
-    resumed = run_ft("train", *tiny_run_args(out, "--set", "train.grad_accum_steps=2"))
+    launch(out, *zero, "--set", "train.stop_at_step=4")
+    resumed = run_ft("train", *tiny_run_args(out, *zero, "--set", "train.grad_accum_steps=2"))
     assert "world size changed from 2 to 1" in resumed.stdout
     before = [r for r in read_jsonl(out / "audit" / "rank0.jsonl") + read_jsonl(out / "audit" / "rank1.jsonl")]
     by_step: dict[int, list] = {}

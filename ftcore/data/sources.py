@@ -42,6 +42,7 @@ class SourceError(ValueError):
 class RawRecord:
     value: Any  # bytes (a JSON line or text) or a dict (Parquet / Arrow row)
     where: str  # "path:line" or "path:row N": used in errors and as the sample id in audit logs
+    json: bool = False  # bytes that must parse as one JSON object (a JSONL line), not plain text
 
 
 def display_path(path: Path) -> str:
@@ -135,10 +136,10 @@ class DelimitedSource(FileSource):
     """JSONL or plain text read as lines or blank-line-separated paragraphs, plain or gzip-compressed."""
 
     def __init__(self, path: Path, unit: str, block_bytes: Optional[int] = None,
-                 snapshot_every: Optional[int] = None):
+                 snapshot_every: Optional[int] = None, json_lines: bool = False):
         block_bytes = block_bytes or BLOCK_BYTES  # module constants read at call time (tests shrink them)
         snapshot_every = snapshot_every or GZIP_SNAPSHOT_BYTES
-        self.path, self.unit, self.name = path, unit, display_path(path)
+        self.path, self.unit, self.name, self.json_lines = path, unit, display_path(path), json_lines
         self.gzip = path.suffix == ".gz"
         self.offsets, self.first_lines, self.counts = array("q"), array("q"), array("q")
         self.snapshots: list[_GzipSnapshot] = []
@@ -193,7 +194,7 @@ class DelimitedSource(FileSource):
                     current = []
                 continue
             if self.unit == "line":
-                records.append(RawRecord(line, f"{self.name}:{number}"))
+                records.append(RawRecord(line, f"{self.name}:{number}", self.json_lines))
             else:
                 if not current:
                     current_line = number
@@ -339,7 +340,7 @@ def open_file(path: Path, fmt: str, text_unit: str, split: str) -> FileSource:
         return ParquetSource(path)
     if kind == "jsonl":
         _check_json_lines(path)
-        return DelimitedSource(path, "line")
+        return DelimitedSource(path, "line", json_lines=True)
     if text_unit == "document":
         return DocumentSource(path)
     return DelimitedSource(path, text_unit)

@@ -108,8 +108,8 @@ def parse_record(raw: RawRecord, spec: RecordSpec) -> Any:
         text = raw.value.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecordError(f"invalid UTF-8 at byte {e.start}") from None
-    if spec.format == "text" and not raw.value.lstrip().startswith(b"{"):
-        return {spec.fields.text: text}  # plain text file
+    if not raw.json:
+        return {spec.fields.text: text}  # a plain text file's document, paragraph or line
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
