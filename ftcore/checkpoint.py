@@ -4,6 +4,7 @@ Layout (under output_dir/checkpoints/):
     step-000300/engine/...        DeepSpeed shards (every rank writes its own; frozen base weights excluded for LoRA)
     step-000300/trainer_state.json  step, token counts, world size, config fingerprint
     step-000300/data_state.json     every rank's data-stream state, gathered
+    step-000300/ft_config.yaml      the run's resolved config (what ft export needs to rebuild the model)
     step-000300/rng_rank{R}.pt      each rank's RNG states
     step-000300/manifest.json       every file with its size: written last; a dir without it is not a checkpoint
     latest                          names the newest complete step dir; replaced atomically after the rename
@@ -113,7 +114,7 @@ class CheckpointManager:
 
     # ---- saving --------------------------------------------------------------------------------------
     def save(self, step: int, engine: Any, trainer_state: dict, data_state: dict,
-             exclude_frozen: bool, barrier: Callable[[], None]) -> Path:
+             exclude_frozen: bool, barrier: Callable[[], None], config_text: str = "") -> Path:
         """Collective: every rank calls it. Returns the final directory."""
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
@@ -131,6 +132,8 @@ class CheckpointManager:
         if self.rank == 0:
             (tmp / "data_state.json").write_text(json.dumps(gathered, indent=1))
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            if config_text:  # the run's config travels with the checkpoint (ft export reads it)
+                (tmp / "ft_config.yaml").write_text(config_text)
         barrier()
         # Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote).
         for f in sorted(tmp.rglob("*")):

@@ -406,7 +406,8 @@ class Recipe:
 
     def save_checkpoint(self) -> None:
         path = self.checkpoints.save(self.step, self.engine, self.trainer_state(), self.train_stream.state_dict(),
-                                     exclude_frozen=self.is_lora, barrier=self._barrier)
+                                     exclude_frozen=self.is_lora, barrier=self._barrier,
+                                     config_text=dump_config(self.cfg))
         self.log(f"checkpoint saved: {path}")
 
     def _record(self, metrics: dict) -> None:

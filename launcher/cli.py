@@ -7,6 +7,7 @@ training or generation.
     ft train examples/demo.yaml                            train in the current process(es)
     ft generate --model outputs/demo/final --prompt "What is the capital of France?"
     ft data inspect examples/demo.yaml -n 3                show processed samples (trained tokens marked) + stats
+    ft export --adapter outputs/demo/final --out outputs/demo/merged   merge LoRA into the base, shard by shard
 """
 
 from __future__ import annotations
@@ -131,6 +132,49 @@ def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT 
             typer.echo(f"user: {p}\nassistant: {answer}")
     except (OSError, ValueError) as e:
         _fail(str(e), code=1)
+
+
+@app.command()
+def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir (e.g. final/)."),
+           checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A training checkpoint step dir."),
+           base: Optional[str] = typer.Option(None, "--base", help="Base model dir (default: from the run config "
+                                              "or adapter_config.json)."),
+           out: str = typer.Option(..., "--out", help="Output HF model dir (must not exist unless --force)."),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: the "
+                                               "base's)."),
+           shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+           merge_base: str = typer.Option("auto", "--merge-base", help="auto | quantized | original: merge a QLoRA "
+                                          "adapter onto dequant(NF4(W)) (auto when the run was qlora) or onto W."),
+           verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare logits with the model as "
+                                       "trained before the output is put in place."),
+           force: bool = typer.Option(False, "--force", help="Replace an existing --out.")) -> None:
+    """Merge or consolidate into a plain Hugging Face safetensors model, out of core; offline, CPU only.
+
+    Examples: ft export --adapter outputs/demo/final --out outputs/demo/merged
+              ft export --checkpoint outputs/run/checkpoints/step-000100 --out merged --dtype bfloat16
+    """
+    from pathlib import Path
+
+    from ftcore.export.export import DTYPES, ExportError, export_adapter, export_checkpoint
+
+    if (adapter is None) == (checkpoint is None):
+        _fail("ft export: give exactly one of --adapter or --checkpoint")
+    if dtype is not None and dtype not in DTYPES:
+        _fail(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if merge_base not in ("auto", "quantized", "original"):
+        _fail(f"--merge-base {merge_base}: expected auto, quantized or original")
+    args = dict(out=Path(out), dtype=dtype, shard_size=shard_size, merge_base=merge_base, verify=verify,
+                force=force, log=typer.echo)
+    try:
+        if adapter is not None:
+            report = export_adapter(Path(adapter), base, **args)
+        else:
+            report = export_checkpoint(Path(checkpoint), base, **args)
+    except (ExportError, OSError) as e:
+        _fail(str(e), code=1)
+    typer.echo(f"exported {report.tensors} tensors ({report.bytes / 1e6:.1f} MB; {report.merged} LoRA-merged, "
+               f"{report.replaced} replaced; merge base: {report.merge_base}; verification: {report.verified}) "
+               f"to {report.out}")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data as the model will see it.")

@@ -247,3 +247,64 @@ def test_resume_at_another_world_size_is_refused_where_it_cannot_be_exact(runs, 
     assert proc.returncode == 1
     assert ("the effective batch was 8 samples per step, this run's is 4 (micro_batch_size 4 x grad_accum_steps 1 "
             "x 1 processes); set train.grad_accum_steps") in proc.stderr
+
+
+EXPORT_RUNS = {**RUN_ARGS, "zero1_full": ("--set", "adapter.method=full", "--set", "train.lr=1e-3", "--set",
+                                           "distributed.zero_stage=1"),
+               "zero0_lora": ("--set", "distributed.zero_stage=0")}
+
+
+@pytest.mark.parametrize("name", ["zero0_lora", "zero1_full", "zero2_lora", "zero3_lora", "zero2_full", "zero3_full"])
+def test_checkpoint_export_is_bit_exact_against_zero_to_fp32(runs, name, tmp_path, builtin_model_dir):
+    """Out-of-core consolidation (forced into many small batches) equals DeepSpeed's zero_to_fp32 bit for bit,
+    and `ft export --checkpoint` writes exactly that (full) or base + its LoRA merge (adapter runs)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ftcore.export.zero import ZeroCheckpoint
+
+    out, _ = runs(name, *EXPORT_RUNS[name])
+    ckpt = out / "checkpoints" / "step-000008"
+    if name.startswith("zero0"):  # no partitions (zero_to_fp32 does not apply): the engine's module state
+        reference = torch.load(ckpt / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    else:
+        reference = _consolidated(out)
+    ours = dict(ZeroCheckpoint(ckpt).iter_tensors(budget_bytes=64 << 10))
+    shared = set(ZeroCheckpoint(ckpt).shared)
+    assert set(ours) == set(reference) - shared
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, reference[key]), key
+
+    export = tmp_path / "exported"
+    proc = run_ft("export", "--checkpoint", str(ckpt), "--out", str(export), "--dtype", "float32",
+                  "--shard-size", "8MB")
+    assert "verification: passed" in proc.stdout
+    index = json.loads((export / "model.safetensors.index.json").read_text())
+    state = {}
+    for filename in set(index["weight_map"].values()):
+        state.update(load_file(export / filename))
+    if name.endswith("full"):
+        for key, tensor in state.items():
+            assert torch.equal(tensor, reference[key]), key
+    else:  # the same as PEFT merging the run's final adapter (== the consolidated one) into the base
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir),
+                                           out / "final").merge_and_unload().state_dict()
+        assert set(state) == set(merged)
+        for key, tensor in state.items():
+            assert torch.equal(tensor, merged[key]), key
+    assert AutoModelForCausalLM.from_pretrained(export) is not None
+
+
+def test_checkpoint_export_with_a_missing_rank_fails_clearly(runs, tmp_path):
+    import shutil
+
+    out, _ = runs("zero2_lora")
+    ckpt = tmp_path / "step-000008"
+    shutil.copytree(out / "checkpoints" / "step-000008", ckpt)
+    (ckpt / "engine" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (ckpt / "ft_config.yaml").write_text((out / "config.yaml").read_text())
+    proc = run_ft("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 1
+    assert "written by 2 ranks, but the optimizer state of rank(s) 1 is missing" in proc.stderr
+    assert not (tmp_path / "x").exists()
