@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# LoRA fine-tuning of the built-in tiny Llama on 2 processes with DeepSpeed ZeRO-2, then a generation.
+# LoRA fine-tuning of the built-in tiny Llama on 2 processes with DeepSpeed ZeRO-2, then the adapter merged into
+# a plain HF model (shard by shard, verified against base + adapter) and a generation from the merged model.
 demo: $(STAMP)
 	rm -rf outputs/demo
 	$(VENV)/bin/ft launch examples/demo.yaml --nproc 2
-	$(VENV)/bin/ft generate --model outputs/demo/final --prompt "What is the capital of France?" \
+	$(VENV)/bin/ft export --adapter outputs/demo/final --out outputs/demo/merged
+	$(VENV)/bin/ft generate --model outputs/demo/merged --prompt "What is the capital of France?" \
 		--prompt "What is 3 plus 4?"
 
 test: $(STAMP)

@@ -35,7 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
-NF4_BLOCKSIZE = 64  # bitsandbytes' default, used by transformers' 4-bit loading
+NF4_BLOCKSIZE = 64
+CONSOLIDATION_BATCH_BYTES = 256 << 20  # bitsandbytes' default, used by transformers' 4-bit loading
 
 
 class ExportError(ValueError):
@@ -373,7 +374,7 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, dtyp
         raise ExportError(str(e)) from None
     base = BaseModel(_resolve_base(base_dir, run_config, f"--checkpoint {checkpoint}"))
     method = (run_config.get("adapter") or {}).get("method", "lora")
-    budget = min(parse_size(shard_size), 2 << 30) if method != "full" else 1 << 62
+    budget = min(parse_size(shard_size), CONSOLIDATION_BATCH_BYTES)
     if method == "full":
         return _export_full(zero, base, out, dtype, shard_size, verify, force, log)
     # A LoRA run's checkpoint holds only the adapter (frozen weights are excluded): consolidate it, then merge.
@@ -433,7 +434,9 @@ def _export_full(zero: ZeroCheckpoint, base: BaseModel, out: Path, dtype: Option
     names = [n for n in zero.names() if n not in tied]
     entries = [Entry(n, tuple(shapes[n]), out_dtype) for n in names]
     shard_bytes = parse_size(shard_size)
-    budget = max(shard_bytes, 64 << 20)
+    # Consolidation batches are independent of output shards (the writer streams tensor by tensor): keep them
+    # small, so peak memory is a few hundred MB whatever the model (a single larger parameter is its own batch).
+    budget = min(shard_bytes, CONSOLIDATION_BATCH_BYTES)
     staged = StagedOutput(out, force)
     try:
         check_disk_space(staged.staging, sum(math.prod(e.shape) * e.dtype.itemsize for e in entries))

@@ -11,12 +11,18 @@ The layouts are DeepSpeed's (and the result is checked bit-exact against zero_to
 - ZeRO-3: every parameter is split into world_size fragments of ceil(numel / world) elements; rank r's flat
   vector holds its fragment of each parameter, end to end in `param_shapes` order.
 - ZeRO-0: no partitions; the weights are the module state in the model-states file.
+
+Files are read through TorchFileReader: the pickle once, then only the slices a batch needs, with seeks.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import re
+import struct
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -42,6 +48,93 @@ def _load(path: Path) -> dict:
             from None
 
 
+class _TensorRef:
+    """Where a tensor's elements lie in a torch.save zip file (not loaded)."""
+
+    __slots__ = ("key", "dtype", "offset", "shape")
+
+    def __init__(self, storage: tuple, offset: int, shape: tuple, stride: tuple):
+        # storage is torch's persistent id: ('storage', storage class, key, location, numel)
+        with warnings.catch_warnings():  # the legacy storage classes warn on attribute access
+            warnings.simplefilter("ignore")
+            dtype = storage[1].dtype
+        self.key, self.dtype, self.offset, self.shape = storage[2], dtype, offset, tuple(shape)
+        expected = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        if len(shape) and tuple(stride) != expected:
+            raise ConsolidationError("a non-contiguous tensor in a DeepSpeed checkpoint (unexpected layout)")
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return lambda storage, offset, size, stride, *rest: _TensorRef(storage, offset, size, stride)
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, *rest: data
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return lambda func, new_type, args, state: func(*args)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        return pid
+
+
+class TorchFileReader:
+    """Reads slices of the tensors in a torch.save (zip) file with plain seeks: the pickle is parsed once into
+    references, and only the elements asked for are read, into memory the caller owns. (torch.load's mmap keeps
+    touched pages resident until the whole file is released, so a consolidation through it grows with the model.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+            pkl = next(n for n in self.zip.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            self.root = pkl[: -len("data.pkl")]
+            with self.zip.open(pkl) as f:
+                self.obj = _RefUnpickler(f).load()
+        except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, OSError) as e:
+            raise ConsolidationError(f"{path}: unreadable or truncated checkpoint file ({type(e).__name__})") from None
+        self.handle = open(path, "rb")
+        self._data_start: dict[str, int] = {}
+
+    def _start(self, key: str) -> int:
+        if key not in self._data_start:
+            info = self.zip.getinfo(f"{self.root}data/{key}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ConsolidationError(f"{self.path}: compressed tensor data (not written by torch.save)")
+            self.handle.seek(info.header_offset)
+            header = self.handle.read(30)
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            self._data_start[key] = info.header_offset + 30 + name_len + extra_len
+        return self._data_start[key]
+
+    def read_into(self, ref: _TensorRef, start: int, out: torch.Tensor) -> None:
+        """out[:] = flattened ref[start:start + out.numel()]"""
+        count = out.numel()
+        if start < 0 or start + count > ref.numel():
+            raise ConsolidationError(f"{self.path}: slice [{start}, {start + count}) outside a tensor of "
+                                     f"{ref.numel()} elements")
+        if out.dtype != ref.dtype:
+            raise ConsolidationError(f"{self.path}: expected {out.dtype} data, found {ref.dtype}")
+        itemsize = ref.dtype.itemsize
+        self.handle.seek(self._start(ref.key) + (ref.offset + start) * itemsize)
+        got = self.handle.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) if count else 0
+        if got != count * itemsize:
+            raise ConsolidationError(f"{self.path}: truncated (tensor data ends early)")
+
+    def read(self, ref: _TensorRef) -> torch.Tensor:
+        out = torch.empty(ref.shape, dtype=ref.dtype)
+        self.read_into(ref, 0, out)
+        return out
+
+    def close(self) -> None:
+        self.handle.close()
+        self.zip.close()
+
+
 @dataclass
 class ParamSlot:
     name: str
@@ -60,6 +153,7 @@ class ZeroCheckpoint:
         if not model_files:
             raise ConsolidationError(f"{path}: no DeepSpeed *_model_states.pt (not a training checkpoint)")
         self.model_files = model_files
+        self._readers: dict[Path, TorchFileReader] = {}
         self.optim_files = sorted(engine_dir.glob("*_optim_states.pt"), key=_natural)
         states = _load(model_files[0])
         if "param_shapes" not in states:
@@ -78,7 +172,7 @@ class ZeroCheckpoint:
             groups = [{k: v.shape for k, v in module.items() if k not in buffer_names}]
             self.group_sizes, self.paddings = [], None
         else:
-            meta = _load(self.optim_files[0])[OPTIM_KEY]
+            meta = self._reader(self.optim_files[0]).obj[OPTIM_KEY]
             self.stage = int(meta.get("zero_stage", 1))
             count = meta.get("partition_count", len(self.optim_files))
             self.world_size = max(count) if isinstance(count, list) else int(count)
@@ -89,7 +183,7 @@ class ZeroCheckpoint:
                     f"{engine_dir}: written by {self.world_size} ranks, but the optimizer state of rank(s) "
                     f"{', '.join(map(str, missing)) or '?'} is missing ({len(self.optim_files)} files)")
             key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"
-            self.group_sizes = [t.numel() for t in meta[key]]
+            self.group_sizes = [ref.numel() for ref in meta[key]]
             self.paddings = meta.get("param_alignment_paddings")
             del meta
         self.slots = self._layout(groups)
@@ -152,23 +246,30 @@ class ZeroCheckpoint:
             parts = [_load(f)["frozen_param_fragments"][name].clone() for f in self.model_files]
             yield name, torch.cat(parts).narrow(0, 0, math.prod(shape)).view(shape)
 
+    def _reader(self, path: Path) -> TorchFileReader:
+        if path not in self._readers:
+            self._readers[path] = TorchFileReader(path)
+        return self._readers[path]
+
     def _gather(self, batch: list[ParamSlot]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.stage == 0:
-            module = _load(self._module_file)["module"]
+            module = self._reader(self._module_file).obj["module"]
             for slot in batch:
-                yield slot.name, module[slot.name].float().clone().view(slot.shape)
+                ref = module[slot.name]
+                tensor = self._reader(self._module_file).read(ref)
+                yield slot.name, tensor.float().view(slot.shape)
             return
         if self.stage == 3:
             out = {s.name: torch.empty(s.fragment * self.world_size) for s in batch}
             for rank, path in enumerate(self.optim_files):
-                flat = _load(path)[OPTIM_KEY]["fp32_flat_groups"]
+                reader = self._reader(path)
+                flat = reader.obj[OPTIM_KEY]["fp32_flat_groups"]
                 bounds = [0]
-                for t in flat:
-                    bounds.append(bounds[-1] + t.numel())
+                for ref in flat:
+                    bounds.append(bounds[-1] + ref.numel())
                 for s in batch:
                     dest = out[s.name][rank * s.fragment:(rank + 1) * s.fragment]
-                    _copy_span(flat, bounds, s.offset, s.fragment, dest)
-                del flat
+                    _copy_span(reader, flat, bounds, s.offset, s.fragment, dest)
             for s in batch:
                 yield s.name, out[s.name][: s.numel].view(s.shape)
             return
@@ -177,12 +278,12 @@ class ZeroCheckpoint:
             wanted = [s for s in batch if _overlap(s, rank, self.group_sizes[s.group])]
             if not wanted:
                 continue  # ZeRO-1/2 ranks hold contiguous ranges: most files are not needed for a batch
-            parts = _load(path)[OPTIM_KEY]["single_partition_of_fp32_groups"]
+            reader = self._reader(path)
+            parts = reader.obj[OPTIM_KEY]["single_partition_of_fp32_groups"]
             for s in wanted:
                 length = self.group_sizes[s.group]
                 lo, hi = max(s.offset, rank * length), min(s.offset + s.numel, (rank + 1) * length)
-                out[s.name][lo - s.offset:hi - s.offset] = parts[s.group][lo - rank * length:hi - rank * length]
-            del parts
+                reader.read_into(parts[s.group], lo - rank * length, out[s.name][lo - s.offset:hi - s.offset])
         for s in batch:
             yield s.name, out[s.name].view(s.shape)
 
@@ -191,13 +292,14 @@ def _overlap(slot: ParamSlot, rank: int, length: int) -> bool:
     return slot.offset < (rank + 1) * length and slot.offset + slot.numel > rank * length
 
 
-def _copy_span(groups: list[torch.Tensor], bounds: list[int], start: int, count: int, dest: torch.Tensor) -> None:
-    """dest[:] = concat(groups)[start:start+count], touching only the groups it spans."""
+def _copy_span(reader: TorchFileReader, groups: list, bounds: list[int], start: int, count: int,
+               dest: torch.Tensor) -> None:
+    """dest[:] = concat(groups)[start:start+count], reading only the groups it spans."""
     written = 0
-    for g, tensor in enumerate(groups):
+    for g, ref in enumerate(groups):
         lo, hi = max(start, bounds[g]), min(start + count, bounds[g + 1])
         if lo < hi:
-            dest[written:written + hi - lo] = tensor[lo - bounds[g]:hi - bounds[g]]
+            reader.read_into(ref, lo - bounds[g], dest[written:written + hi - lo])
             written += hi - lo
     if written != count:
         raise ConsolidationError(f"ZeRO-3 fragment [{start}, {start + count}) lies outside the flat partitions")

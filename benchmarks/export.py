@@ -1,0 +1,166 @@
+"""Export benchmark: peak RSS and wall time of `ft export` against PEFT, zero_to_fp32 and `cp`. Prints JSON.
+
+    python benchmarks/export.py           # a 2.1 GB bf16 Llama-style model in 4 shards; a ~1.2 GB ZeRO-3 checkpoint
+    python benchmarks/export.py --quick   # ~270 MB model, small checkpoint; under two minutes
+
+Merge: a multi-shard base with random weights and a random LoRA adapter on every linear layer is merged by
+(a) `ft export --adapter` and (b) PEFT `merge_and_unload()` + `save_pretrained`, and the base shards are copied
+with `cp` + `sync` (what the disk allows; ft export fsyncs its output). Consolidation: a real 2-process ZeRO-3 full fine-tuning checkpoint (`ft launch`,
+one step) is consolidated by (c) `ft export --checkpoint` and (d) DeepSpeed's zero_to_fp32. Every command runs in
+its own process, which reports its own peak RSS. `ft export` runs with --no-verify here (verification loads the
+model to compare logits; it is timed separately as verify_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MEASURE = """
+import resource, sys, json, time, runpy
+t = time.perf_counter()
+sys.argv = {argv!r}
+try:
+    {body}
+finally:
+    print("BENCH " + json.dumps({{"wall_s": time.perf_counter() - t,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}), flush=True)
+"""
+
+
+def measured(body: str, argv: list[str] = ()) -> dict:
+    code = MEASURE.format(argv=list(argv), body=textwrap.indent(textwrap.dedent(body), "    ").strip())
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("BENCH ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"benchmark step failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[-1][6:])
+
+
+def build_base(directory: Path, hidden: int, layers: int, vocab: int, shard: str) -> None:
+    body = f"""
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={hidden * 3},
+                     num_hidden_layers={layers}, num_attention_heads={hidden // 64}, num_key_value_heads={hidden // 64},
+                     tie_word_embeddings=False)
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained({str(directory)!r}, max_shard_size={shard!r})
+from peft import LoraConfig, get_peft_model
+peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+peft.save_pretrained({str(directory / "adapter")!r})
+"""
+    measured(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        merge_model = dict(hidden=1024, layers=8, vocab=8000, shard="80MB")
+        ckpt_model = dict(hidden=512, layers=4, vocab=32000)
+    else:
+        merge_model = dict(hidden=2048, layers=18, vocab=32000, shard="600MB")
+        ckpt_model = dict(hidden=1024, layers=16, vocab=32000)
+    tmp = Path(tempfile.mkdtemp(prefix="ft-export-bench-", dir=os.environ.get("TMPDIR")))
+    try:
+        base = tmp / "base"
+        build_base(base, **merge_model)
+        shards = sorted(base.glob("*.safetensors"))
+        largest_mb = max(s.stat().st_size for s in shards) / 2**20
+        total_mb = sum(s.stat().st_size for s in shards) / 2**20
+
+        t = time.perf_counter()
+        (tmp / "copy").mkdir()
+        subprocess.run(["cp", *map(str, shards), str(tmp / "copy")], check=True)
+        subprocess.run(["sync"], check=True)  # ft export fsyncs what it writes; a fair copy reaches the disk too
+        cp_s = time.perf_counter() - t
+        shutil.rmtree(tmp / "copy")
+
+        cli = "from launcher.cli import main\nmain()"
+        ours = measured(cli, ["ft", "export", "--adapter", str(base / "adapter"), "--base", str(base), "--out",
+                              str(tmp / "ours"), "--no-verify", "--shard-size", merge_model["shard"]])
+        shutil.rmtree(tmp / "ours")
+        verified = measured(cli, ["ft", "export", "--adapter", str(base / "adapter"), "--base", str(base), "--out",
+                                  str(tmp / "ours"), "--shard-size", merge_model["shard"]])
+        shutil.rmtree(tmp / "ours")
+        peft = measured(f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(base)!r}, dtype=torch.bfloat16)
+merged = PeftModel.from_pretrained(model, {str(base / 'adapter')!r}).merge_and_unload()
+merged.save_pretrained({str(tmp / 'peft')!r}, max_shard_size={merge_model['shard']!r})
+""")
+        shutil.rmtree(tmp / "peft")
+
+        # A real ZeRO-3 checkpoint: one step of 2-process full fine-tuning of a model built from a config.
+        ckpt_base = tmp / "ckpt_base"
+        measured(f"""
+import shutil, torch
+from ftcore.builtin import resolve_model_path
+from transformers import AutoModelForCausalLM, LlamaConfig
+torch.manual_seed(0)
+h, n, v = {ckpt_model['hidden']}, {ckpt_model['layers']}, {ckpt_model['vocab']}
+config = LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=h * 3, num_hidden_layers=n,
+                     num_attention_heads=h // 64, num_key_value_heads=h // 64)
+AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained({str(ckpt_base)!r})
+tiny = resolve_model_path("builtin:tiny-llama")
+for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(f"{{tiny}}/{{f}}", {str(ckpt_base)!r})
+""")
+        run = tmp / "run"
+        subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "examples/demo.yaml", "--nproc", "2",
+                        "--set", f"model.name_or_path={ckpt_base}", "--set", "adapter.method=full",
+                        "--set", "distributed.zero_stage=3", "--set", f"output_dir={run}", "--set",
+                        "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.micro_batch_size=1",
+                        "--set", "data.max_seq_len=32", "--set", "train.eval_every=0", "--set", "data.eval=null",
+                        "--set", "checkpoint.every_steps=0"],
+                       cwd=ROOT, check=True, capture_output=True, text=True)
+        ckpt = run / "checkpoints" / "step-000001"
+        fp32_mb = sum(f.stat().st_size for f in (ckpt / "engine").glob("*optim_states.pt")) / 2**20
+        consolidate = measured(cli, ["ft", "export", "--checkpoint", str(ckpt), "--out", str(tmp / "cons"),
+                                     "--no-verify", "--dtype", "float32", "--shard-size", "500MB"])
+        zero_to_fp32 = measured(f"""
+from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+convert_zero_checkpoint_to_fp32_state_dict({str(ckpt)!r}, {str(tmp / 'z2f')!r}, tag="engine",
+                                           safe_serialization=True, max_shard_size="500MB")
+""")
+        result = {
+            "merge_peak_rss_over_largest_shard": round(ours["peak_rss_mb"] / largest_mb, 3),
+            "merge_wall_over_cp": round(ours["wall_s"] / cp_s, 2),
+            "consolidate_peak_rss_over_zero_to_fp32": round(consolidate["peak_rss_mb"] / zero_to_fp32["peak_rss_mb"],
+                                                            3),
+            "model_mb": round(total_mb), "shards": len(shards), "largest_shard_mb": round(largest_mb),
+            "ft_export_peak_rss_mb": round(ours["peak_rss_mb"]), "ft_export_wall_s": round(ours["wall_s"], 1),
+            "ft_export_with_verify_wall_s": round(verified["wall_s"], 1),
+            "ft_export_with_verify_peak_rss_mb": round(verified["peak_rss_mb"]),
+            "cp_wall_s": round(cp_s, 2),
+            "peft_merge_peak_rss_mb": round(peft["peak_rss_mb"]), "peft_merge_wall_s": round(peft["wall_s"], 1),
+            "checkpoint_fp32_and_optimizer_mb": round(fp32_mb),
+            "ft_consolidate_peak_rss_mb": round(consolidate["peak_rss_mb"]),
+            "ft_consolidate_wall_s": round(consolidate["wall_s"], 1),
+            "zero_to_fp32_peak_rss_mb": round(zero_to_fp32["peak_rss_mb"]),
+            "zero_to_fp32_wall_s": round(zero_to_fp32["wall_s"], 1),
+            "quick": args.quick,
+        }
+        print(json.dumps(result, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
