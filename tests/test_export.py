@@ -165,6 +165,12 @@ def test_errors_are_one_line_and_leave_nothing_behind(tmp_path):
                                           r"is \[96, 32\] there, the adapter was trained on \[96, 64\]"):
         export_adapter(tmp_path / "adapter", str(other), tmp_path / "out")
 
+    deeper = build_base(tmp_path / "deeper", "llama", num_hidden_layers=3)
+    build_adapter(deeper, tmp_path / "deeper_adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(ExportError, match=r"adapter targets model.layers.2.self_attn.q_proj, which the base .*base "
+                                          r"does not have \(is it the base the adapter was trained on\?\)"):
+        export_adapter(tmp_path / "deeper_adapter", str(base), tmp_path / "out")
+
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "dora").mkdir()
     shutil.copy(tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "dora")
@@ -202,6 +208,8 @@ def test_errors_are_one_line_and_leave_nothing_behind(tmp_path):
     with pytest.raises(ExportError, match="a_file: cannot write the export there"):
         export_adapter(tmp_path / "adapter", str(base), tmp_path / "a_file" / "out")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    with pytest.raises(ExportError, match="--shard-size '5 gigs': expected a size such as 5GB"):
+        export_adapter(tmp_path / "adapter", str(base), tmp_path / "out", shard_size="5 gigs")
 
 
 def test_force_replaces_an_existing_export_atomically(tmp_path):

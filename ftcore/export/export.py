@@ -460,12 +460,19 @@ def _probe_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (3, 24), generator=g)
 
 
-def _fits_in_ram(nbytes: int) -> bool:
+def _available_ram() -> int:
+    """MemAvailable (free + reclaimable page cache), the kernel's estimate of what can be allocated."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return True
-    return nbytes < 0.6 * available
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _fits_in_ram(nbytes: int) -> bool:
+    return nbytes < 0.6 * _available_ram()
 
 
 def _compare(exported: torch.nn.Module, reference: torch.nn.Module, vocab: int, out_dtype: torch.dtype,
