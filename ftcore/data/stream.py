@@ -25,7 +25,7 @@ from ftcore.config import DataConfig, DataSource
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
 from ftcore.data.order import Mixture, RankCursor, SourceOrder, WINDOW_BLOCKS, reshard
 from ftcore.data.packing import BestFitPacker, packed_attention_inputs
-from ftcore.data.sources import FileSource, RawRecord, SourceError, expand, open_file
+from ftcore.data.sources import FileSource, RawRecord, expand, open_file
 
 STATE_VERSION = 2
 MAX_ERROR_EXAMPLES = 5

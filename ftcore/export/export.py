@@ -274,6 +274,13 @@ def _check_adapter_fits(adapter: Adapter, base: BaseModel, tied: Optional[tuple[
                               f"{list(tensor.shape)} in the adapter")
 
 
+def output_config(config: dict, out_dtype: torch.dtype) -> dict:
+    """The base's config for a plain model in out_dtype (no quantization settings carried over)."""
+    config = {k: v for k, v in config.items() if k not in ("torch_dtype", "quantization_config")}
+    config["dtype"] = {v: k for k, v in DTYPES.items()}[out_dtype]
+    return config
+
+
 def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch.dtype, merge_quantized: bool,
                    compute_dtype: torch.dtype) -> tuple[list[Entry], Callable[[], Iterator], dict, dict]:
     """Entries to write, a generator of merged tensors in that order, the output config, and counts."""
@@ -290,9 +297,7 @@ def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch
         if "text_config" in config:
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     quantized = quantized_weight_names(base) if merge_quantized else set()
-    config["dtype"] = {v: k for k, v in DTYPES.items()}[out_dtype]
-    config.pop("torch_dtype", None)
-    config.pop("quantization_config", None)
+    config = output_config(config, out_dtype)
     entries = []
     for n in names:
         info = base.infos[tied[0] if untie and n == tied[1] else n]
@@ -406,30 +411,21 @@ def _export(base: BaseModel, adapter: Adapter, out: Path, dtype: Optional[str], 
         if run_config else out_dtype
     entries, produce, config, counts = merged_tensors(base, adapter, out_dtype, quantized, compute_dtype)
     shard_bytes = parse_size(shard_size)
-    staged = StagedOutput(out, force)
-    try:
-        check_disk_space(staged.staging, sum(math.prod(e.shape) * e.dtype.itemsize for e in entries))
-        index = write_shards(staged.staging, entries, produce(), shard_bytes)
-        copy_side_files(side_sources, staged.staging, config)
-        report = ExportReport(out, len(entries), index["metadata"]["total_size"], counts["merged"],
-                              counts["replaced"], merge_base="quantized (NF4 round trip)" if quantized else "original")
-        if verify:
-            _verify_against_adapter(staged.staging, base, adapter, reference_adapter_dir, quantized, compute_dtype,
-                                    out_dtype, report, log)
-        staged.commit()
-    except BaseException:
-        staged.abort()
-        raise
-    return report
+
+    def check(staging: Path, report: ExportReport) -> None:
+        _verify_against_adapter(staging, base, adapter, reference_adapter_dir, quantized, compute_dtype, out_dtype,
+                                report, log)
+
+    return _write_export(out, force, entries, produce(), shard_bytes, side_sources, config,
+                         dict(merged=counts["merged"], replaced=counts["replaced"],
+                              merge_base="quantized (NF4 round trip)" if quantized else "original"),
+                         check if verify else None)
 
 
 def _export_full(zero: ZeroCheckpoint, base: BaseModel, out: Path, dtype: Optional[str], shard_size: str,
                  verify: bool, force: bool, log: Callable[[str], None]) -> ExportReport:
     out_dtype = DTYPES[dtype] if dtype else base.dtype
     shapes = zero.shapes()
-    config = dict(base.config)
-    config["dtype"] = {v: k for k, v in DTYPES.items()}[out_dtype]
-    config.pop("torch_dtype", None)
     tied = set(zero.shared)  # e.g. lm_head.weight shared with the input embedding: stored once, as HF does
     names = [n for n in zero.names() if n not in tied]
     entries = [Entry(n, tuple(shapes[n]), out_dtype) for n in names]
@@ -437,16 +433,28 @@ def _export_full(zero: ZeroCheckpoint, base: BaseModel, out: Path, dtype: Option
     # Consolidation batches are independent of output shards (the writer streams tensor by tensor): keep them
     # small, so peak memory is a few hundred MB whatever the model (a single larger parameter is its own batch).
     budget = min(shard_bytes, CONSOLIDATION_BATCH_BYTES)
+    tensors = ((n, t) for n, t in zero.iter_tensors(budget) if n not in tied)
+
+    def check(staging: Path, report: ExportReport) -> None:
+        _verify_full(staging, zero, base, out_dtype, budget, report, log)
+
+    log(f"consolidating {len(entries)} tensors from {zero.world_size} rank(s) of ZeRO-{zero.stage}")
+    return _write_export(out, force, entries, tensors, shard_bytes, [base.dir], output_config(base.config, out_dtype),
+                         dict(merged=0, replaced=0), check if verify else None)
+
+
+def _write_export(out: Path, force: bool, entries: list[Entry], tensors: Iterator[tuple[str, torch.Tensor]],
+                  shard_bytes: int, side_sources: list[Path], config: dict, counts: dict,
+                  verify: Optional[Callable[[Path, ExportReport], None]]) -> ExportReport:
+    """Stage, check space, stream the shards, add side files, verify, then put in place (or remove it all)."""
     staged = StagedOutput(out, force)
     try:
         check_disk_space(staged.staging, sum(math.prod(e.shape) * e.dtype.itemsize for e in entries))
-        tensors = ((n, t) for n, t in zero.iter_tensors(budget) if n not in tied)
         index = write_shards(staged.staging, entries, tensors, shard_bytes)
-        copy_side_files([base.dir], staged.staging, config)
-        log(f"consolidated {len(entries)} tensors from {zero.world_size} rank(s) of ZeRO-{zero.stage}")
-        report = ExportReport(out, len(entries), index["metadata"]["total_size"], 0, 0)
-        if verify:
-            _verify_full(staged.staging, zero, base, out_dtype, budget, report, log)
+        copy_side_files(side_sources, staged.staging, config)
+        report = ExportReport(out, len(entries), index["metadata"]["total_size"], **counts)
+        if verify is not None:
+            verify(staged.staging, report)
         staged.commit()
     except BaseException:
         staged.abort()

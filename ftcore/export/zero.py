@@ -25,7 +25,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -308,10 +308,3 @@ def _copy_span(reader: TorchFileReader, groups: list, bounds: list[int], start: 
 def lora_state_to_adapter(state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """PEFT module parameter names (`...lora_A.default.weight`) -> saved adapter names (`...lora_A.weight`)."""
     return {k.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", ""): v for k, v in state.items()}
-
-
-def find_engine_dir(checkpoint: Path) -> Optional[Path]:
-    for candidate in (checkpoint / "engine", checkpoint):
-        if any(candidate.glob("*_model_states.pt")):
-            return candidate
-    return None
