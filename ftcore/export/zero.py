@@ -242,8 +242,9 @@ class ZeroCheckpoint:
             for name in self.frozen_shapes:
                 yield name, fragments[name].clone()
             return
+        per_rank = [_load(f)["frozen_param_fragments"] for f in self.model_files]  # each file opened once
         for name, shape in self.frozen_shapes.items():
-            parts = [_load(f)["frozen_param_fragments"][name].clone() for f in self.model_files]
+            parts = [fragments[name] for fragments in per_rank]
             yield name, torch.cat(parts).narrow(0, 0, math.prod(shape)).view(shape)
 
     def _reader(self, path: Path) -> TorchFileReader:
