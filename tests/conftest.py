@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -17,10 +18,12 @@ os.environ.setdefault("FT_CACHE_DIR", str(ROOT / ".pytest_cache" / "ft-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_ft(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_ft(*args: str, timeout: int = 600, check: bool = True, env: Optional[dict] = None,
+           env_remove: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run the real `ft` CLI in a subprocess (what a user types), capturing output."""
+    environment = {k: v for k, v in (env or os.environ).items() if k not in env_remove}
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=environment)
     if check and proc.returncode != 0:
         raise AssertionError(f"ft {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
