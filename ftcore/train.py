@@ -46,6 +46,7 @@ from ftcore.config import Config, dump_config
 from ftcore.data.stream import Batch, DataError, TrainStream, eval_batches, pad_eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
+from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_inputs
 from ftcore.builtin import resolve_model_path
 from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer
@@ -361,6 +362,8 @@ class Recipe:
         started_at = saved_at = self.step
         with self._progress(last) as advance:
             while self.step < last:
+                if self._stop_agreed():
+                    self._stop_for_preemption(saved_at)
                 started = time.perf_counter()
                 metrics = self.train_step()
                 metrics["step_time_s"] = time.perf_counter() - started
@@ -382,6 +385,24 @@ class Recipe:
         # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
         if self.step >= cfg.train.max_steps and (trained or not (self.output_dir / "final").is_dir()):
             self.save_final()
+
+    def _stop_agreed(self) -> bool:
+        """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so
+        they all stop at the same step and none is left waiting in a collective."""
+        flag = torch.tensor([0 if stop_signal() is None else stop_signal()], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._agreed_signal = int(flag.item())
+        return self._agreed_signal != 0
+
+    def _stop_for_preemption(self, saved_at: int) -> None:
+        if self.step > saved_at:
+            self.save_checkpoint()
+        latest = self.checkpoints.latest()
+        checkpoint = str(latest) if latest is not None else None
+        self._barrier()
+        error = Preempted(self.step, checkpoint, self._agreed_signal)
+        self.log(f"preemption: {error}")
+        raise error
 
     def _data_report(self) -> None:
         """All ranks' data counters summed: what was read, trained, cut, dropped and skipped (with reasons)."""

@@ -4,6 +4,7 @@ training or generation.
     ft config examples/demo.yaml --set train.lr=1e-4       print the resolved config
     ft launch examples/demo.yaml --nproc 2                 train on this machine in 2 processes (DeepSpeed)
     ft launch examples/demo.yaml --nproc 2 --dry-run       print the launch command and exit
+    ft slurm examples/demo.yaml --nodes 2 --gpus-per-node 8   submit a multi-node job (sbatch slurm/ft.sbatch)
     ft train examples/demo.yaml                            train in the current process(es)
     ft generate --model outputs/demo/final --prompt "What is the capital of France?"
     ft data inspect examples/demo.yaml -n 3                show processed samples (trained tokens marked) + stats
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import List, Optional
 
@@ -69,52 +71,179 @@ def config(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT) -> Non
 def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume: str = RESUME_OPT) -> None:
     """Run the training recipe in the process(es) this was started in (python, torchrun, accelerate, srun).
 
+    Exit status: 0 finished; 75 checkpointed on SIGUSR1/SIGTERM (rerun to resume); 1 failed; 2 bad config.
+
     Example: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
     """
-    cfg = _load(config, sets, check_paths=True)
-    from ftcore.checkpoint import CheckpointError
-    from ftcore.data.stream import DataError
-    from ftcore.model import ModelError
-    from ftcore.train import TrainError, run
+    from ftcore.preemption import PREEMPTED_EXIT_STATUS, Preempted, install_stop_handlers
+    from launcher.supervise import write_failure_record
 
+    install_stop_handlers()  # first: a stop signal from now on is recorded, not fatal
     try:
-        run(cfg, resume=resume)
-    except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
-        _fail(str(e), code=1)
+        cfg = _load(config, sets, check_paths=True)
+        from ftcore.checkpoint import CheckpointError
+        from ftcore.data.stream import DataError
+        from ftcore.model import ModelError
+        from ftcore.train import TrainError, run
+
+        try:
+            run(cfg, resume=resume)
+        except Preempted:
+            raise typer.Exit(PREEMPTED_EXIT_STATUS)  # rank 0 has logged where the checkpoint is
+        except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
+            write_failure_record(str(e))
+            _fail(str(e), code=1)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # an unexpected error still tells the launcher when and where it happened
+        write_failure_record(f"{type(e).__name__}: {e}")
+        raise
 
 
 @app.command()
 def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
-           nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this machine."),
+           nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node."),
+           nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes in the job (multi-node without "
+                                                "Slurm: start ft launch on every node with its --node-rank)."),
+           node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank, 0..nnodes-1."),
+           master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0, reachable "
+                                                     "from every node."),
+           master_port: Optional[int] = typer.Option(None, "--master-port", "--port",
+                                                     help="Rendezvous port on node 0 (default: a free one when "
+                                                     "single-node; derived from the job id under --slurm)."),
+           slurm: bool = typer.Option(False, "--slurm", help="Take node count, node rank, head node and port from "
+                                      "the Slurm allocation (one srun task per node; slurm/ft.sbatch does this)."),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment, run nothing."),
-           port: Optional[int] = typer.Option(None, "--port", help="Rendezvous port (default: a free one)."),
            resume: str = RESUME_OPT) -> None:
-    """Launch training on this workstation with accelerate + DeepSpeed in --nproc processes.
+    """Launch training on this machine (or this node of a multi-node job) with accelerate + DeepSpeed.
 
-    Example: ft launch examples/demo.yaml --nproc 2 --set train.max_steps=50
+    Exit status: 0 finished; 75 checkpointed on SIGUSR1/SIGTERM (rerun to resume); 1 failed (the first failing
+    rank and the tail of its log are printed); 2 bad arguments or config.
+
+    Examples: ft launch examples/demo.yaml --nproc 2 --set train.max_steps=50
+              ft launch cfg.yaml --nproc 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
     """
+    from launcher.supervise import block_stop_signals
+
+    if not dry_run:
+        block_stop_signals()  # before anything can start a thread (see launcher/supervise.py)
+    from pathlib import Path
+
     from ftcore.dist_env import free_port
-    from launcher.workstation import LaunchSpec, build_command, run
+    from launcher.slurm import SlurmError, rendezvous_from_slurm
+    from launcher.supervise import NodeContext, run_node, say
+    from launcher.workstation import LaunchSpec, build_command
 
     cfg = _load(config, sets, check_paths=True)  # validate before starting anything
     if nproc < 1:
         _fail(f"--nproc must be >= 1, got {nproc}")
+    cpus = None
+    if slurm:
+        if nnodes is not None or node_rank is not None:
+            _fail("--slurm takes --nnodes and --node-rank from the allocation (SLURM_NNODES, SLURM_NODEID); "
+                  "drop them")
+        try:
+            rdzv = rendezvous_from_slurm(os.environ, master_addr=master_addr, master_port=master_port)
+        except SlurmError as e:
+            _fail(f"ft launch --slurm: {e}")
+        nnodes, node_rank, master_addr, master_port = rdzv.nnodes, rdzv.node_rank, rdzv.master_addr, \
+            rdzv.master_port
+        attempt = f"slurm-{rdzv.job_id}-attempt{rdzv.attempt}"
+        cpus = int(os.environ["SLURM_CPUS_ON_NODE"]) if os.environ.get("SLURM_CPUS_ON_NODE", "").isdigit() else None
+    else:
+        nnodes = 1 if nnodes is None else nnodes
+        node_rank = 0 if node_rank is None else node_rank
+        if nnodes < 1 or not 0 <= node_rank < nnodes:
+            _fail(f"--node-rank must be in 0..{nnodes - 1} for --nnodes {nnodes}, got {node_rank}")
+        if nnodes > 1 and (master_addr is None or master_port is None):
+            _fail("--nnodes > 1 needs --master-addr (node 0's address, reachable from every node) and "
+                  "--master-port (the same on every node)")
+        master_addr = master_addr or "127.0.0.1"
+        master_port = master_port or free_port()
+        attempt = time.strftime("launch-%Y%m%d-%H%M%S") + f"-node{node_rank}"
+    attempt_dir = Path(cfg.output_dir).resolve() / "logs" / attempt
+    # On a terminal the ranks keep it (live progress bar); otherwise (Slurm, nohup, CI) every rank's output goes
+    # to its own log file too and each console line is prefixed with node and rank.
+    tee = not sys.stdout.isatty()
     spec = LaunchSpec(config_path=config, overrides=tuple(sets), nproc=nproc,
-                      zero_stage=cfg.distributed.zero_stage,
-                      mixed_precision=cfg.model.mixed_precision,
-                      main_port=port or free_port(), resume=resume)
+                      zero_stage=cfg.distributed.zero_stage, mixed_precision=cfg.model.mixed_precision,
+                      main_port=master_port, resume=resume, nnodes=nnodes, node_rank=node_rank,
+                      master_addr=master_addr, cpus=cpus, log_dir=str(attempt_dir / f"node{node_rank}") if tee
+                      else None, failure_dir=str(attempt_dir / "failures"))
     argv, env = build_command(spec, os.environ)
-    if not dry_run:
-        from ftcore.builtin import resolve_model_path
-
-        resolve_model_path(cfg.model.name_or_path)  # a built-in model is built once here, not raced by every rank
     if dry_run:
         import shlex
 
         changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
         typer.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())) + " " + shlex.join(argv))
         return
-    raise typer.Exit(run(argv, env))
+    from ftcore.builtin import resolve_model_path
+
+    resolve_model_path(cfg.model.name_or_path)  # a built-in model is built once here, not raced by every rank
+    ctx = NodeContext(node_rank=node_rank, nproc=nproc, attempt_dir=attempt_dir, tee=tee)
+    if nnodes > 1:
+        say(ctx, f"node {node_rank} of {nnodes}, {nproc} processes, rendezvous at {master_addr}:{master_port}")
+    raise typer.Exit(run_node(argv, env, ctx))
+
+
+@app.command("slurm")
+def slurm_submit(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
+                 nodes: int = typer.Option(..., "--nodes", help="Nodes to allocate."),
+                 gpus_per_node: int = typer.Option(..., "--gpus-per-node", help="GPUs per node (0: CPU only)."),
+                 nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node",
+                                                              help="Training processes per node (default: "
+                                                              "--gpus-per-node, or 1 without GPUs)."),
+                 partition: Optional[str] = typer.Option(None, "--partition"),
+                 time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit, e.g. 24:00:00."),
+                 account: Optional[str] = typer.Option(None, "--account"),
+                 qos: Optional[str] = typer.Option(None, "--qos"),
+                 cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task"),
+                 mem: Optional[str] = typer.Option(None, "--mem", help="Memory per node, e.g. 500G."),
+                 grace: int = typer.Option(120, "--grace", help="Seconds before the time limit at which Slurm "
+                                           "sends USR1: the run checkpoints and requeues."),
+                 job_name: Optional[str] = typer.Option(None, "--job-name", help="Default: the config's name."),
+                 extra_sbatch: str = typer.Option("", "--extra-sbatch", help='More sbatch options, e.g. '
+                                                  '"--exclusive --constraint=h100".'),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch script, submit nothing."),
+                 ) -> None:
+    """Submit a multi-node training job: renders slurm/ft.sbatch with these options and runs sbatch.
+
+    Example: ft slurm examples/demo.yaml --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00
+    """
+    import shlex
+    from pathlib import Path
+
+    from launcher.slurm import TEMPLATE, SbatchOptions, SlurmError, render_sbatch, submit
+
+    cfg = _load(config, sets, check_paths=True)
+    output_dir = Path(cfg.output_dir).resolve()
+    log_dir = output_dir / "logs"
+    try:
+        options = SbatchOptions(
+            config_path=config, overrides=tuple(sets), nodes=nodes, gpus_per_node=gpus_per_node,
+            nproc_per_node=nproc_per_node or max(gpus_per_node, 1),
+            ft_command=(sys.executable, "-m", "launcher.cli"), workdir=os.getcwd(), log_dir=str(log_dir),
+            job_name=job_name or (Path(config).stem if config else "ft"), partition=partition, time=time_limit,
+            account=account, qos=qos, cpus_per_task=cpus_per_task, mem=mem, grace_s=grace,
+            extra_sbatch=tuple(shlex.split(extra_sbatch)))
+        script = render_sbatch(TEMPLATE.read_text(), options)
+    except (SlurmError, ValueError) as e:
+        _fail(f"ft slurm: {e}")
+    if dry_run:
+        typer.echo(script, nl=False)
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script_path = log_dir / f"{options.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    script_path.write_text(script)
+    try:
+        job_id = submit(script_path, os.environ)
+    except SlurmError as e:
+        _fail(f"ft slurm: {e}", code=1)
+    typer.echo(f"submitted job {job_id} ({nodes} nodes x {options.nproc_per_node} processes): script "
+               f"{script_path}")
+    typer.echo(f"logs: {log_dir}/slurm-{options.job_name}-{job_id}.out (batch) and "
+               f"{log_dir}/{options.job_name}-{job_id}-attempt<N>.log (one per attempt, lines prefixed "
+               "[nodeK rankR])")
 
 
 @app.command()

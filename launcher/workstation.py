@@ -1,17 +1,17 @@
-"""Workstation launch: `ft launch CONFIG --nproc N` -> `accelerate launch` of `ft train` in N processes.
+"""One node's launch: `ft launch CONFIG --nproc N [--nnodes M --node-rank R --master-addr A --master-port P]`
+-> `accelerate launch` of `ft train` in N processes (torch elastic's static rendezvous at A:P across M nodes).
 
-`build_command` is pure (argv, env) -> tests check it without starting anything; `run` executes it.
-The launched processes receive the same config path and --set overrides; the recipe derives the DeepSpeed
+`build_command` is pure (argv, env) -> tests check it without starting anything; `launcher/supervise.py` runs
+it. The launched processes receive the same config path and --set overrides; the recipe derives the DeepSpeed
 config from them (accelerate's --use_deepspeed only makes it start one process per rank under DeepSpeed).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class LaunchSpec:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
+    cpus: Optional[int] = None          # cores this node may use (default: all of the machine's)
+    log_dir: Optional[str] = None       # per-rank log files here, console lines prefixed "[nodeK rankR]"
+    failure_dir: Optional[str] = None   # where failing ranks record when and why (launcher/supervise.py)
 
 
 def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = sys.executable
@@ -46,6 +49,8 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
     ]
     if spec.nnodes > 1:  # torchrun-style rendezvous on every node, not DeepSpeed's pdsh/ssh launcher
         argv += ["--deepspeed_multinode_launcher", "standard"]
+    if spec.log_dir:
+        argv += ["--tee", "3", "--log_dir", spec.log_dir]
     argv += ["--module", "launcher.cli", "train"]
     if spec.config_path:
         argv.append(spec.config_path)
@@ -55,11 +60,14 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
     env = dict(base_env)
     # One intra-op thread pool per process would oversubscribe the cores N-fold; torchrun's default is 1 and
     # we keep a user's explicit choice.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (spec.cpus or os.cpu_count() or 1) // spec.nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    if spec.log_dir:
+        env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = f"[node{spec.node_rank} rank${{rank}}] "
+    if spec.failure_dir:
+        env["FT_FAILURE_DIR"] = spec.failure_dir
+    # The agent (ft launch) takes TERM itself and asks the ranks to checkpoint (launcher/supervise.py); torch
+    # elastic's own TERM handling would kill them after 30 s, mid-checkpoint.
+    env["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     return argv, env
-
-
-def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    return subprocess.run(list(argv), env=dict(env)).returncode

@@ -1,0 +1,42 @@
+"""Stop signals in the training processes: SIGUSR1 (Slurm's warning before the time limit) and SIGTERM
+(preemption, `kill`). The handler only records the signal; the recipe asks all ranks at the next step boundary
+(one all-reduce, so no rank is left waiting in a collective), saves a checkpoint and exits with
+PREEMPTED_EXIT_STATUS. No torch import: the launcher shares the constants.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+PREEMPTED_EXIT_STATUS = 75  # EX_TEMPFAIL: "try again later" -- the job is requeued and resumes
+
+_received: list[int] = []
+
+
+class Preempted(Exception):
+    """The run stopped at a step boundary on a stop signal, with its state checkpointed."""
+
+    def __init__(self, step: int, checkpoint: Optional[str], signum: int):
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing trained yet)"
+        super().__init__(f"stopped at step {step} on {signal.Signals(signum).name}: {where}; exit status "
+                         f"{PREEMPTED_EXIT_STATUS}, rerun the same command (or requeue) to resume")
+
+
+def _record(signum: int, _frame) -> None:
+    _received.append(signum)
+
+
+def install_stop_handlers() -> None:
+    """Record stop signals instead of dying on them. `ft launch` starts its processes with these signals blocked,
+    so one that arrives while a process is still importing waits, pending, until this unblocks it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def stop_signal() -> Optional[int]:
+    """The first stop signal this process received, or None."""
+    return _received[0] if _received else None

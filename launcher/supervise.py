@@ -1,0 +1,180 @@
+"""Runs one node's training processes under accelerate's launcher and watches them.
+
+`ft launch` runs `accelerate launch` inside its own process, which makes this process torch elastic's agent for
+the node: it starts the ranks, notices when one exits, stops the rest, and raises ChildFailedError with every
+failed rank's exit code. Around that, this module adds what a long run needs:
+
+- Stop signals (USR1, TERM) are blocked in this process and taken by a thread, which forwards USR1 to the
+  training processes. They inherit the block, so a signal that arrives while a rank is still importing waits
+  until `ft train` has installed its handler (ftcore/preemption.py) instead of killing the rank.
+- Exit status: 0 when training finished; 75 when the ranks checkpointed on a stop signal (requeue to resume);
+  otherwise 1, after printing which rank failed first and the tail of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from ftcore.preemption import PREEMPTED_EXIT_STATUS, STOP_SIGNALS
+
+TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    node_rank: int
+    nproc: int
+    attempt_dir: Path     # output_dir/logs/<attempt>: per-rank logs (node<k>/...) and failure records
+    tee: bool             # per-rank log files exist (output not going to a terminal)
+
+
+def say(ctx: NodeContext, message: str) -> None:
+    print(f"[node{ctx.node_rank} launcher] {message}", file=sys.stderr, flush=True)
+
+
+def block_stop_signals() -> None:
+    """First thing in `ft launch`, before any thread exists: every thread started later, and every rank, inherits
+    the block (a thread that did not block them would take the default action: the whole process dies)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+class StopForwarder:
+    """Takes USR1/TERM for this process (sigwait in a thread) and forwards USR1 to every training process of the
+    node."""
+
+    def __init__(self, ctx: NodeContext):
+        self.ctx = ctx
+        self.received: Optional[int] = None
+
+    def start(self) -> None:
+        block_stop_signals()  # idempotent; the thread must start with them blocked to sigwait for them
+        threading.Thread(target=self._loop, name="ft-stop-forwarder", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.forward(signal.sigwait(STOP_SIGNALS))
+
+    def forward(self, signum: int) -> None:
+        import psutil
+
+        self.received = self.received or signum
+        ranks = psutil.Process().children()
+        for proc in ranks:
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except psutil.Error:
+                pass
+        say(self.ctx, f"{signal.Signals(signum).name} received: asked {len(ranks)} training process"
+                      f"{'es' if len(ranks) != 1 else ''} to checkpoint at the next step boundary and stop")
+
+
+def run_node(argv: Sequence[str], env: Mapping[str, str], ctx: NodeContext) -> int:
+    """Run an `accelerate launch` argv ([python, -m, accelerate.commands.launch, ...]) in this process."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ.clear()
+    os.environ.update(env)
+    # torch elastic logs every non-zero rank exit as an error line; ft reports the outcome itself (below).
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    forwarder = StopForwarder(ctx)
+    forwarder.start()
+    args = launch_command_parser().parse_args(list(argv[3:]))
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        _, first = e.get_first_failure()
+        if first.exitcode == PREEMPTED_EXIT_STATUS:
+            say(ctx, f"training checkpointed and stopped on a stop signal: exit status {PREEMPTED_EXIT_STATUS} "
+                     "(rerun or requeue to resume)")
+            return PREEMPTED_EXIT_STATUS
+        report_failure(ctx, e.failures)
+        return 1
+    except SignalException as e:
+        say(ctx, f"stopped by {e.sigval.name}")
+        return 128 + int(e.sigval)
+    if forwarder.received is not None:
+        say(ctx, "a stop signal arrived but training had already finished: nothing to resume")
+    return 0
+
+
+def report_failure(ctx: NodeContext, failures: Mapping[int, object]) -> None:
+    """Name the rank that failed first, with the reason and the tail of its log.
+
+    Ranks write a failure record (time, message) when they fail with an error; a rank killed by a signal cannot,
+    and is itself the first failure (its peers fail after it, in the collective it left)."""
+    records = []
+    for path in sorted((ctx.attempt_dir / "failures").glob("rank*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    local = {ctx.node_rank * ctx.nproc + rank: f for rank, f in failures.items()}
+    killed = sorted((f.timestamp, rank, f) for rank, f in local.items()
+                    if f.exitcode < 0 and not any(r["rank"] == rank for r in records))
+    if killed:
+        _, rank, failure = killed[0]
+        reason = f"killed by {failure.signal_name()}"
+    elif records:
+        first = min(records, key=lambda r: r["time_ns"])
+        rank, reason = first["rank"], first["message"]
+    else:
+        rank, failure = min(local.items(), key=lambda item: item[1].timestamp)
+        reason = f"exit code {failure.exitcode}"
+    codes = ", ".join(f"rank {r}: {_describe(f.exitcode)}" for r, f in sorted(local.items()))
+    say(ctx, f"training failed; rank {rank} failed first: {reason} (this node's ranks: {codes})")
+    log = _rank_log(ctx, rank)
+    if log is None:
+        say(ctx, f"rank {rank}'s output is above" if ctx.tee is False else f"no log found for rank {rank} "
+            f"under {ctx.attempt_dir}")
+        return
+    lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+    say(ctx, f"last {len(lines)} lines of {log}:")
+    for line in lines:
+        print(f"    {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _describe(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit {exitcode}"
+
+
+def _rank_log(ctx: NodeContext, rank: int) -> Optional[Path]:
+    """torch elastic writes <log_dir>/<run id>_<random>/attempt_0/<local rank>/{stdout,stderr}.log; ft train writes
+    its errors to stderr. The node is found from the rank (ranks are numbered node by node)."""
+    node, local_rank = divmod(rank, ctx.nproc)
+    candidates = sorted((ctx.attempt_dir / f"node{node}").glob(f"*/attempt_*/{local_rank}/stderr.log"),
+                        key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def write_failure_record(message: str) -> None:
+    """Called by a failing rank (ft train): when and why, for the launcher's first-failure report."""
+    directory = os.environ.get("FT_FAILURE_DIR")
+    if not directory:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        record = {"rank": rank, "time_ns": time.time_ns(), "message": message.splitlines()[0][:500] if message
+                  else "error"}
+        tmp = Path(directory) / f".rank{rank}.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, Path(directory) / f"rank{rank}.json")
+    except OSError:
+        pass  # the report falls back on exit codes
