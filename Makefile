@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast slurm-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,8 +28,21 @@ demo: $(STAMP)
 	$(VENV)/bin/ft generate --model outputs/demo/merged --prompt "What is the capital of France?" \
 		--prompt "What is 3 plus 4?"
 
-test: $(STAMP)
+test: $(STAMP) slurm-deps
 	$(PY) -m pytest -q
+
+# Slurm (Debian packages) for the tests that run a real 2-node cluster on this machine. Installed when missing
+# and this user can (root or passwordless sudo); otherwise says why, and those tests skip with the reason.
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "slurm-deps: Slurm is not installed and installing it needs root; the Slurm tests will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "slurm-deps: no apt-get here; install slurmctld, slurmd and" \
+		"slurm-client yourself (the Slurm tests skip until then)"; exit 0; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+		slurmctld slurmd slurm-client >/dev/null && echo "slurm-deps: installed Slurm (slurmctld, slurmd, slurm-client)"
 
 # Everything but the multi-process training runs.
 test-fast: $(STAMP)
