@@ -178,29 +178,6 @@ def test_rendered_sbatch_script(kw, present, absent, tmp_path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # valid bash
 
 
-def test_rendered_script_passes_arguments_to_ft_launch(tmp_path):
-    """Run the rendered script's body with srun and scontrol replaced by recorders: ft launch gets the config,
-    the overrides, --slurm and the process count; status 75 triggers `scontrol requeue`."""
-    script = render_sbatch(TEMPLATE.read_text(), options(ft_command=("ftbin",), log_dir=str(tmp_path / "logs")))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/srun-args\nexit 75\n')
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol-args\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    (tmp_path / "job.sbatch").write_text(script)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "demo",
-           "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_NNODES": "4"}
-    proc = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, capture_output=True, text=True)
-    assert proc.returncode == 75
-    args = (tmp_path / "srun-args").read_text().splitlines()
-    assert args[args.index("ftbin"):] == ["ftbin", "launch", "examples/demo.yaml", "--set", "train.lr=1e-4",
-                                          "--set", "output_dir=/runs/my run", "--slurm", "--nproc", "8"]
-    assert f"--output={tmp_path}/logs/demo-77-attempt0.log" in args
-    assert (tmp_path / "scontrol-args").read_text().split() == ["requeue", "77"]
-    assert "requeueing job 77" in (tmp_path / "logs" / "demo-77-attempt0.log").read_text()
-
-
 @pytest.mark.parametrize("kw,needle", [(dict(nodes=0), "--nodes must be >= 1"),
                                        (dict(nproc_per_node=0), "--nproc-per-node >= 1"),
                                        (dict(grace_s=0), "--grace must be >= 1")])
