@@ -55,6 +55,9 @@ class AdapterConfig(Section):
     """Dropout on the LoRA input."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """Module names (or suffixes) that get adapters; all-linear = every linear layer except the output head."""
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
+    """qlora: dtype the packed 4-bit weights are stored in. auto = model.dtype under ZeRO-3 (so ZeRO-3 partitions
+    them), else uint8."""
 
 
 class FieldNames(Section):
@@ -200,10 +203,6 @@ class Config(Section):
             raise _field_error("train.stop_at_step", f"{t.stop_at_step} exceeds train.max_steps={t.max_steps}")
         if t.eval_every and not self.data.eval:
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
-        if self.adapter.method == "qlora":
-            raise _field_error(
-                "adapter.method", "'qlora' is not available yet (4-bit NF4 training lands with the QLoRA work); "
-                "use 'lora' or 'full'")
         return self
 
     def effective_batch_size(self, world_size: int) -> int:

@@ -1,4 +1,5 @@
-"""Model loading: dtype, attention backend, LoRA (peft), non-reentrant gradient checkpointing.
+"""Model loading: dtype, attention backend, LoRA (peft), QLoRA (LoRA on a bitsandbytes NF4 base), non-reentrant
+gradient checkpointing.
 
 Knows nothing of data. Receives only its own config sections.
 """
@@ -6,6 +7,7 @@ Knows nothing of data. Receives only its own config sections.
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any, Optional
 
 import torch
@@ -41,16 +43,38 @@ def load_tokenizer(model_dir: str) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def quant_storage_dtype(adapter_cfg: AdapterConfig, model_dtype: str, zero_stage: int) -> torch.dtype:
+    """ZeRO-3 partitions parameters of the model's float dtype: packed 4-bit weights stored as uint8 would stay
+    whole on every rank (peft#2016), so under ZeRO-3 they are stored in the compute dtype."""
+    if adapter_cfg.quant_storage == "auto":
+        return DTYPES[model_dtype] if zero_stage == 3 else torch.uint8
+    return torch.uint8 if adapter_cfg.quant_storage == "uint8" else DTYPES[adapter_cfg.quant_storage]
+
+
+def qlora_quantization_config(adapter_cfg: AdapterConfig, model_dtype: str, zero_stage: int) -> Any:
+    """QLoRA's recipe: NF4 with double quantization, computing in the model's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[model_dtype],
+                              bnb_4bit_quant_storage=quant_storage_dtype(adapter_cfg, model_dtype, zero_stage))
+
+
 def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: str, cuda: bool,
-               seed: int) -> torch.nn.Module:
+               seed: int, zero_stage: int = 0, device: Optional[torch.device] = None) -> torch.nn.Module:
     """Base model (+ LoRA), ready for accelerate/DeepSpeed. Under ZeRO-3 the caller must hold an
     HfDeepSpeedConfig alive before this, so transformers loads straight into partitioned parameters."""
     from transformers import AutoModelForCausalLM
 
     attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda)
+    extra: dict[str, Any] = {}
+    if adapter_cfg.method == "qlora":
+        extra["quantization_config"] = qlora_quantization_config(adapter_cfg, model_cfg.dtype, zero_stage)
+        if cuda and device is not None and zero_stage != 3:
+            extra["device_map"] = {"": device}  # bitsandbytes quantizes on the GPU it loads to: this rank's
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[model_cfg.dtype],
-                                                     attn_implementation=attn)
+                                                     attn_implementation=attn, **extra)
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model.name_or_path: cannot load {model_dir}: {first_line}") from None
@@ -59,7 +83,15 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
     if model_cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and is the faster variant (peft#1142).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if adapter_cfg.method == "lora":
+    if adapter_cfg.method == "qlora":
+        # prepare_model_for_kbit_training's semantics: the quantized base is frozen (get_peft_model freezes it)
+        # and checkpointing is non-reentrant with input grads enabled (below). Its fp32 upcast of the remaining
+        # weights is left out: DeepSpeed's bf16/fp16 engine casts them back to the compute dtype (and under ZeRO-3
+        # the partitioned weights cannot be recast), while the trained LoRA weights get fp32 masters anyway.
+        for param in model.parameters():
+            param.requires_grad_(False)
+        disable_cpu_weight_repacking(model)
+    if adapter_cfg.method in ("lora", "qlora"):
         model = apply_lora(model, adapter_cfg, seed)
         if model_cfg.gradient_checkpointing:
             # With the base frozen, the embedding output does not require grad; without this, checkpointed
@@ -82,11 +114,29 @@ def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int) ->
         raise ModelError(f"adapter.target_modules: {str(e).splitlines()[0]}") from None
 
 
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
+    """bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16 CPUs) replaces a 4-bit layer's weight
+    data in place with a repacked layout. That would swap out a ZeRO-3 partition and the tensors checkpoints and
+    exports read; it also needs out-features divisible by 32. Training keeps the standard layout everywhere."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def logical_numel(p: torch.nn.Parameter) -> int:
+    """Elements of the weight a parameter stands for: a ZeRO-3 partition at its full size, a packed 4-bit weight
+    at its unquantized shape."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return getattr(p, "ds_numel", p.numel())
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3 partitioned parameters at their full size."""
+    """(trainable, total) in logical elements (see logical_numel)."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -165,11 +165,12 @@ class Recipe:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        self.model = load_model(cfg.model, cfg.adapter, self.model_dir, self.cuda, cfg.train.seed)
+        self.model = load_model(cfg.model, cfg.adapter, self.model_dir, self.cuda, cfg.train.seed,
+                                zero_stage=cfg.distributed.zero_stage, device=self.device)
         self.trainable, self.total_params = count_parameters(self.model)
         if self.trainable == 0:
             raise TrainError("no parameter requires grad: check adapter.target_modules")
-        self.is_lora = cfg.adapter.method == "lora"
+        self.is_lora = cfg.adapter.method in ("lora", "qlora")  # an adapter is what trains and what is saved
         self.attn_implementation = self.model.config._attn_implementation
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.expected_adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
@@ -319,13 +320,21 @@ class Recipe:
 
     def _audit_world(self) -> None:
         """What this rank sees: world size per accelerate and torch.distributed, and how many parameter elements
-        it holds locally (under ZeRO-3 a partition: about 1/world of the full count)."""
+        (and bytes of packed 4-bit weights) it holds locally (under ZeRO-3 a partition: about 1/world)."""
         params = list(self.accelerator.unwrap_model(self.engine).parameters())
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        quantized = [p for p in params if getattr(p, "quant_state", None) is not None]
         record = {"rank": self.rank, "accelerate_num_processes": self.world_size,
                   "accelerate_process_index": self.accelerator.process_index,
                   "dist_world_size": dist.get_world_size(), "local_param_numel": local,
-                  "full_param_numel": self.total_params}
+                  "full_param_numel": self.total_params, "quantized_params": len(quantized),
+                  "quantized_local_bytes": sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes
+                                               for p in quantized),
+                  "quantized_full_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+                                              for p in quantized),
+                  "quantized_storage_dtype": str(quantized[0].dtype) if quantized else None,
+                  "quant_types": sorted({f"{p.quant_state.quant_type}{'+double' if p.quant_state.nested else ''}"
+                                         for p in quantized})}
         (self._audit_dir() / f"rank{self.rank}_world.json").write_text(json.dumps(record))
 
     def _audit_dir(self) -> Path:
