@@ -50,6 +50,11 @@ def resolve_data_path(path: str) -> str:
     return str(_lookup(path, BUILTIN_DATA, "dataset")[1]) if is_builtin(path) else path
 
 
+def builtin_config_path(name: str) -> Path:
+    """The config.json a built-in model is built from (readable without building it)."""
+    return _lookup(name, BUILTIN_MODELS, "model")[1]
+
+
 def _sentencepiece_model() -> Path:
     import mistral_common
 

@@ -158,6 +158,9 @@ class TrainConfig(Section):
     """Print a log line every N steps (rank 0)."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping by global norm (0 = off)."""
+    effective_batch_size: Optional[int] = Field(None, gt=0)
+    """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
+    processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
 

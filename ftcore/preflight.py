@@ -1,9 +1,14 @@
 """Checks that need no torch and no model weights, run by `ft launch` before any process starts and again by
-the recipe: a bad path fails in a second with the field named, not after a minute of process start-up."""
+the recipe: a bad path or an impossible combination fails in a second with the field named and the fix, not after
+a minute of process start-up (or hours in a queue). `check_device` runs in the recipe, where the device is known.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
+from typing import Optional
 
 from ftcore.builtin import is_builtin, resolve_data_path
 from ftcore.config import Config, ConfigError
@@ -35,6 +40,85 @@ def check_data_paths(cfg: Config) -> None:
                 raise ConfigError(f"config error: {section}.{i}.path: {e}") from None
 
 
-def check_inputs(cfg: Config) -> None:
+def _error(field: str, message: str) -> ConfigError:
+    return ConfigError(f"config error: {field}: {message}")
+
+
+def model_config_json(name: str) -> Optional[dict]:
+    """The model's config.json, where it is on disk (a built-in model's ships in the repo); None for hub ids."""
+    if is_builtin(name):
+        from ftcore.builtin import builtin_config_path
+
+        path = builtin_config_path(name)
+    elif is_hub_id(name):
+        return None
+    else:
+        path = Path(name).expanduser() / "config.json"
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_combinations(cfg: Config) -> None:
+    """What this release does not support, or what cannot work, named with the fix."""
+    a, d, m = cfg.adapter, cfg.distributed, cfg.model
+    if a.method != "qlora" and a.quant_storage != "auto":
+        raise _error("adapter.quant_storage", f"applies to adapter.method=qlora only (this run is {a.method}); "
+                     "remove it")
+    if a.method == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise _error("adapter.method", "qlora needs bitsandbytes (pip install bitsandbytes)")
+        if d.zero_stage == 3 and a.quant_storage not in ("auto", m.dtype):
+            raise _error("adapter.quant_storage", f"{a.quant_storage} under ZeRO-3 leaves the packed 4-bit weights "
+                         "whole on every rank (ZeRO-3 partitions only weights of the compute dtype, model.dtype="
+                         f"{m.dtype}): set adapter.quant_storage=auto (or {m.dtype})")
+        if d.offload == "all":
+            raise _error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora is not "
+                         "supported: the 4-bit base is already small; use distributed.offload=optimizer or none")
+    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise _error("model.attn_implementation", "flash_attention_2 needs flash-attn, which is not installed "
+                     "(pip install '.[flash]' on a CUDA machine); use auto or sdpa")
+    model_config = model_config_json(m.name_or_path)
+    limit = (model_config or {}).get("max_position_embeddings")
+    if isinstance(limit, int) and cfg.data.max_seq_len > limit:
+        raise _error("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds the model's max_position_embeddings "
+                     f"({limit}); use at most {limit}")
+
+
+def check_batch(cfg: Config, world_size: int) -> None:
+    """train.effective_batch_size, when given, must be what micro batch x accumulation x processes makes."""
+    t = cfg.train
+    want = t.effective_batch_size
+    if want is None:
+        return
+    got = cfg.effective_batch_size(world_size)
+    if got == want:
+        return
+    per_step = t.micro_batch_size * world_size
+    fix = (f"set train.grad_accum_steps={want // per_step}" if want % per_step == 0 else
+           f"{want} is not a multiple of micro_batch_size x processes = {per_step}: change "
+           "train.micro_batch_size or the process count")
+    raise _error("train.effective_batch_size", f"{want}, but micro_batch_size {t.micro_batch_size} x "
+                 f"grad_accum_steps {t.grad_accum_steps} x {world_size} processes = {got}; {fix}")
+
+
+def check_inputs(cfg: Config, world_size: Optional[int] = None) -> None:
     check_model_path(cfg.model.name_or_path)
     check_data_paths(cfg)
+    check_combinations(cfg)
+    if world_size is not None:
+        check_batch(cfg, world_size)
+
+
+def check_device(cfg: Config, cuda: bool, bf16_supported: bool, device_name: str) -> None:
+    """Precision and kernels the device this rank runs on can do."""
+    dtype = cfg.model.dtype
+    if dtype == "bfloat16" and cuda and not bf16_supported:
+        raise _error("model.dtype", f"bfloat16 is not supported by {device_name} (needs compute capability 8.0+, "
+                     "e.g. A100/H100); use float16")
+    if dtype == "float16" and not cuda:
+        raise _error("model.dtype", "float16 training needs a CUDA GPU (DeepSpeed's fp16 loss scaling); on CPU use "
+                     "bfloat16 or float32")
+    if cfg.model.attn_implementation == "flash_attention_2" and not cuda:
+        raise _error("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use auto or sdpa")

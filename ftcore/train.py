@@ -47,7 +47,7 @@ from ftcore.data.stream import Batch, DataError, TrainStream, eval_batches, pad_
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
 from ftcore.preemption import Preempted, stop_signal
-from ftcore.preflight import check_inputs
+from ftcore.preflight import check_device, check_inputs
 from ftcore.builtin import resolve_model_path
 from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer
 
@@ -112,11 +112,13 @@ class Recipe:
         except DistEnvError as e:
             raise TrainError(str(e)) from None
         cfg = self.cfg
-        check_inputs(cfg)
+        check_inputs(cfg, world_size=int(os.environ["WORLD_SIZE"]))
         # Before the process group exists: a built-in model is materialised here (transformers saves weights on
         # distributed rank 0 only, so building after init would leave other ranks' copies without weights).
         self.model_dir = resolve_model_path(cfg.model.name_or_path)
         self.cuda = torch.cuda.is_available()
+        check_device(cfg, self.cuda, self.cuda and torch.cuda.is_bf16_supported(),
+                     torch.cuda.get_device_name() if self.cuda else "the CPU")
         backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if self.cuda else "gloo")
         if backend == "nccl" and not self.cuda:
             raise TrainError("distributed.backend=nccl needs CUDA GPUs; this machine has none (use auto or gloo)")
@@ -301,6 +303,11 @@ class Recipe:
             raise TrainError(f"non-finite loss {step_loss} at step {self.step + 1}; last good checkpoint: "
                              f"{self.checkpoints.latest()}")
         grad_norm = self.engine.get_global_grad_norm()
+        # fp16's loss scaler skips overflowing steps by design; otherwise a non-finite norm has reached the weights.
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and self.cfg.model.dtype != "float16":
+            raise TrainError(f"non-finite gradient norm {float(grad_norm)} at step {self.step + 1} (loss "
+                             f"{step_loss:.4f}); the weights are no longer usable; last good checkpoint: "
+                             f"{self.checkpoints.latest()}")
         self.step += 1
         self.tokens_seen += int(global_tokens)
         self.trained_tokens_seen += int(global_trained)

@@ -48,12 +48,21 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Optional[str], sets: List[str], check_paths: bool = False):
+def _load(config: Optional[str], sets: List[str], check_paths: bool = False, world_size: Optional[int] = None):
     try:
         cfg = load_config(config, sets)
         if check_paths:
-            check_inputs(cfg)
+            check_inputs(cfg, world_size)
         return cfg
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _check_batch(cfg, world_size: int) -> None:
+    from ftcore.preflight import check_batch
+
+    try:
+        check_batch(cfg, world_size)
     except ConfigError as e:
         _fail(str(e))
 
@@ -161,6 +170,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
         master_addr = master_addr or "127.0.0.1"
         master_port = master_port or free_port()
         attempt = time.strftime("launch-%Y%m%d-%H%M%S") + f"-node{node_rank}"
+    _check_batch(cfg, nproc * nnodes)
     attempt_dir = Path(cfg.output_dir).resolve() / "logs" / attempt
     # On a terminal the ranks keep it (live progress bar); otherwise (Slurm, nohup, CI) every rank's output goes
     # to its own log file too and each console line is prefixed with node and rank.
@@ -216,6 +226,7 @@ def slurm_submit(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     from launcher.slurm import TEMPLATE, SbatchOptions, SlurmError, render_sbatch, submit
 
     cfg = _load(config, sets, check_paths=True)
+    _check_batch(cfg, nodes * (nproc_per_node or max(gpus_per_node, 1)))
     output_dir = Path(cfg.output_dir).resolve()
     log_dir = output_dir / "logs"
     try:
