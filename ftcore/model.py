@@ -114,6 +114,18 @@ def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int) ->
         raise ModelError(f"adapter.target_modules: {str(e).splitlines()[0]}") from None
 
 
+def quantized_module_names(model: torch.nn.Module) -> set[str]:
+    """Modules transformers' bitsandbytes 4-bit loading quantizes, by its own rules (default skips: output head,
+    tied weights, last module; plus the model's keep-in-fp32 modules)."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    return {name for name, module in model.named_modules()
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)}
+
+
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
     """bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16 CPUs) replaces a 4-bit layer's weight
     data in place with a repacked layout. That would swap out a ZeRO-3 partition and the tensors checkpoints and

@@ -311,6 +311,8 @@ class Recipe:
         self.step += 1
         self.tokens_seen += int(global_tokens)
         self.trained_tokens_seen += int(global_trained)
+        if self.cfg.data.audit and not (self._audit_dir() / f"rank{self.rank}_memory.json").exists():
+            self._audit_engine_memory()
         if self.cfg.data.audit:
             self._audit({"step": self.step, "samples": [s for b in batches for s in b.sample_ids],
                          "positions": [q for b in batches for q in b.positions],
@@ -343,6 +345,23 @@ class Recipe:
                   "quant_types": sorted({f"{p.quant_state.quant_type}{'+double' if p.quant_state.nested else ''}"
                                          for p in quantized})}
         (self._audit_dir() / f"rank{self.rank}_world.json").write_text(json.dumps(record))
+
+    def _audit_engine_memory(self) -> None:
+        """Bytes DeepSpeed's engine holds on this rank after the first optimizer step (when the optimizer states
+        exist): parameter storage (ZeRO-3: the partitions) and optimizer states (fp32 master partitions + AdamW
+        moments). `ft plan` predicts both; a test compares."""
+        params = list(self.accelerator.unwrap_model(self.engine).parameters())
+        param_bytes = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes for p in params)
+        zero_optimizer = self.engine.optimizer
+        masters = (getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+                   or getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or [])
+        inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
+        moments = sum(t.nbytes for state in inner.state.values() for k, t in state.items()
+                      if k in ("exp_avg", "exp_avg_sq"))
+        record = {"rank": self.rank, "param_bytes": param_bytes,
+                  "optimizer_bytes": sum(t.nbytes for t in masters) + moments,
+                  "master_bytes": sum(t.nbytes for t in masters), "moment_bytes": moments}
+        (self._audit_dir() / f"rank{self.rank}_memory.json").write_text(json.dumps(record))
 
     def _audit_dir(self) -> Path:
         audit_dir = self.output_dir / "audit"

@@ -5,6 +5,7 @@ training or generation.
     ft launch examples/demo.yaml --nproc 2                 train on this machine in 2 processes (DeepSpeed)
     ft launch examples/demo.yaml --nproc 2 --dry-run       print the launch command and exit
     ft slurm examples/demo.yaml --nodes 2 --gpus-per-node 8   submit a multi-node job (sbatch slurm/ft.sbatch)
+    ft plan examples/llama-2-70b-qlora.yaml --gpus-per-node 2 --gpu-mem-gb 40   memory per GPU, before launching
     ft train examples/demo.yaml                            train in the current process(es)
     ft generate --model outputs/demo/final --prompt "What is the capital of France?"
     ft data inspect examples/demo.yaml -n 3                show processed samples (trained tokens marked) + stats
@@ -315,6 +316,81 @@ def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT L
     typer.echo(f"exported {report.tensors} tensors ({report.bytes / 1e6:.1f} MB; {report.merged} LoRA-merged, "
                f"{report.replaced} replaced; merge base: {report.merge_base}; verification: {report.verified}) "
                f"to {report.out}")
+
+
+@app.command("plan")
+def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
+                gpus_per_node: int = typer.Option(..., "--gpus-per-node", help="GPUs (training processes) per node."),
+                nodes: int = typer.Option(1, "--nodes"),
+                gpu_mem_gb: Optional[float] = typer.Option(None, "--gpu-mem-gb", help="Memory per GPU in GiB: mark "
+                                                           "what fits and recommend the cheapest layout."),
+                as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """Per-GPU memory for this config under ZeRO 0-3, with and without offload, before you launch. Builds the
+    model on the meta device from its config.json: no weights needed.
+
+    Example: ft plan examples/llama-2-70b-qlora.yaml --gpus-per-node 2 --gpu-mem-gb 40
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ftcore.builtin import builtin_config_path, is_builtin
+    from ftcore.plan import CUDA_OVERHEAD_BYTES, GIB, PlanError, build_facts, make_plan
+
+    cfg = _load(config, sets, check_paths=True)
+    name = cfg.model.name_or_path
+    model_dir = str(builtin_config_path(name).parent) if is_builtin(name) else name
+    try:
+        plan = make_plan(cfg, build_facts(cfg, model_dir), gpus_per_node, nodes, gpu_mem_gb)
+    except (PlanError, OSError, ValueError) as e:
+        _fail(f"ft plan: {e}")
+    if as_json:
+        typer.echo(json.dumps(plan.to_json(), indent=1))
+        return
+    gib = lambda x: f"{x / GIB:.1f}"  # noqa: E731
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    console.print(f"{name}: {plan.total_params / 1e9:.2f} B parameters, {plan.trainable_params / 1e6:.1f} M trainable"
+                  + (f", {plan.quantized_params / 1e9:.2f} B in 4-bit NF4" if plan.quantized_params else "")
+                  + f" | {cfg.adapter.method}, {cfg.model.dtype} | {plan.world} GPUs ({nodes} x {gpus_per_node}) | "
+                  f"micro batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens")
+    table = Table(title="per-GPU memory, GiB (model states exact; activations estimated; +"
+                  f"{CUDA_OVERHEAD_BYTES / GIB:.0f} GiB CUDA overhead in totals)")
+    for column in ("ZeRO", "offload", "weights", "4-bit base", "trainable", "grads", "optimizer", "model states",
+                   "act. ckpt", "act. full", "total ckpt", "total full", "host RAM/node"):
+        table.add_column(column, justify="right")
+    for row in plan.rows:
+        if not row.supported:
+            table.add_row(str(row.stage), row.offload, *["-"] * 11)
+            continue
+        totals = []
+        for checkpointing in (True, False):
+            total = row.total(checkpointing)
+            mark = "" if plan.gpu_mem_bytes is None else (" ✓" if total <= plan.gpu_mem_bytes else " ✗")
+            totals.append(gib(total) + mark)
+        table.add_row(str(row.stage), row.offload, gib(row.weights), gib(row.quantized_base),
+                      gib(row.trainable_weights), gib(row.gradients), gib(row.optimizer), gib(row.model_states),
+                      gib(row.activations_checkpointed), gib(row.activations_full), *totals,
+                      gib(row.host_ram_per_node) if row.host_ram_per_node else "-")
+    console.print(table)
+    for row in plan.rows:
+        if not row.supported:
+            console.print(f"ZeRO-{row.stage} offload {row.offload}: {row.note}")
+    if plan.gpu_mem_bytes is None:
+        console.print("give --gpu-mem-gb to see what fits and which layout to use")
+        return
+    best = plan.recommendation
+    if best is None:
+        smallest = min((r for r in plan.rows if r.supported), key=lambda r: r.total(True))
+        console.print(f"nothing fits in {gpu_mem_gb:g} GiB per GPU: the smallest is {gib(smallest.total(True))} GiB "
+                      f"(ZeRO-{smallest.stage}, offload {smallest.offload}, checkpointing). Add GPUs, use "
+                      "adapter.method=qlora, or lower train.micro_batch_size / data.max_seq_len.")
+        return
+    console.print(f"recommended: ZeRO-{best['zero_stage']}, offload {best['offload']}, gradient checkpointing "
+                  f"{'on' if best['gradient_checkpointing'] else 'off'}: {gib(best['per_gpu_bytes'])} GiB per GPU of "
+                  f"{gpu_mem_gb:g}" + (f", {gib(best['host_ram_per_node_bytes'])} GiB host RAM per node"
+                                       if best["host_ram_per_node_bytes"] else ""))
+    console.print("  " + " ".join(f"--set {o}" for o in best["overrides"]))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data as the model will see it.")

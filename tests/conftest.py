@@ -47,3 +47,20 @@ def builtin_model_dir() -> str:
     from ftcore.builtin import resolve_model_path
 
     return resolve_model_path("builtin:tiny-llama")
+
+
+def plan_matches_engine(args: list[str], out: Path, world: int) -> None:
+    """What `ft plan` predicts per rank (parameter storage, optimizer states) equals what DeepSpeed's engine held
+    in the run started with `args` (recorded after its first step with data.audit)."""
+    from ftcore.builtin import resolve_model_path
+    from ftcore.config import load_config
+    from ftcore.plan import build_facts, engine_state_bytes
+
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(args[0], sets)
+    facts = build_facts(cfg, resolve_model_path(cfg.model.name_or_path))
+    predicted = engine_state_bytes(cfg, facts, cfg.distributed.zero_stage, world)
+    for rank in range(world):
+        held = json.loads((out / "audit" / f"rank{rank}_memory.json").read_text())
+        assert (held["param_bytes"], held["optimizer_bytes"]) == (predicted["param_bytes"],
+                                                                  predicted["optimizer_bytes"]), (rank, held, predicted)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import plan_matches_engine, read_jsonl, run_ft, tiny_run_args
 
 pytestmark = pytest.mark.multiproc
 
@@ -308,3 +308,10 @@ def test_checkpoint_export_with_a_missing_rank_fails_clearly(runs, tmp_path):
     assert proc.returncode == 1
     assert "written by 2 ranks, but the optimizer state of rank(s) 1 is missing" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["zero0_lora", "zero1_full", "zero2_lora", "zero3_lora", "zero2_full", "zero3_full"])
+def test_ft_plan_predicts_the_bytes_each_rank_holds(runs, name, tmp_path):
+    """`ft plan`'s per-rank model states (ZeRO padding included) equal what the real DeepSpeed engine held."""
+    out, _ = runs(name, *EXPORT_RUNS[name])
+    plan_matches_engine(tiny_run_args(out, *EXPORT_RUNS[name]), out, world=2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import plan_matches_engine, read_jsonl, run_ft, tiny_run_args
 
 pytestmark = pytest.mark.multiproc
 
@@ -93,3 +93,12 @@ def test_qlora_adapter_exports_onto_the_dequantized_base(runs, tmp_path):
     out = runs("zero3")
     proc = run_ft("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
     assert "merge base: quantized" in proc.stdout and "verification: passed" in proc.stdout
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_ft_plan_predicts_the_bytes_each_rank_holds(runs, name):
+    """Packed 4-bit storage (uint8, or the compute dtype partitioned under ZeRO-3) and the adapter's optimizer
+    states, as `ft plan` predicts them, equal what the real engine held."""
+    extra, nproc = RUNS[name]
+    out = runs(name)
+    plan_matches_engine(tiny_run_args(out, *QLORA, *extra), out, world=nproc)

@@ -130,17 +130,13 @@ def quantized_weight_names(base: BaseModel) -> set[str]:
     rules (its default skips: output head, tied weights, last module; plus the model's keep-in-fp32 modules)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from ftcore.model import quantized_module_names
 
     config = AutoConfig.from_pretrained(base.dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    names = {f"{name}.weight" for name, module in model.named_modules()
-             if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)}
-    return names & set(base.infos)
+    return {f"{name}.weight" for name in quantized_module_names(model)} & set(base.infos)
 
 
 # ---------------------------------------------------------------------------------------------- output

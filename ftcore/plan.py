@@ -1,0 +1,290 @@
+"""`ft plan`: per-GPU memory of a config under ZeRO 0-3 with and without CPU offload, before anything is launched.
+
+The model is built on the meta device from its config.json (no weights are read or allocated), with the config's
+adapter applied, so every parameter's size, trainability and (for QLoRA) quantization are the ones training
+will have. From them, per rank:
+
+  model states (exact where DeepSpeed's layout is deterministic; tested against the real engine on CPU)
+    weights      compute-dtype copy of every float parameter; ZeRO-3: this rank's partition (ceil(numel / W)
+                 per parameter, DeepSpeed's padding) plus a gathered working set of 2 x the largest layer
+    4-bit base   QLoRA: packed NF4 weights (1/2 byte per weight) + double-quantized absmax (about 1/64 byte)
+    gradients    trainable only. ZeRO-0/1: full, compute dtype; ZeRO-2: this rank's partition; mixed precision
+                 adds the fp32 gradient partition the optimizer steps with (ZeRO-3 is counted at fp32 only,
+                 DeepSpeed's accounting). With offload they live on the host.
+    optimizer    AdamW: fp32 master copy (4 B, ZeRO >= 1 or mixed precision) + two fp32 moments (8 B) per
+                 trainable element; ZeRO >= 1 holds its partition: each parameter group flattened and padded to
+                 a multiple of 2 x W (ZeRO-1/2) or per parameter (ZeRO-3). With offload they live on the host.
+  activations (an estimate; Llama-style decoder, sdpa/flash attention, no score matrix kept)
+    per layer and token: 7h + 3kv + 4i elements in the compute dtype (norm inputs/outputs, rotary q/k,
+    attention q/k/v/out, MLP gate/up/product), + 6h + i with LoRA dropout; logits T x vocab x (dtype + 4 B).
+    With checkpointing: every layer's input plus one layer recomputed.
+  overhead      1 GiB per GPU for the CUDA context, NCCL and allocator slack.
+
+Host RAM with offload (per node) is DeepSpeed's: the offloaded states x 1.5 (its additional_buffer_factor).
+The figures for full fine-tuning equal DeepSpeed's own estimators (estimate_zero2/3_model_states_mem_needs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from ftcore.config import Config
+
+GIB = 1024 ** 3
+CUDA_OVERHEAD_BYTES = 1 * GIB
+HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed nibbles + 8-bit absmax per 64 + fp32 per 256 blocks
+# Cheapest first: no offload before offload (a CPU optimizer step is slow), fewer partitions before more.
+LAYOUTS = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (1, "optimizer"), (2, "optimizer"),
+           (3, "optimizer"), (3, "all")]
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    numel: int              # logical elements (a 4-bit weight counts its unquantized shape)
+    ndim: int
+    trainable: bool
+    quantized: bool
+
+
+@dataclass
+class ModelFacts:
+    params: list[ParamInfo]
+    largest_layer: int      # most parameters owned directly by one module (DeepSpeed's largest_layer_params)
+    hidden: int
+    layers: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    max_positions: Optional[int]
+
+    @property
+    def total(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable)
+
+    @property
+    def quantized(self) -> int:
+        return sum(p.numel for p in self.params if p.quantized)
+
+
+def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
+    """The model as training will build it, on the meta device: no weights read, nothing allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftcore.model import DTYPES, apply_lora, quantized_module_names
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[cfg.model.dtype])
+    quantized_modules = quantized_module_names(model) if cfg.adapter.method == "qlora" else set()
+    if cfg.adapter.method in ("lora", "qlora"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.device("meta"):
+            model = apply_lora(model, cfg.adapter, cfg.train.seed)
+    seen: set[int] = set()
+    params: list[ParamInfo] = []
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        module_name = name.rsplit(".", 1)[0].replace("base_model.model.", "").replace(".base_layer", "")
+        quantized = module_name in quantized_modules and name.endswith("weight") and not p.requires_grad
+        params.append(ParamInfo(name, p.numel(), p.dim(), p.requires_grad, quantized))
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    h = hf_config.hidden_size
+    heads = getattr(hf_config, "num_attention_heads", 1)
+    head_dim = getattr(hf_config, "head_dim", None) or h // heads
+    kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim
+    return ModelFacts(params=params, largest_layer=largest, hidden=h, layers=hf_config.num_hidden_layers,
+                      intermediate=getattr(hf_config, "intermediate_size", 4 * h), kv_dim=kv,
+                      vocab=hf_config.vocab_size, max_positions=getattr(hf_config, "max_position_embeddings", None))
+
+
+def optimizer_groups(facts: ModelFacts) -> list[list[ParamInfo]]:
+    """The recipe's AdamW groups: trainable >= 2-D weights (decayed), then the rest (no decay)."""
+    trainable = [p for p in facts.params if p.trainable]
+    groups = [[p for p in trainable if p.ndim >= 2], [p for p in trainable if p.ndim < 2]]
+    return [g for g in groups if g]
+
+
+def partition_numel(facts: ModelFacts, stage: int, world: int) -> int:
+    """Trainable elements this rank's optimizer holds (every rank holds the same count)."""
+    groups = optimizer_groups(facts)
+    if stage == 0:
+        return sum(p.numel for g in groups for p in g)
+    if stage in (1, 2):  # each group flattened, padded to a multiple of 2 x W, split evenly
+        align = 2 * world
+        return sum(math.ceil(sum(p.numel for p in g) / align) * align // world for g in groups)
+    return sum(math.ceil(p.numel / world) for g in groups for p in g)  # ZeRO-3: per parameter
+
+
+def quant_storage_bytes(cfg: Config, stage: int) -> int:
+    """Bytes per element of the tensor the packed 4-bit weights are stored in."""
+    from ftcore.model import quant_storage_dtype
+
+    return quant_storage_dtype(cfg.adapter, cfg.model.dtype, stage).itemsize
+
+
+def engine_state_bytes(cfg: Config, facts: ModelFacts, stage: int, world: int) -> dict[str, int]:
+    """What DeepSpeed's engine itself holds per rank: parameter storage (ZeRO-3: the partition) and optimizer
+    states (fp32 master + moments). Checked for equality against the real engine on CPU."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    mixed = cfg.model.dtype != "float32"
+    storage = quant_storage_bytes(cfg, stage) if cfg.adapter.method == "qlora" else 1
+    param_bytes = 0
+    for p in facts.params:
+        if p.quantized:  # packed nibbles in a tensor of the storage dtype
+            numel, size = math.ceil(p.numel / 2 / storage), storage
+        else:
+            numel, size = p.numel, b
+        param_bytes += (math.ceil(numel / world) if stage == 3 else numel) * size
+    master = 4 if (stage >= 1 or mixed) else 0
+    return {"param_bytes": param_bytes, "optimizer_bytes": (master + 8) * partition_numel(facts, stage, world)}
+
+
+@dataclass
+class Row:
+    stage: int
+    offload: str
+    supported: bool
+    weights: float = 0.0
+    quantized_base: float = 0.0
+    trainable_weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations_checkpointed: float = 0.0
+    activations_full: float = 0.0
+    host_ram_per_node: float = 0.0
+    note: str = ""
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.quantized_base + self.trainable_weights + self.gradients + self.optimizer
+
+    def total(self, checkpointing: bool) -> float:
+        activations = self.activations_checkpointed if checkpointing else self.activations_full
+        return self.model_states + activations + CUDA_OVERHEAD_BYTES
+
+
+@dataclass
+class Plan:
+    world: int
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_bytes: Optional[float]
+    total_params: int
+    trainable_params: int
+    quantized_params: int
+    rows: list[Row] = field(default_factory=list)
+    recommendation: Optional[dict] = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for row, obj in zip(data["rows"], self.rows):
+            row["model_states"] = obj.model_states
+            row["total_checkpointed"] = obj.total(True)
+            row["total_full"] = obj.total(False)
+        return data
+
+
+def activation_bytes(cfg: Config, facts: ModelFacts) -> tuple[float, float]:
+    """(with checkpointing, without) per GPU for one micro batch."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    h, kv, i = facts.hidden, facts.kv_dim, facts.intermediate
+    per_layer_token = 7 * h + 3 * kv + 4 * i
+    if cfg.adapter.method in ("lora", "qlora") and cfg.adapter.dropout > 0:
+        per_layer_token += 6 * h + i  # dropout copies of the adapters' inputs
+    layer = tokens * per_layer_token * b
+    logits = tokens * facts.vocab * (b + 4)
+    full = facts.layers * layer + logits
+    checkpointed = facts.layers * tokens * h * b + layer + logits
+    return checkpointed, full
+
+
+def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: int, gpus_per_node: int) -> Row:
+    row = Row(stage=stage, offload=offload, supported=True)
+    if cfg.adapter.method == "qlora" and offload == "all":
+        row.supported, row.note = False, "qlora + parameter offload is not supported"
+        return row
+    b = DTYPE_BYTES[cfg.model.dtype]
+    mixed = cfg.model.dtype != "float32"
+    states = engine_state_bytes(cfg, facts, stage, world)
+    trainable = facts.trainable
+    quantized_weight_bytes = sum(math.ceil(p.numel / 2) for p in facts.params if p.quantized)
+    quant_overhead = facts.quantized * NF4_BYTES_PER_WEIGHT - quantized_weight_bytes  # absmax + constants
+    float_frozen = sum(p.numel for p in facts.params if not p.trainable and not p.quantized) * b
+    float_trainable = trainable * b
+    if stage == 3:
+        share = states["param_bytes"] / max(1, float_frozen + float_trainable + quantized_weight_bytes)
+        gathered = 2 * facts.largest_layer * b  # the layers being gathered (current + prefetched)
+        row.weights = float_frozen * share + gathered
+        row.quantized_base = quantized_weight_bytes * share + quant_overhead
+        row.trainable_weights = float_trainable * share
+    else:
+        row.weights = float_frozen
+        row.quantized_base = quantized_weight_bytes + quant_overhead
+        row.trainable_weights = float_trainable
+    partition = partition_numel(facts, stage, world)
+    if stage in (0, 1):
+        grads_16 = trainable * b
+    elif stage == 2:
+        grads_16 = partition * b
+    else:
+        grads_16 = 0  # ZeRO-3: reduced straight into the fp32 partition below (DeepSpeed's accounting)
+    grads_32 = 4 * partition if (mixed or stage == 3) else 0
+    optimizer = states["optimizer_bytes"]
+    if offload == "none":
+        row.gradients, row.optimizer = grads_16 + grads_32, optimizer
+    else:
+        row.gradients, row.optimizer = 0.0, 0.0
+        host_per_rank = optimizer + 4 * partition
+        if offload == "all":  # parameter partitions on the host too; the GPU keeps the gathered layers
+            host_per_rank += states["param_bytes"]
+            row.weights, row.trainable_weights = 2 * facts.largest_layer * b, 0.0
+        row.host_ram_per_node = host_per_rank * gpus_per_node * HOST_BUFFER_FACTOR
+    row.activations_checkpointed, row.activations_full = activation_bytes(cfg, facts)
+    return row
+
+
+def make_plan(cfg: Config, facts: ModelFacts, gpus_per_node: int, nodes: int,
+              gpu_mem_gb: Optional[float]) -> Plan:
+    if gpus_per_node < 1 or nodes < 1:
+        raise PlanError(f"--gpus-per-node and --nodes must be >= 1 (got {gpus_per_node}, {nodes})")
+    world = gpus_per_node * nodes
+    plan = Plan(world=world, nodes=nodes, gpus_per_node=gpus_per_node,
+                gpu_mem_bytes=gpu_mem_gb * GIB if gpu_mem_gb else None, total_params=facts.total,
+                trainable_params=facts.trainable, quantized_params=facts.quantized)
+    plan.rows = [plan_row(cfg, facts, stage, offload, world, gpus_per_node) for stage, offload in LAYOUTS]
+    if plan.gpu_mem_bytes:
+        plan.recommendation = recommend(plan)
+    return plan
+
+
+def recommend(plan: Plan) -> Optional[dict]:
+    """Cheapest layout that fits: no offload before offload, no checkpointing before checkpointing."""
+    order = [(r, False) for r in plan.rows if r.offload == "none"] + \
+            [(r, True) for r in plan.rows if r.offload == "none"] + \
+            [(r, False) for r in plan.rows if r.offload != "none"] + \
+            [(r, True) for r in plan.rows if r.offload != "none"]
+    for row, checkpointing in order:
+        if row.supported and row.total(checkpointing) <= plan.gpu_mem_bytes:
+            return {"zero_stage": row.stage, "offload": row.offload, "gradient_checkpointing": checkpointing,
+                    "per_gpu_bytes": row.total(checkpointing), "host_ram_per_node_bytes": row.host_ram_per_node,
+                    "overrides": [f"distributed.zero_stage={row.stage}", f"distributed.offload={row.offload}",
+                                  f"model.gradient_checkpointing={str(checkpointing).lower()}"]}
+    return None

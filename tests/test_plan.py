@@ -1,0 +1,89 @@
+"""`ft plan`: the model built on the meta device (no weights), per-GPU memory for every ZeRO layout, checked
+against DeepSpeed's own estimators; the per-rank engine bytes are checked against real runs in test_multiproc.py
+and test_qlora.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftcore.config import load_config
+from ftcore.plan import build_facts, make_plan
+from tests.conftest import run_ft
+
+EXAMPLES = {"7b": "examples/llama-2-7b-lora.yaml", "13b": "examples/llama-2-13b-lora.yaml",
+            "70b": "examples/llama-2-70b-qlora.yaml"}
+PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}  # Llama-2 parameter counts
+
+
+def full_finetune_plan(size: str, gpus: int, nodes: int):
+    cfg = load_config(EXAMPLES[size], ["adapter.method=full", "distributed.zero_stage=2"])
+    facts = build_facts(cfg, cfg.model.name_or_path)
+    return facts, make_plan(cfg, facts, gpus, nodes, None)
+
+
+@pytest.mark.parametrize("size", list(EXAMPLES))
+@pytest.mark.parametrize("gpus,nodes", [(1, 1), (8, 1), (8, 4)])
+def test_model_states_agree_with_deepspeeds_estimators(size, gpus, nodes):
+    """DeepSpeed's estimators take the parameter count and largest layer (what its *_all_live variants read
+    from a real model, which would need the weights in memory): given the meta model's, they agree."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    facts, plan = full_finetune_plan(size, gpus, nodes)
+    assert facts.total == PARAMS[size]
+    rows = {(r.stage, r.offload): r for r in plan.rows}
+    total, largest = facts.total, facts.largest_layer
+    expected = {
+        (2, "none"): estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=False),
+        (2, "optimizer"): estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=True),
+        (3, "none"): estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=False),
+        (3, "optimizer"): estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=True,
+                                                                cpu_offload_params=False),
+        (3, "all"): estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=True,
+                                                          cpu_offload_params=True),
+    }
+    for layout, estimate in expected.items():
+        cpu, gpu = estimate[0], estimate[1]
+        ours = rows[layout].model_states
+        assert abs(ours - gpu) <= 0.05 * gpu, (layout, ours, gpu)
+        if layout[0] == 3 and layout[1] != "none":  # ZeRO-3 offload: host RAM per node, 1.5x buffer included
+            assert abs(rows[layout].host_ram_per_node - cpu) <= 0.05 * cpu, (layout, rows[layout].host_ram_per_node,
+                                                                              cpu)
+
+
+def test_qlora_70b_plan_partitions_the_4bit_base():
+    cfg = load_config(EXAMPLES["70b"], [])
+    facts = build_facts(cfg, cfg.model.name_or_path)
+    one, two = (make_plan(cfg, facts, gpus, 1, None) for gpus in (1, 2))
+    rows1 = {(r.stage, r.offload): r for r in one.rows}
+    rows2 = {(r.stage, r.offload): r for r in two.rows}
+    # Every linear layer but the output head is 4-bit: 0.5 B per weight + double-quantized absmax.
+    assert facts.quantized == facts.total - facts.trainable - 2 * 32000 * 8192 - (2 * 80 + 1) * 8192
+    assert 0.50 * facts.quantized <= rows1[(0, "none")].quantized_base <= 0.52 * facts.quantized
+    # ZeRO-3 halves the packed weights on 2 GPUs (the small quantization constants stay whole); ZeRO-2 does not.
+    packed = facts.quantized / 2
+    overhead = rows1[(3, "none")].quantized_base - packed
+    assert rows2[(3, "none")].quantized_base == pytest.approx(packed / 2 + overhead, rel=1e-3)
+    assert rows2[(2, "none")].quantized_base == rows1[(2, "none")].quantized_base
+    assert facts.trainable == 207_093_760  # r=16 on q,k,v,o,gate,up,down of 80 layers
+    assert not rows2[(3, "all")].supported
+
+
+def test_ft_plan_cli_prints_the_table_and_a_recommendation():
+    proc = run_ft("plan", EXAMPLES["70b"], "--gpus-per-node", "2", "--gpu-mem-gb", "40")
+    assert "69.18 B parameters, 207.1 M trainable, 68.45 B in 4-bit NF4" in proc.stdout
+    assert "ZeRO-3 offload all: qlora + parameter offload is not supported" in proc.stdout
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("recommended:")][0]
+    assert "ZeRO-3, offload none, gradient checkpointing on" in line
+    assert "--set distributed.zero_stage=3 --set distributed.offload=none --set model.gradient_checkpointing=true" \
+        in proc.stdout
+    data = json.loads(run_ft("plan", EXAMPLES["70b"], "--gpus-per-node", "2", "--gpu-mem-gb", "40",
+                             "--json").stdout)
+    assert data["recommendation"]["zero_stage"] == 3 and data["world"] == 2
+    assert data["recommendation"]["per_gpu_bytes"] <= 40 * 1024 ** 3
+    too_small = run_ft("plan", EXAMPLES["70b"], "--gpus-per-node", "1", "--gpu-mem-gb", "8").stdout
+    assert "nothing fits in 8 GiB per GPU" in too_small
+    bad = run_ft("plan", EXAMPLES["7b"], "--gpus-per-node", "0", check=False)
+    assert bad.returncode == 2 and "--gpus-per-node and --nodes must be >= 1" in bad.stderr
