@@ -21,6 +21,9 @@ RUNS = {
     "zero2": ((), 2),
     "zero3": (("--set", "distributed.zero_stage=3", "--set", "distributed.zero3_param_persistence_threshold=0",
                "--set", "model.gradient_checkpointing=true"), 2),
+    # What GPU users run: bf16 compute, packed weights stored as bf16 and partitioned by ZeRO-3.
+    "zero3_bf16": (("--set", "distributed.zero_stage=3", "--set", "distributed.zero3_param_persistence_threshold=0",
+                    "--set", "model.dtype=bfloat16"), 2),
 }
 
 
@@ -56,12 +59,13 @@ def test_qlora_trains_on_an_nf4_base(runs, name):
                                                                     "gate_proj", "up_proj", "down_proj"}
 
 
-def test_zero3_partitions_the_4bit_weights(runs):
-    out = runs("zero3")
+@pytest.mark.parametrize("name,storage", [("zero3", "torch.float32"), ("zero3_bf16", "torch.bfloat16")])
+def test_zero3_partitions_the_4bit_weights(runs, name, storage):
+    out = runs(name)
     ranks = [json.loads((out / "audit" / f"rank{r}_world.json").read_text()) for r in (0, 1)]
     for world in ranks:
-        # Stored in the compute dtype (float32 here), so ZeRO-3 splits them: each rank holds half the bytes.
-        assert world["quantized_storage_dtype"] == "torch.float32"
+        # Stored in the compute dtype, so ZeRO-3 splits them: each rank holds half the bytes.
+        assert world["quantized_storage_dtype"] == storage
         assert world["quantized_local_bytes"] * 2 == world["quantized_full_bytes"]
     # 724,992 logical 4-bit weights in the 28 layers = 362,496 packed bytes.
     assert ranks[0]["quantized_full_bytes"] == 362_496
