@@ -89,7 +89,7 @@ class Recipe:
         self.resume_arg = resume
         self.output_dir = Path(cfg.output_dir)
         self.console = Console()
-        self.step = 0
+        self.step = self.first_step = 0  # first_step: where this process started (a resume's checkpoint step)
         self.tokens_seen = 0
         self.trained_tokens_seen = 0
 
@@ -251,7 +251,7 @@ class Recipe:
         if len(data_states) != self.world_size:
             self.log(f"world size changed from {len(data_states)} to {self.world_size}: the data stream was "
                      "resharded (every sample not yet trained on is read once)")
-        self.step = trainer_state["step"]
+        self.step = self.first_step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.trained_tokens_seen = trainer_state["trained_tokens_seen"]
         self.log(f"resumed from {path} at step {self.step}")
@@ -311,7 +311,7 @@ class Recipe:
         self.step += 1
         self.tokens_seen += int(global_tokens)
         self.trained_tokens_seen += int(global_trained)
-        if self.cfg.data.audit and not (self._audit_dir() / f"rank{self.rank}_memory.json").exists():
+        if self.cfg.data.audit and self.step == self.first_step + 1:  # optimizer states exist from now on
             self._audit_engine_memory()
         if self.cfg.data.audit:
             self._audit({"step": self.step, "samples": [s for b in batches for s in b.sample_ids],

@@ -49,11 +49,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Optional[str], sets: List[str], check_paths: bool = False, world_size: Optional[int] = None):
+def _load(config: Optional[str], sets: List[str], check_paths: bool = False):
     try:
         cfg = load_config(config, sets)
         if check_paths:
-            check_inputs(cfg, world_size)
+            check_inputs(cfg)
         return cfg
     except ConfigError as e:
         _fail(str(e))

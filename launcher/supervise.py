@@ -135,8 +135,8 @@ def report_failure(ctx: NodeContext, failures: Mapping[int, object]) -> None:
     say(ctx, f"training failed; rank {rank} failed first: {reason} (this node's ranks: {codes})")
     log = _rank_log(ctx, rank)
     if log is None:
-        say(ctx, f"rank {rank}'s output is above" if ctx.tee is False else f"no log found for rank {rank} "
-            f"under {ctx.attempt_dir}")
+        say(ctx, f"no log found for rank {rank} under {ctx.attempt_dir}" if ctx.tee else
+            f"rank {rank}'s output is above")
         return
     lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
     say(ctx, f"last {len(lines)} lines of {log}:")
