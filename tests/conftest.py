@@ -64,3 +64,31 @@ def plan_matches_engine(args: list[str], out: Path, world: int) -> None:
         held = json.loads((out / "audit" / f"rank{rank}_memory.json").read_text())
         assert (held["param_bytes"], held["optimizer_bytes"]) == (predicted["param_bytes"],
                                                                   predicted["optimizer_bytes"]), (rank, held, predicted)
+
+
+# A run long enough to be signalled mid-way (preemption tests, on a workstation and on Slurm).
+STOPPABLE_STEPS = 24
+
+
+def stoppable_run_args(output_dir: Path) -> list[str]:
+    return tiny_run_args(output_dir, "--set", f"train.max_steps={STOPPABLE_STEPS}", "--set",
+                         "checkpoint.every_steps=100", "--set", "train.eval_every=0")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """stoppable_run_args as one uninterrupted 2-process `ft launch`: what every interrupted run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_ft("launch", *stoppable_run_args(out), "--nproc", "2")
+    return out
+
+
+def assert_same_final_adapter(a: Path, b: Path) -> None:
+    """Two runs' final adapters hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+    import torch
+
+    x, y = (load_file(out / "final" / "adapter_model.safetensors") for out in (a, b))
+    assert x.keys() == y.keys() and x
+    for name in x:
+        assert torch.equal(x[name], y[name]), name

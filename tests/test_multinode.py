@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from ftcore.dist_env import free_port
-from tests.conftest import ROOT, read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ROOT, assert_same_final_adapter, read_jsonl, run_ft, tiny_run_args
 
 pytestmark = pytest.mark.multiproc
 
@@ -30,6 +28,4 @@ def test_two_nodes_by_hand_equal_one_two_process_launch(tmp_path):
     assert "[node1 rank1]" in logs[1] and "[node0 rank0] world size 2" in logs[0]
     assert [r["loss"] for r in read_jsonl(nodes / "audit" / "rank0.jsonl")] == \
         [r["loss"] for r in read_jsonl(local / "audit" / "rank0.jsonl")]
-    a = load_file(nodes / "final" / "adapter_model.safetensors")
-    b = load_file(local / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_final_adapter(nodes, local)

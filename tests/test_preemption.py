@@ -12,19 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.conftest import ROOT, read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ROOT, STOPPABLE_STEPS as STEPS, assert_same_final_adapter, read_jsonl, run_ft, \
+    stoppable_run_args as args, tiny_run_args
 
 pytestmark = pytest.mark.multiproc
-
-STEPS = 24
-
-
-def args(out: Path) -> list[str]:
-    return tiny_run_args(out, "--set", f"train.max_steps={STEPS}", "--set", "checkpoint.every_steps=100",
-                         "--set", "train.eval_every=0")
 
 
 def start(command: str, out: Path, *extra: str) -> subprocess.Popen:
@@ -46,24 +38,7 @@ def signal_after_steps(proc: subprocess.Popen, out: Path, steps: int, sig: int, 
     raise AssertionError("run did not reach the step to signal at")
 
 
-def final_adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "final" / "adapter_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
-    run_ft("launch", *args(out), "--nproc", "2")
-    return out
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def test_sigterm_to_ft_launch_checkpoints_exits_75_and_resumes_exactly(uninterrupted, tmp_path):
+def test_sigterm_to_ft_launch_checkpoints_exits_75_and_resumes_exactly(uninterrupted_run, tmp_path):
     out = tmp_path / "run"
     proc = start("launch", out, "--nproc", "2")
     signal_after_steps(proc, out, 5, signal.SIGTERM)
@@ -80,10 +55,10 @@ def test_sigterm_to_ft_launch_checkpoints_exits_75_and_resumes_exactly(uninterru
 
     resumed = run_ft("launch", *args(out), "--nproc", "2")
     assert f"resumed from {out / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped}" in resumed.stdout
-    straight_losses = [r["loss"] for r in read_jsonl(uninterrupted / "audit" / "rank0.jsonl")]
+    straight_losses = [r["loss"] for r in read_jsonl(uninterrupted_run / "audit" / "rank0.jsonl")]
     losses = [r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")]
     assert losses == straight_losses
-    assert_same_weights(final_adapter(out), final_adapter(uninterrupted))
+    assert_same_final_adapter(out, uninterrupted_run)
 
 
 def test_sigusr1_to_a_bare_ft_train_process(tmp_path):

@@ -15,17 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from ftcore.dist_env import free_port
 from launcher.hostlist import expand_hostlist
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import STOPPABLE_STEPS as STEPS, assert_same_final_adapter, read_jsonl, run_ft, \
+    stoppable_run_args as run_args
 from tests.slurm_cluster import ClusterUnavailable, LocalSlurm
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slurm]
-
-STEPS = 24
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +38,6 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-def run_args(out: Path) -> list[str]:
-    return tiny_run_args(out, "--set", f"train.max_steps={STEPS}", "--set", "checkpoint.every_steps=100",
-                         "--set", "train.eval_every=0")
-
-
 def submit(cluster: LocalSlurm, out: Path) -> str:
     proc = run_ft("slurm", *run_args(out), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
                   "--cpus-per-task", "1", "--grace", "30", "--job-name", "fttest", env=cluster.env)
@@ -58,18 +50,6 @@ def attempt_log(out: Path, job_id: str, attempt: int) -> str:
     return (out / "logs" / f"fttest-{job_id}-attempt{attempt}.log").read_text()
 
 
-def final_adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "final" / "adapter_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """The same config as 2 processes on this machine with `ft launch` (no Slurm)."""
-    out = tmp_path_factory.mktemp("local") / "run"
-    run_ft("launch", *run_args(out), "--nproc", "2")
-    return out
-
-
 def test_hostlist_parser_agrees_with_scontrol(cluster):
     # (Slurm 22.05 rejects text after the last ']', e.g. "a[1-2]b"; it never writes such a nodelist itself.)
     for expression in ["gpu[01-04,07],cpu3", "rack[1-2]-n[1-2]", "node[098-101]", "a[1,3,5-6]", "n[8-11],m[1-2]",
@@ -79,7 +59,7 @@ def test_hostlist_parser_agrees_with_scontrol(cluster):
         assert expand_hostlist(expression) == real, expression
 
 
-def test_two_node_job_trains_like_a_local_two_process_run(cluster, local_run, tmp_path):
+def test_two_node_job_trains_like_a_local_two_process_run(cluster, uninterrupted_run, tmp_path):
     out = tmp_path / "run"
     job_id = submit(cluster, out)
     info = cluster.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout_s=600)
@@ -93,13 +73,12 @@ def test_two_node_job_trains_like_a_local_two_process_run(cluster, local_run, tm
     worlds = [json.loads((out / "audit" / f"rank{r}_world.json").read_text()) for r in (0, 1)]
     assert [w["dist_world_size"] for w in worlds] == [2, 2]
     losses = [r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")]
-    assert losses == [r["loss"] for r in read_jsonl(local_run / "audit" / "rank0.jsonl")]
+    assert losses == [r["loss"] for r in read_jsonl(uninterrupted_run / "audit" / "rank0.jsonl")]
     assert len(losses) == STEPS
-    a, b = final_adapter(out), final_adapter(local_run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_final_adapter(out, uninterrupted_run)
 
 
-def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, local_run, tmp_path):
+def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, uninterrupted_run, tmp_path):
     out = tmp_path / "run"
     job_id = submit(cluster, out)
     metrics = out / "metrics.jsonl"
@@ -120,6 +99,5 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, local_r
     assert "training finished" in second
     # The resumed run continues exactly: same losses and same final weights as one uninterrupted run.
     losses = [r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")]
-    assert losses == [r["loss"] for r in read_jsonl(local_run / "audit" / "rank0.jsonl")]
-    a, b = final_adapter(out), final_adapter(local_run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses == [r["loss"] for r in read_jsonl(uninterrupted_run / "audit" / "rank0.jsonl")]
+    assert_same_final_adapter(out, uninterrupted_run)
