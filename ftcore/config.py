@@ -156,6 +156,10 @@ class TrainConfig(Section):
     """Evaluate every N steps (0 = only at the end). Needs data.eval."""
     log_every: int = Field(1, gt=0)
     """Print a log line every N steps (rank 0)."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Where step metrics go besides metrics.jsonl: TensorBoard event files in output_dir/tb/, or nowhere."""
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    """Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU's name (none on CPU)."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping by global norm (0 = off)."""
     effective_batch_size: Optional[int] = Field(None, gt=0)

@@ -46,6 +46,7 @@ from ftcore.config import Config, dump_config
 from ftcore.data.stream import Batch, DataError, TrainStream, eval_batches, pad_eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
+from ftcore.metrics import FlopCounter, MetricsSink, memory_now, peak_flops_per_device, write_summary
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.builtin import resolve_model_path
@@ -176,6 +177,12 @@ class Recipe:
         self.attn_implementation = self.model.config._attn_implementation
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.expected_adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
+        config = self.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.flops = FlopCounter(self.model, config.num_hidden_layers, heads * head_dim)
+        self.peak_flops = peak_flops_per_device(torch.cuda.get_device_name() if self.cuda else None,
+                                                cfg.train.peak_tflops)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -281,7 +288,8 @@ class Recipe:
         batches = [self.train_stream.next_batch() for _ in range(gas)]
         local_trained = sum(b.trained_tokens for b in batches)
         local_tokens = sum(b.real_tokens for b in batches)
-        global_trained, global_tokens = self._all_reduce_sum([local_trained, local_tokens])
+        local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in batches)
+        global_trained, global_tokens, global_flops = self._all_reduce_sum([local_trained, local_tokens, local_flops])
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
         # gradient of the true per-token mean over the effective batch.
@@ -319,7 +327,7 @@ class Recipe:
                          "local_trained_tokens": local_trained, "loss": step_loss})
         metrics = {"step": self.step, "loss": step_loss, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens": int(global_tokens), "trained_tokens": int(global_trained)}
+                   "tokens": int(global_tokens), "trained_tokens": int(global_trained), "flops": global_flops}
         if self.cfg.data.packing:
             metrics["packing_efficiency"] = self.train_stream.packing_efficiency  # this rank's, cumulative
         return metrics
@@ -393,6 +401,13 @@ class Recipe:
                  f"trainable {self.trainable:,} / {self.total_params:,} params | ZeRO-{cfg.distributed.zero_stage}")
         if self.step >= last:
             self.log(f"nothing to train: checkpoint is at step {self.step}, the run stops at {last}")
+        if self.peak_flops is None:
+            self.log("MFU: not reported (no peak FLOP/s known for "
+                     f"{torch.cuda.get_device_name() if self.cuda else 'a CPU'}; set train.peak_tflops to report it)")
+        self.sink = MetricsSink(self.output_dir, cfg.train.report_to, self.step) if self.is_main else None
+        self.totals = {"steps": 0, "tokens": 0, "trained_tokens": 0, "flops": 0.0, "step_time_s": 0.0,
+                       "memory": [0.0, 0.0, 0.0]}
+        loop_started = time.perf_counter()
         self.engine.train()
         started_at = saved_at = self.step
         with self._progress(last) as advance:
@@ -401,8 +416,7 @@ class Recipe:
                     self._stop_for_preemption(saved_at)
                 started = time.perf_counter()
                 metrics = self.train_step()
-                metrics["step_time_s"] = time.perf_counter() - started
-                metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
+                self._add_throughput(metrics, time.perf_counter() - started)
                 advance(metrics)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < last:
                     self._record(self.evaluate())
@@ -420,6 +434,66 @@ class Recipe:
         # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
         if self.step >= cfg.train.max_steps and (trained or not (self.output_dir / "final").is_dir()):
             self.save_final()
+        if trained:
+            self._summary(time.perf_counter() - loop_started)
+
+    def close(self) -> None:
+        """Flush what rank 0 writes, also when the run stops on an error or a preemption."""
+        if getattr(self, "sink", None) is not None:
+            self.sink.close()
+
+    def _add_throughput(self, metrics: dict, step_time: float) -> None:
+        """Speed, MFU and memory of the step just taken (memory: the maximum over ranks)."""
+        memory = torch.tensor(memory_now(self.cuda), dtype=torch.float64, device=self.device)
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        metrics["step_time_s"] = step_time
+        metrics["tokens_per_s"] = metrics["tokens"] / step_time
+        metrics["trained_tokens_per_s"] = metrics["trained_tokens"] / step_time
+        metrics["tokens_per_s_per_device"] = metrics["tokens_per_s"] / self.world_size
+        if self.peak_flops is not None:
+            metrics["mfu"] = metrics["flops"] / step_time / (self.peak_flops * self.world_size)
+        if self.cuda:
+            metrics["gpu_max_allocated_gib"], metrics["gpu_max_reserved_gib"] = memory[0].item(), memory[1].item()
+        metrics["host_rss_gib"] = memory[2].item()
+        t = self.totals
+        t["steps"] += 1
+        t["step_time_s"] += step_time
+        for key in ("tokens", "trained_tokens", "flops"):
+            t[key] += metrics[key]
+        t["memory"] = [max(a, b) for a, b in zip(t["memory"], memory.tolist())]
+
+    def _summary(self, wall_time: float) -> None:
+        """The end-of-run summary: printed, and written to output_dir/summary.json."""
+        if not self.is_main:
+            return
+        t = self.totals
+        summary = {
+            "steps_trained": t["steps"], "last_step": self.step, "tokens": t["tokens"],
+            "trained_tokens": t["trained_tokens"], "wall_time_s": wall_time, "step_time_s": t["step_time_s"],
+            "mean_tokens_per_s": t["tokens"] / t["step_time_s"],
+            "mean_trained_tokens_per_s": t["trained_tokens"] / t["step_time_s"],
+            "mfu": (t["flops"] / t["step_time_s"] / (self.peak_flops * self.world_size)
+                    if self.peak_flops is not None else None),
+            "peak_gpu_allocated_gib": t["memory"][0] if self.cuda else None,
+            "peak_gpu_reserved_gib": t["memory"][1] if self.cuda else None,
+            "peak_host_rss_gib": t["memory"][2], "world_size": self.world_size,
+            "outputs": {"final": str(self.output_dir / "final"), "checkpoints": str(self.output_dir / "checkpoints"),
+                        "metrics": str(self.output_dir / "metrics.jsonl"),
+                        "tensorboard": str(self.output_dir / "tb") if self.cfg.train.report_to == "tensorboard"
+                        else None},
+        }
+        write_summary(self.output_dir / "summary.json", summary)
+        mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
+        memory = (f"peak GPU {summary['peak_gpu_allocated_gib']:.1f} GiB allocated / "
+                  f"{summary['peak_gpu_reserved_gib']:.1f} GiB reserved, " if self.cuda else "")
+        self.log(f"summary: {t['steps']} steps, {t['tokens']:,} tokens ({t['trained_tokens']:,} trained) in "
+                 f"{wall_time:.1f} s; {summary['mean_tokens_per_s']:,.0f} tokens/s "
+                 f"({summary['mean_trained_tokens_per_s']:,.0f} trained){mfu}; {memory}peak host RSS "
+                 f"{summary['peak_host_rss_gib']:.1f} GiB")
+        self.log(f"outputs: {self.output_dir / 'final'} | checkpoints {self.output_dir / 'checkpoints'} | metrics "
+                 f"{self.output_dir / 'metrics.jsonl'}" + (f" | TensorBoard {self.output_dir / 'tb'}"
+                                                           if self.cfg.train.report_to == "tensorboard" else "")
+                 + f" | summary {self.output_dir / 'summary.json'}")
 
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so
@@ -469,8 +543,7 @@ class Recipe:
     def _record(self, metrics: dict) -> None:
         if not self.is_main:
             return
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self.sink.record(metrics)
         if "eval_loss" in metrics:
             self.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}")
 
@@ -489,9 +562,13 @@ class Recipe:
             progress.update(task, completed=metrics["step"], loss=f"{metrics['loss']:.4f}")
             if self.is_main and (metrics["step"] % self.cfg.train.log_every == 0 or metrics["step"] == last):
                 norm = metrics["grad_norm"]
+                mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                gpu = (f" gpu {metrics['gpu_max_allocated_gib']:.1f}/{metrics['gpu_max_reserved_gib']:.1f} GiB"
+                       if "gpu_max_allocated_gib" in metrics else "")
                 progress.console.print(
                     f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
-                    f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f}"
+                    f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f} "
+                    f"(trained {metrics['trained_tokens_per_s']:.0f}){mfu}{gpu} rss {metrics['host_rss_gib']:.1f} GiB"
                     + (f" packing {metrics['packing_efficiency']:.3f}" if "packing_efficiency" in metrics else ""))
 
         with progress:
@@ -572,5 +649,6 @@ def run(cfg: Config, resume: str = "auto") -> None:
         recipe.setup()
         recipe.train()
     finally:
+        recipe.close()
         if dist.is_initialized():
             dist.destroy_process_group()

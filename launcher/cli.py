@@ -6,6 +6,7 @@ training or generation.
     ft launch examples/demo.yaml --nproc 2 --dry-run       print the launch command and exit
     ft slurm examples/demo.yaml --nodes 2 --gpus-per-node 8   submit a multi-node job (sbatch slurm/ft.sbatch)
     ft plan examples/llama-2-70b-qlora.yaml --gpus-per-node 2 --gpu-mem-gb 40   memory per GPU, before launching
+    ft plot outputs/demo                                    loss, learning rate and tokens/s as a PNG
     ft train examples/demo.yaml                            train in the current process(es)
     ft generate --model outputs/demo/final --prompt "What is the capital of France?"
     ft data inspect examples/demo.yaml -n 3                show processed samples (trained tokens marked) + stats
@@ -391,6 +392,26 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
                   f"{gpu_mem_gb:g}" + (f", {gib(best['host_ram_per_node_bytes'])} GiB host RAM per node"
                                        if best["host_ram_per_node_bytes"] else ""))
     console.print("  " + " ".join(f"--set {o}" for o in best["overrides"]))
+
+
+@app.command("plot")
+def plot(run_dir: str = typer.Argument(..., help="A run's output_dir (holds metrics.jsonl)."),
+         out: Optional[str] = typer.Option(None, "--out", help="PNG to write (default: RUN_DIR/metrics.png).")) -> None:
+    """One PNG of a run: loss (train and eval), learning rate and tokens/s over steps.
+
+    Example: ft plot outputs/demo --out demo.png
+    """
+    from pathlib import Path
+
+    from ftcore.plot import PlotError, plot_run
+
+    target = Path(out) if out else Path(run_dir) / "metrics.png"
+    try:
+        series = plot_run(Path(run_dir), target)
+    except (PlotError, OSError) as e:
+        _fail(f"ft plot: {e}", code=1)
+    typer.echo(f"wrote {target} ({len(series['loss'])} steps"
+               + (f", {len(series['eval_loss'])} evals" if "eval_loss" in series else "") + ")")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data as the model will see it.")

@@ -135,6 +135,12 @@ class Batch:
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def sample_lengths(self) -> list[int]:
+        """Tokens of each sample the model attends within (a packed row holds several)."""
+        if self.seq_lens is not None:
+            return [n for row in self.seq_lens for n in row]
+        return [int(n) for n in self.attention_mask.sum(dim=1)]
+
     def model_inputs(self, device: Any, attn_implementation: str = "sdpa",
                      dtype: Optional[torch.dtype] = None) -> dict:
         if self.position_ids is None:

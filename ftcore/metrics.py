@@ -1,0 +1,118 @@
+"""What a step cost and how well the hardware was used: model FLOPs per step (attention included), MFU against the
+device's peak, memory, and where the numbers go (metrics.jsonl, TensorBoard, the end-of-run summary).
+
+Model FLOPs (PaLM's convention, MFU not HFU: recomputation from checkpointing is not counted):
+    a token through a weight matrix of n elements costs 2n FLOPs forward and 4n backward (gradients for the
+    input and for the weight); a frozen matrix needs only the input gradient: 2n forward + 2n backward.
+    Attention scores and their weighted sum cost 4 * d_attn * n FLOPs forward for a token in a sample of n
+    tokens, per layer, and twice that backward: 12 * layers * d_attn * n^2 per sample.
+Peak FLOPs: dense bf16/fp16 tensor-core peak of the GPU, looked up by name in PEAK_TFLOPS, or `train.peak_tflops`.
+On CPU (no table entry) MFU is omitted unless `train.peak_tflops` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s per GPU, from the vendors' data sheets. More specific
+# names first: the first substring found in torch.cuda.get_device_name() wins.
+PEAK_TFLOPS = [
+    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0), ("GH200", 989.0), ("H200", 989.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0), ("H20", 148.0),
+    ("A100", 312.0), ("A800", 312.0), ("A30", 165.0), ("A40", 150.0), ("A10G", 70.0), ("A10", 125.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("RTX 6000 Ada", 365.0), ("RTX A6000", 155.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+    ("MI300X", 1307.0), ("MI250X", 383.0), ("MI250", 362.0),
+]
+
+
+def peak_flops_per_device(device_name: Optional[str], override_tflops: Optional[float]) -> Optional[float]:
+    if override_tflops:
+        return override_tflops * 1e12
+    if not device_name:
+        return None
+    for name, tflops in PEAK_TFLOPS:
+        if name in device_name:
+            return tflops * 1e12
+    return None
+
+
+class FlopCounter:
+    """Model FLOPs of a training step from the model's own modules (4-bit and ZeRO-3 weights at their real size)."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int, attention_width: int):
+        from ftcore.model import logical_numel
+
+        self.trained_matrix = self.frozen_matrix = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            n = logical_numel(module.weight)
+            if module.weight.requires_grad:
+                self.trained_matrix += n
+            else:
+                self.frozen_matrix += n
+        self.num_layers = num_layers
+        self.attention_width = attention_width
+
+    def step_flops(self, tokens: int, sample_lengths: list[int]) -> float:
+        matrices = tokens * (6 * self.trained_matrix + 4 * self.frozen_matrix)
+        attention = 12 * self.num_layers * self.attention_width * sum(n * n for n in sample_lengths)
+        return float(matrices + attention)
+
+
+def memory_now(cuda: bool) -> list[float]:
+    """[GPU max allocated GiB, GPU max reserved GiB, host RSS GiB] of this process (GPU figures 0 on CPU)."""
+    import psutil
+
+    gib = 1024 ** 3
+    rss = psutil.Process().memory_info().rss / gib
+    if not cuda:
+        return [0.0, 0.0, rss]
+    return [torch.cuda.max_memory_allocated() / gib, torch.cuda.max_memory_reserved() / gib, rss]
+
+
+class MetricsSink:
+    """Rank 0's outputs: metrics.jsonl (one object per step or eval) and TensorBoard event files under tb/."""
+
+    TB_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                "eval_loss": "eval/loss", "eval_ppl": "eval/ppl", "tokens_per_s": "perf/tokens_per_s",
+                "trained_tokens_per_s": "perf/trained_tokens_per_s",
+                "tokens_per_s_per_device": "perf/tokens_per_s_per_device", "mfu": "perf/mfu",
+                "step_time_s": "perf/step_time_s", "packing_efficiency": "data/packing_efficiency",
+                "gpu_max_allocated_gib": "memory/gpu_max_allocated_gib",
+                "gpu_max_reserved_gib": "memory/gpu_max_reserved_gib", "host_rss_gib": "memory/host_rss_gib"}
+
+    def __init__(self, output_dir: Path, report_to: str, resume_step: int):
+        self.jsonl = output_dir / "metrics.jsonl"
+        self.tb = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events a preempted attempt wrote after its checkpoint are dropped on resume.
+            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=resume_step if resume_step else None)
+
+    def record(self, metrics: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for key, tag in self.TB_NAMES.items():
+                value = metrics.get(key)
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(tag, value, metrics["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
