@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ft export --adapter outputs/demo/final --out outputs/demo/merged
 	$(VENV)/bin/ft generate --model outputs/demo/merged --prompt "What is the capital of France?" \
 		--prompt "What is 3 plus 4?"
+	$(VENV)/bin/ft plot outputs/demo
 
 test: $(STAMP) slurm-deps
 	$(PY) -m pytest -q

@@ -212,6 +212,10 @@ class Recipe:
         # DeepSpeed-native schedulers to the engine, so it is attached here; it is built on the client optimizer,
         # whose param_groups DeepSpeed's ZeRO optimizer steps with.
         self.engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+        if self.world_size == 1 and self.cfg.distributed.zero_stage == 0:
+            # Averaging gradients over a world of one is the identity; DeepSpeed would still copy every gradient
+            # into flat buffers and back each step (ZeRO stages need their reduce epilogue, so only stage 0).
+            self.engine.enable_backward_allreduce = False
         if self.cfg.data.audit:
             self._audit_world()
         if self.is_main:
@@ -268,10 +272,15 @@ class Recipe:
         if self.is_main:
             self.console.print(message, soft_wrap=True)  # log lines stay whole in captured logs
 
-    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+    def _all_reduce(self, values: list[float], op: Any) -> list[float]:
+        if self.world_size == 1:  # every step calls this: skip the no-op collective (and its device copy)
+            return [float(v) for v in values]
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t.tolist()
+
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def _barrier(self) -> None:
         dist.barrier()
@@ -444,8 +453,7 @@ class Recipe:
 
     def _add_throughput(self, metrics: dict, step_time: float) -> None:
         """Speed, MFU and memory of the step just taken (memory: the maximum over ranks)."""
-        memory = torch.tensor(memory_now(self.cuda), dtype=torch.float64, device=self.device)
-        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        memory = self._all_reduce(memory_now(self.cuda), dist.ReduceOp.MAX)
         metrics["step_time_s"] = step_time
         metrics["tokens_per_s"] = metrics["tokens"] / step_time
         metrics["trained_tokens_per_s"] = metrics["trained_tokens"] / step_time
@@ -453,14 +461,14 @@ class Recipe:
         if self.peak_flops is not None:
             metrics["mfu"] = metrics["flops"] / step_time / (self.peak_flops * self.world_size)
         if self.cuda:
-            metrics["gpu_max_allocated_gib"], metrics["gpu_max_reserved_gib"] = memory[0].item(), memory[1].item()
-        metrics["host_rss_gib"] = memory[2].item()
+            metrics["gpu_max_allocated_gib"], metrics["gpu_max_reserved_gib"] = memory[0], memory[1]
+        metrics["host_rss_gib"] = memory[2]
         t = self.totals
         t["steps"] += 1
         t["step_time_s"] += step_time
         for key in ("tokens", "trained_tokens", "flops"):
             t[key] += metrics[key]
-        t["memory"] = [max(a, b) for a, b in zip(t["memory"], memory.tolist())]
+        t["memory"] = [max(a, b) for a, b in zip(t["memory"], memory)]
 
     def _summary(self, wall_time: float) -> None:
         """The end-of-run summary: printed, and written to output_dir/summary.json."""
@@ -498,9 +506,7 @@ class Recipe:
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so
         they all stop at the same step and none is left waiting in a collective."""
-        flag = torch.tensor([0 if stop_signal() is None else stop_signal()], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._agreed_signal = int(flag.item())
+        self._agreed_signal = int(self._all_reduce([stop_signal() or 0], dist.ReduceOp.MAX)[0])
         return self._agreed_signal != 0
 
     def _stop_for_preemption(self, saved_at: int) -> None:
