@@ -575,7 +575,8 @@ class Recipe:
                     f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
                     f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f} "
                     f"(trained {metrics['trained_tokens_per_s']:.0f}){mfu}{gpu} rss {metrics['host_rss_gib']:.1f} GiB"
-                    + (f" packing {metrics['packing_efficiency']:.3f}" if "packing_efficiency" in metrics else ""))
+                    + (f" packing {metrics['packing_efficiency']:.3f}" if "packing_efficiency" in metrics else ""),
+                    soft_wrap=True)  # one line per step in captured logs, however long
 
         with progress:
             yield advance
