@@ -10,6 +10,8 @@ Each component receives only its own section: ``build_model(cfg.model, cfg.adapt
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -45,8 +47,9 @@ class ModelConfig(Section):
 
 
 class AdapterConfig(Section):
-    method: Literal["full", "lora", "qlora"] = "lora"
-    """full = every weight trains; lora = low-rank adapters (peft); qlora = lora on a 4-bit NF4 base."""
+    method: Literal["full", "lora", "qlora", "freeze"] = "lora"
+    """full = every weight trains; lora = low-rank adapters (peft); qlora = lora on a 4-bit NF4 base; freeze = only
+    the weights chosen by adapter.trainable / adapter.top_layers train, the rest stay frozen."""
     r: int = Field(16, gt=0)
     """LoRA rank."""
     alpha: float = Field(32.0, gt=0)
@@ -55,6 +58,10 @@ class AdapterConfig(Section):
     """Dropout on the LoRA input."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """Module names (or suffixes) that get adapters; all-linear = every linear layer except the output head."""
+    trainable: list[str] = Field(default_factory=list)
+    """freeze: parameter names or regular expressions (re.search) that train, e.g. ['lm_head', 'layers\\.3\\.']."""
+    top_layers: Optional[int] = Field(None, gt=0)
+    """freeze: train the last N transformer blocks and everything above them (final norm, output head)."""
     quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
     """qlora: dtype the packed 4-bit weights are stored in. auto = model.dtype under ZeRO-3 (so ZeRO-3 partitions
     them), else uint8."""
@@ -165,6 +172,9 @@ class TrainConfig(Section):
     effective_batch_size: Optional[int] = Field(None, gt=0)
     """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
     processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
+    """Layer-wise learning-rate decay: block i of L trains at lr * decay^(L-1-i) (the top block at lr); weights
+    below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
 
@@ -210,6 +220,18 @@ class Config(Section):
             raise _field_error("train.stop_at_step", f"{t.stop_at_step} exceeds train.max_steps={t.max_steps}")
         if t.eval_every and not self.data.eval:
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
+        a = self.adapter
+        if a.method == "freeze" and not a.trainable and a.top_layers is None:
+            raise _field_error("adapter.method", "'freeze' needs adapter.trainable (names or regexes) or "
+                               "adapter.top_layers (train the last N blocks)")
+        if a.method != "freeze" and (a.trainable or a.top_layers is not None):
+            raise _field_error("adapter.trainable" if a.trainable else "adapter.top_layers",
+                               f"applies to adapter.method=freeze only (this run is {a.method})")
+        for pattern in a.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise _field_error("adapter.trainable", f"{pattern!r} is not a regular expression: {e}") from None
         return self
 
     def effective_batch_size(self, world_size: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from typing import Any, Optional
 
 import torch
@@ -93,11 +94,62 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
         disable_cpu_weight_repacking(model)
     if adapter_cfg.method in ("lora", "qlora"):
         model = apply_lora(model, adapter_cfg, seed)
+    elif adapter_cfg.method == "freeze":
+        apply_freeze(model, adapter_cfg)
         if model_cfg.gradient_checkpointing:
             # With the base frozen, the embedding output does not require grad; without this, checkpointed
             # blocks see no input that needs grad ("element 0 of tensors does not require grad", peft#137).
             model.enable_input_require_grads()
     return model
+
+
+_BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def block_depths(model: torch.nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's depth: its transformer block's index; -1 below the blocks (embeddings), num_blocks above
+    them (final norm, output head). Returns (depths, num_blocks)."""
+    names = [n for n, _ in model.named_parameters()]
+    found = {n: int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
+    if not found:
+        raise ModelError("cannot find the transformer blocks in the parameter names (expected '.layers.N.')")
+    num_blocks = max(found.values()) + 1
+    first = min(i for i, n in enumerate(names) if n in found)
+    depths = {n: found.get(n, -1 if i < first else num_blocks) for i, n in enumerate(names)}
+    return depths, num_blocks
+
+
+def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dict[str, int]], num_blocks: int,
+                       layer_lr_decay: Optional[float]) -> list[tuple[float, bool, list[str]]]:
+    """The recipe's AdamW groups from (name, ndim, trainable): (lr factor, is_matrix, names). Matrices (>= 2-D, the
+    weight-decayed ones) first, then biases and norms; within each, higher learning rates first. With
+    train.layer_lr_decay, block i of L trains at decay^(L-1-i), embeddings at decay^L, the final norm and head at 1.
+    `ft plan` uses the same grouping (DeepSpeed pads each group)."""
+    groups: dict[tuple[float, bool], list[str]] = {}
+    for name, ndim, trainable in params:
+        if not trainable:  # frozen weights get no optimizer state
+            continue
+        scale = 1.0 if layer_lr_decay is None else layer_lr_decay ** max(0, num_blocks - 1 - depths[name])
+        groups.setdefault((scale, ndim >= 2), []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][1], -item[0][0]))
+    return [(scale, is_matrix, names) for (scale, is_matrix), names in ordered]
+
+
+def apply_freeze(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> None:
+    """adapter.method=freeze: only the parameters chosen by adapter.trainable / adapter.top_layers train."""
+    depths, num_blocks = block_depths(model)
+    patterns = [re.compile(p) for p in adapter_cfg.trainable]
+    unmatched = [p.pattern for p in patterns if not any(p.search(n) for n in depths)]
+    if unmatched:
+        example = next(iter(depths))
+        raise ModelError(f"adapter.trainable: {unmatched} match no parameter (names look like {example!r})")
+    if adapter_cfg.top_layers is not None and adapter_cfg.top_layers > num_blocks:
+        raise ModelError(f"adapter.top_layers: {adapter_cfg.top_layers} exceeds the model's {num_blocks} blocks")
+    lowest = num_blocks - (adapter_cfg.top_layers or 0)
+    for name, param in model.named_parameters():
+        chosen = any(p.search(name) for p in patterns) or (
+            adapter_cfg.top_layers is not None and depths[name] >= lowest)
+        param.requires_grad_(chosen)
 
 
 def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int) -> torch.nn.Module:

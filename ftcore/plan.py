@@ -65,6 +65,9 @@ class ModelFacts:
     kv_dim: int
     vocab: int
     max_positions: Optional[int]
+    depths: Optional[dict[str, int]] = None       # train.layer_lr_decay splits groups by depth
+    num_blocks: int = 0
+    layer_lr_decay: Optional[float] = None
 
     @property
     def total(self) -> int:
@@ -84,7 +87,7 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftcore.model import DTYPES, apply_lora, quantized_module_names
+    from ftcore.model import DTYPES, apply_freeze, apply_lora, block_depths, quantized_module_names
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -95,6 +98,8 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
             p.requires_grad_(False)
         with torch.device("meta"):
             model = apply_lora(model, cfg.adapter, cfg.train.seed)
+    elif cfg.adapter.method == "freeze":
+        apply_freeze(model, cfg.adapter)
     seen: set[int] = set()
     params: list[ParamInfo] = []
     for name, p in model.named_parameters(remove_duplicate=True):
@@ -109,16 +114,21 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     heads = getattr(hf_config, "num_attention_heads", 1)
     head_dim = getattr(hf_config, "head_dim", None) or h // heads
     kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim
+    depths, num_blocks = block_depths(model) if cfg.train.layer_lr_decay is not None else (None, 0)
     return ModelFacts(params=params, largest_layer=largest, hidden=h, layers=hf_config.num_hidden_layers,
                       intermediate=getattr(hf_config, "intermediate_size", 4 * h), kv_dim=kv,
-                      vocab=hf_config.vocab_size, max_positions=getattr(hf_config, "max_position_embeddings", None))
+                      vocab=hf_config.vocab_size, max_positions=getattr(hf_config, "max_position_embeddings", None),
+                      depths=depths, num_blocks=num_blocks, layer_lr_decay=cfg.train.layer_lr_decay)
 
 
 def optimizer_groups(facts: ModelFacts) -> list[list[ParamInfo]]:
-    """The recipe's AdamW groups: trainable >= 2-D weights (decayed), then the rest (no decay)."""
-    trainable = [p for p in facts.params if p.trainable]
-    groups = [[p for p in trainable if p.ndim >= 2], [p for p in trainable if p.ndim < 2]]
-    return [g for g in groups if g]
+    """The recipe's AdamW groups (ftcore.model.optimizer_grouping), as parameter infos."""
+    from ftcore.model import optimizer_grouping
+
+    by_name = {p.name: p for p in facts.params}
+    described = [(p.name, p.ndim, p.trainable) for p in facts.params]
+    return [[by_name[n] for n in names] for _, _, names in
+            optimizer_grouping(described, facts.depths, facts.num_blocks, facts.layer_lr_decay)]
 
 
 def partition_numel(facts: ModelFacts, stage: int, world: int) -> int:

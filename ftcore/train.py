@@ -50,7 +50,8 @@ from ftcore.metrics import FlopCounter, MetricsSink, memory_now, peak_flops_per_
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.builtin import resolve_model_path
-from ftcore.model import count_parameters, expected_lora_shapes, load_model, load_tokenizer
+from ftcore.model import (block_depths, count_parameters, expected_lora_shapes, load_model, load_tokenizer,
+                          optimizer_grouping)
 
 # Fields that must match between a checkpoint and the run resuming it (anything else may change, e.g. logging).
 # How the effective batch is split (micro batch, accumulation, world size) may change: the data stream and the
@@ -58,7 +59,8 @@ from ftcore.model import count_parameters, expected_lora_shapes, load_model, loa
 FINGERPRINT_FIELDS = (
     "model.name_or_path", "model.dtype", "adapter", "data.train", "data.max_seq_len", "data.train_on",
     "data.overflow", "data.packing", "data.packing_buffer", "data.on_error", "data.shuffle", "train.max_steps",
-    "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "distributed.zero_stage",
+    "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "train.layer_lr_decay",
+    "distributed.zero_stage",
 )
 
 
@@ -186,20 +188,22 @@ class Recipe:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        params = [p for p in self.model.parameters() if p.requires_grad]  # frozen weights get no optimizer state
-        # No decay on biases and norms (1-D); ZeRO-3 placeholders are flat, so look at the original shape.
-        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
-        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        named = dict(self.model.named_parameters())
+        # ZeRO-3 placeholders are flat: the original shape says whether a weight is a matrix (decayed).
+        described = [(n, len(getattr(p, "ds_shape", p.shape)), p.requires_grad) for n, p in named.items()]
+        depths, num_blocks = block_depths(self.model) if t.layer_lr_decay is not None else (None, 0)
+        grouping = optimizer_grouping(described, depths, num_blocks, t.layer_lr_decay)
+        self.group_names = [names for _, _, names in grouping]  # the audit records which rate each weight got
+        param_groups = [{"params": [named[n] for n in names], "weight_decay": t.weight_decay if is_matrix else 0.0,
+                         "lr": t.lr * scale} for scale, is_matrix, names in grouping]
         if self.cfg.distributed.offload != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # the offloaded step runs on the host
 
-            return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True)
+            return DeepSpeedCPUAdam(param_groups, lr=t.lr, adamw_mode=True)
         # DeepSpeed's elastic ZeRO-1/2 checkpoint (what lets a run resume at another world size) records the step
         # from param_groups, where DeepSpeed's own optimizers keep it; torch's AdamW keeps it per parameter (and
         # that is what it uses). An inert group entry satisfies the checkpoint format.
-        return torch.optim.AdamW([{**g, "step": 0} for g in groups], lr=t.lr)
+        return torch.optim.AdamW([{**g, "step": 0} for g in param_groups], lr=t.lr)
 
     def _setup_engine(self) -> None:
         from transformers import get_cosine_schedule_with_warmup
@@ -360,7 +364,11 @@ class Recipe:
                                               for p in quantized),
                   "quantized_storage_dtype": str(quantized[0].dtype) if quantized else None,
                   "quant_types": sorted({f"{p.quant_state.quant_type}{'+double' if p.quant_state.nested else ''}"
-                                         for p in quantized})}
+                                         for p in quantized}),
+                  "optimizer_groups": [{"initial_lr": g["initial_lr"], "weight_decay": g["weight_decay"],
+                                        "names": names}
+                                       for g, names in zip(self.engine.lr_scheduler.optimizer.param_groups,
+                                                           self.group_names)]}
         (self._audit_dir() / f"rank{self.rank}_world.json").write_text(json.dumps(record))
 
     def _audit_engine_memory(self) -> None:

@@ -1,5 +1,6 @@
 """Typed config: precedence, and one-line errors that name the field (and YAML line)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,16 @@ def test_cli_prints_resolved_config():
     proc = run_ft("config", "examples/demo.yaml", "--set", "train.lr=0.5")
     cfg = load_config("examples/demo.yaml", ["train.lr=0.5"])
     assert proc.stdout == dump_config(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["adapter.method=freeze"], "adapter.method: 'freeze' needs adapter.trainable (names or regexes) or "
+                                "adapter.top_layers"),
+    (["adapter.trainable=[lm_head]"], "adapter.trainable: applies to adapter.method=freeze only (this run is lora)"),
+    (["adapter.method=freeze", "adapter.trainable=['layers\\.[']"], "adapter.trainable: 'layers\\\\.[' is not a "
+                                                                    "regular expression"),
+    (["train.layer_lr_decay=1.5"], "train.layer_lr_decay"),
+])
+def test_freeze_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

@@ -376,7 +376,7 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, dtyp
     base = BaseModel(_resolve_base(base_dir, run_config, f"--checkpoint {checkpoint}"))
     method = (run_config.get("adapter") or {}).get("method", "lora")
     budget = min(parse_size(shard_size), CONSOLIDATION_BATCH_BYTES)
-    if method == "full":
+    if method in ("full", "freeze"):  # a freeze run saves every weight, like full fine-tuning
         return _export_full(zero, base, out, dtype, shard_size, verify, force, log)
     # A LoRA run's checkpoint holds only the adapter (frozen weights are excluded): consolidate it, then merge.
     state = lora_state_to_adapter(dict(zero.iter_tensors(budget)))
