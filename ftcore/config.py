@@ -172,6 +172,10 @@ class TrainConfig(Section):
     effective_batch_size: Optional[int] = Field(None, gt=0)
     """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
     processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
+    base_kl: float = Field(0.0, ge=0)
+    """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
+    take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
+    (one more model in memory per GPU; not with ZeRO-3)."""
     layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
     """Layer-wise learning-rate decay: block i of L trains at lr * decay^(L-1-i) (the top block at lr); weights
     below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""

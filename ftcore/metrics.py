@@ -80,7 +80,7 @@ def memory_now(cuda: bool) -> list[float]:
 class MetricsSink:
     """Rank 0's outputs: metrics.jsonl (one object per step or eval) and TensorBoard event files under tb/."""
 
-    TB_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    TB_NAMES = {"loss": "train/loss", "base_kl": "train/base_kl", "lr": "train/lr", "grad_norm": "train/grad_norm",
                 "eval_loss": "eval/loss", "eval_ppl": "eval/ppl", "tokens_per_s": "perf/tokens_per_s",
                 "trained_tokens_per_s": "perf/trained_tokens_per_s",
                 "tokens_per_s_per_device": "perf/tokens_per_s_per_device", "mfu": "perf/mfu",

@@ -76,6 +76,10 @@ def check_combinations(cfg: Config) -> None:
         if d.offload == "all":
             raise _error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora is not "
                          "supported: the 4-bit base is already small; use distributed.offload=optimizer or none")
+    if cfg.train.base_kl and a.method in ("full", "freeze") and d.zero_stage == 3:
+        raise _error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of the model, "
+                     "which this release does not partition under ZeRO-3: use distributed.zero_stage <= 2, or "
+                     "adapter.method=lora/qlora (the base comes from the same weights with the adapter disabled)")
     if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise _error("model.attn_implementation", "flash_attention_2 needs flash-attn, which is not installed "
                      "(pip install '.[flash]' on a CUDA machine); use auto or sdpa")

@@ -59,7 +59,7 @@ from ftcore.model import (block_depths, count_parameters, expected_lora_shapes, 
 FINGERPRINT_FIELDS = (
     "model.name_or_path", "model.dtype", "adapter", "data.train", "data.max_seq_len", "data.train_on",
     "data.overflow", "data.packing", "data.packing_buffer", "data.on_error", "data.shuffle", "train.max_steps",
-    "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "train.layer_lr_decay",
+    "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "train.layer_lr_decay", "train.base_kl",
     "distributed.zero_stage",
 )
 
@@ -80,7 +80,11 @@ def config_fingerprint(cfg: Config) -> dict:
 
 
 def _fingerprint_diff(saved: dict, current: dict) -> list[str]:
-    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    """Fields that differ. A field the checkpoint does not record (it was added to ft after that checkpoint was
+    written) counts as its default, so a run upgraded mid-way resumes unless it changes that field."""
+    defaults = config_fingerprint(Config())
+    return [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, this run {current[k]!r}" for k in current
+            if saved.get(k, defaults[k]) != current[k]]
 
 
 class Recipe:
@@ -179,6 +183,14 @@ class Recipe:
         self.attn_implementation = self.model.config._attn_implementation
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.expected_adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
+        self.reference = None
+        if cfg.train.base_kl and not self.is_lora:
+            # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy.
+            from transformers import AutoModelForCausalLM
+
+            self.reference = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=self.compute_dtype, attn_implementation=self.attn_implementation)
+            self.reference.requires_grad_(False).eval().to(self.device)
         config = self.model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -309,17 +321,25 @@ class Recipe:
         rescale = gas * self.world_size
         lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps it after)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        beta = self.cfg.train.base_kl
         for batch in batches:
             # accumulate() tells accelerate (and through it DeepSpeed) which micro batch ends the step; outside it
             # every backward would be treated as a boundary and step the optimizer.
             with self.accelerator.accumulate(self.engine):
-                out = self.engine(**self._inputs(batch), num_items_in_batch=max(int(global_trained), 1))
+                inputs = self._inputs(batch)
+                out = self.engine(**inputs, num_items_in_batch=max(int(global_trained), 1))
+                loss = out.loss
                 loss_sum += out.loss.detach().double()
-                self.accelerator.backward(out.loss * rescale)
+                if beta:
+                    kl = self._base_kl(inputs, out.logits) / max(global_trained, 1)
+                    kl_sum += kl.detach().double()
+                    loss = loss + beta * kl
+                self.accelerator.backward(loss * rescale)
         if self.engine.global_steps != self.step + 1:
             raise TrainError(f"DeepSpeed took {self.engine.global_steps} optimizer steps where the recipe expects "
                              f"{self.step + 1}: gradient accumulation is out of step")
-        step_loss = self._all_reduce_sum([loss_sum.item()])[0]
+        step_loss, step_kl = self._all_reduce_sum([loss_sum.item(), kl_sum.item()])
         if not math.isfinite(step_loss):
             raise TrainError(f"non-finite loss {step_loss} at step {self.step + 1}; last good checkpoint: "
                              f"{self.checkpoints.latest()}")
@@ -341,9 +361,27 @@ class Recipe:
         metrics = {"step": self.step, "loss": step_loss, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "tokens": int(global_tokens), "trained_tokens": int(global_trained), "flops": global_flops}
+        if beta:
+            metrics["base_kl"] = step_kl  # KL(base || fine-tuned) per trained token; "loss" stays the task loss
         if self.cfg.data.packing:
             metrics["packing_efficiency"] = self.train_stream.packing_efficiency  # this rank's, cumulative
         return metrics
+
+    def _base_kl(self, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
+        """Sum over this micro batch's trained tokens of KL(base || fine-tuned) between next-token distributions.
+        The base logits come from the same weights with the adapter disabled (LoRA/QLoRA: no second copy), or from
+        the frozen reference copy (full/freeze)."""
+        without_labels = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            if self.reference is not None:
+                base = self.reference(**without_labels).logits
+            else:
+                with self.accelerator.unwrap_model(self.engine).disable_adapter():
+                    base = self.engine(**without_labels).logits
+        trained = inputs["labels"][:, 1:] != -100  # logits at t predict the label at t + 1
+        fine_log = torch.log_softmax(logits[:, :-1][trained].float(), dim=-1)
+        base_log = torch.log_softmax(base[:, :-1][trained].float(), dim=-1)
+        return (base_log.exp() * (base_log - fine_log)).sum()
 
     def _inputs(self, batch: Batch) -> dict:
         return batch.model_inputs(self.device, self.attn_implementation, self.compute_dtype)
@@ -580,7 +618,8 @@ class Recipe:
                 gpu = (f" gpu {metrics['gpu_max_allocated_gib']:.1f}/{metrics['gpu_max_reserved_gib']:.1f} GiB"
                        if "gpu_max_allocated_gib" in metrics else "")
                 progress.console.print(
-                    f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
+                    f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} "
+                    + (f"base_kl {metrics['base_kl']:.4f} " if "base_kl" in metrics else "") + f"lr {metrics['lr']:.3e} "
                     f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f} "
                     f"(trained {metrics['trained_tokens_per_s']:.0f}){mfu}{gpu} rss {metrics['host_rss_gib']:.1f} GiB"
                     + (f" packing {metrics['packing_efficiency']:.3f}" if "packing_efficiency" in metrics else ""),

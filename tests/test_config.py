@@ -87,3 +87,13 @@ def test_cli_prints_resolved_config():
 def test_freeze_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_checkpoint_from_before_a_new_field_resumes_unless_the_field_changes():
+    from ftcore.train import _fingerprint_diff, config_fingerprint
+
+    current = config_fingerprint(load_config(None, []))
+    older = {k: v for k, v in current.items() if k not in ("train.base_kl", "train.layer_lr_decay")}
+    assert _fingerprint_diff(older, current) == []
+    changed = config_fingerprint(load_config(None, ["train.base_kl=0.5"]))
+    assert _fingerprint_diff(older, changed) == ["train.base_kl: checkpoint 0.0, this run 0.5"]
