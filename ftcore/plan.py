@@ -18,6 +18,7 @@ will have. From them, per rank:
     per layer and token: 7h + 3kv + 4i elements in the compute dtype (norm inputs/outputs, rotary q/k,
     attention q/k/v/out, MLP gate/up/product), + 6h + i with LoRA dropout; logits T x vocab x (dtype + 4 B).
     With checkpointing: every layer's input plus one layer recomputed.
+  reference     train.base_kl with full/freeze: a frozen copy of the model in the compute dtype (in "weights").
   overhead      1 GiB per GPU for the CUDA context, NCCL and allocator slack.
 
 Host RAM with offload (per node) is DeepSpeed's: the offloaded states x 1.5 (its additional_buffer_factor).
@@ -249,6 +250,11 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
         row.weights = float_frozen
         row.quantized_base = quantized_weight_bytes + quant_overhead
         row.trainable_weights = float_trainable
+    if cfg.train.base_kl and cfg.adapter.method in ("full", "freeze"):
+        if stage == 3:
+            row.supported, row.note = False, "train.base_kl with full/freeze needs ZeRO <= 2 (reference copy)"
+            return row
+        row.weights += facts.total * b  # the frozen reference copy the KL term reads the base logits from
     partition = partition_numel(facts, stage, world)
     if stage in (0, 1):
         grads_16 = trainable * b

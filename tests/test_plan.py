@@ -87,3 +87,14 @@ def test_ft_plan_cli_prints_the_table_and_a_recommendation():
     assert "nothing fits in 8 GiB per GPU" in too_small
     bad = run_ft("plan", EXAMPLES["7b"], "--gpus-per-node", "0", check=False)
     assert bad.returncode == 2 and "--gpus-per-node and --nodes must be >= 1" in bad.stderr
+
+
+def test_base_kl_reference_copy_is_counted():
+    cfg = load_config(EXAMPLES["7b"], ["adapter.method=full"])
+    with_kl = load_config(EXAMPLES["7b"], ["adapter.method=full", "train.base_kl=0.1"])
+    facts = build_facts(cfg, cfg.model.name_or_path)
+    plain = {(r.stage, r.offload): r for r in make_plan(cfg, facts, 8, 1, None).rows}
+    kl = {(r.stage, r.offload): r for r in make_plan(with_kl, build_facts(with_kl, cfg.model.name_or_path), 8, 1,
+                                                      None).rows}
+    assert kl[(2, "none")].weights - plain[(2, "none")].weights == facts.total * 2  # bf16 copy
+    assert not kl[(3, "none")].supported and plain[(3, "none")].supported
