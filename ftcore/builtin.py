@@ -5,6 +5,8 @@
   $FT_CACHE_DIR (default ~/.cache/ft). The tokenizer is Mistral's SentencePiece model (32k vocab, Apache-2.0)
   shipped inside the mistral-common package, converted to a fast HF tokenizer, with the fallback chat template.
 - `builtin:chat-demo`: ftcore/assets/chat-demo/{train,eval}.jsonl (regenerate with make_chat_demo.py there).
+- `builtin:license-sentences` (and `-eval`): sentences of four software licenses labelled with their license, a
+  small real-text classification set (ftcore/assets/license-sentences, made by make_license_sentences.py there).
 
 Several processes may ask at once (every rank of a launch): each builds into its own temporary directory and
 renames it into place; the loser of the race discards its copy. The result is identical either way.
@@ -26,6 +28,8 @@ BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama" / "config.json"}
 BUILTIN_DATA = {
     "chat-demo": ASSETS / "chat-demo" / "train.jsonl",
     "chat-demo-eval": ASSETS / "chat-demo" / "eval.jsonl",
+    "license-sentences": ASSETS / "license-sentences" / "train.jsonl",
+    "license-sentences-eval": ASSETS / "license-sentences" / "eval.jsonl",
 }
 INIT_SEED = 0
 

@@ -87,16 +87,19 @@ class FieldNames(Section):
     completion: str = "completion"
     """prompt_completion: the completion (trained)."""
     text: str = "text"
-    """text: the raw text."""
+    """text and classification: the raw text."""
+    label: str = "label"
+    """classification: the class, as a name from data.labels or an id (0-based integer)."""
 
 
 class DataSource(Section):
     path: str
     """JSONL (.jsonl/.json, or .jsonl.gz), Parquet (.parquet), plain text (.txt/.md, optionally .gz), a directory
     of those, a glob (`corpus/*.jsonl.gz`), or a directory written by HF datasets' save_to_disk."""
-    format: Literal["chat", "alpaca", "text", "prompt_completion"] = "chat"
+    format: Literal["chat", "alpaca", "text", "prompt_completion", "classification"] = "chat"
     """chat: {"messages": [{"role", "content"}...]}; alpaca: instruction/input/output; text: {"text": ...};
-    prompt_completion: {"prompt", "completion"} concatenated as raw text. Plain text files are format text."""
+    prompt_completion: {"prompt", "completion"} concatenated as raw text; classification: {"text", "label"} (for
+    task classification). Plain text files are format text."""
     weight: float = Field(1.0, gt=0)
     """Share of this source in the training mix (weights are normalised over data.train); a source is repeated or
     subsampled, each in its own seeded order, to meet its share."""
@@ -130,6 +133,9 @@ class DataConfig(Section):
     """Shuffle the sample order each epoch (deterministically from train.seed)."""
     on_error: Literal["raise", "skip"] = "raise"
     """A malformed record: stop with file:line and the reason, or skip it (counted and reported)."""
+    labels: Optional[list[str]] = None
+    """task classification: the class names, in id order (an integer label i means labels[i]). Default: every label
+    found in data.train and data.eval, sorted (integer labels: 0..max). Recorded in the model config (id2label)."""
     audit: bool = False
     """Write output_dir/audit/rank{R}.jsonl: the ids (file:line or file:row) of the samples each rank trained on
     at each step, with the loss."""
@@ -202,6 +208,9 @@ class CheckpointConfig(Section):
 
 
 class Config(Section):
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """causal_lm = next-token training of a causal LM; classification = a sequence-classification head on it
+    (AutoModelForSequenceClassification), cross-entropy on data.labels, eval accuracy / macro-F1 / confusion matrix."""
     output_dir: str = "outputs/run"
     """Run directory: checkpoints/, final/, logs. A rerun with the same output_dir resumes."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -224,6 +233,7 @@ class Config(Section):
             raise _field_error("train.stop_at_step", f"{t.stop_at_step} exceeds train.max_steps={t.max_steps}")
         if t.eval_every and not self.data.eval:
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
+        self._check_task()
         a = self.adapter
         if a.method == "freeze" and not a.trainable and a.top_layers is None:
             raise _field_error("adapter.method", "'freeze' needs adapter.trainable (names or regexes) or "
@@ -237,6 +247,30 @@ class Config(Section):
             except re.error as e:
                 raise _field_error("adapter.trainable", f"{pattern!r} is not a regular expression: {e}") from None
         return self
+
+    def _check_task(self) -> None:
+        data = self.data
+        sources = [("data.train", i, s) for i, s in enumerate(data.train)]
+        sources += [("data.eval", i, s) for i, s in enumerate(data.eval or [])]
+        if self.task == "classification":
+            for where, i, s in sources:
+                if s.format != "classification":
+                    raise _field_error(f"{where}.{i}.format", f"task classification reads format classification "
+                                       f"({{text, label}} records); {s.path} is {s.format}")
+            for name, bad in (("data.packing", data.packing), ("data.train_on", data.train_on is not None)):
+                if bad:
+                    raise _field_error(name, "does not apply to task classification (one label per sample trains)")
+            if self.train.base_kl:
+                raise _field_error("train.base_kl", "applies to task causal_lm (a classification head has no base "
+                                   "model predictions to stay close to)")
+            if data.labels is not None and (len(data.labels) < 2 or len(set(data.labels)) != len(data.labels)):
+                raise _field_error("data.labels", f"needs at least two distinct class names (got {data.labels})")
+        else:
+            for where, i, s in sources:
+                if s.format == "classification":
+                    raise _field_error(f"{where}.{i}.format", "format classification needs task: classification")
+            if data.labels is not None:
+                raise _field_error("data.labels", "applies to task classification only")
 
     def effective_batch_size(self, world_size: int) -> int:
         return self.train.micro_batch_size * self.train.grad_accum_steps * world_size

@@ -66,6 +66,26 @@ class FlopCounter:
         return float(matrices + attention)
 
 
+def classification_scores(labels: list[int], predictions: list[int], num_classes: int) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted class). Macro-F1 averages
+    the per-class F1 over the classes that occur as a label or a prediction (scikit-learn's default set); a class
+    with no correct prediction has F1 0."""
+    confusion = [[0] * num_classes for _ in range(num_classes)]
+    for label, predicted in zip(labels, predictions):
+        confusion[label][predicted] += 1
+    total = len(labels)
+    correct = sum(confusion[c][c] for c in range(num_classes))
+    f1s = []
+    for c in range(num_classes):
+        support = sum(confusion[c])
+        predicted = sum(row[c] for row in confusion)
+        if support == 0 and predicted == 0:
+            continue
+        f1s.append(2 * confusion[c][c] / (support + predicted))  # = 2PR / (P + R)
+    return {"accuracy": correct / total if total else 0.0, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+            "confusion": confusion, "samples": total}
+
+
 def memory_now(cuda: bool) -> list[float]:
     """[GPU max allocated GiB, GPU max reserved GiB, host RSS GiB] of this process (GPU figures 0 on CPU)."""
     import psutil
@@ -81,7 +101,8 @@ class MetricsSink:
     """Rank 0's outputs: metrics.jsonl (one object per step or eval) and TensorBoard event files under tb/."""
 
     TB_NAMES = {"loss": "train/loss", "base_kl": "train/base_kl", "lr": "train/lr", "grad_norm": "train/grad_norm",
-                "eval_loss": "eval/loss", "eval_ppl": "eval/ppl", "tokens_per_s": "perf/tokens_per_s",
+                "eval_loss": "eval/loss", "eval_ppl": "eval/ppl", "eval_accuracy": "eval/accuracy",
+                "eval_macro_f1": "eval/macro_f1", "tokens_per_s": "perf/tokens_per_s",
                 "trained_tokens_per_s": "perf/trained_tokens_per_s",
                 "tokens_per_s_per_device": "perf/tokens_per_s_per_device", "mfu": "perf/mfu",
                 "step_time_s": "perf/step_time_s", "packing_efficiency": "data/packing_efficiency",

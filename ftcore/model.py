@@ -61,21 +61,34 @@ def qlora_quantization_config(adapter_cfg: AdapterConfig, model_dtype: str, zero
                               bnb_4bit_quant_storage=quant_storage_dtype(adapter_cfg, model_dtype, zero_stage))
 
 
+def classification_head_kwargs(labels: list[str], pad_token_id: int) -> dict:
+    """from_pretrained / config settings of a sequence classifier over `labels`. pad_token_id matters: the model
+    reads each row's prediction at its last token that is not pad_token_id, so it must be the id batches pad with."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": pad_token_id}
+
+
 def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: str, cuda: bool,
-               seed: int, zero_stage: int = 0, device: Optional[torch.device] = None) -> torch.nn.Module:
+               seed: int, zero_stage: int = 0, device: Optional[torch.device] = None,
+               classification: Optional[dict] = None) -> torch.nn.Module:
     """Base model (+ LoRA), ready for accelerate/DeepSpeed. Under ZeRO-3 the caller must hold an
-    HfDeepSpeedConfig alive before this, so transformers loads straight into partitioned parameters."""
-    from transformers import AutoModelForCausalLM
+    HfDeepSpeedConfig alive before this, so transformers loads straight into partitioned parameters.
+    classification: classification_head_kwargs(...) -> AutoModelForSequenceClassification with a new head (seeded
+    identically on every rank), which always trains."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(classification or {})
+    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     if adapter_cfg.method == "qlora":
         extra["quantization_config"] = qlora_quantization_config(adapter_cfg, model_cfg.dtype, zero_stage)
         if cuda and device is not None and zero_stage != 3:
             extra["device_map"] = {"": device}  # bitsandbytes quantizes on the GPU it loads to: this rank's
+    if classification:
+        torch.manual_seed(seed)  # the head is new: the same initial weights on every rank
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[model_cfg.dtype],
-                                                     attn_implementation=attn, **extra)
+        model = auto_class.from_pretrained(model_dir, dtype=DTYPES[model_cfg.dtype], attn_implementation=attn,
+                                           **extra)
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model.name_or_path: cannot load {model_dir}: {first_line}") from None
@@ -93,9 +106,9 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
             param.requires_grad_(False)
         disable_cpu_weight_repacking(model)
     if adapter_cfg.method in ("lora", "qlora"):
-        model = apply_lora(model, adapter_cfg, seed)
+        model = apply_lora(model, adapter_cfg, seed, "SEQ_CLS" if classification else "CAUSAL_LM")
     elif adapter_cfg.method == "freeze":
-        apply_freeze(model, adapter_cfg)
+        apply_freeze(model, adapter_cfg, head=classification_head_names(model) if classification else ())
         if model_cfg.gradient_checkpointing:
             # With the base frozen, the embedding output does not require grad; without this, checkpointed
             # blocks see no input that needs grad ("element 0 of tensors does not require grad", peft#137).
@@ -135,8 +148,16 @@ def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dic
     return [(scale, is_matrix, names) for (scale, is_matrix), names in ordered]
 
 
-def apply_freeze(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> None:
-    """adapter.method=freeze: only the parameters chosen by adapter.trainable / adapter.top_layers train."""
+def classification_head_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """Parameters of a sequence classifier's new head (`score` in Llama-like models, `classifier` in others)."""
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+    return tuple(n for n, _ in model.named_parameters() if n.split(".")[0] in SEQ_CLS_HEAD_NAMES)
+
+
+def apply_freeze(model: torch.nn.Module, adapter_cfg: AdapterConfig, head: tuple[str, ...] = ()) -> None:
+    """adapter.method=freeze: only the parameters chosen by adapter.trainable / adapter.top_layers train, plus
+    `head` (a new classification head cannot stay at its random initialisation)."""
     depths, num_blocks = block_depths(model)
     patterns = [re.compile(p) for p in adapter_cfg.trainable]
     unmatched = [p.pattern for p in patterns if not any(p.search(n) for n in depths)]
@@ -147,17 +168,20 @@ def apply_freeze(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> None:
         raise ModelError(f"adapter.top_layers: {adapter_cfg.top_layers} exceeds the model's {num_blocks} blocks")
     lowest = num_blocks - (adapter_cfg.top_layers or 0)
     for name, param in model.named_parameters():
-        chosen = any(p.search(name) for p in patterns) or (
+        chosen = name in head or any(p.search(name) for p in patterns) or (
             adapter_cfg.top_layers is not None and depths[name] >= lowest)
         param.requires_grad_(chosen)
 
 
-def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int,
+               task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """task_type SEQ_CLS: peft keeps the classification head out of all-linear and trains it whole
+    (modules_to_save), so the saved adapter carries the head."""
     from peft import LoraConfig, get_peft_model
 
     targets = adapter_cfg.target_modules
     lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type=task_type)
     # Same seed on every rank: the new adapter weights must be identical everywhere before ZeRO partitions them.
     torch.manual_seed(seed)
     try:

@@ -43,21 +43,23 @@ from rich.console import Console
 
 from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from ftcore.config import Config, dump_config
-from ftcore.data.stream import Batch, DataError, TrainStream, eval_batches, pad_eval_batches, restore_states
+from ftcore.data.stream import (Batch, DataError, TrainStream, discover_labels, eval_batches, pad_eval_batches,
+                                restore_states)
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
-from ftcore.metrics import FlopCounter, MetricsSink, memory_now, peak_flops_per_device, write_summary
+from ftcore.metrics import (FlopCounter, MetricsSink, classification_scores, memory_now, peak_flops_per_device,
+                            write_summary)
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.builtin import resolve_model_path
-from ftcore.model import (block_depths, count_parameters, expected_lora_shapes, load_model, load_tokenizer,
-                          optimizer_grouping)
+from ftcore.model import (block_depths, classification_head_kwargs, count_parameters, expected_lora_shapes,
+                          load_model, load_tokenizer, optimizer_grouping)
 
 # Fields that must match between a checkpoint and the run resuming it (anything else may change, e.g. logging).
 # How the effective batch is split (micro batch, accumulation, world size) may change: the data stream and the
 # optimizer state carry over; the effective batch itself is checked separately.
 FINGERPRINT_FIELDS = (
-    "model.name_or_path", "model.dtype", "adapter", "data.train", "data.max_seq_len", "data.train_on",
+    "task", "model.name_or_path", "model.dtype", "adapter", "data.train", "data.labels", "data.max_seq_len", "data.train_on",
     "data.overflow", "data.packing", "data.packing_buffer", "data.on_error", "data.shuffle", "train.max_steps",
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "train.layer_lr_decay", "train.base_kl",
     "distributed.zero_stage",
@@ -158,6 +160,13 @@ class Recipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.classification = cfg.task == "classification"
+        if self.classification:
+            # Recorded in the run's config (and so in checkpoints, final/ and the export's id2label).
+            found = cfg.data.labels is None
+            cfg.data.labels = discover_labels(cfg.data)
+            self.log(f"classes ({len(cfg.data.labels)}{', found in the data' if found else ''}): "
+                     + ", ".join(f"{i}={name}" for i, name in enumerate(cfg.data.labels)))
         self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, self.rank, self.world_size,
                                         cfg.train.micro_batch_size)
         # Reads the first batch now: data with nothing to train on fails here, before the model is loaded.
@@ -170,12 +179,13 @@ class Recipe:
             mine = eval_batches(cfg.data, self.tokenizer, self.rank, self.world_size, cfg.train.micro_batch_size)
             most = torch.tensor([len(mine)], device=self.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            self.eval_set = pad_eval_batches(mine, int(most.item()), self.train_stream.pad_id)
+            self.eval_set = pad_eval_batches(mine, int(most.item()), self.train_stream.pad_id, self.classification)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
+        head = classification_head_kwargs(cfg.data.labels, self.train_stream.pad_id) if self.classification else None
         self.model = load_model(cfg.model, cfg.adapter, self.model_dir, self.cuda, cfg.train.seed,
-                                zero_stage=cfg.distributed.zero_stage, device=self.device)
+                                zero_stage=cfg.distributed.zero_stage, device=self.device, classification=head)
         self.trainable, self.total_params = count_parameters(self.model)
         if self.trainable == 0:
             raise TrainError("no parameter requires grad: check adapter.target_modules")
@@ -328,9 +338,8 @@ class Recipe:
             # every backward would be treated as a boundary and step the optimizer.
             with self.accelerator.accumulate(self.engine):
                 inputs = self._inputs(batch)
-                out = self.engine(**inputs, num_items_in_batch=max(int(global_trained), 1))
-                loss = out.loss
-                loss_sum += out.loss.detach().double()
+                loss, out = self._forward(inputs, max(int(global_trained), 1))
+                loss_sum += loss.detach().double()
                 if beta:
                     kl = self._base_kl(inputs, out.logits) / max(global_trained, 1)
                     kl_sum += kl.detach().double()
@@ -366,6 +375,18 @@ class Recipe:
         if self.cfg.data.packing:
             metrics["packing_efficiency"] = self.train_stream.packing_efficiency  # this rank's, cumulative
         return metrics
+
+    def _forward(self, inputs: dict, normaliser: int) -> tuple[torch.Tensor, Any]:
+        """(sum of this micro batch's losses / normaliser, model output). causal_lm: cross-entropy per trained
+        token, computed by the model; classification: cross-entropy of each sample's class (labels -100 are
+        padding rows)."""
+        if not self.classification:
+            out = self.engine(**inputs, num_items_in_batch=normaliser)
+            return out.loss, out
+        labels = inputs.pop("labels")
+        out = self.engine(**inputs)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=-100, reduction="sum")
+        return loss / normaliser, out
 
     def _base_kl(self, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
         """Sum over this micro batch's trained tokens of KL(base || fine-tuned) between next-token distributions.
@@ -439,14 +460,41 @@ class Recipe:
     def evaluate(self) -> dict:
         self.engine.eval()
         loss_sum = tokens = 0.0
+        predictions: list[tuple[str, int, int]] = []  # classification: (sample id, label, predicted class)
         for batch in self.eval_set:
-            out = self.engine(**self._inputs(batch), num_items_in_batch=1)  # -> sum over tokens
-            loss_sum += out.loss.item()
+            loss, out = self._forward(self._inputs(batch), 1)  # -> sum over tokens (samples)
+            loss_sum += loss.item()
             tokens += batch.trained_tokens
+            if self.classification:
+                predicted = out.logits.argmax(dim=-1).tolist()
+                predictions += [(sample_id, int(label), int(p)) for sample_id, label, p
+                                in zip(batch.sample_ids, batch.labels.tolist(), predicted) if label != -100]
         self.engine.train()
         loss_sum, tokens = self._all_reduce_sum([loss_sum, tokens])
         loss = loss_sum / max(tokens, 1)
-        return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        if not self.classification:
+            return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, predictions)
+        everything = sorted((p for part in gathered for p in part), key=_file_order)  # the same at any world size
+        scores = classification_scores([label for _, label, _ in everything], [p for _, _, p in everything],
+                                       len(self.cfg.data.labels))
+        if self.is_main:
+            self._save_predictions(everything, scores)
+        return {"step": self.step, "eval_loss": loss, "eval_accuracy": scores["accuracy"],
+                "eval_macro_f1": scores["macro_f1"], "eval_samples": len(everything),
+                "eval_confusion": scores["confusion"]}
+
+    def _save_predictions(self, predictions: list[tuple[str, int, int]], scores: dict) -> None:
+        """output_dir/eval/step{N}.json: every eval sample's label and prediction, with the scores made from them
+        (so anyone can recompute them)."""
+        labels = self.cfg.data.labels
+        directory = self.output_dir / "eval"
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"step": self.step, "labels": labels, **scores,
+                  "predictions": [{"id": sample_id, "label": labels[label], "prediction": labels[p]}
+                                  for sample_id, label, p in predictions]}
+        write_summary(directory / f"step{self.step:06d}.json", record)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -596,7 +644,11 @@ class Recipe:
         if not self.is_main:
             return
         self.sink.record(metrics)
-        if "eval_loss" in metrics:
+        if "eval_accuracy" in metrics:
+            self.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} accuracy "
+                     f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
+                     f"({metrics['eval_samples']} samples; predictions in {self.output_dir / 'eval'})")
+        elif "eval_loss" in metrics:
             self.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}")
 
     @contextlib.contextmanager
@@ -665,6 +717,12 @@ class Recipe:
         if self.is_main:
             unwrapped.save_pretrained(out, state_dict=state, safe_serialization=True)
             check_adapter(out, self.expected_adapter_shapes)
+
+
+def _file_order(prediction: tuple[str, int, int]) -> tuple[str, int]:
+    """Sample ids are `file:line` (or `file:row`): order by file, then line number."""
+    where, _, number = prediction[0].rpartition(":")
+    return (where, int(number)) if number.isdigit() else (prediction[0], 0)
 
 
 def check_adapter(adapter_dir: Path, expected: dict[str, tuple[int, ...]]) -> None:

@@ -4,10 +4,13 @@
 - alpaca: {"instruction": str, "input": str (optional), "output": str} -> a user/assistant exchange
 - text:   {"text": str} -> BOS + text + EOS
 - prompt_completion: {"prompt": str, "completion": str} -> BOS + prompt + completion + EOS (raw text, no template)
+- classification: {"text": str, "label": name or id} -> the text tokenized as `tokenizer(text)` does at inference
+  (the model's special tokens), and one class id; the model classifies from the last token.
 
 Field names come from the source's `fields`, role names may be renamed with its `roles`.
 
-labels are the input ids where the token carries loss and -100 elsewhere (HF models shift them internally).
+labels are the input ids where the token carries loss and -100 elsewhere (HF models shift them internally);
+for classification, labels is [class id].
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any, Optional
 from ftcore.data.chat_template import ROLES, assistant_char_spans
 
 IGNORE_INDEX = -100
-DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "prompt_completion": "completion", "text": "all"}
+DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "prompt_completion": "completion", "text": "all",
+                    "classification": "all"}
 VALID_TRAIN_ON = {
     "chat": {"assistant", "last_assistant", "all"},
     "alpaca": {"completion", "all"},
     "prompt_completion": {"completion", "all"},
     "text": {"all"},
+    "classification": {"all"},
 }
 
 
@@ -53,6 +58,7 @@ class RecordSpec:
     train_on: str
     fields: Any = None  # ftcore.config.FieldNames
     roles: dict = dc_field(default_factory=dict)
+    labels: Optional[list[str]] = None  # classification: class names in id order
 
 
 def resolve_train_on(fmt: str, train_on: Optional[str]) -> str:
@@ -126,10 +132,35 @@ def _finish(ids: list[int], labels: list[int]) -> Tokenized:
     return Tokenized(ids, labels)
 
 
+_MISSING = object()
+
+
+def class_id(value: Any, field: str, labels: list[str]) -> int:
+    """A record's label (a name from data.labels, or an integer id) as a class id."""
+    if value is _MISSING:
+        raise RecordError(f"classification field {field!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise RecordError(f"classification field {field!r} is {type(value).__name__}; expected a class name or "
+                          "an integer id")
+    if isinstance(value, int):
+        if not 0 <= value < len(labels):
+            raise RecordError(f"label id {value} is outside 0..{len(labels) - 1} (data.labels has {len(labels)} "
+                              "classes)")
+        return value
+    if value not in labels:
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        raise RecordError(f"label {value!r} is not one of data.labels ({shown})")
+    return labels.index(value)
+
+
 def tokenize_record(record: Any, spec: RecordSpec, tokenizer: Any) -> Tokenized:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     fmt, train_on, f = spec.format, spec.train_on, spec.fields
+    if fmt == "classification":
+        text = _field(record, f.text, "classification")
+        ids = tokenizer(text)["input_ids"]  # exactly what a user's tokenizer(text) gives the exported model
+        return Tokenized(ids, [class_id(record.get(f.label, _MISSING), f.label, spec.labels or [])])
     if fmt == "text":
         ids = _bos_eos(tokenizer, tokenizer(_field(record, f.text, "text"), add_special_tokens=False)["input_ids"])
         return _finish(ids, list(ids))

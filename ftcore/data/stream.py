@@ -57,7 +57,7 @@ class SourceGroup:
         self.spec_text = spec.path
         try:
             self.spec = RecordSpec(spec.format, resolve_train_on(spec.format, data_cfg.train_on), spec.fields,
-                                   spec.roles)
+                                   spec.roles, data_cfg.labels)
             path = resolve_data_path(spec.path)
             self.files: list[FileSource] = [open_file(p, spec.format, spec.text_unit, spec.split)
                                             for p in expand(path)]
@@ -156,8 +156,9 @@ class Batch:
         return out
 
 
-def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str]) -> Batch:
-    """Right-pad to the longest sample in the batch; padding never carries loss or attention."""
+def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classification: bool = False) -> Batch:
+    """Right-pad to the longest sample in the batch; padding never carries loss or attention. Classification:
+    labels is one class id per row (the model reads its prediction at the last real token)."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -167,7 +168,42 @@ def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str]) -> Bat
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
+    if classification:
+        labels = labels[:, 0].clone()
     return Batch(ids, mask, labels, sample_ids)
+
+
+def is_classification(data_cfg: DataConfig) -> bool:
+    return data_cfg.train[0].format == "classification"  # the config allows no mix of formats for it
+
+
+def discover_labels(data_cfg: DataConfig) -> list[str]:
+    """data.labels when it is set; else every label in data.train and data.eval: names sorted, or for integer ids
+    "0".."max". Reads every record once (set data.labels to skip that on a large corpus)."""
+    if data_cfg.labels is not None:
+        return list(data_cfg.labels)
+    names: set[str] = set()
+    ids: set[int] = set()
+    for i, spec in enumerate(list(data_cfg.train) + list(data_cfg.eval or [])):
+        group = SourceGroup(spec, data_cfg, i, 0)
+        for raw in group.all_records():
+            try:
+                record = parse_record(raw, group.spec)
+            except RecordError:
+                continue  # reported with file:line when the record is read for training
+            value = record.get(spec.fields.label) if isinstance(record, dict) else None
+            if isinstance(value, str):
+                names.add(value)
+            elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                ids.add(value)
+    if names and ids:
+        raise DataError(f"data.labels: the data mixes class names ({sorted(names)[:3]}) and integer ids "
+                        f"({sorted(ids)[:3]}); set data.labels to the class names in id order")
+    labels = [str(i) for i in range(max(ids) + 1)] if ids else sorted(names)
+    if len(labels) < 2:
+        raise DataError(f"data.labels: the data has {len(labels)} class ({labels}); a classifier needs at least two "
+                        "(set data.labels to list them)")
+    return labels
 
 
 def collate_packed(rows: list[list[Piece]], pad_id: int) -> Batch:
@@ -281,6 +317,7 @@ class TrainStream:
             else None
         self.fifo: deque[Piece] = deque()
         self.barren_limit = min(MAX_BARREN_RUN, sum(len(g) for g in self.groups))
+        self.classification = is_classification(data_cfg)
 
     @property
     def counters(self) -> dict:
@@ -344,7 +381,8 @@ class TrainStream:
         if self.packer is None:
             self._fill(self.micro_batch_size)
             pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
-            batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces])
+            batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces],
+                            self.classification)
             batch.positions = [p.tag[0] for p in pieces]
             self._emitted(pieces, batch.input_ids.numel())
             return batch
@@ -425,13 +463,14 @@ def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: in
                          for j, s in enumerate(made) if s is not None]
             index += 1
     pad = pad_token_id(tokenizer)
+    classification = is_classification(data_cfg)
     return [collate([s for s, _ in mine[b:b + micro_batch_size]], pad,
-                    [w for _, w in mine[b:b + micro_batch_size]])
+                    [w for _, w in mine[b:b + micro_batch_size]], classification)
             for b in range(0, len(mine), micro_batch_size)]
 
 
-def pad_eval_batches(batches: list[Batch], count: int, pad_id: int) -> list[Batch]:
+def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False) -> list[Batch]:
     """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
     collective under ZeRO-3)."""
     filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
-    return batches + [collate([filler], pad_id, []) for _ in range(count - len(batches))]
+    return batches + [collate([filler], pad_id, [], classification) for _ in range(count - len(batches))]

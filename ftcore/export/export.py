@@ -6,6 +6,11 @@ Two inputs:
 - a training checkpoint (`--checkpoint STEP_DIR`): the ZeRO partitions are consolidated out of core (zero.py);
   a full fine-tune is written as is, a LoRA run becomes an adapter that is merged onto the base as above.
 
+Classification (`task: classification`, or a PEFT SEQ_CLS adapter): the export is the model's
+*ForSequenceClassification: the language-model head is left out, the trained classification head (the adapter's
+modules_to_save copy, or the checkpoint's) is written, and config.json gets the architecture, id2label/label2id
+(from the run's data.labels) and the pad token id the head reads its prediction by.
+
 QLoRA: an adapter trained on a 4-bit base learned a correction to dequant(NF4(W)), not to W. By default (when
 the run's ft_config.yaml says qlora, or with `--merge-base quantized`) every weight that bitsandbytes quantized
 is replaced by its NF4 round trip before the delta is added; `--merge-base original` merges onto W instead.
@@ -15,6 +20,7 @@ Output goes to a staging directory beside OUT and is renamed into place only whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -111,6 +117,62 @@ def tied_embedding_names(base: BaseModel) -> Optional[tuple[str, str]]:
                                                        "word_embeddings.weight"))), None)
     head = "lm_head.weight"
     return (embed, head) if embed and head not in base.infos else None
+
+
+# ---------------------------------------------------------------------------------------------- classification
+@dataclass
+class Classifier:
+    """What makes the export a sequence classifier: its tensor names and config.json settings."""
+
+    names: set[str]  # every tensor the classification model has
+    config: dict  # architectures, id2label, label2id, pad_token_id
+
+    def model_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+
+def is_classification(run_config: dict, adapter: Optional[Adapter] = None) -> bool:
+    return run_config.get("task") == "classification" or (
+        adapter is not None and adapter.config.get("task_type") == "SEQ_CLS")
+
+
+def build_classifier(base: BaseModel, run_config: dict, num_labels: int, tokenizer_dirs: list[Path]) -> Classifier:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from ftcore.data.stream import pad_token_id
+
+    labels = (run_config.get("data") or {}).get("labels") or [f"LABEL_{i}" for i in range(num_labels)]
+    if len(labels) != num_labels:
+        raise ExportError(f"the classification head has {num_labels} outputs but the run's data.labels lists "
+                          f"{len(labels)} classes")
+    architecture = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(base.config.get("model_type"))
+    if architecture is None:
+        raise ExportError(f"{base.dir}: transformers has no sequence-classification model for model_type "
+                          f"{base.config.get('model_type')!r}")
+    pad = base.config.get("pad_token_id")
+    for directory in tokenizer_dirs:  # the id the run padded with (ftcore.data.stream.pad_token_id)
+        if directory is not None and (directory / "tokenizer_config.json").is_file():
+            pad = pad_token_id(AutoTokenizer.from_pretrained(directory))
+            break
+    settings = {"architectures": [architecture], "id2label": {str(i): name for i, name in enumerate(labels)},
+                "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": pad}
+    config = AutoConfig.from_pretrained(base.dir, num_labels=num_labels)
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config)
+    return Classifier(set(model.state_dict()), settings)
+
+
+def head_outputs(tensors: dict[str, torch.Tensor], base: BaseModel) -> int:
+    """Classes of a classification head among `tensors` (the 2-D tensor the base does not have)."""
+    heads = [t for n, t in tensors.items() if n not in base.infos and n.endswith("weight") and t.dim() == 2]
+    if len(heads) != 1:
+        raise ExportError(f"expected one classification head weight beside the base's tensors, found "
+                          f"{len(heads)}: {[n for n in tensors if n not in base.infos][:4]}")
+    return heads[0].shape[0]
 
 
 # ---------------------------------------------------------------------------------------------- QLoRA base
@@ -251,8 +313,11 @@ class ExportReport:
     merge_base: str = "original"
 
 
-def _check_adapter_fits(adapter: Adapter, base: BaseModel, tied: Optional[tuple[str, str]]) -> None:
+def _check_adapter_fits(adapter: Adapter, base: BaseModel, tied: Optional[tuple[str, str]],
+                        classifier: Optional[Classifier] = None) -> None:
     names = set(base.infos) | ({tied[1]} if tied else set())
+    if classifier is not None:  # the new head's tensors come from the adapter
+        names |= {n for n in adapter.replacements if n in classifier.names}
     for name, pair in adapter.pairs.items():
         if name not in names:
             raise ExportError(f"adapter targets {pair.module}, which the base {base.dir} does not have (is it the "
@@ -264,6 +329,8 @@ def _check_adapter_fits(adapter: Adapter, base: BaseModel, tied: Optional[tuple[
     for name, tensor in adapter.replacements.items():
         if name not in names:
             raise ExportError(f"adapter replaces {name}, which the base {base.dir} does not have")
+        if name not in base.infos and not (tied and name == tied[1]):
+            continue  # a classification head: new, any shape
         have = base.infos[tied[0] if tied and name == tied[1] else name].shape
         if tuple(have) != tuple(tensor.shape):
             raise ExportError(f"adapter does not fit the base {base.dir}: {name} is {list(have)} there, "
@@ -278,13 +345,20 @@ def output_config(config: dict, out_dtype: torch.dtype) -> dict:
 
 
 def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch.dtype, merge_quantized: bool,
-                   compute_dtype: torch.dtype) -> tuple[list[Entry], Callable[[], Iterator], dict, dict]:
+                   compute_dtype: torch.dtype, classifier: Optional[Classifier] = None
+                   ) -> tuple[list[Entry], Callable[[], Iterator], dict, dict]:
     """Entries to write, a generator of merged tensors in that order, the output config, and counts."""
     config = dict(base.config)
     tied = tied_embedding_names(base)
     targets = adapter.targets() if adapter else set()
-    untie = tied is not None and bool(targets & set(tied))
     names = sorted(base.infos, key=lambda n: (str(base.infos[n].path), base.infos[n].start))  # sequential reads
+    new_heads: list[str] = []
+    if classifier is not None:  # no language-model head; the trained classification head instead
+        names = [n for n in names if n in classifier.names]
+        new_heads = sorted(n for n in targets if n not in base.infos)
+        config.update(classifier.config)
+        tied = None
+    untie = tied is not None and bool(targets & set(tied))
     if untie:
         # The adapter changes one side of a tied pair: the trained model used two different matrices, so the
         # export stores both and unties them (merging into a shared weight would change the other side too).
@@ -299,8 +373,9 @@ def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch
         info = base.infos[tied[0] if untie and n == tied[1] else n]
         dtype = out_dtype if info.dtype.is_floating_point else info.dtype
         entries.append(Entry(n, info.shape, dtype))
+    entries += [Entry(n, tuple(adapter.replacements[n].shape), out_dtype) for n in new_heads]
     counts = {"merged": len(set(names) & set(adapter.pairs)) if adapter else 0,
-              "replaced": len(set(names) & set(adapter.replacements)) if adapter else 0}
+              "replaced": len(set(names + new_heads) & set(adapter.replacements)) if adapter else 0}
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
         for n in names:
@@ -311,6 +386,8 @@ def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch
             if adapter is not None and n in targets:
                 tensor = adapter.apply(n, tensor)
             yield n, tensor
+        for n in new_heads:
+            yield n, adapter.replacements[n]
 
     return entries, produce, config, counts
 
@@ -377,12 +454,20 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, dtyp
     method = (run_config.get("adapter") or {}).get("method", "lora")
     budget = min(parse_size(shard_size), CONSOLIDATION_BATCH_BYTES)
     if method in ("full", "freeze"):  # a freeze run saves every weight, like full fine-tuning
-        return _export_full(zero, base, out, dtype, shard_size, verify, force, log)
+        classifier = None
+        if is_classification(run_config):
+            shapes = zero.shapes()
+            heads = [n for n in shapes if n not in base.infos and len(shapes[n]) == 2]
+            if len(heads) != 1:
+                raise ExportError(f"{checkpoint}: expected one classification head beside the base's tensors, "
+                                  f"found {heads[:4]}")
+            classifier = build_classifier(base, run_config, shapes[heads[0]][0], [base.dir])
+        return _export_full(zero, base, out, dtype, shard_size, verify, force, log, classifier)
     # A LoRA run's checkpoint holds only the adapter (frozen weights are excluded): consolidate it, then merge.
     state = lora_state_to_adapter(dict(zero.iter_tensors(budget)))
     adapter_cfg = run_config.get("adapter") or {}
     config = {"peft_type": "LORA", "r": adapter_cfg.get("r"), "lora_alpha": adapter_cfg.get("alpha"),
-              "use_rslora": False}
+              "use_rslora": False, "task_type": "SEQ_CLS" if is_classification(run_config) else "CAUSAL_LM"}
     try:
         adapter = build_adapter(config, state, str(checkpoint))
     except AdapterError as e:
@@ -396,7 +481,10 @@ def _export(base: BaseModel, adapter: Adapter, out: Path, dtype: Optional[str], 
             merge_base: str, run_config: dict, verify: bool, force: bool, log: Callable[[str], None],
             reference_adapter_dir: Optional[Path], side_sources: list[Path]) -> ExportReport:
     tied = tied_embedding_names(base)
-    _check_adapter_fits(adapter, base, tied)
+    classifier = None
+    if is_classification(run_config, adapter):
+        classifier = build_classifier(base, run_config, head_outputs(adapter.replacements, base), side_sources)
+    _check_adapter_fits(adapter, base, tied, classifier)
     out_dtype = DTYPES[dtype] if dtype else base.dtype
     quantized = resolve_merge_base(merge_base, run_config)
     if resolve_merge_base("auto", run_config) and not quantized:
@@ -405,12 +493,12 @@ def _export(base: BaseModel, adapter: Adapter, out: Path, dtype: Optional[str], 
             "on the original weights)")
     compute_dtype = DTYPES.get((run_config.get("model") or {}).get("dtype"), torch.float32) \
         if run_config else out_dtype
-    entries, produce, config, counts = merged_tensors(base, adapter, out_dtype, quantized, compute_dtype)
+    entries, produce, config, counts = merged_tensors(base, adapter, out_dtype, quantized, compute_dtype, classifier)
     shard_bytes = parse_size(shard_size)
 
     def check(staging: Path, report: ExportReport) -> None:
         _verify_against_adapter(staging, base, adapter, reference_adapter_dir, quantized, compute_dtype, out_dtype,
-                                report, log)
+                                report, log, classifier)
 
     return _write_export(out, force, entries, produce(), shard_bytes, side_sources, config,
                          dict(merged=counts["merged"], replaced=counts["replaced"],
@@ -419,7 +507,8 @@ def _export(base: BaseModel, adapter: Adapter, out: Path, dtype: Optional[str], 
 
 
 def _export_full(zero: ZeroCheckpoint, base: BaseModel, out: Path, dtype: Optional[str], shard_size: str,
-                 verify: bool, force: bool, log: Callable[[str], None]) -> ExportReport:
+                 verify: bool, force: bool, log: Callable[[str], None],
+                 classifier: Optional[Classifier] = None) -> ExportReport:
     out_dtype = DTYPES[dtype] if dtype else base.dtype
     shapes = zero.shapes()
     tied = set(zero.shared)  # e.g. lm_head.weight shared with the input embedding: stored once, as HF does
@@ -432,10 +521,11 @@ def _export_full(zero: ZeroCheckpoint, base: BaseModel, out: Path, dtype: Option
     tensors = ((n, t) for n, t in zero.iter_tensors(budget) if n not in tied)
 
     def check(staging: Path, report: ExportReport) -> None:
-        _verify_full(staging, zero, base, out_dtype, budget, report, log)
+        _verify_full(staging, zero, base, out_dtype, budget, report, log, classifier)
 
+    config = output_config({**base.config, **(classifier.config if classifier else {})}, out_dtype)
     log(f"consolidating {len(entries)} tensors from {zero.world_size} rank(s) of ZeRO-{zero.stage}")
-    return _write_export(out, force, entries, tensors, shard_bytes, [base.dir], output_config(base.config, out_dtype),
+    return _write_export(out, force, entries, tensors, shard_bytes, [base.dir], config,
                          dict(merged=0, replaced=0), check if verify else None)
 
 
@@ -497,11 +587,35 @@ def _compare(exported: torch.nn.Module, reference: torch.nn.Module, vocab: int, 
     report.verified = "passed"
 
 
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """transformers reports the base's unused LM head and the new classifier head on load; both are expected."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _head_kwargs(classifier: Optional[Classifier]) -> dict:
+    """from_pretrained settings that make the base a classifier like the run's (its new head is then replaced)."""
+    if classifier is None:
+        return {}
+    return {"num_labels": len(classifier.config["id2label"]), "pad_token_id": classifier.config["pad_token_id"]}
+
+
 def _verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, adapter_dir: Optional[Path],
                             quantized: bool, compute_dtype: torch.dtype, out_dtype: torch.dtype,
-                            report: ExportReport, log: Callable[[str], None]) -> None:
+                            report: ExportReport, log: Callable[[str], None],
+                            classifier: Optional[Classifier] = None) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_class = classifier.model_class() if classifier else AutoModelForCausalLM
 
     size = sum(i.nbytes for i in base.infos.values())
     if not _fits_in_ram(size * 2 + report.bytes * 2):
@@ -514,7 +628,8 @@ def _verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ad
         kwargs = {"dtype": compute_dtype, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype)}
-    reference = AutoModelForCausalLM.from_pretrained(base.dir, **kwargs)
+    with _quiet_loading(classifier is not None):  # a causal LM loaded as a classifier: its load report is noise
+        reference = model_class.from_pretrained(base.dir, **kwargs, **_head_kwargs(classifier))
     if quantized:
         # The base as transformers quantized it on load, turned back into float weights by bitsandbytes: the
         # weights training saw. (bitsandbytes' own CPU inference kernel computes in bf16 whatever the compute
@@ -526,32 +641,37 @@ def _verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ad
         targets = sorted({p.module.rsplit(".", 1)[-1] for p in adapter.pairs.values()})
         r = next(iter(adapter.pairs.values())).a.shape[0]
         reference = get_peft_model(reference, LoraConfig(r=r, lora_alpha=adapter.config["lora_alpha"],
-                                                         target_modules=targets, lora_dropout=0.0))
+                                                         target_modules=targets, lora_dropout=0.0,
+                                                         task_type="SEQ_CLS" if classifier else None))
         state = {f"base_model.model.{p.module}.lora_{ab}.weight": getattr(p, ab.lower())
                  for p in adapter.pairs.values() for ab in ("A", "B")}
+        state.update({f"base_model.model.{name}": tensor for name, tensor in adapter.replacements.items()})
         set_peft_model_state_dict(reference, state)
     reference.eval()
-    exported = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype).eval()
+    exported = model_class.from_pretrained(staging, dtype=out_dtype).eval()
     what = "base + adapter" + (" on the NF4-quantized base" if quantized else "")
     _compare(exported, reference, base.config.get("vocab_size") or exported.config.vocab_size, out_dtype, report,
              log, what)
 
 
 def _verify_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype: torch.dtype, budget: int,
-                 report: ExportReport, log: Callable[[str], None]) -> None:
+                 report: ExportReport, log: Callable[[str], None], classifier: Optional[Classifier] = None) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_class = classifier.model_class() if classifier else AutoModelForCausalLM
 
     if not _fits_in_ram(report.bytes * 4):
         log("verify: skipped: comparing needs the fp32 model twice in RAM; run on a larger machine to verify")
         report.verified = "skipped (not enough RAM)"
         return
-    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base.dir), dtype=torch.float32)
+    reference = model_class.from_config(AutoConfig.from_pretrained(base.dir, **_head_kwargs(classifier)),
+                                        dtype=torch.float32)
     missing, unexpected = reference.load_state_dict(dict(zero.iter_tensors(budget)), strict=False)
     missing = [m for m in missing if m not in zero.shared and not m.endswith("lm_head.weight")]
     if missing or unexpected:
         raise ExportError(f"verification failed: the checkpoint's parameters do not match the model config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     reference.tie_weights()
-    exported = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype).eval()
+    exported = model_class.from_pretrained(staging, dtype=out_dtype).eval()
     _compare(exported, reference.eval(), exported.config.vocab_size, out_dtype, report, log,
              "the checkpoint's fp32 weights")

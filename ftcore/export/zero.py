@@ -307,5 +307,7 @@ def _copy_span(reader: TorchFileReader, groups: list, bounds: list[int], start: 
 
 
 def lora_state_to_adapter(state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """PEFT module parameter names (`...lora_A.default.weight`) -> saved adapter names (`...lora_A.weight`)."""
-    return {k.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", ""): v for k, v in state.items()}
+    """PEFT module parameter names (`...lora_A.default.weight`, a classification head's
+    `score.modules_to_save.default.weight`) -> saved adapter names (`...lora_A.weight`, `score.weight`)."""
+    return {k.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+            .replace(f".{adapter_name}", ""): v for k, v in state.items()}
