@@ -124,25 +124,31 @@ class CheckpointManager:
                 shutil.rmtree(stale)
             tmp.mkdir()
         barrier()
-        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
-                               exclude_frozen_parameters=exclude_frozen)
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        try:
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
+                                   exclude_frozen_parameters=exclude_frozen)
+            torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        except (OSError, RuntimeError) as e:
+            self._write_failed(step, tmp, e)
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, data_state)
-        if self.rank == 0:
-            (tmp / "data_state.json").write_text(json.dumps(gathered, indent=1))
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            if config_text:  # the run's config travels with the checkpoint (ft export reads it)
-                (tmp / "ft_config.yaml").write_text(config_text)
-        barrier()
-        # Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote).
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                _fsync_file(f)
-        barrier()
-        if self.rank == 0:
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        try:
+            if self.rank == 0:
+                (tmp / "data_state.json").write_text(json.dumps(gathered, indent=1))
+                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                if config_text:  # the run's config travels with the checkpoint (ft export reads it)
+                    (tmp / "ft_config.yaml").write_text(config_text)
+            barrier()
+            # Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote).
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    _fsync_file(f)
+            barrier()
+            if self.rank == 0:
+                files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+                _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        except OSError as e:
+            self._write_failed(step, tmp, e)
             if final.exists():  # same step saved before (e.g. a resumed run re-reaching it): replace whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -151,6 +157,30 @@ class CheckpointManager:
             self._prune()
         barrier()
         return final
+
+    def _write_failed(self, step: int, tmp: Path, error: BaseException) -> None:
+        """A failed write (a full disk, most often) becomes one clear error; the partial directory is removed (it
+        is never read: no manifest), the previous checkpoint and `latest` are untouched."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(self.root).free / 2**20:.1f} MiB free on the filesystem of {self.root}"
+        except OSError:
+            free = "free space unknown"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if getattr(error, "errno", None) == 28 or "write failed" in reason or "No space" in reason:
+            reason = f"no space left on device ({reason})"
+        previous = self.latest_name()
+        raise CheckpointError(
+            f"checkpoint at step {step}: writing {tmp} failed on rank {self.rank}: {reason}; {free}. "
+            + (f"The previous checkpoint {previous} is intact and `latest` names it: free space and rerun to resume"
+               if previous else "There is no earlier checkpoint: free space and rerun")) from None
+
+    def latest_name(self) -> Optional[str]:
+        pointer = self.root / "latest"
+        try:
+            return pointer.read_text().strip() if pointer.is_file() else None
+        except OSError:
+            return None
 
     def _prune(self) -> None:
         for old in self._complete_dirs()[: -self.keep_last]:

@@ -198,6 +198,9 @@ class DistributedConfig(Section):
     """ZeRO-3 keeps parameters smaller than this many elements whole on every rank."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    timeout_s: int = Field(1800, gt=0)
+    """Watchdog for hung peers: a collective that waits longer than this fails the run with the reason, and the
+    launcher stops every rank (about timeout_s + 30 s after a peer hangs). Must exceed the longest checkpoint save."""
 
 
 class CheckpointConfig(Section):

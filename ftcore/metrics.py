@@ -111,6 +111,7 @@ class MetricsSink:
 
     def __init__(self, output_dir: Path, report_to: str, resume_step: int):
         self.jsonl = output_dir / "metrics.jsonl"
+        drop_partial_line(self.jsonl)  # a process killed mid-write leaves half a line; appending must not glue on
         self.tb = None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -131,6 +132,16 @@ class MetricsSink:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+def drop_partial_line(path: Path) -> None:
+    """Cut a JSON-lines file back to its last complete line."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def write_summary(path: Path, summary: dict) -> None:

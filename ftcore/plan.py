@@ -86,21 +86,27 @@ class ModelFacts:
 def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     """The model as training will build it, on the meta device: no weights read, nothing allocated."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ftcore.model import DTYPES, apply_freeze, apply_lora, block_depths, quantized_module_names
+    from ftcore.model import (DTYPES, apply_freeze, apply_lora, block_depths, classification_head_names,
+                              quantized_module_names)
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    classification = cfg.task == "classification"
+    if classification:  # the head's size hardly matters; the label set may only be known from the data
+        hf_config = AutoConfig.from_pretrained(model_dir, num_labels=len(cfg.data.labels or [0, 1]))
+    else:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[cfg.model.dtype])
+        model = auto_class.from_config(hf_config, dtype=DTYPES[cfg.model.dtype])
     quantized_modules = quantized_module_names(model) if cfg.adapter.method == "qlora" else set()
     if cfg.adapter.method in ("lora", "qlora"):
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.device("meta"):
-            model = apply_lora(model, cfg.adapter, cfg.train.seed)
+            model = apply_lora(model, cfg.adapter, cfg.train.seed, "SEQ_CLS" if classification else "CAUSAL_LM")
     elif cfg.adapter.method == "freeze":
-        apply_freeze(model, cfg.adapter)
+        apply_freeze(model, cfg.adapter, head=classification_head_names(model) if classification else ())
     seen: set[int] = set()
     params: list[ParamInfo] = []
     for name, p in model.named_parameters(remove_duplicate=True):

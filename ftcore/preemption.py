@@ -6,7 +6,10 @@ PREEMPTED_EXIT_STATUS. No torch import: the launcher shares the constants.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from typing import Optional
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -40,3 +43,19 @@ def install_stop_handlers() -> None:
 def stop_signal() -> Optional[int]:
     """The first stop signal this process received, or None."""
     return _received[0] if _received else None
+
+
+LAUNCHER_PID_ENV = "FT_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """A training process started by `ft launch` dies with it: if the launcher is killed (kill -9, OOM killer), the
+    kernel sends this process SIGKILL (PR_SET_PDEATHSIG) instead of leaving it running, holding its GPU and waiting
+    in a collective forever. The checkpoints stay consistent: a save is only complete once renamed into place."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the request took effect
+        os._exit(1)

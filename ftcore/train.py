@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -137,13 +138,22 @@ class Recipe:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        # Hung-peer watchdog: every process group must time out after distributed.timeout_s. DeepSpeed makes its
+        # data-parallel group with new_group(), which takes torch's module default (30 min), not the timeout the
+        # world group got; so the module default is set too, before any group exists.
+        timeout = timedelta(seconds=cfg.distributed.timeout_s)
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = timeout
+        if isinstance(distributed_c10d.default_pg_nccl_timeout, timedelta):
+            distributed_c10d.default_pg_nccl_timeout = timeout
         # The explicit process group backend matters on CPU: without it accelerate reports a world of 1 on
         # every rank (each would think it is the main process and read the same data).
         self.accelerator = Accelerator(
             deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.ds_config),
             gradient_accumulation_steps=cfg.train.grad_accum_steps,
             mixed_precision=cfg.model.mixed_precision,
-            kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)],
         )
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes

@@ -42,7 +42,18 @@ RESUME_OPT = typer.Option("auto", "--resume",
                           help="auto: newest complete checkpoint in output_dir; none: start fresh; or a step dir.")
 
 
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="On an error, print the Python traceback too "
+                                        "(for a bug report); the training processes inherit it.")) -> None:
+    if debug:
+        os.environ["FT_DEBUG"] = "1"
+
+
 def _fail(message: str, code: int = 2) -> None:
+    if os.environ.get("FT_DEBUG") == "1" and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
     label = "" if message.startswith("config error:") else "error: "
@@ -86,9 +97,10 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
 
     Example: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
     """
-    from ftcore.preemption import PREEMPTED_EXIT_STATUS, Preempted, install_stop_handlers
+    from ftcore.preemption import PREEMPTED_EXIT_STATUS, Preempted, die_with_launcher, install_stop_handlers
     from launcher.supervise import write_failure_record
 
+    die_with_launcher()
     install_stop_handlers()  # first: a stop signal from now on is recorded, not fatal
     try:
         cfg = _load(config, sets, check_paths=True)
@@ -107,8 +119,25 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as e:  # an unexpected error still tells the launcher when and where it happened
+        lost = _lost_peer(e)
+        if lost:
+            write_failure_record(lost)
+            _fail(lost, code=1)
         write_failure_record(f"{type(e).__name__}: {e}")
         raise
+
+
+def _lost_peer(error: Exception) -> Optional[str]:
+    """A collective that failed because another rank died or hung, as one line (else None)."""
+    text = str(error)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    if any(s in text for s in ("Timed out", "timed out", "Timeout", "Watchdog caught collective")):
+        return (f"a collective timed out waiting for another rank (distributed.timeout_s): a peer hung or is far "
+                f"behind; see which rank failed first ({first})")
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                               "NCCL communicator was aborted", "ProcessGroupGloo", "recvBytes")):
+        return f"lost the connection to another rank in a collective (it died): {first}"
+    return None
 
 
 @app.command()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from ftcore.preemption import PREEMPTED_EXIT_STATUS, STOP_SIGNALS
+from ftcore.preemption import LAUNCHER_PID_ENV, PREEMPTED_EXIT_STATUS, STOP_SIGNALS
 
 TAIL_LINES = 25
 
@@ -85,6 +85,7 @@ def run_node(argv: Sequence[str], env: Mapping[str, str], ctx: NodeContext) -> i
 
     os.environ.clear()
     os.environ.update(env)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks die with this process (die_with_launcher)
     # torch elastic logs every non-zero rank exit as an error line; ft reports the outcome itself (below).
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     forwarder = StopForwarder(ctx)

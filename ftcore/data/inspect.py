@@ -14,7 +14,7 @@ import numpy as np
 from ftcore.config import Config
 from ftcore.data.formats import IGNORE_INDEX
 from ftcore.data.packing import BestFitPacker
-from ftcore.data.stream import TrainStream
+from ftcore.data.stream import TrainStream, discover_labels
 
 
 @dataclass
@@ -61,15 +61,23 @@ def simulate_packing(lengths: list[int], capacity: int, buffer: int) -> tuple[fl
 
 def inspect_data(cfg: Config, tokenizer: Any, show: int, scan: int) -> InspectResult:
     data = cfg.data.model_copy(update={"packing": False})
+    if cfg.task == "classification":
+        data = data.model_copy(update={"labels": discover_labels(data)})
     stream = TrainStream(data, tokenizer, cfg.train.seed, rank=0, world_size=1, micro_batch_size=1)
     shown, lengths, trained = [], [], []
     for i in range(max(scan, show)):
         batch = stream.next_batch()
-        ids, labels = batch.input_ids[0].tolist(), batch.labels[0].tolist()
+        ids, sample_id = batch.input_ids[0].tolist(), batch.sample_ids[0]
+        if stream.classification:  # one label per sample, no token is a target
+            sample_id += f" (label {data.labels[int(batch.labels[0])]})"
+            labels = [IGNORE_INDEX] * len(ids)
+            trained.append(1)
+        else:
+            labels = batch.labels[0].tolist()
+            trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
         lengths.append(len(ids))
-        trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
         if i < show:
-            shown.append((batch.sample_ids[0], token_pieces(tokenizer, ids, labels)))
+            shown.append((sample_id, token_pieces(tokenizer, ids, labels)))
     efficiency, rows = simulate_packing(lengths, cfg.data.max_seq_len, cfg.data.packing_buffer)
     return InspectResult(shown, lengths, trained, dict(stream.counters), list(stream.maker.error_examples),
                          efficiency, rows, [(g.spec_text, len(g), len(g.files)) for g in stream.groups])

@@ -542,6 +542,14 @@ def _write_export(out: Path, force: bool, entries: list[Entry], tensors: Iterato
         if verify is not None:
             verify(staged.staging, report)
         staged.commit()
+    except OSError as e:  # a full disk, most often: say so, and leave nothing behind
+        staged.abort()
+        try:
+            free = f"{shutil.disk_usage(out.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise ExportError(f"writing the export beside {out} failed: {e.strerror or e} ({free}); nothing was "
+                          f"written to {out} (staging removed)") from None
     except BaseException:
         staged.abort()
         raise

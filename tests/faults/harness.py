@@ -1,0 +1,317 @@
+"""Fault injection against the real `ft` CLI: real processes, real signals, real filesystems.
+
+Used by the fault tests (tests/faults/, a few trials each) and by benchmarks/faults.py (full scale). Every
+scenario returns counts; a scenario never mocks what it breaks.
+
+- kill:    SIGKILL of `ft launch` (the node's agent; its ranks must die with it) at seeded random moments (during
+           start-up, between steps, while a checkpoint is being written), then the same command again, until the
+           run finishes. After each kill, `latest` must name a complete, loadable checkpoint; at the end the final
+           adapter must equal an uninterrupted run's, bit for bit. No process may survive a kill.
+- dead:    one rank SIGKILLed while its peer waits in a collective: the launcher must stop, name that rank with
+           its log tail, exit non-zero within a bound, and leave no process behind.
+- hang:    one rank SIGSTOPped (alive, silent): the collective timeout (distributed.timeout_s) must end the run
+           within timeout + the launcher's stop grace, exit non-zero, nothing left behind.
+- signal:  SIGTERM or SIGUSR1 to `ft launch` at seeded random moments, including right after an eval step and
+           while a checkpoint is written: exit 75 (or 0 if training had already finished); rerunning gives the
+           uninterrupted run's final adapter.
+- bad inputs: see bad_inputs.py.
+- disk full: a size-limited tmpfs filled up before a checkpoint write / during an export.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 12
+TIMEOUT_S = 15  # distributed.timeout_s in the hang scenario
+STOP_GRACE_S = 30  # torch elastic's SIGTERM -> SIGKILL grace when it stops a node's ranks
+
+
+def run_args(out: Path, *extra: str) -> list[str]:
+    """A 2-process ZeRO-2 LoRA run of STEPS steps with a checkpoint every 2 steps and an eval every 3."""
+    return ["launch", "examples/demo.yaml", "--nproc", "2", "--set", f"output_dir={out}",
+            "--set", f"train.max_steps={STEPS}", "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64",
+            "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "checkpoint.every_steps=2",
+            "--set", "checkpoint.keep_last=2", "--set", "train.warmup_steps=2", "--set", "train.report_to=none",
+            *extra]
+
+
+def ft_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env.setdefault("FT_CACHE_DIR", str(ROOT / ".pytest_cache" / "ft-cache"))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+@dataclass
+class Launch:
+    """One `ft launch` attempt, its output in a file (so polling it never blocks the process)."""
+
+    args: list[str]
+    log: Path
+    proc: subprocess.Popen = field(init=False)
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.handle = open(self.log, "w")
+        self.proc = subprocess.Popen(ft_command(*self.args), cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
+                                     env=environment(), start_new_session=True)
+        self.started = time.monotonic()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def step(self) -> int:
+        """The last step this attempt has logged."""
+        steps = re.findall(r"step (\d+)/\d+ loss", self.text())
+        return int(steps[-1]) if steps else 0
+
+    def descendants(self) -> list[int]:
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def ranks(self) -> dict[int, int]:
+        """rank -> pid of this node's training processes."""
+        import psutil
+
+        out = {}
+        for pid in self.descendants():
+            try:
+                rank = psutil.Process(pid).environ().get("RANK")
+            except psutil.Error:
+                continue
+            if rank is not None and "launcher.cli" in " ".join(psutil.Process(pid).cmdline()):
+                out[int(rank)] = pid
+        return out
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.handle.close()
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_gone(pids: list[int], within: float = 20.0) -> list[int]:
+    """PIDs still running after `within` seconds (orphans)."""
+    deadline = time.monotonic() + within
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def wait_until(condition, timeout: float, poll: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def checkpoint_writing(out: Path) -> bool:
+    return any((out / "checkpoints").glob("step-*.tmp"))
+
+
+def latest_is_sound(out: Path) -> bool:
+    """What `latest` names (or, before the first checkpoint, nothing) is complete and loadable; every complete
+    step dir verifies."""
+    import torch
+
+    from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+
+    manager = CheckpointManager(out, keep_last=2, rank=0, world_size=2)
+    try:
+        latest = manager.latest()
+        if latest is None:
+            return not (manager.root / "latest").exists()
+        for step_dir in manager._complete_dirs():
+            verify_checkpoint(step_dir)
+        for path in latest.rglob("*.pt"):  # every tensor file loads
+            torch.load(path, map_location="cpu", weights_only=False)
+        return True
+    except (CheckpointError, OSError, RuntimeError, ValueError):
+        return False
+
+
+def same_final(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    fa, fb = (load_file(p / "final" / "adapter_model.safetensors") for p in (a, b))
+    return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def reference_run(work: Path) -> Path:
+    out = work / "reference"
+    launch = Launch(run_args(out), work / "reference.log")
+    if launch.wait() != 0:
+        raise RuntimeError(f"the uninterrupted reference run failed:\n{launch.text()[-3000:]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+MOMENTS = ("startup", "step", "checkpoint")
+
+
+def _fire_at_moment(launch: Launch, out: Path, moment: str, rng: random.Random) -> bool:
+    """Wait for the chosen moment; False if the attempt finished first."""
+    done = lambda: launch.proc.poll() is not None  # noqa: E731
+    if moment == "startup":
+        deadline = time.monotonic() + rng.uniform(1.0, 8.0)
+        wait_until(lambda: done() or time.monotonic() > deadline, 30)
+    elif moment == "step":
+        target = min(STEPS - 1, launch_step_floor(out) + rng.randint(1, 4))
+        wait_until(lambda: done() or launch.step() >= target, 120)
+        time.sleep(rng.uniform(0.0, 0.4))
+    else:
+        wait_until(lambda: done() or checkpoint_writing(out), 120, poll=0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
+    return not done()
+
+
+def launch_step_floor(out: Path) -> int:
+    """The step the next attempt resumes from (its latest checkpoint)."""
+    name = (out / "checkpoints" / "latest")
+    try:
+        return int(name.read_text().strip().split("-")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_per_run: int = 4) -> dict:
+    rng = random.Random(seed)
+    counts = {"kill_trials": 0, "kill_resumed_ok": 0, "corrupt_checkpoints": 0, "orphans_after_kill": 0,
+              "kill_moments": {m: 0 for m in MOMENTS}}
+    campaign = 0
+    while counts["kill_trials"] < trials:
+        out = work / f"kill-{campaign}"
+        kills_here = 0
+        attempt = 0
+        while True:
+            launch = Launch(run_args(out), work / f"kill-{campaign}-attempt{attempt}.log")
+            attempt += 1
+            if kills_here < kills_per_run and counts["kill_trials"] < trials:
+                moment = rng.choice(MOMENTS)
+                if _fire_at_moment(launch, out, moment, rng):
+                    children = launch.descendants()
+                    os.kill(launch.proc.pid, signal.SIGKILL)  # the agent only: its ranks must follow it
+                    launch.wait()
+                    orphans = wait_gone(children)
+                    if orphans:
+                        counts["orphans_after_kill"] += len(orphans)
+                        for pid in orphans:
+                            os.kill(pid, signal.SIGKILL)
+                    kills_here += 1
+                    counts["kill_trials"] += 1
+                    counts["kill_moments"][moment] += 1
+                    if not latest_is_sound(out):
+                        counts["corrupt_checkpoints"] += 1
+                    continue
+            code = launch.wait()
+            if code != 0:
+                raise RuntimeError(f"kill campaign {campaign}: the rerun failed ({code}):\n{launch.text()[-3000:]}")
+            break
+        if same_final(out, reference) and latest_is_sound(out):
+            counts["kill_resumed_ok"] += kills_here
+        campaign += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- stop signals
+def signal_campaigns(work: Path, trials: int, seed: int, reference: Path) -> dict:
+    rng = random.Random(seed + 1)
+    counts = {"signal_trials": 0, "signal_resumed_equal": 0, "signal_exit_75": 0, "signal_moments": {}}
+    for trial in range(trials):
+        out = work / f"signal-{trial}"
+        signum = rng.choice([signal.SIGTERM, signal.SIGUSR1])
+        moment = rng.choice(("startup", "step", "eval", "checkpoint"))
+        launch = Launch(run_args(out), work / f"signal-{trial}.log")
+        if moment == "eval":  # the eval runs right after steps 3, 6, 9
+            target = rng.choice((3, 6, 9))
+            wait_until(lambda: launch.proc.poll() is not None or launch.step() >= target, 120, poll=0.005)
+        else:
+            _fire_at_moment(launch, out, moment, rng)
+        if launch.proc.poll() is None:
+            launch.proc.send_signal(signum)
+        code = launch.wait()
+        key = f"{signum.name}@{moment}"
+        counts["signal_moments"][key] = counts["signal_moments"].get(key, 0) + 1
+        counts["signal_trials"] += 1
+        if code == 75:
+            counts["signal_exit_75"] += 1
+            rerun = Launch(run_args(out), work / f"signal-{trial}-rerun.log")
+            code = rerun.wait()
+        if code == 0 and same_final(out, reference):
+            counts["signal_resumed_equal"] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- dead and hung ranks
+def dead_or_hung_rank(work: Path, trial: int, hang: bool) -> dict:
+    """SIGKILL (dead) or SIGSTOP (hung) rank 1 after step 3; the launcher must end everything in bounded time."""
+    out = work / f"{'hang' if hang else 'dead'}-{trial}"
+    launch = Launch(run_args(out, "--set", f"distributed.timeout_s={TIMEOUT_S}", "--set", "train.max_steps=400",
+                              "--set", "checkpoint.every_steps=0", "--set", "train.eval_every=0"),
+                    work / f"{'hang' if hang else 'dead'}-{trial}.log")
+    wait_until(lambda: launch.proc.poll() is not None or launch.step() >= 3, 180)
+    ranks = launch.ranks()
+    children = launch.descendants()
+    victim = ranks.get(1)
+    if victim is None:
+        launch.kill_all()
+        raise RuntimeError(f"rank 1 not found among {ranks}:\n{launch.text()[-2000:]}")
+    injected = time.monotonic()
+    os.kill(victim, signal.SIGSTOP if hang else signal.SIGKILL)
+    bound = TIMEOUT_S + STOP_GRACE_S + 30 if hang else 60
+    try:
+        code = launch.wait(timeout=bound)
+    except subprocess.TimeoutExpired:
+        launch.kill_all()
+        launch.wait()
+        return {"detected": False, "seconds": None, "orphans": 0, "named": False, "code": None}
+    seconds = time.monotonic() - injected
+    orphans = wait_gone(children, within=10)
+    for pid in orphans:
+        os.kill(pid, signal.SIGKILL)
+    text = launch.text()
+    named = "rank 1 failed first" in text and "last " in text
+    return {"detected": code != 0 and named, "seconds": round(seconds, 1), "orphans": len(orphans),
+            "named": named, "code": code}
