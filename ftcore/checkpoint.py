@@ -149,6 +149,7 @@ class CheckpointManager:
                 _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
         except OSError as e:
             self._write_failed(step, tmp, e)
+        if self.rank == 0:
             if final.exists():  # same step saved before (e.g. a resumed run re-reaching it): replace whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -163,11 +164,14 @@ class CheckpointManager:
         is never read: no manifest), the previous checkpoint and `latest` are untouched."""
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            free = f"{shutil.disk_usage(self.root).free / 2**20:.1f} MiB free on the filesystem of {self.root}"
+            free_bytes = shutil.disk_usage(self.root).free
+            free = f"{free_bytes / 2**20:.1f} MiB free on the filesystem of {self.root}"
         except OSError:
-            free = "free space unknown"
+            free_bytes, free = None, "free space unknown"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if getattr(error, "errno", None) == 28 or "write failed" in reason or "No space" in reason:
+        # torch.save reports a full disk as "file write failed" or "unexpected pos N vs M" (a short write).
+        if getattr(error, "errno", None) == 28 or "No space" in reason or (
+                free_bytes is not None and free_bytes < 16 << 20):
             reason = f"no space left on device ({reason})"
         previous = self.latest_name()
         raise CheckpointError(

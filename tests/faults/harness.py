@@ -225,9 +225,15 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
         out = work / f"kill-{campaign}"
         kills_here = 0
         attempt = 0
+        resumed_right = True
+        expected_resume: Optional[int] = None
         while True:
             launch = Launch(run_args(out), work / f"kill-{campaign}-attempt{attempt}.log")
             attempt += 1
+            if expected_resume is not None:  # the attempt must start from the checkpoint `latest` named at the kill
+                wait_until(lambda: launch.proc.poll() is not None or "world size 2 |" in launch.text(), 120)
+                found = re.search(r"resumed from \S+step-(\d+) at step", launch.text())
+                resumed_right &= (int(found.group(1)) if found else 0) == expected_resume
             if kills_here < kills_per_run and counts["kill_trials"] < trials:
                 moment = rng.choice(MOMENTS)
                 if _fire_at_moment(launch, out, moment, rng):
@@ -244,12 +250,13 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
                     counts["kill_moments"][moment] += 1
                     if not latest_is_sound(out):
                         counts["corrupt_checkpoints"] += 1
+                    expected_resume = launch_step_floor(out)
                     continue
             code = launch.wait()
             if code != 0:
                 raise RuntimeError(f"kill campaign {campaign}: the rerun failed ({code}):\n{launch.text()[-3000:]}")
             break
-        if same_final(out, reference) and latest_is_sound(out):
+        if same_final(out, reference) and latest_is_sound(out) and resumed_right and launch_step_floor(out) == STEPS:
             counts["kill_resumed_ok"] += kills_here
         campaign += 1
     return counts
@@ -315,3 +322,97 @@ def dead_or_hung_rank(work: Path, trial: int, hang: bool) -> dict:
     named = "rank 1 failed first" in text and "last " in text
     return {"detected": code != 0 and named, "seconds": round(seconds, 1), "orphans": len(orphans),
             "named": named, "code": code}
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+def mount_tmpfs(path: Path, size_mb: int) -> Optional[str]:
+    """Mount a size-limited tmpfs at path; the reason it cannot be, or None."""
+    if os.geteuid() != 0:
+        return "mounting a size-limited tmpfs needs root"
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"mount -t tmpfs failed: {proc.stderr.strip()}"
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path, leave_bytes: int) -> None:
+    """Take all but leave_bytes of the filesystem's free space."""
+    chunk = b"\0" * (1 << 20)
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            while shutil.disk_usage(directory).free > leave_bytes + len(chunk):
+                f.write(chunk)
+            f.write(b"\0" * max(shutil.disk_usage(directory).free - leave_bytes, 0))
+        except OSError as e:  # a writer took some of it meanwhile: the disk is full either way
+            if e.errno != 28:
+                raise
+
+
+def disk_full_checkpoint(work: Path, reference: Path) -> dict:
+    """The disk fills after the step-4 checkpoint: the step-6 save must fail clearly, leaving step 4 intact and
+    named by `latest`; with space freed, the rerun resumes from step 4 and ends equal to the reference."""
+    mount = work / "small-checkpoint-disk"
+    reason = mount_tmpfs(mount, 64)
+    if reason:
+        return {"skipped": reason}
+    try:
+        out = mount / "run"
+        launch = Launch(run_args(out, "--set", "train.eval_every=0"), work / "disk-full-checkpoint.log")
+        reached = wait_until(lambda: launch.proc.poll() is not None or launch_step_floor(out) >= 4, 180, poll=0.002)
+        step4 = out / "checkpoints" / "step-000004"
+        if not reached or launch.proc.poll() is not None:
+            launch.kill_all()
+            return {"clean": False, "why": "the run ended before the disk could be filled"}
+        size = sum(f.stat().st_size for f in step4.rglob("*") if f.is_file())
+        fill(mount, size // 3)
+        code = launch.wait()
+        text = launch.text()
+        latest = launch_step_floor(out)
+        leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-") and
+                     p.name not in ("step-000002", "step-000004")]
+        clean = (code != 0 and "no space left on device" in text and "step-000004 is intact" in text
+                 and latest == 4 and latest_is_sound(out) and not leftovers
+                 and "Traceback (most recent call last)" not in text)
+        (mount / "filler").unlink()
+        rerun = Launch(run_args(out, "--set", "train.eval_every=0"), work / "disk-full-checkpoint-rerun.log")
+        resumed = rerun.wait() == 0 and "resumed from" in rerun.text()
+        return {"clean": clean, "exit": code, "latest_after": latest, "leftovers": leftovers,
+                "resumed_after_freeing": resumed,
+                "line": next((line for line in text.splitlines() if "no space left" in line), "")[:400]}
+    finally:
+        unmount(mount)
+
+
+def disk_full_export(work: Path, adapter: Path, during_write: bool) -> dict:
+    """Export onto a disk that is too small from the start (the pre-check), or that fills while shards are being
+    written: a clear error, nothing at --out, no staging directory left."""
+    mount = work / f"small-export-disk-{'write' if during_write else 'precheck'}"
+    needed_mb = 40 if not during_write else 64 + 40 + 8  # the export is ~37 MB; the pre-check keeps 64 MiB spare
+    reason = mount_tmpfs(mount, 16 if not during_write else needed_mb)
+    if reason:
+        return {"skipped": reason}
+    try:
+        out = mount / "merged"
+        log = work / f"disk-full-export-{'write' if during_write else 'precheck'}.log"
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(ft_command("export", "--adapter", str(adapter), "--out", str(out),
+                                               "--shard-size", "4MB", "--dtype", "float32"),
+                                    cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=environment())
+            if during_write:
+                wait_until(lambda: proc.poll() is not None or any(mount.glob(".merged.tmp-*/model-00001-*")), 120,
+                           poll=0.002)
+                if proc.poll() is None:
+                    fill(mount, 256 << 10)
+            code = proc.wait(timeout=300)
+        text = log.read_text()
+        staging = list(mount.glob(".merged.tmp-*"))
+        expect = "failed: No space left on device" if during_write else "not enough disk space"
+        clean = (code != 0 and expect in text and not out.exists() and not staging
+                 and "Traceback (most recent call last)" not in text)
+        return {"clean": clean, "exit": code, "line": next((l for l in text.splitlines() if expect in l), "")[:400]}
+    finally:
+        unmount(mount)

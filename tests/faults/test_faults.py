@@ -1,0 +1,82 @@
+"""The fault suite at CI scale (a few trials each; benchmarks/faults.py runs it at full scale and prints JSON).
+Run it alone with `pytest -m faults`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.faults import harness
+from tests.faults.bad_inputs import cases, run_case
+
+pytestmark = [pytest.mark.faults, pytest.mark.multiproc]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must equal."""
+    return harness.reference_run(tmp_path_factory.mktemp("faults-reference"))
+
+
+def test_kill_9_at_random_moments_loses_nothing(reference, tmp_path):
+    counts = harness.kill_campaigns(tmp_path, trials=3, seed=int(os.environ.get("FT_FAULT_SEED", "0")),
+                                    reference=reference, kills_per_run=3)
+    assert counts["kill_trials"] == 3
+    assert counts["corrupt_checkpoints"] == 0 and counts["orphans_after_kill"] == 0, counts
+    assert counts["kill_resumed_ok"] == counts["kill_trials"], counts
+
+
+def test_stop_signals_at_random_moments_checkpoint_and_resume_equal(reference, tmp_path):
+    counts = harness.signal_campaigns(tmp_path, trials=2, seed=0, reference=reference)
+    assert counts["signal_resumed_equal"] == counts["signal_trials"] == 2, counts
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["dead-rank", "hung-rank"])
+def test_a_dead_or_hung_rank_ends_the_run_in_bounded_time(tmp_path, hang):
+    result = harness.dead_or_hung_rank(tmp_path, 0, hang=hang)
+    assert result["detected"], result
+    assert result["orphans"] == 0, result
+    bound = harness.TIMEOUT_S + harness.STOP_GRACE_S + 15 if hang else 30
+    assert result["seconds"] <= bound, result
+
+
+@pytest.fixture(scope="module")
+def prepared(reference, builtin_model_dir) -> dict:
+    return {"run": reference, "model": builtin_model_dir,
+            "run_args": json.dumps(harness.run_args(reference))}
+
+
+@pytest.mark.parametrize("name, setup", cases(), ids=[name for name, _ in cases()])
+def test_bad_input_gets_one_clear_line_and_leaves_nothing(name, setup, prepared, tmp_path):
+    result = run_case(name, setup, tmp_path, prepared)
+    assert result["clear"], result
+    assert not result["traceback"], result
+    assert not result["partial"], result
+
+
+def test_debug_shows_the_traceback(prepared, tmp_path):
+    name, setup = next(c for c in cases() if c[0] == "data: invalid JSON")
+    result = run_case(name, setup, tmp_path, prepared, debug=True)
+    assert result["clear"] and result["traceback"], result
+
+
+def test_bad_input_suite_has_at_least_30_cases():
+    assert len(cases()) >= 30
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(reference, tmp_path):
+    result = harness.disk_full_checkpoint(tmp_path, reference)
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
+    assert result["clean"] and result["resumed_after_freeing"], result
+
+
+@pytest.mark.parametrize("during_write", [False, True], ids=["too-small", "fills-while-writing"])
+def test_disk_full_during_an_export_leaves_nothing(reference, tmp_path, during_write):
+    result = harness.disk_full_export(tmp_path, reference / "final", during_write)
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
+    assert result["clean"], result
