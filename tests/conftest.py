@@ -42,6 +42,22 @@ def tiny_run_args(output_dir: Path, *extra: str) -> list[str]:
             "--set", "train.warmup_steps=2", *extra]
 
 
+def cached_launches(base: Path, runs: dict[str, tuple], *common: str):
+    """get(name): the output dir of a 2-process `ft launch` of tiny_run_args + common + runs[name], started on
+    first use and shared by a module's tests; its output is kept in launch.log."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            out = base / name
+            proc = run_ft("launch", *tiny_run_args(out, *common, *runs[name]), "--nproc", "2")
+            (out / "launch.log").write_text(proc.stdout + proc.stderr)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def builtin_model_dir() -> str:
     from ftcore.builtin import resolve_model_path

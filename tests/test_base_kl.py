@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import cached_launches, read_jsonl
 
 pytestmark = pytest.mark.multiproc
 
@@ -19,16 +19,7 @@ RUNS = {"plain": (), "beta0": ("--set", "train.base_kl=0.0"), "beta1": ("--set",
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    base, cache = tmp_path_factory.mktemp("kl"), {}
-
-    def get(name):
-        if name not in cache:
-            out = base / name
-            run_ft("launch", *tiny_run_args(out, *STEPS, *RUNS[name]), "--nproc", "2")
-            cache[name] = out
-        return cache[name]
-
-    return get
+    return cached_launches(tmp_path_factory.mktemp("kl"), RUNS, *STEPS)
 
 
 def steps(out):

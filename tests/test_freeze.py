@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import plan_matches_engine, read_jsonl, run_ft, tiny_run_args
+from tests.conftest import cached_launches, plan_matches_engine, read_jsonl, tiny_run_args
 
 pytestmark = pytest.mark.multiproc
 
@@ -25,17 +25,7 @@ RUNS = {"zero2": FREEZE, "zero3": (*FREEZE, "--set", "distributed.zero_stage=3",
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    base, cache = tmp_path_factory.mktemp("freeze"), {}
-
-    def get(name):
-        if name not in cache:
-            out = base / name
-            proc = run_ft("launch", *tiny_run_args(out, *RUNS[name]), "--nproc", "2")
-            (out / "launch.log").write_text(proc.stdout + proc.stderr)
-            cache[name] = out
-        return cache[name]
-
-    return get
+    return cached_launches(tmp_path_factory.mktemp("freeze"), RUNS)
 
 
 def chosen(name: str, name_rule: str) -> bool:

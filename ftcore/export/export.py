@@ -166,13 +166,13 @@ def build_classifier(base: BaseModel, run_config: dict, num_labels: int, tokeniz
     return Classifier(set(model.state_dict()), settings)
 
 
-def head_outputs(tensors: dict[str, torch.Tensor], base: BaseModel) -> int:
-    """Classes of a classification head among `tensors` (the 2-D tensor the base does not have)."""
-    heads = [t for n, t in tensors.items() if n not in base.infos and n.endswith("weight") and t.dim() == 2]
+def head_outputs(shapes: dict[str, tuple], base: BaseModel, where: str) -> int:
+    """Classes of a classification head: the output size of the one 2-D weight (name -> shape) the base lacks."""
+    heads = [n for n, shape in shapes.items() if n not in base.infos and n.endswith("weight") and len(shape) == 2]
     if len(heads) != 1:
-        raise ExportError(f"expected one classification head weight beside the base's tensors, found "
-                          f"{len(heads)}: {[n for n in tensors if n not in base.infos][:4]}")
-    return heads[0].shape[0]
+        raise ExportError(f"{where}: expected one classification head weight beside the base's tensors, found "
+                          f"{len(heads)}: {[n for n in shapes if n not in base.infos][:4]}")
+    return shapes[heads[0]][0]
 
 
 # ---------------------------------------------------------------------------------------------- QLoRA base
@@ -456,12 +456,8 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, dtyp
     if method in ("full", "freeze"):  # a freeze run saves every weight, like full fine-tuning
         classifier = None
         if is_classification(run_config):
-            shapes = zero.shapes()
-            heads = [n for n in shapes if n not in base.infos and len(shapes[n]) == 2]
-            if len(heads) != 1:
-                raise ExportError(f"{checkpoint}: expected one classification head beside the base's tensors, "
-                                  f"found {heads[:4]}")
-            classifier = build_classifier(base, run_config, shapes[heads[0]][0], [base.dir])
+            classes = head_outputs({n: tuple(shape) for n, shape in zero.shapes().items()}, base, str(checkpoint))
+            classifier = build_classifier(base, run_config, classes, [base.dir])
         return _export_full(zero, base, out, dtype, shard_size, verify, force, log, classifier)
     # A LoRA run's checkpoint holds only the adapter (frozen weights are excluded): consolidate it, then merge.
     state = lora_state_to_adapter(dict(zero.iter_tensors(budget)))
@@ -483,7 +479,8 @@ def _export(base: BaseModel, adapter: Adapter, out: Path, dtype: Optional[str], 
     tied = tied_embedding_names(base)
     classifier = None
     if is_classification(run_config, adapter):
-        classifier = build_classifier(base, run_config, head_outputs(adapter.replacements, base), side_sources)
+        classes = head_outputs({n: tuple(t.shape) for n, t in adapter.replacements.items()}, base, "adapter")
+        classifier = build_classifier(base, run_config, classes, side_sources)
     _check_adapter_fits(adapter, base, tied, classifier)
     out_dtype = DTYPES[dtype] if dtype else base.dtype
     quantized = resolve_merge_base(merge_base, run_config)
