@@ -15,6 +15,7 @@ destination. disk_full_*: a checkpoint and two exports on a full tmpfs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -36,6 +37,12 @@ def main() -> None:
     parser.add_argument("--hangs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    with contextlib.redirect_stdout(sys.stderr):  # library log lines (DeepSpeed's) must not mix into the JSON
+        result = run_suite(args)
+    print(json.dumps(result, indent=1))
+
+
+def run_suite(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     from ftcore.builtin import resolve_model_path
 
@@ -68,7 +75,7 @@ def main() -> None:
         "disk_full_skipped": [d["skipped"] for d in disk if "skipped" in d],
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

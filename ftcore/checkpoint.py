@@ -8,10 +8,16 @@ Layout (under output_dir/checkpoints/):
     step-000300/rng_rank{R}.pt      each rank's RNG states
     step-000300/manifest.json       every file with its size: written last; a dir without it is not a checkpoint
     latest                          names the newest complete step dir; replaced atomically after the rename
+    superseded/<time>/step-...      checkpoints of a timeline abandoned by `--resume` of an older checkpoint (kept,
+                                    never resumed from)
 
 A save writes into step-000300.tmp/, every rank fsyncs, rank 0 writes the manifest, renames the directory into
 place, then updates `latest`, then prunes to keep_last. An interrupted save leaves only a *.tmp directory, which
 is never read and is removed by the next save.
+
+`--resume PATH` of an older checkpoint, or `--resume none`, starts a new timeline. The newer checkpoints of the old one are moved to
+superseded/ first: otherwise a later automatic resume would pick the newest by name and silently continue the
+abandoned timeline.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-\d+")
 ENGINE_TAG = "engine"
 
 
@@ -109,8 +118,29 @@ class CheckpointManager:
     def _complete_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+        return sorted(p for p in self.root.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)
                       and (p / MANIFEST).is_file())
+
+    def start_timeline(self, resumed: Optional[Path]) -> list[str]:
+        """Rank 0, on `--resume PATH` or `--resume none`: move every checkpoint here that is not an ancestor of
+        `resumed` (newer steps; all of them when `resumed` is another run's or None) to superseded/<time>/, and
+        point `latest` at `resumed` when it lives here. Returns the moved names. A kill in between leaves `latest`
+        naming a moved dir, which fails loudly on the next automatic resume, never silently picks the old
+        timeline."""
+        here = resumed is not None and resumed.resolve().parent == self.root.resolve()
+        moved = [p for p in self._complete_dirs() if not here or p.name > resumed.name]
+        if not moved:
+            return []
+        target = self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True, exist_ok=True)
+        for path in reversed(moved):  # newest first: at every moment the remaining dirs are one timeline
+            os.replace(path, target / path.name)
+        _fsync_dir(self.root)
+        if here:
+            _atomic_write_text(self.root / "latest", resumed.name + "\n")
+        else:
+            (self.root / "latest").unlink(missing_ok=True)
+        return [p.name for p in moved]
 
     # ---- saving --------------------------------------------------------------------------------------
     def save(self, step: int, engine: Any, trainer_state: dict, data_state: dict,
@@ -120,7 +150,7 @@ class CheckpointManager:
         tmp = self.root / (final.name + ".tmp")
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step-*.tmp"):
+            for stale in [*self.root.glob("step-*.tmp"), *self.root.glob("step-*.old")]:
                 shutil.rmtree(stale)
             tmp.mkdir()
         barrier()
@@ -150,9 +180,12 @@ class CheckpointManager:
         except OSError as e:
             self._write_failed(step, tmp, e)
         if self.rank == 0:
-            if final.exists():  # same step saved before (e.g. a resumed run re-reaching it): replace whole
-                shutil.rmtree(final)
+            old = final.with_name(final.name + ".old")
+            if final.exists():  # same step saved before: move aside, so `latest` never names a missing dir
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(self.root)
             _atomic_write_text(self.root / "latest", final.name + "\n")
             self._prune()

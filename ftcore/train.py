@@ -48,8 +48,8 @@ from ftcore.data.stream import (Batch, DataError, TrainStream, discover_labels, 
                                 restore_states)
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
-from ftcore.metrics import (FlopCounter, MetricsSink, classification_scores, memory_now, peak_flops_per_device,
-                            write_summary)
+from ftcore.metrics import (FlopCounter, MetricsSink, classification_scores, drop_partial_line, memory_now,
+                            peak_flops_per_device, write_summary)
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.builtin import resolve_model_path
@@ -261,6 +261,7 @@ class Recipe:
 
     def _maybe_resume(self) -> None:
         if self.resume_arg == "none":
+            self._start_timeline(None)
             return
         if self.resume_arg == "auto":
             path = self.checkpoints.latest()
@@ -298,10 +299,21 @@ class Recipe:
         if len(data_states) != self.world_size:
             self.log(f"world size changed from {len(data_states)} to {self.world_size}: the data stream was "
                      "resharded (every sample not yet trained on is read once)")
+        if self.resume_arg != "auto":
+            self._start_timeline(path)
         self.step = self.first_step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.trained_tokens_seen = trainer_state["trained_tokens_seen"]
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _start_timeline(self, resumed: Path | None) -> None:
+        """Checkpoints that a later automatic resume must not continue from are moved aside (kept)."""
+        if self.is_main:
+            moved = self.checkpoints.start_timeline(resumed)
+            if moved:
+                start = f"resuming from {resumed.name}" if resumed else "--resume none"
+                self.log(f"{start} starts a new timeline: {', '.join(moved)} moved to "
+                         f"{self.checkpoints.root / 'superseded'} (kept, never resumed from)")
 
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
@@ -463,7 +475,10 @@ class Recipe:
         return audit_dir
 
     def _audit(self, record: dict) -> None:
-        with open(self._audit_dir() / f"rank{self.rank}.jsonl", "a") as f:
+        path = self._audit_dir() / f"rank{self.rank}.jsonl"
+        if self.step == self.first_step + 1:  # a killed attempt may have left half a line; do not glue onto it
+            drop_partial_line(path)
+        with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     @torch.no_grad()

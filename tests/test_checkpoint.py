@@ -50,3 +50,52 @@ def test_pointer_to_a_broken_checkpoint_is_an_error_not_a_fallback(tmp_path):
     (root / "latest").write_text("step-000004\n")
     with pytest.raises(CheckpointError, match="step-000004: not a complete checkpoint"):
         CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1).latest()
+
+
+def test_resuming_an_older_checkpoint_moves_the_abandoned_timeline_aside(tmp_path):
+    """--resume step-4 while step-6 and step-8 exist: a later automatic resume must continue the new timeline,
+    not the old step-8, and nothing of the old one is deleted."""
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(tmp_path, keep_last=10, rank=0, world_size=1)
+    for step in (2, 4, 6, 8):
+        make_checkpoint(root, step)
+    (root / "latest").write_text("step-000008\n")
+    old_8 = (root / "step-000008" / MANIFEST).stat().st_ino
+    assert manager.start_timeline(root / "step-000004") == ["step-000006", "step-000008"]
+    assert [p.name for p in manager._complete_dirs()] == ["step-000002", "step-000004"]
+    assert manager.latest().name == "step-000004"
+    (moved,) = (root / "superseded").iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["step-000006", "step-000008"]
+    assert (moved / "step-000008" / MANIFEST).stat().st_ino == old_8
+    verify_checkpoint(moved / "step-000008")
+    assert manager.start_timeline(root / "step-000004") == []  # the same command rerun: nothing more to move
+
+
+def test_resuming_another_runs_checkpoint_moves_all_of_this_runs_aside(tmp_path):
+    other = make_checkpoint(tmp_path / "other" / "checkpoints", 4)
+    manager = CheckpointManager(tmp_path / "run", keep_last=10, rank=0, world_size=1)
+    for step in (2, 6):
+        make_checkpoint(manager.root, step)
+    (manager.root / "latest").write_text("step-000006\n")
+    assert manager.start_timeline(other) == ["step-000002", "step-000006"]
+    assert manager.latest() is None
+
+
+def test_starting_over_moves_every_checkpoint_aside(tmp_path):
+    """--resume none: the new run's step-2 must not lose to the old run's step-6 on a later automatic resume."""
+    manager = CheckpointManager(tmp_path, keep_last=10, rank=0, world_size=1)
+    make_checkpoint(manager.root, 6)
+    assert manager.start_timeline(None) == ["step-000006"]
+    make_checkpoint(manager.root, 2)
+    assert manager.latest().name == "step-000002"
+    assert CheckpointManager(tmp_path / "empty", keep_last=2, rank=0, world_size=1).start_timeline(None) == []
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_leftover_old_dir_is_never_a_checkpoint(tmp_path):
+    """Re-saving an existing step moves it to step-N.old before the rename; a kill there leaves a complete .old
+    dir, which must not be chosen (its name sorts after step-N)."""
+    root = tmp_path / "checkpoints"
+    make_checkpoint(root, 4)
+    make_checkpoint(root, 6).rename(root / "step-000006.old")
+    assert CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1).latest().name == "step-000004"

@@ -57,3 +57,23 @@ def test_resume_from_a_directory_that_is_not_a_checkpoint_is_refused(run_dir, tm
                   "--resume", str(tmp_path), check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path}: not a complete checkpoint (no manifest.json)"
+
+
+def test_resuming_an_older_checkpoint_starts_a_new_timeline(tmp_path):
+    """`--resume step-2` of a run that reached step 4: the old step-4 is moved to checkpoints/superseded/ (kept),
+    the new timeline's checkpoints are the only ones an automatic resume can find, and it trains the same."""
+    out = tmp_path / "run"
+    args = tiny_run_args(out, "--set", "distributed.zero_stage=0", "--set", "train.max_steps=4",
+                         "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep_last=3")
+    run_ft("train", *args)
+    root = out / "checkpoints"
+    first_losses = [r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")]
+    old_step_4 = (root / "step-000004" / "manifest.json").stat().st_ino
+    proc = run_ft("train", *args, "--resume", str(root / "step-000002"))
+    assert "step-000004 moved to" in proc.stdout
+    (moved,) = (root / "superseded").iterdir()
+    assert (moved / "step-000004" / "manifest.json").stat().st_ino == old_step_4  # moved, not rewritten
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000002", "step-000004"]
+    assert (root / "latest").read_text().strip() == "step-000004"
+    losses = [r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")]
+    assert losses == first_losses + first_losses[2:]  # steps 3 and 4 again, exactly

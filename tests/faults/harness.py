@@ -20,6 +20,7 @@ scenario returns counts; a scenario never mocks what it breaks.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -44,7 +45,7 @@ def run_args(out: Path, *extra: str) -> list[str]:
             "--set", f"train.max_steps={STEPS}", "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64",
             "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "checkpoint.every_steps=2",
             "--set", "checkpoint.keep_last=2", "--set", "train.warmup_steps=2", "--set", "train.report_to=none",
-            *extra]
+            "--set", "data.audit=true", *extra]
 
 
 def ft_command(*args: str) -> list[str]:
@@ -171,6 +172,17 @@ def latest_is_sound(out: Path) -> bool:
         return False
 
 
+def logs_whole(out: Path) -> bool:
+    """Every line of the run's JSON-lines logs (metrics, per-rank audit) parses: a killed append was cut off."""
+    for path in [out / "metrics.jsonl", *sorted((out / "audit").glob("rank*.jsonl"))]:
+        try:
+            for line in path.read_text().splitlines():
+                json.loads(line)
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def same_final(a: Path, b: Path) -> bool:
     import torch
     from safetensors.torch import load_file
@@ -256,7 +268,8 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
             if code != 0:
                 raise RuntimeError(f"kill campaign {campaign}: the rerun failed ({code}):\n{launch.text()[-3000:]}")
             break
-        if same_final(out, reference) and latest_is_sound(out) and resumed_right and launch_step_floor(out) == STEPS:
+        if (same_final(out, reference) and latest_is_sound(out) and resumed_right and logs_whole(out)
+                and launch_step_floor(out) == STEPS):
             counts["kill_resumed_ok"] += kills_here
         campaign += 1
     return counts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,22 @@ def test_disk_full_during_an_export_leaves_nothing(reference, tmp_path, during_w
     if "skipped" in result:
         pytest.skip(result["skipped"])
     assert result["clean"], result
+
+
+def test_a_half_written_log_line_is_cut_before_the_resumed_run_appends(reference, tmp_path):
+    """A kill in the middle of an append leaves half a JSON line in metrics.jsonl and the audit logs; the resumed
+    run must not glue its first line onto it."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    checkpoints = out / "checkpoints"
+    shutil.rmtree(checkpoints / f"step-{harness.STEPS:06d}")
+    (checkpoints / "latest").write_text(f"step-{harness.STEPS - 2:06d}\n")
+    shutil.rmtree(out / "final")
+    for log in [out / "metrics.jsonl", *(out / "audit").glob("rank*.jsonl")]:
+        with open(log, "a") as f:
+            f.write('{"step": 11, "lo')
+    launch = harness.Launch(harness.run_args(out), tmp_path / "resume.log")
+    assert launch.wait() == 0, launch.text()[-3000:]
+    assert f"step-{harness.STEPS - 2:06d}" in launch.text()
+    assert harness.logs_whole(out)
+    assert harness.same_final(out, reference)
