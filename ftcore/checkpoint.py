@@ -22,6 +22,7 @@ abandoned timeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -187,10 +188,21 @@ class CheckpointManager:
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(self.root)
-            _atomic_write_text(self.root / "latest", final.name + "\n")
+            self._point_latest_at(final)
             self._prune()
         barrier()
         return final
+
+    def _point_latest_at(self, final: Path) -> None:
+        """The directory is complete before `latest` names it, so a failure here loses nothing: say so."""
+        try:
+            _atomic_write_text(self.root / "latest", final.name + "\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                (self.root / "latest.tmp").unlink()
+            raise CheckpointError(
+                f"checkpoint {final} is complete, but updating {self.root / 'latest'} failed: {e.strerror or e}. "
+                f"A rerun resumes from {final.name} (a complete checkpoint newer than `latest` wins)") from None
 
     def _write_failed(self, step: int, tmp: Path, error: BaseException) -> None:
         """A failed write (a full disk, most often) becomes one clear error; the partial directory is removed (it

@@ -99,3 +99,16 @@ def test_a_leftover_old_dir_is_never_a_checkpoint(tmp_path):
     make_checkpoint(root, 4)
     make_checkpoint(root, 6).rename(root / "step-000006.old")
     assert CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1).latest().name == "step-000004"
+
+
+def test_a_failed_latest_update_is_a_clear_error_and_the_checkpoint_still_wins(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    make_checkpoint(manager.root, 2)
+    (manager.root / "latest").write_text("step-000002\n")
+    final = make_checkpoint(manager.root, 4)
+    (manager.root / "latest.tmp").mkdir()  # the pointer's temporary file cannot be written
+    with pytest.raises(CheckpointError, match=r"step-000004 is complete, but updating .*latest failed: Is a directory"
+                                              r"\. A rerun resumes from step-000004"):
+        manager._point_latest_at(final)
+    assert (manager.root / "latest").read_text() == "step-000002\n"
+    assert manager.latest().name == "step-000004"
