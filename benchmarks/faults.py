@@ -68,6 +68,7 @@ def run_suite(args: argparse.Namespace) -> dict:
                                 "hung": [r["seconds"] for r in ranks[args.dead:]]},
         "signal_trials": signals["signal_trials"], "signal_resumed_equal": signals["signal_resumed_equal"],
         "signal_moments": signals["signal_moments"],
+        "signal_failures": signals["signal_failures"],
         "bad_inputs_tried": len(bad), "bad_inputs_clear_error": sum(b["clear"] for b in bad),
         "tracebacks": sum(b["traceback"] for b in bad), "partial_outputs_left": sum(b["partial"] for b in bad),
         "bad_inputs_unclear": [b["name"] for b in bad if not b["clear"] or b["traceback"] or b["partial"]],

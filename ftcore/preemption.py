@@ -40,6 +40,14 @@ def install_stop_handlers() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def ignore_stop_signals() -> None:
+    """Once the run has finished or checkpointed, a late stop signal has nothing left to stop. CPython puts SIG_DFL
+    back for its own handlers at interpreter shutdown, so a signal arriving while a process tears down (seconds,
+    with torch and DeepSpeed) would kill it and turn a finished run into a failure; SIG_IGN is kept to the end."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def stop_signal() -> Optional[int]:
     """The first stop signal this process received, or None."""
     return _received[0] if _received else None

@@ -97,7 +97,8 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
 
     Example: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
     """
-    from ftcore.preemption import PREEMPTED_EXIT_STATUS, Preempted, die_with_launcher, install_stop_handlers
+    from ftcore.preemption import (PREEMPTED_EXIT_STATUS, Preempted, die_with_launcher, ignore_stop_signals,
+                                   install_stop_handlers)
     from launcher.supervise import write_failure_record
 
     die_with_launcher()
@@ -116,6 +117,8 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
         except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
             write_failure_record(str(e))
             _fail(str(e), code=1)
+        finally:
+            ignore_stop_signals()  # the outcome is decided: a signal during teardown must not change it
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as e:  # an unexpected error still tells the launcher when and where it happened

@@ -92,3 +92,31 @@ def test_a_failing_rank_is_named_with_the_tail_of_its_log(tmp_path):
     assert len(report) == 1, proc.stderr[-3000:]
     assert f"{data}:41: invalid JSON" in report[0]
     assert "last " in proc.stderr and "lines of" in proc.stderr
+
+
+def test_a_stop_signal_during_teardown_of_a_finished_run_changes_nothing(tmp_path):
+    """Found by the fault suite: a SIGTERM to `ft launch` just after training finished reached ranks that were
+    already shutting down, where CPython has put the default action back, and killed them: a complete run reported
+    failure. Here SIGUSR1 is sent every few ms from the end-of-run line until the process is gone."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train",
+                             *tiny_run_args(out, "--set", "distributed.zero_stage=0", "--set", "train.max_steps=2")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if line.startswith("outputs:"):
+            break
+    sent = 0
+    while proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGUSR1)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    log.append(proc.stdout.read())
+    proc.wait()
+    assert sent > 0 and proc.returncode == 0, "".join(log)[-3000:]
+    assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -247,7 +247,7 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
                 found = re.search(r"resumed from \S+step-(\d+) at step", launch.text())
                 resumed_right &= (int(found.group(1)) if found else 0) == expected_resume
             if kills_here < kills_per_run and counts["kill_trials"] < trials:
-                moment = rng.choice(MOMENTS)
+                moment = MOMENTS[counts["kill_trials"] % len(MOMENTS)]  # every moment; when within it is random
                 if _fire_at_moment(launch, out, moment, rng):
                     children = launch.descendants()
                     os.kill(launch.proc.pid, signal.SIGKILL)  # the agent only: its ranks must follow it
@@ -278,11 +278,12 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
 # ---------------------------------------------------------------------------------------------- stop signals
 def signal_campaigns(work: Path, trials: int, seed: int, reference: Path) -> dict:
     rng = random.Random(seed + 1)
-    counts = {"signal_trials": 0, "signal_resumed_equal": 0, "signal_exit_75": 0, "signal_moments": {}}
+    counts = {"signal_trials": 0, "signal_resumed_equal": 0, "signal_exit_75": 0, "signal_moments": {},
+              "signal_failures": []}
     for trial in range(trials):
         out = work / f"signal-{trial}"
         signum = rng.choice([signal.SIGTERM, signal.SIGUSR1])
-        moment = rng.choice(("startup", "step", "eval", "checkpoint"))
+        moment = ("startup", "step", "eval", "checkpoint")[trial % 4]  # every moment, even at CI scale
         launch = Launch(run_args(out), work / f"signal-{trial}.log")
         if moment == "eval":  # the eval runs right after steps 3, 6, 9
             target = rng.choice((3, 6, 9))
@@ -301,6 +302,8 @@ def signal_campaigns(work: Path, trials: int, seed: int, reference: Path) -> dic
             code = rerun.wait()
         if code == 0 and same_final(out, reference):
             counts["signal_resumed_equal"] += 1
+        else:
+            counts["signal_failures"].append({"trial": trial, "moment": key, "exit": code, "log": str(launch.log)})
     return counts
 
 

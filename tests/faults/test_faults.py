@@ -31,8 +31,8 @@ def test_kill_9_at_random_moments_loses_nothing(reference, tmp_path):
 
 
 def test_stop_signals_at_random_moments_checkpoint_and_resume_equal(reference, tmp_path):
-    counts = harness.signal_campaigns(tmp_path, trials=2, seed=0, reference=reference)
-    assert counts["signal_resumed_equal"] == counts["signal_trials"] == 2, counts
+    counts = harness.signal_campaigns(tmp_path, trials=4, seed=0, reference=reference)  # start-up, step, eval, save
+    assert counts["signal_resumed_equal"] == counts["signal_trials"] == 4, counts
 
 
 @pytest.mark.parametrize("hang", [False, True], ids=["dead-rank", "hung-rank"])
