@@ -15,9 +15,9 @@ A save writes into step-000300.tmp/, every rank fsyncs, rank 0 writes the manife
 place, then updates `latest`, then prunes to keep_last. An interrupted save leaves only a *.tmp directory, which
 is never read and is removed by the next save.
 
-`--resume PATH` of an older checkpoint, or `--resume none`, starts a new timeline. The newer checkpoints of the old one are moved to
-superseded/ first: otherwise a later automatic resume would pick the newest by name and silently continue the
-abandoned timeline.
+`--resume PATH` of an older checkpoint, or `--resume none`, starts a new timeline. The checkpoints that are not its
+ancestors are moved to superseded/ first: otherwise a later automatic resume would pick the newest by name and
+silently continue the abandoned timeline.
 """
 
 from __future__ import annotations
@@ -183,8 +183,7 @@ class CheckpointManager:
         if self.rank == 0:
             old = final.with_name(final.name + ".old")
             if final.exists():  # same step saved before: move aside, so `latest` never names a missing dir
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
+                os.replace(final, old)  # (a stale step-N.old from a killed save was removed above)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(self.root)

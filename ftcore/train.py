@@ -254,6 +254,7 @@ class Recipe:
             self.engine.enable_backward_allreduce = False
         if self.cfg.data.audit:
             self._audit_world()
+            drop_partial_line(self._audit_log())  # a killed attempt may have left half a line: never glue onto it
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
@@ -474,11 +475,11 @@ class Recipe:
         audit_dir.mkdir(parents=True, exist_ok=True)
         return audit_dir
 
+    def _audit_log(self) -> Path:
+        return self._audit_dir() / f"rank{self.rank}.jsonl"
+
     def _audit(self, record: dict) -> None:
-        path = self._audit_dir() / f"rank{self.rank}.jsonl"
-        if self.step == self.first_step + 1:  # a killed attempt may have left half a line; do not glue onto it
-            drop_partial_line(path)
-        with open(path, "a") as f:
+        with open(self._audit_log(), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     @torch.no_grad()
