@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ftcore.checkpoint import step_dir_name
 from tests.faults import harness
 from tests.faults.bad_inputs import cases, run_case
 
@@ -88,15 +89,15 @@ def test_a_half_written_log_line_is_cut_before_the_resumed_run_appends(reference
     run must not glue its first line onto it."""
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    checkpoints = out / "checkpoints"
-    shutil.rmtree(checkpoints / f"step-{harness.STEPS:06d}")
-    (checkpoints / "latest").write_text(f"step-{harness.STEPS - 2:06d}\n")
+    checkpoints, resume_from = out / "checkpoints", step_dir_name(harness.STEPS - 2)
+    shutil.rmtree(checkpoints / step_dir_name(harness.STEPS))
+    (checkpoints / "latest").write_text(resume_from + "\n")
     shutil.rmtree(out / "final")
     for log in [out / "metrics.jsonl", *(out / "audit").glob("rank*.jsonl")]:
         with open(log, "a") as f:
             f.write('{"step": 11, "lo')
     launch = harness.Launch(harness.run_args(out), tmp_path / "resume.log")
     assert launch.wait() == 0, launch.text()[-3000:]
-    assert f"step-{harness.STEPS - 2:06d}" in launch.text()
+    assert f"resumed from {checkpoints / resume_from}" in launch.text()
     assert harness.logs_whole(out)
     assert harness.same_final(out, reference)
