@@ -62,6 +62,12 @@ class AdapterConfig(Section):
     """freeze: parameter names or regular expressions (re.search) that train, e.g. ['lm_head', 'layers\\.3\\.']."""
     top_layers: Optional[int] = Field(None, gt=0)
     """freeze: train the last N transformer blocks and everything above them (final norm, output head)."""
+    moe_experts: bool = False
+    """Mixture-of-experts models (mixtral, qwen3_moe, ...): also put LoRA on the experts' fused weights (peft
+    target_parameters; needs adapter.dropout=0). Default: attention and dense layers only (ft export merges those
+    exactly; expert LoRA is refused by ft export and merges with PEFT)."""
+    moe_router: bool = False
+    """Mixture-of-experts models: also adapt the router (gate). Default off: the routing stays the base model's."""
     quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
     """qlora: dtype the packed 4-bit weights are stored in. auto = model.dtype under ZeRO-3 (so ZeRO-3 partitions
     them), else uint8."""

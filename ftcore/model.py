@@ -26,9 +26,31 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn_implementation(requested: str, cuda: bool) -> str:
+def model_class_for(model_dir: str, classification: bool = False) -> Optional[type]:
+    """The transformers class from_pretrained will build for `model_dir` (None when its config cannot be read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError):
+        return None
+    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    return auto_class._model_mapping.get(type(config), None)
+
+
+def resolve_attn_implementation(requested: str, cuda: bool, model_class: Optional[type] = None) -> str:
+    """auto: the best implementation the model's class supports (flash-attn 2 on CUDA when installed, else sdpa,
+    else eager); an explicit choice the class does not support is a one-line error."""
+    supports = {"flash_attention_2": getattr(model_class, "_supports_flash_attn", True),
+                "sdpa": getattr(model_class, "_supports_sdpa", True), "eager": True}
+    name = getattr(model_class, "__name__", "the model")
     if requested == "auto":
-        return "flash_attention_2" if cuda and flash_attn_available() else "sdpa"
+        if cuda and flash_attn_available() and supports["flash_attention_2"]:
+            return "flash_attention_2"
+        return "sdpa" if supports["sdpa"] else "eager"
+    if not supports.get(requested, True):
+        raise ModelError(f"model.attn_implementation: {name} does not support {requested}; use auto (picks the "
+                         f"best it supports) or eager")
     if requested == "flash_attention_2":
         if not flash_attn_available():
             raise ModelError("model.attn_implementation: flash_attention_2 needs flash-attn "
@@ -77,7 +99,8 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
     identically on every rank), which always trains."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda)
+    attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda,
+                                       model_class_for(model_dir, classification is not None))
     extra: dict[str, Any] = dict(classification or {})
     auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     if adapter_cfg.method == "qlora":
@@ -89,9 +112,14 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
     try:
         model = auto_class.from_pretrained(model_dir, dtype=DTYPES[model_cfg.dtype], attn_implementation=attn,
                                            **extra)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model.name_or_path: cannot load {model_dir}: {first_line}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        raise ModelError(f"model.name_or_path: cannot load {model_dir}: {first_line(e)}") from None
+    if adapter_cfg.method == "qlora" and not any(getattr(p, "quant_state", None) is not None
+                                                 for p in model.parameters()):
+        # transformers converts only plain nn.Linear layers (falcon's FalconLinear, for one, is not): training
+        # would silently be LoRA on a full-precision base.
+        raise ModelError(f"adapter.method: qlora, but bitsandbytes quantized none of {type(model).__name__}'s "
+                         "layers (transformers converts plain nn.Linear layers only); use adapter.method=lora")
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
 
     if model_cfg.gradient_checkpointing:
@@ -114,6 +142,11 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
             # blocks see no input that needs grad ("element 0 of tensors does not require grad", peft#137).
             model.enable_input_require_grads()
     return model
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -179,15 +212,58 @@ def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int,
     (modules_to_save), so the saved adapter carries the head."""
     from peft import LoraConfig, get_peft_model
 
-    targets = adapter_cfg.target_modules
+    targets, parameters = lora_targets(model, adapter_cfg)
+    if parameters and adapter_cfg.dropout:
+        raise ModelError(f"adapter.dropout: {adapter_cfg.dropout}, but LoRA on fused MoE expert weights "
+                         "(adapter.moe_experts) needs adapter.dropout=0 (peft's ParamWrapper has no dropout)")
     lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
-                      target_modules=targets, task_type=task_type)
+                      target_modules=targets, target_parameters=parameters or None, task_type=task_type)
     # Same seed on every rank: the new adapter weights must be identical everywhere before ZeRO partitions them.
     torch.manual_seed(seed)
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
         raise ModelError(f"adapter.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def moe_parts(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(router module names, fused expert parameter names) of a mixture-of-experts model: an MoE block is a module
+    with an `experts` child; its router is the sibling named gate/router; the experts' weights are the >= 3-D
+    parameters under `experts` (transformers 5 fuses them: [experts, out, in])."""
+    routers, experts = [], []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if "experts" not in children:
+            continue
+        routers += [f"{name}.{child}" for child in ("gate", "router") if child in children]
+        experts += [f"{name}.experts.{p}" for p, param in children["experts"].named_parameters(recurse=False)
+                    if param.dim() >= 3]
+    return routers, experts
+
+
+def lora_targets(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> tuple[Any, list[str]]:
+    """(target_modules, target_parameters) for peft. all-linear = every Linear/Conv1D except the output head and,
+    in MoE models, the router (adapter.moe_router); fused expert weights only with adapter.moe_experts."""
+    from transformers.pytorch_utils import Conv1D
+
+    routers, experts = moe_parts(model)
+    parameters = sorted({name.rpartition(".")[2] for name in experts}) if adapter_cfg.moe_experts else []
+    if adapter_cfg.moe_experts and not experts:
+        raise ModelError("adapter.moe_experts: this model has no fused MoE expert weights")
+    if adapter_cfg.target_modules != "all-linear":
+        return adapter_cfg.target_modules, parameters
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = {name for name, module in model.named_modules()
+               if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+               and not any(name == r or name.startswith(r + ".") for r in routers)}
+    if adapter_cfg.moe_router:
+        linear_routers = [r for r in routers if r in dict(model.named_modules())
+                          and isinstance(model.get_submodule(r), torch.nn.Linear)]
+        modules |= set(linear_routers)
+        parameters += [f"{r.rpartition('.')[2]}.weight" for r in routers if r not in linear_routers]
+    if not routers:
+        return "all-linear", parameters  # peft's own rule (it also knows classification heads)
+    return sorted(modules), sorted(set(parameters))
 
 
 def quantized_module_names(model: torch.nn.Module) -> set[str]:
