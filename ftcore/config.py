@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -204,6 +204,11 @@ class DistributedConfig(Section):
     """ZeRO-3 keeps parameters smaller than this many elements whole on every rank."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON of your own (e.g. the HF-Trainer-style zero2/zero3 JSONs) used as the base of the run's
+    DeepSpeed config instead of ds_configs/: its "auto" values are filled from this config, a setting it fixes is
+    taken for the matching ft field when that field is not set here, and a contradiction is an error naming both.
+    Its optimizer/scheduler sections must describe AdamW / a warmup schedule: ft's own (train.*) run them."""
     timeout_s: int = Field(1800, gt=0)
     """Watchdog for hung peers: a collective that waits longer than this fails the run with the reason, and the
     launcher stops every rank (about timeout_s + 30 s after a peer hangs). Must exceed the longest checkpoint save."""
@@ -228,6 +233,12 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    _explicit: dict = PrivateAttr(default_factory=dict)
+
+    def explicit_fields(self) -> dict[str, str]:
+        """Dotted fields the YAML file or --set gave -> where ("cfg.yaml:12", "--set"); defaults and
+        launcher-derived values are not in it."""
+        return self._explicit
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Config":
@@ -389,7 +400,7 @@ def _section_keys(loc: tuple) -> list[str]:
 
 
 def format_validation_error(exc: ValidationError, source: str, yaml_root: Optional[yaml.Node],
-                            overridden: set[tuple]) -> str:
+                            overridden: dict[tuple, str]) -> str:
     parts = []
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -404,8 +415,9 @@ def format_validation_error(exc: ValidationError, source: str, yaml_root: Option
                 keys = _section_keys(loc)
                 text += f"; valid keys here: {', '.join(keys)}" if keys else ""
         where = source
-        if any(loc[: len(o)] == o for o in overridden):
-            where = "--set"
+        origin = next((label for o, label in overridden.items() if loc[: len(o)] == o), None)
+        if origin is not None:
+            where = origin
         else:
             line = _yaml_line(yaml_root, loc)
             if line is not None:
@@ -414,8 +426,20 @@ def format_validation_error(exc: ValidationError, source: str, yaml_root: Option
     return "config error: " + "; ".join(parts)
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError with a one-line message."""
+def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip(".")}
+    out = {prefix.rstrip(".")} if prefix else set()
+    for key, value in tree.items():
+        out |= _leaf_paths(value, f"{prefix}{key}.")
+    return out
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
+                derived: Optional[dict[str, tuple[Any, str]]] = None) -> Config:
+    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError with a one-line message.
+    derived: fields a launcher or DeepSpeed JSON chose (dotted -> (value, where it came from)), applied under the
+    YAML and --set (ftcore/launch_settings.py has already checked that they do not contradict them)."""
     tree: dict = {}
     yaml_root = None
     source = "<defaults>"
@@ -434,16 +458,23 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise ConfigError(f"config error: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+    explicit = {dotted: f"{source}:{_yaml_line(yaml_root, tuple(dotted.split('.')))}" for dotted in _leaf_paths(tree)}
     tree = _merge(Config().model_dump(mode="json"), tree)  # so --set can reach into default lists too
-    overridden: set[tuple] = set()
+    overridden: dict[tuple, str] = {}
+    for dotted, (value, origin) in (derived or {}).items():
+        _apply_override(tree, dotted.split("."), value, dotted)
+        overridden[tuple(dotted.split("."))] = origin
     for text in overrides or []:
         keys, value = parse_override(text)
         _apply_override(tree, keys, value, text)
-        overridden.add(tuple(int(k) if k.isdigit() else k for k in keys))
+        overridden[tuple(int(k) if k.isdigit() else k for k in keys)] = "--set"
+        explicit[".".join(keys)] = "--set"
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, yaml_root, overridden)) from None
+    cfg._explicit = explicit
+    return cfg
 
 
 def _merge(base: Any, over: Any) -> Any:

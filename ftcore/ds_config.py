@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, Optional
 
 from ftcore.config import DistributedConfig, TrainConfig
 
@@ -31,9 +31,21 @@ def load_template(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _fills(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool) -> dict[str, Any]:
-    """Dotted path -> value for every "auto" a template may contain."""
-    return {
+def _fills(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool, world_size: Optional[int] = None,
+           hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """Dotted path -> value for every "auto" a template (or a user's HF-Trainer-style JSON) may contain."""
+    fills: dict[str, Any] = {
+        "optimizer.params.lr": train.lr, "optimizer.params.weight_decay": train.weight_decay,
+        "optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8,
+        "scheduler.params.warmup_min_lr": 0.0, "scheduler.params.warmup_max_lr": train.lr,
+        "scheduler.params.warmup_num_steps": train.warmup_steps, "scheduler.params.total_num_steps": train.max_steps,
+    }
+    if world_size is not None:
+        fills["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * world_size
+    if hidden_size is not None:  # transformers' Trainer's rules for these
+        fills["zero_optimization.reduce_bucket_size"] = hidden_size * hidden_size
+        fills["zero_optimization.stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+    return fills | {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "gradient_clipping": train.max_grad_norm,
@@ -46,7 +58,7 @@ def _fills(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool) 
     }
 
 
-def fill_template(template: dict, fills: dict[str, Any], name: str = "template") -> dict:
+def fill_template(template: dict, fills: dict[str, Any], name: str = "ds_configs/template") -> dict:
     out = copy.deepcopy(template)
 
     def walk(node: dict, prefix: str) -> None:
@@ -56,18 +68,63 @@ def fill_template(template: dict, fills: dict[str, Any], name: str = "template")
                 walk(value, path + ".")
             elif value == "auto":
                 if path not in fills:
-                    raise ValueError(f"ds_configs/{name}: {path} is 'auto' but nothing in the typed config fills it")
+                    raise ValueError(f"{name}: {path} is 'auto' but nothing in the typed config fills it")
                 node[key] = fills[path]
 
     walk(out, "")
     return out
 
 
-def build_ds_config(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool) -> dict:
-    """The effective DeepSpeed config for a run (train_batch_size is left for DeepSpeed to derive from world size)."""
+def build_ds_config(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool,
+                    world_size: Optional[int] = None, hidden_size: Optional[int] = None) -> dict:
+    """The effective DeepSpeed config for a run (train_batch_size is left for DeepSpeed to derive from world size).
+    With distributed.deepspeed_config, the user's JSON is the base instead of ds_configs/ (see from_user_json)."""
+    fills = _fills(train, dist, dtype, cuda, world_size, hidden_size)
+    if dist.deepspeed_config is not None:
+        return from_user_json(dist.deepspeed_config, fills, train, dist, dtype, cuda)
     name = template_name(dist.zero_stage, dist.offload)
-    cfg = fill_template(load_template(name), _fills(train, dist, dtype, cuda), name)
+    cfg = fill_template(load_template(name), fills, f"ds_configs/{name}")
     stage = cfg["zero_optimization"]["stage"]
     if stage != dist.zero_stage:
         raise ValueError(f"ds_configs/{name} has zero_optimization.stage={stage}, expected {dist.zero_stage}")
+    return cfg
+
+
+def from_user_json(path: str, fills: dict[str, Any], train: TrainConfig, dist: DistributedConfig, dtype: str,
+                   cuda: bool) -> dict:
+    """A user's DeepSpeed JSON with its "auto" values filled, and every setting the typed config expresses written
+    from it (launch_settings has already refused a JSON value that contradicts one). Its optimizer and scheduler
+    sections are dropped: the recipe passes its own AdamW and warmup+cosine schedule (the same settings)."""
+    from ftcore.launch_settings import LaunchSettingsError, read_deepspeed_json
+
+    try:
+        cfg = fill_template(read_deepspeed_json(path), fills, path)
+    except ValueError as e:
+        raise LaunchSettingsError(str(e)) from None
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    if "train_batch_size" in cfg and "train_batch_size" in fills and cfg["train_batch_size"] != fills["train_batch_size"]:
+        raise LaunchSettingsError(
+            f"{path}: train_batch_size={cfg['train_batch_size']}, but train.micro_batch_size {train.micro_batch_size}"
+            f" x train.grad_accum_steps {train.grad_accum_steps} x processes makes {fills['train_batch_size']}; "
+            "set it to \"auto\"")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        cfg[key] = fills[key]
+    for key in ("bf16", "fp16"):
+        section = cfg.setdefault(key, {})
+        section["enabled"] = fills[f"{key}.enabled"]
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = dist.zero_stage
+    if dist.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = dist.zero3_param_persistence_threshold
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    devices = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "all": ("cpu", "cpu")}[dist.offload]
+    for key, device in zip(("offload_optimizer", "offload_param"), devices):
+        if device == "none":
+            zero.pop(key, None)
+        else:
+            # Pinned host memory only exists with a GPU.
+            zero[key] = {**zero.get(key, {}), "device": device, "pin_memory": cuda}
+    if dist.offload != "none":
+        cfg["zero_force_ds_cpu_optimizer"] = True
     return cfg

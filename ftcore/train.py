@@ -48,6 +48,7 @@ from ftcore.data.stream import (Batch, DataError, TrainStream, discover_labels, 
                                 restore_states)
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
+from ftcore.launch_settings import LaunchSettingsError, prepare_accelerate_env
 from ftcore.metrics import (FlopCounter, MetricsSink, classification_scores, drop_partial_line, memory_now,
                             peak_flops_per_device, write_summary)
 from ftcore.preemption import Preempted, stop_signal
@@ -132,7 +133,16 @@ class Recipe:
         backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if self.cuda else "gloo")
         if backend == "nccl" and not self.cuda:
             raise TrainError("distributed.backend=nccl needs CUDA GPUs; this machine has none (use auto or gloo)")
-        self.ds_config = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, self.cuda)
+        from ftcore.preflight import model_config_json
+
+        hidden = (model_config_json(self.model_dir) or {}).get("hidden_size")
+        try:
+            self.ds_config = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, self.cuda,
+                                             int(os.environ["WORLD_SIZE"]), hidden if isinstance(hidden, int) else None)
+            # Whichever accelerate launcher started this (or none), the run is DeepSpeed with the config above.
+            prepare_accelerate_env(os.environ, cfg.model.mixed_precision, self.cuda)
+        except LaunchSettingsError as e:
+            raise TrainError(str(e)) from None
         if cfg.distributed.zero_stage == 3:
             # Must exist before from_pretrained: transformers then loads straight into partitioned parameters.
             from transformers.integrations import HfDeepSpeedConfig
@@ -201,6 +211,9 @@ class Recipe:
             raise TrainError("no parameter requires grad: check adapter.target_modules")
         self.is_lora = cfg.adapter.method in ("lora", "qlora")  # an adapter is what trains and what is saved
         self.attn_implementation = self.model.config._attn_implementation
+        architecture = (self.model.config.architectures or [type(self.model).__name__])[0]
+        chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
+        self.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.expected_adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
         self.reference = None

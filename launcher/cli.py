@@ -44,7 +44,10 @@ RESUME_OPT = typer.Option("auto", "--resume",
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="On an error, print the Python traceback too "
-                                        "(for a bug report); the training processes inherit it.")) -> None:
+                                        "(for a bug report); the training processes inherit it."),
+             local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                                      help="Passed by the deepspeed launcher (which also sets "
+                                                      "LOCAL_RANK, what ft reads).")) -> None:
     if debug:
         os.environ["FT_DEBUG"] = "1"
 
@@ -61,9 +64,19 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Optional[str], sets: List[str], check_paths: bool = False):
+def _load(config: Optional[str], sets: List[str], check_paths: bool = False, announce: bool = False):
+    """The run's config: YAML + --set, then what the launcher (accelerate launch's settings) and a DeepSpeed JSON
+    chose for the fields those leave unset (ftcore/launch_settings.py); announce prints those choices (rank 0)."""
+    from ftcore.launch_settings import launcher_settings, process_rank
+
     try:
         cfg = load_config(config, sets)
+        derived, lines = launcher_settings(cfg, os.environ)
+        if derived:
+            cfg = load_config(config, sets, derived)
+        if announce and process_rank() == 0:
+            for line in lines:
+                print(line, flush=True)
         if check_paths:
             check_inputs(cfg)
         return cfg
@@ -91,11 +104,14 @@ def config(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT) -> Non
 
 @app.command()
 def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume: str = RESUME_OPT) -> None:
-    """Run the training recipe in the process(es) this was started in (python, torchrun, accelerate, srun).
+    """Run the training recipe in the process(es) this was started in (python, torchrun, accelerate launch,
+    deepspeed, srun). Settings accelerate launch or a DeepSpeed JSON chose fill the fields the config leaves unset.
 
     Exit status: 0 finished; 75 checkpointed on SIGUSR1/SIGTERM (rerun to resume); 1 failed; 2 bad config.
 
-    Example: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
+    Examples: torchrun --nproc-per-node 2 -m launcher.cli train examples/demo.yaml
+              accelerate launch --config_file acc.yaml -m launcher.cli train examples/demo.yaml
+              deepspeed --num_gpus 2 --module launcher.cli train examples/demo.yaml
     """
     from ftcore.preemption import (PREEMPTED_EXIT_STATUS, Preempted, die_with_launcher, ignore_stop_signals,
                                    install_stop_handlers)
@@ -104,7 +120,7 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
     die_with_launcher()
     install_stop_handlers()  # first: a stop signal from now on is recorded, not fatal
     try:
-        cfg = _load(config, sets, check_paths=True)
+        cfg = _load(config, sets, check_paths=True, announce=True)
         from ftcore.checkpoint import CheckpointError
         from ftcore.data.stream import DataError
         from ftcore.model import ModelError
@@ -177,7 +193,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     from launcher.supervise import NodeContext, run_node, say
     from launcher.workstation import LaunchSpec, build_command
 
-    cfg = _load(config, sets, check_paths=True)  # validate before starting anything
+    cfg = _load(config, sets, check_paths=True, announce=True)  # validate before starting anything
     if nproc < 1:
         _fail(f"--nproc must be >= 1, got {nproc}")
     cpus = None

@@ -63,6 +63,7 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
     env.setdefault("OMP_NUM_THREADS", str(max(1, (spec.cpus or os.cpu_count() or 1) // spec.nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    env["FT_LAUNCHER"] = "ft"  # accelerate's settings here come from the ft config: nothing to reconcile
     if spec.log_dir:
         env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = f"[node{spec.node_rank} rank${{rank}}] "
     if spec.failure_dir:
