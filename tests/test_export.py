@@ -148,8 +148,8 @@ def test_qlora_adapter_merges_onto_the_nf4_round_trip(tmp_path):
     assert (quantized - original).abs().max() > 100 * report.max_abs_diff
     from ftcore.export.export import BaseModel, quantized_weight_names
 
-    names = quantized_weight_names(BaseModel(base))
-    assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names
+    names, transposed = quantized_weight_names(BaseModel(base))
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names and not transposed
 
 
 def test_errors_are_one_line_and_leave_nothing_behind(tmp_path):

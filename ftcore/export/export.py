@@ -187,18 +187,22 @@ def nf4_round_trip(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Te
     return bnbf.dequantize_4bit(packed, state).to(compute_dtype)
 
 
-def quantized_weight_names(base: BaseModel) -> set[str]:
+def quantized_weight_names(base: BaseModel) -> tuple[set[str], set[str]]:
     """Names of the weights transformers' bitsandbytes 4-bit loading quantizes, decided by transformers' own
-    rules (its default skips: output head, tied weights, last module; plus the model's keep-in-fp32 modules)."""
+    rules (its default skips: output head, tied weights, last module; plus the model's keep-in-fp32 modules), and
+    which of them are Conv1D weights (GPT-2's [in, out] layout: the 4-bit layer is a Linear of the transpose)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     from ftcore.model import quantized_module_names
 
     config = AutoConfig.from_pretrained(base.dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    return {f"{name}.weight" for name in quantized_module_names(model)} & set(base.infos)
+    names = {f"{name}.weight" for name in quantized_module_names(model)} & set(base.infos)
+    conv1d = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    return names, names & conv1d
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -366,7 +370,7 @@ def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch
         config["tie_word_embeddings"] = False
         if "text_config" in config:
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
-    quantized = quantized_weight_names(base) if merge_quantized else set()
+    quantized, transposed = quantized_weight_names(base) if merge_quantized else (set(), set())
     config = output_config(config, out_dtype)
     entries = []
     for n in names:
@@ -381,8 +385,14 @@ def merged_tensors(base: BaseModel, adapter: Optional[Adapter], out_dtype: torch
         for n in names:
             source = tied[0] if untie and n == tied[1] else n
             tensor = base.read(source)
-            if n in quantized:
+            if n in transposed:
+                tensor = nf4_round_trip(tensor.T, compute_dtype).T
+            elif n in quantized:
                 tensor = nf4_round_trip(tensor, compute_dtype)
+            elif merge_quantized and tensor.is_floating_point():
+                # A QLoRA run loads the rest of the base in its compute dtype (transformers' dtype=): the export is
+                # the function that was trained, so those weights are taken as training saw them.
+                tensor = tensor.to(compute_dtype)
             if adapter is not None and n in targets:
                 tensor = adapter.apply(n, tensor)
             yield n, tensor
@@ -477,6 +487,11 @@ def _export(base: BaseModel, adapter: Adapter, out: Path, dtype: Optional[str], 
             merge_base: str, run_config: dict, verify: bool, force: bool, log: Callable[[str], None],
             reference_adapter_dir: Optional[Path], side_sources: list[Path]) -> ExportReport:
     tied = tied_embedding_names(base)
+    if resolve_merge_base("auto", run_config):
+        # Trained on a 4-bit base: a Conv1D (GPT-2) layer was a Linear4bit of the transposed weight, so its LoRA
+        # delta is in Linear layout; it is merged into the base's [in, out] layout.
+        for name in quantized_weight_names(base)[1] & set(adapter.pairs):
+            adapter.pairs[name].fan_in_fan_out = True
     classifier = None
     if is_classification(run_config, adapter):
         classes = head_outputs({n: tuple(t.shape) for n, t in adapter.replacements.items()}, base, "adapter")
