@@ -8,6 +8,7 @@ import torch
 
 from ftcore.builtin import resolve_model_path
 from ftcore.data.chat_template import render
+from ftcore.model_files import BaseModelError, check_model_dir
 
 
 def load_for_inference(model_dir: str) -> tuple[torch.nn.Module, object]:
@@ -17,15 +18,32 @@ def load_for_inference(model_dir: str) -> tuple[torch.nn.Module, object]:
     if not path.is_dir():
         raise ValueError(f"--model {model_dir}: no such directory")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftConfig, PeftModel
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftConfig, PeftModel
 
-        base_dir = resolve_model_path(PeftConfig.from_pretrained(path).base_model_name_or_path)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            base_dir = resolve_model_path(PeftConfig.from_pretrained(path).base_model_name_or_path)
+            if Path(base_dir).is_dir():
+                check_model_dir(base_dir)
+            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            try:
+                model = PeftModel.from_pretrained(base, path)
+            except (RuntimeError, ValueError, KeyError) as e:  # e.g. size mismatch: the adapter is another base's
+                raise ValueError(f"--model {model_dir}: the adapter does not fit its base {base_dir}: "
+                                 f"{_first_line(e)}") from None
+        else:
+            check_model_dir(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except BaseModelError as e:
+        raise ValueError(str(e)) from None
     return model.eval(), tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    # torch's size-mismatch report puts the useful line after a header line
+    useful = [line for line in lines if "size mismatch" in line]
+    return (useful or lines or [type(error).__name__])[0]
 
 
 @torch.no_grad()

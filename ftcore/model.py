@@ -99,6 +99,15 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
     identically on every rank), which always trains."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from pathlib import Path
+
+    from ftcore.model_files import BaseModelError, check_model_dir
+
+    if Path(model_dir).is_dir():  # (a hub id is left to transformers)
+        try:
+            check_model_dir(model_dir)
+        except BaseModelError as e:
+            raise ModelError(f"model.name_or_path: {e}") from None
     attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda,
                                        model_class_for(model_dir, classification is not None))
     extra: dict[str, Any] = dict(classification or {})

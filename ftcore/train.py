@@ -735,6 +735,10 @@ class Recipe:
         else:
             state_dict = self.accelerator.get_state_dict(self.engine)  # ZeRO-3: 16-bit gather onto rank 0
             if self.is_main:
+                # A tied weight (input embedding = output head) is one parameter under two names; the gathered
+                # state dict has a copy under each. Stored once, as transformers does, and re-tied on load.
+                for name in tied_duplicate_names(unwrapped):
+                    state_dict.pop(name, None)
                 unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 check_full_model(tmp, self.total_params)
         if self.is_main:
@@ -777,6 +781,17 @@ def check_adapter(adapter_dir: Path, expected: dict[str, tuple[int, ...]]) -> No
     problems += [f"{k}: shape {saved[k]}, expected {v}" for k, v in expected.items() if k in saved and saved[k] != v]
     if not saved or problems:
         raise TrainError(f"{path} is not a complete adapter ({len(saved)} tensors): " + "; ".join(problems[:5]))
+
+
+def tied_duplicate_names(model: torch.nn.Module) -> list[str]:
+    """Every name but the first of each parameter that the model registers under several names (tied weights)."""
+    seen: set[int] = set()
+    duplicates = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            duplicates.append(name)
+        seen.add(id(param))
+    return duplicates
 
 
 def check_full_model(model_dir: Path, total_params: int) -> None:

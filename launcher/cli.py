@@ -387,7 +387,16 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     from ftcore.builtin import builtin_config_path, is_builtin
     from ftcore.plan import CUDA_OVERHEAD_BYTES, GIB, PlanError, build_facts, make_plan
 
-    cfg = _load(config, sets, check_paths=True)
+    # The plan needs the model's config.json and the shapes of the batch, not the data: data paths that do not
+    # exist yet (the usual case when planning) are not checked.
+    from ftcore.preflight import check_combinations, check_model_path
+
+    cfg = _load(config, sets)
+    try:
+        check_model_path(cfg.model.name_or_path)
+        check_combinations(cfg)
+    except ConfigError as e:
+        _fail(str(e))
     name = cfg.model.name_or_path
     model_dir = str(builtin_config_path(name).parent) if is_builtin(name) else name
     try:

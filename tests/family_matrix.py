@@ -1,7 +1,8 @@
 """The architecture matrix, run in ONE process (python -m tests.family_matrix OUT_DIR [FAMILY...]) so 18 families x
 (LoRA, QLoRA) runs do not each pay the interpreter and DeepSpeed start-up: for each family, the real recipe
-(`ftcore.train.run`, ZeRO-0, a world of one) trains 2 LoRA steps and 2 QLoRA steps, `ft export` merges each
-adapter (verification on), and the LoRA export is compared with PEFT's merge_and_unload in fp32. One JSON line a
+(`ftcore.train.run`, ZeRO-0, a world of one) trains 2 LoRA steps, 2 full fine-tuning steps and 2 QLoRA steps;
+`ft export` merges each adapter and exports the full run's checkpoint (verification on); the LoRA export is
+compared with PEFT's merge_and_unload in fp32, the checkpoint export with the run's own final/. One JSON line a
 family goes to OUT_DIR/results.jsonl; tests/test_families.py asserts on it. `OUT_DIR --qlora-dtypes` runs the
 QLoRA storage x compute dtype combinations instead (OUT_DIR/qlora_dtypes.jsonl)."""
 
@@ -61,8 +62,18 @@ def peft_merge_max_diff(model_dir: Path, adapter_dir: Path, export_dir: Path) ->
     return worst, changed
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    """Two model directories hold the same weights once loaded (full fine-tuning's final/ vs the checkpoint's
+    export)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    x, y = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict() for d in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def one_family(name: str, root: Path, tokenizer_dir: str) -> dict:
-    from ftcore.export.export import export_adapter
+    from ftcore.export.export import export_adapter, export_checkpoint
     from tests.families import build_family
 
     model_dir = build_family(name, root / name / "base", tokenizer_dir)
@@ -72,6 +83,11 @@ def one_family(name: str, root: Path, tokenizer_dir: str) -> dict:
     diff, changed = peft_merge_max_diff(model_dir, root / name / "lora" / "final", root / name / "lora-merged")
     result.update(lora_losses=lora_losses, lora_verified=report.verified, lora_relative_diff=report.relative_diff,
                   peft_max_abs_diff=diff, peft_changed_tensors=changed)
+    full_losses = train(model_dir, root / name / "full", "full")
+    checkpoint = root / name / "full" / "checkpoints" / "step-000002"
+    report = export_checkpoint(checkpoint, None, root / name / "full-export", log=lambda _: None)
+    result.update(full_losses=full_losses, full_verified=report.verified, full_relative_diff=report.relative_diff,
+                  full_final_equals_export=same_weights(root / name / "full" / "final", root / name / "full-export"))
     if name == "falcon":  # transformers' 4-bit loading converts no FalconLinear: refused, by name, at load
         from ftcore.model import ModelError
 

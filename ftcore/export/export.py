@@ -66,8 +66,12 @@ class BaseModel:
 
     def __init__(self, directory: Path):
         self.dir = directory
-        if not (directory / "config.json").is_file():
-            raise ExportError(f"{directory}: no config.json (not a Hugging Face model directory)")
+        from ftcore.model_files import BaseModelError, check_model_dir
+
+        try:  # config.json and the weights agree, every shard is there (one line naming what is wrong)
+            check_model_dir(directory)
+        except BaseModelError as e:
+            raise ExportError(str(e)) from None
         self.config = json.loads((directory / "config.json").read_text())
         index = directory / "model.safetensors.index.json"
         if index.is_file():

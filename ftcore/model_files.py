@@ -1,0 +1,85 @@
+"""Is a model directory whole and self-consistent? Checked before anything loads it (ft train, ft generate,
+ft export), so a broken base is one line naming the file and the tensor, never a loader's traceback.
+
+Reads only config.json and the safetensors headers; the shapes config.json implies come from the model built on
+the meta device (no memory). Names that transformers renames on load (e.g. mixtral's per-expert tensors on disk,
+fused in memory) are not compared; every name both sides have must agree in shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+class BaseModelError(ValueError):
+    """A model directory that cannot be what its config.json says; one line."""
+
+
+def safetensors_shapes(directory: Path) -> Optional[dict[str, tuple[tuple[int, ...], str]]]:
+    """name -> (shape, file) over the directory's safetensors weights; None when it has none (e.g. .bin only).
+    A shard listed in model.safetensors.index.json that is missing is an error."""
+    from ftcore.export.st_io import SafetensorsError, read_header
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise BaseModelError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise BaseModelError(f"{path}: missing (listed in model.safetensors.index.json)")
+        try:
+            infos, _ = read_header(path)
+        except SafetensorsError as e:
+            raise BaseModelError(str(e)) from None
+        shapes.update({k: (tuple(info.shape), name) for k, info in infos.items()})
+    return shapes
+
+
+def config_shapes(directory: Path) -> Optional[dict[str, tuple[int, ...]]]:
+    """Parameter and buffer shapes the model class builds from config.json (on the meta device); None for a
+    config transformers has no causal-LM class for."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BaseModelError(f"{directory}/config.json: {first}") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        return None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def check_model_dir(directory: str | Path) -> None:
+    """Raise BaseModelError when the directory has no usable config.json, misses a shard, or holds weights of
+    other shapes than its config.json describes."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise BaseModelError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    on_disk = safetensors_shapes(directory)
+    if on_disk is None:
+        if not any(directory.glob("*.bin")) and not any(directory.glob("*.pt")):
+            raise BaseModelError(f"{directory}: no weights (no .safetensors or .bin files)")
+        return
+    expected = config_shapes(directory)
+    if expected is None:
+        return
+    for name, (shape, file) in on_disk.items():
+        want = expected.get(name)
+        if want is not None and want != shape:
+            raise BaseModelError(f"{directory}: config.json and the weights disagree: {name} is {list(shape)} in "
+                                 f"{file}, config.json makes it {list(want)} (is config.json from another model?)")
