@@ -36,7 +36,8 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded and trained in (mixed precision keeps fp32 master weights in DeepSpeed)."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    """auto = flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."""
+    """auto = the best the model's class supports: flash_attention_2 on CUDA when flash-attn is installed, else sdpa,
+    else eager (e.g. Gemma-2); the choice is printed. An explicit choice the model does not support is an error."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant; works with LoRA). Trades ~30% compute for memory."""
 
@@ -239,6 +240,14 @@ class Config(Section):
         """Dotted fields the YAML file or --set gave -> where ("cfg.yaml:12", "--set"); defaults and
         launcher-derived values are not in it."""
         return self._explicit
+
+    def __eq__(self, other: object) -> bool:
+        # Two configs are equal when their values are: where a value was written (_explicit) is not part of it.
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Config":

@@ -59,8 +59,11 @@ def config_shapes(directory: Path) -> Optional[dict[str, tuple[int, ...]]]:
         raise BaseModelError(f"{directory}/config.json: {first}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         return None
+    # The class is built directly, not through from_config: under ZeRO-3 (an HfDeepSpeedConfig alive in this
+    # process) from_config wraps the build in deepspeed.zero.Init, which cannot partition meta tensors.
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config)
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 

@@ -114,3 +114,19 @@ def test_plan_needs_only_the_model_config(tmp_path):
     # ...but the model must be there: a wrong model path is still one line.
     proc = run_ft("plan", str(cfg), "--gpus-per-node", "2", "--set", "model.name_or_path=/nowhere/model", check=False)
     assert proc.returncode == 2 and "model.name_or_path: /nowhere/model does not exist" in proc.stderr
+
+
+def test_the_check_runs_inside_a_zero3_process(bases, builtin_model_dir):
+    """Under ZeRO-3 the trainer holds an HfDeepSpeedConfig before it loads the base, and transformers then builds
+    every model inside deepspeed.zero.Init; the check's shape model must not be one of them (it is on the meta
+    device, which zero.Init cannot partition)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ftcore.model_files import BaseModelError, check_model_dir
+
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert zero3.is_zero3()
+    check_model_dir(builtin_model_dir)
+    with pytest.raises(BaseModelError, match="intermediate_size|disagree"):
+        check_model_dir(bases["mismatch"])
+    del zero3
