@@ -15,6 +15,11 @@ A save writes into step-000300.tmp/, every rank fsyncs, rank 0 writes the manife
 place, then updates `latest`, then prunes to keep_last. An interrupted save leaves only a *.tmp directory, which
 is never read and is removed by the next save.
 
+Nothing that looks like a checkpoint is ever deleted in place: a kill in the middle of an rmtree would leave a
+step dir that still has its manifest but lacks files. Every removal (pruning, a re-saved step's old copy, final/
+replaced at the end of a run) first renames the directory out of the step-* namespace to `deleting.<name>.<id>`
+(atomic, fsynced), then deletes it; a leftover `deleting.*` is never read and the next save removes it.
+
 `--resume PATH` of an older checkpoint, or `--resume none`, starts a new timeline. The checkpoints that are not its
 ancestors are moved to superseded/ first: otherwise a later automatic resume would pick the newest by name and
 silently continue the abandoned timeline.
@@ -64,6 +69,48 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Make every file under `directory` durable before it is renamed into place."""
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    _fsync_dir(directory)
+
+
+TRASH_PREFIX = "deleting."
+
+
+def discard_dir(path: Path) -> None:
+    """Delete a directory so that no instant leaves a partial copy under its name: rename it to
+    `deleting.<name>.<id>` beside it (atomic), make the rename durable, then remove it."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}.{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(directory: Path, *patterns: str) -> None:
+    """What a killed save or deletion left in `directory` (never read): deleting.* dirs, and `patterns`."""
+    for stale in [*directory.glob(f"{TRASH_PREFIX}*"), *(p for pattern in patterns for p in directory.glob(pattern))]:
+        if stale.name.startswith(TRASH_PREFIX):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            discard_dir(stale)
+
+
+def replace_dir(staged: Path, final: Path) -> None:
+    """Put the complete directory `staged` in place as `final`; an existing `final` is moved aside first and
+    deleted after, so at every instant `final` is either the old complete copy or the new one."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TRASH_PREFIX}{final.name}.{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def step_dir_name(step: int) -> str:
@@ -151,8 +198,7 @@ class CheckpointManager:
         tmp = self.root / (final.name + ".tmp")
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.root.glob("step-*.tmp"), *self.root.glob("step-*.old")]:
-                shutil.rmtree(stale)
+            remove_leftovers(self.root, "step-*.tmp", "step-*.old")  # (.old: written by earlier releases)
             tmp.mkdir()
         barrier()
         try:
@@ -181,12 +227,8 @@ class CheckpointManager:
         except OSError as e:
             self._write_failed(step, tmp, e)
         if self.rank == 0:
-            old = final.with_name(final.name + ".old")
-            if final.exists():  # same step saved before: move aside, so `latest` never names a missing dir
-                os.replace(final, old)  # (a stale step-N.old from a killed save was removed above)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            _fsync_dir(self.root)
+            # The same step saved before is moved aside first, so `latest` never names a missing or partial dir.
+            replace_dir(tmp, final)
             self._point_latest_at(final)
             self._prune()
         barrier()
@@ -232,7 +274,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for old in self._complete_dirs()[: -self.keep_last]:
-            shutil.rmtree(old)
+            discard_dir(old)
 
     # ---- loading -------------------------------------------------------------------------------------
     def load(self, path: Path, engine: Any, exclude_frozen: bool, zero_stage: int) -> tuple[dict, list[dict]]:

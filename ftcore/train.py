@@ -32,7 +32,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +41,8 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from ftcore.checkpoint import (CheckpointError, CheckpointManager, fsync_tree, remove_leftovers, replace_dir,
+                               verify_checkpoint)
 from ftcore.config import Config, dump_config
 from ftcore.data.stream import (Batch, DataError, TrainStream, discover_labels, eval_batches, pad_eval_batches,
                                 restore_states)
@@ -726,7 +726,7 @@ class Recipe:
         final = self.output_dir / "final"
         tmp = self.output_dir / "final.tmp"
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_leftovers(self.output_dir, "final.tmp")
             tmp.mkdir(parents=True)
         self._barrier()
         unwrapped = self.accelerator.unwrap_model(self.engine)
@@ -744,9 +744,8 @@ class Recipe:
         if self.is_main:
             self.tokenizer.save_pretrained(tmp)
             (tmp / "ft_config.yaml").write_text(dump_config(self.cfg))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            fsync_tree(tmp)
+            replace_dir(tmp, final)  # a rerun's final/ replaces the old one without a moment of a partial copy
             self.log(f"final {'adapter' if self.is_lora else 'model'} saved: {final}")
         self._barrier()
 

@@ -112,3 +112,82 @@ def test_a_failed_latest_update_is_a_clear_error_and_the_checkpoint_still_wins(t
         manager._point_latest_at(final)
     assert (manager.root / "latest").read_text() == "step-000002\n"
     assert manager.latest().name == "step-000004"
+
+
+class Killed(BaseException):
+    """The process dying in the middle of a deletion (not an Exception: nothing may catch it)."""
+
+
+def interrupt_deletions_after(monkeypatch, allowed: int) -> None:
+    """os.unlink / os.rmdir (what shutil.rmtree calls) succeed `allowed` times, then the process 'dies'."""
+    import os
+
+    calls = {"n": 0}
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+
+    def counted(real):
+        def call(*args, **kwargs):
+            if calls["n"] >= allowed:
+                raise Killed()
+            calls["n"] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "unlink", counted(real_unlink))
+    monkeypatch.setattr(os, "rmdir", counted(real_rmdir))
+
+
+def every_step_dir_is_complete_or_absent(root) -> None:
+    manager = CheckpointManager(root.parent, keep_last=2, rank=0, world_size=1)
+    for d in root.glob("step-*"):
+        if (d / MANIFEST).is_file():
+            verify_checkpoint(d)  # raises on a dir that looks complete and is not
+    assert manager.latest() is not None
+
+
+@pytest.mark.parametrize("allowed", range(0, 7))
+def test_a_kill_at_any_instant_of_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch, allowed):
+    """Pruning an old step dir (4 files, 2 dirs: 6 deletions) interrupted after each number of deletions: no
+    step-* dir with a manifest is ever missing files, `latest` still resolves, and the next save cleans up."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        d = make_checkpoint(root, step)
+        (d / "engine" / "other.pt").write_bytes(b"y" * 10)
+        manifest = json.loads((d / MANIFEST).read_text())
+        manifest["files"]["engine/other.pt"] = 10
+        (d / MANIFEST).write_text(json.dumps(manifest))
+    (root / "latest").write_text("step-000006\n")
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    interrupt_deletions_after(monkeypatch, allowed)
+    try:
+        manager._prune()
+    except Killed:
+        pass
+    monkeypatch.undo()
+    every_step_dir_is_complete_or_absent(root)
+    assert sorted(p.name for p in root.glob("step-*")) in (["step-000004", "step-000006"],
+                                                          ["step-000002", "step-000004", "step-000006"])
+    from ftcore.checkpoint import remove_leftovers
+
+    remove_leftovers(root)  # what the next save does first
+    assert not list(root.glob("deleting.*"))
+
+
+@pytest.mark.parametrize("allowed", range(0, 5))
+def test_a_kill_while_replacing_a_directory_leaves_the_old_or_the_new_copy(tmp_path, monkeypatch, allowed):
+    """final/ (and a re-saved step dir) replaced by a complete staged copy: at every instant the name holds one
+    whole copy."""
+    from ftcore.checkpoint import replace_dir
+
+    final, staged = tmp_path / "final", tmp_path / "final.tmp"
+    for d, text in ((final, "old"), (staged, "new")):
+        (d / "sub").mkdir(parents=True)
+        (d / "a.txt").write_text(text)
+        (d / "sub" / "b.txt").write_text(text)
+    interrupt_deletions_after(monkeypatch, allowed)
+    try:
+        replace_dir(staged, final)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    assert (final / "a.txt").read_text() == (final / "sub" / "b.txt").read_text() == "new"

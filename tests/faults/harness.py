@@ -4,7 +4,8 @@ Used by the fault tests (tests/faults/, a few trials each) and by benchmarks/fau
 scenario returns counts; a scenario never mocks what it breaks.
 
 - kill:    SIGKILL of `ft launch` (the node's agent; its ranks must die with it) at seeded random moments (during
-           start-up, between steps, while a checkpoint is being written), then the same command again, until the
+           start-up, between steps, while a checkpoint is being written, while an old one is pruned), then the same
+           command again, until the
            run finishes. After each kill, `latest` must name a complete, loadable checkpoint; at the end the final
            adapter must equal an uninterrupted run's, bit for bit. No process may survive a kill.
 - dead:    one rank SIGKILLed while its peer waits in a collective: the launcher must stop, name that rank with
@@ -200,7 +201,15 @@ def reference_run(work: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- kill -9
-MOMENTS = ("startup", "step", "checkpoint")
+MOMENTS = ("startup", "step", "checkpoint", "prune")
+
+
+def pruning(out: Path) -> bool:
+    """A checkpoint was just renamed into place and the oldest beyond keep_last=2 is about to go (or going)."""
+    root = out / "checkpoints"
+    complete = [p for p in root.glob("step-*") if p.is_dir() and (p / "manifest.json").is_file()
+                and not p.name.endswith((".tmp", ".old"))]
+    return len(complete) > 2 or any(root.glob("deleting.*"))
 
 
 def _fire_at_moment(launch: Launch, out: Path, moment: str, rng: random.Random) -> bool:
@@ -213,6 +222,9 @@ def _fire_at_moment(launch: Launch, out: Path, moment: str, rng: random.Random) 
         target = min(STEPS - 1, launch_step_floor(out) + rng.randint(1, 4))
         wait_until(lambda: done() or launch.step() >= target, 120)
         time.sleep(rng.uniform(0.0, 0.4))
+    elif moment == "prune":  # the deletion of an old checkpoint (a few ms): aim at its start
+        wait_until(lambda: done() or pruning(out), 120, poll=0.001)
+        time.sleep(rng.uniform(0.0, 0.002))
     else:
         wait_until(lambda: done() or checkpoint_writing(out), 120, poll=0.005)
         time.sleep(rng.uniform(0.0, 0.05))
@@ -231,7 +243,7 @@ def launch_step_floor(out: Path) -> int:
 def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_per_run: int = 4) -> dict:
     rng = random.Random(seed)
     counts = {"kill_trials": 0, "kill_resumed_ok": 0, "corrupt_checkpoints": 0, "orphans_after_kill": 0,
-              "kill_moments": {m: 0 for m in MOMENTS}}
+              "kills_mid_deletion": 0, "kill_moments": {m: 0 for m in MOMENTS}}
     campaign = 0
     while counts["kill_trials"] < trials:
         out = work / f"kill-{campaign}"
@@ -262,6 +274,8 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
                     counts["kill_moments"][moment] += 1
                     if not latest_is_sound(out):
                         counts["corrupt_checkpoints"] += 1
+                    # caught in the middle of deleting an old checkpoint (renamed aside, not yet gone)
+                    counts["kills_mid_deletion"] += int(any((out / "checkpoints").glob("deleting.*")))
                     expected_resume = launch_step_floor(out)
                     continue
             code = launch.wait()

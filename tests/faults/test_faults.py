@@ -24,9 +24,10 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_kill_9_at_random_moments_loses_nothing(reference, tmp_path):
-    counts = harness.kill_campaigns(tmp_path, trials=3, seed=int(os.environ.get("FT_FAULT_SEED", "0")),
-                                    reference=reference, kills_per_run=3)
-    assert counts["kill_trials"] == 3
+    counts = harness.kill_campaigns(tmp_path, trials=4, seed=int(os.environ.get("FT_FAULT_SEED", "0")),
+                                    reference=reference, kills_per_run=4)
+    assert counts["kill_trials"] == 4  # one at each moment: start-up, a step, a checkpoint write, a prune
+    assert counts["kill_moments"] == {"startup": 1, "step": 1, "checkpoint": 1, "prune": 1}, counts
     assert counts["corrupt_checkpoints"] == 0 and counts["orphans_after_kill"] == 0, counts
     assert counts["kill_resumed_ok"] == counts["kill_trials"], counts
 
