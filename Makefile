@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ft plot outputs/demo
 
 test: $(STAMP) slurm-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Slurm (Debian packages) for the tests that run a real 2-node cluster on this machine. Installed when missing
 # and this user can (root or passwordless sudo); otherwise says why, and those tests skip with the reason.

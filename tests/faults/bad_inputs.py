@@ -166,7 +166,7 @@ def cases() -> list[tuple[str, Callable]]:
         shutil.copy(Path(p["model"]) / "config.json", model / "config.json")
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(Path(p["model"]) / f, model / f)
-        return _train(w / "o", f"model.name_or_path={model}"), f"model.name_or_path: cannot load {model}", w / "o"
+        return _train(w / "o", f"model.name_or_path={model}"), f"model.name_or_path: {model}: no weights", w / "o"
 
     @case("model: wrong architecture")
     def _(w, p):
