@@ -282,9 +282,14 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
             if code != 0:
                 raise RuntimeError(f"kill campaign {campaign}: the rerun failed ({code}):\n{launch.text()[-3000:]}")
             break
-        if (same_final(out, reference) and latest_is_sound(out) and resumed_right and logs_whole(out)
-                and launch_step_floor(out) == STEPS):
+        checks = {"same_final": same_final(out, reference), "latest_sound": latest_is_sound(out),
+                  "resumed_from_latest": resumed_right, "logs_whole": logs_whole(out),
+                  "finished": launch_step_floor(out) == STEPS}
+        if all(checks.values()):
             counts["kill_resumed_ok"] += kills_here
+        else:  # which property a campaign broke, so a count below kill_trials can be read
+            counts.setdefault("campaign_failures", []).append(
+                {"campaign": campaign, "kills": kills_here, "failed": [k for k, ok in checks.items() if not ok]})
         campaign += 1
     return counts
 
