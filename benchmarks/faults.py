@@ -2,16 +2,18 @@
 
     python benchmarks/faults.py [--kills 20] [--signals 10] [--dead 3] [--hangs 2] [--seed 0]
 
-kill_trials / kill_resumed_ok: SIGKILLs of `ft launch` (2-process ZeRO-2 LoRA, a checkpoint every 2 steps) at
-seeded random moments, and how many of them the rerun recovered from (resumed from the checkpoint `latest` named,
-final adapter bit-identical to an uninterrupted run); kill_moments: start-up, a step, a checkpoint write, the
-pruning of an old checkpoint, in turn. corrupt_checkpoints: kills after which `latest` did not name a complete,
-loadable checkpoint, or a step dir with a manifest lacked files. kills_mid_deletion: kills that landed while an old
-checkpoint was being deleted (renamed aside, not yet gone). hang_trials / hangs_detected: dead (SIGKILL) and hung (SIGSTOP) ranks the launcher
-ended in bounded time, naming the rank, with no process left. signal_trials / signal_resumed_equal: SIGTERM/SIGUSR1
-at random moments (start-up, steps, eval, checkpoint writes). bad_inputs_*: the cases in tests/faults/bad_inputs.py.
-tracebacks: bad-input runs that printed one. partial_outputs_left: bad-input runs that left something at their
-destination. disk_full_*: a checkpoint and two exports on a full tmpfs.
+kill_trials / kill_resumed_ok: SIGKILLs of `ft launch` (2-process ZeRO-2 LoRA, a checkpoint every 2 steps) at seeded
+random moments, and how many of them the rerun recovered from (resumed from the checkpoint `latest` named, final
+adapter bit-identical to an uninterrupted run); kill_moments: start-up, a step, a checkpoint write, the pruning of
+an old checkpoint, in turn. corrupt_checkpoints: kills after which `latest` did not name a complete, loadable
+checkpoint, or a step dir with a manifest lacked files. kills_mid_deletion: kills that landed while an old
+checkpoint was being deleted (renamed aside, not yet gone). kill_campaign_failures: for each run whose kills did not
+all resume right, which property it broke (same_final, latest_sound, resumed_from_latest, logs_whole, finished).
+hang_trials / hangs_detected: dead (SIGKILL) and hung (SIGSTOP) ranks the launcher ended in bounded time, naming the
+rank, with no process left. signal_trials / signal_resumed_equal: SIGTERM/SIGUSR1 at random moments (start-up,
+steps, eval, checkpoint writes). bad_inputs_*: the cases in tests/faults/bad_inputs.py. tracebacks: bad-input runs
+that printed one. partial_outputs_left: bad-input runs that left something at their destination. disk_full_*: a
+checkpoint and two exports on a full tmpfs.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         "kill_trials": kills["kill_trials"], "kill_resumed_ok": kills["kill_resumed_ok"],
         "corrupt_checkpoints": kills["corrupt_checkpoints"], "orphans_after_kill": kills["orphans_after_kill"],
         "kill_moments": kills["kill_moments"], "kills_mid_deletion": kills["kills_mid_deletion"],
+        "kill_campaign_failures": kills["campaign_failures"],
         "hang_trials": len(ranks), "hangs_detected": sum(r["detected"] and r["orphans"] == 0 for r in ranks),
         "hang_detect_seconds": {"dead": [r["seconds"] for r in ranks[:args.dead]],
                                 "hung": [r["seconds"] for r in ranks[args.dead:]]},

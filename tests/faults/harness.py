@@ -243,7 +243,7 @@ def launch_step_floor(out: Path) -> int:
 def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_per_run: int = 4) -> dict:
     rng = random.Random(seed)
     counts = {"kill_trials": 0, "kill_resumed_ok": 0, "corrupt_checkpoints": 0, "orphans_after_kill": 0,
-              "kills_mid_deletion": 0, "kill_moments": {m: 0 for m in MOMENTS}}
+              "kills_mid_deletion": 0, "kill_moments": {m: 0 for m in MOMENTS}, "campaign_failures": []}
     campaign = 0
     while counts["kill_trials"] < trials:
         out = work / f"kill-{campaign}"
@@ -288,7 +288,7 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
         if all(checks.values()):
             counts["kill_resumed_ok"] += kills_here
         else:  # which property a campaign broke, so a count below kill_trials can be read
-            counts.setdefault("campaign_failures", []).append(
+            counts["campaign_failures"].append(
                 {"campaign": campaign, "kills": kills_here, "failed": [k for k, ok in checks.items() if not ok]})
         campaign += 1
     return counts
