@@ -40,6 +40,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ftcore.durable import atomic_write_text, discard_dir, fsync_dir, fsync_file, remove_leftovers, replace_dir
+
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step-\d+")
 ENGINE_TAG = "engine"
@@ -47,70 +49,6 @@ ENGINE_TAG = "engine"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason and the path."""
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # directories fsync the same way on POSIX: makes renames inside them durable
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def fsync_tree(directory: Path) -> None:
-    """Make every file under `directory` durable before it is renamed into place."""
-    for f in sorted(directory.rglob("*")):
-        if f.is_file():
-            _fsync_file(f)
-    _fsync_dir(directory)
-
-
-TRASH_PREFIX = "deleting."
-
-
-def discard_dir(path: Path) -> None:
-    """Delete a directory so that no instant leaves a partial copy under its name: rename it to
-    `deleting.<name>.<id>` beside it (atomic), make the rename durable, then remove it."""
-    trash = path.with_name(f"{TRASH_PREFIX}{path.name}.{os.getpid()}-{time.monotonic_ns()}")
-    os.replace(path, trash)
-    _fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def remove_leftovers(directory: Path, *patterns: str) -> None:
-    """What a killed save or deletion left in `directory` (never read): deleting.* dirs, and `patterns`."""
-    for stale in [*directory.glob(f"{TRASH_PREFIX}*"), *(p for pattern in patterns for p in directory.glob(pattern))]:
-        if stale.name.startswith(TRASH_PREFIX):
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            discard_dir(stale)
-
-
-def replace_dir(staged: Path, final: Path) -> None:
-    """Put the complete directory `staged` in place as `final`; an existing `final` is moved aside first and
-    deleted after, so at every instant `final` is either the old complete copy or the new one."""
-    old = None
-    if final.exists():
-        old = final.with_name(f"{TRASH_PREFIX}{final.name}.{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(final, old)
-    os.replace(staged, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def step_dir_name(step: int) -> str:
@@ -183,9 +121,9 @@ class CheckpointManager:
         target.mkdir(parents=True, exist_ok=True)
         for path in reversed(moved):  # newest first: at every moment the remaining dirs are one timeline
             os.replace(path, target / path.name)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if here:
-            _atomic_write_text(self.root / "latest", resumed.name + "\n")
+            atomic_write_text(self.root / "latest", resumed.name + "\n")
         else:
             (self.root / "latest").unlink(missing_ok=True)
         return [p.name for p in moved]
@@ -219,11 +157,11 @@ class CheckpointManager:
             # Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote).
             for f in sorted(tmp.rglob("*")):
                 if f.is_file():
-                    _fsync_file(f)
+                    fsync_file(f)
             barrier()
             if self.rank == 0:
                 files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-                _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+                atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
         except OSError as e:
             self._write_failed(step, tmp, e)
         if self.rank == 0:
@@ -237,7 +175,7 @@ class CheckpointManager:
     def _point_latest_at(self, final: Path) -> None:
         """The directory is complete before `latest` names it, so a failure here loses nothing: say so."""
         try:
-            _atomic_write_text(self.root / "latest", final.name + "\n")
+            atomic_write_text(self.root / "latest", final.name + "\n")
         except OSError as e:
             with contextlib.suppress(OSError):
                 (self.root / "latest.tmp").unlink()

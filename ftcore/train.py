@@ -41,13 +41,13 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from ftcore.checkpoint import (CheckpointError, CheckpointManager, fsync_tree, remove_leftovers, replace_dir,
-                               verify_checkpoint)
+from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from ftcore.config import Config, dump_config
 from ftcore.data.stream import (Batch, DataError, TrainStream, discover_labels, eval_batches, pad_eval_batches,
                                 restore_states)
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config
+from ftcore.durable import fsync_tree, remove_leftovers, replace_dir
 from ftcore.launch_settings import LaunchSettingsError, prepare_accelerate_env
 from ftcore.metrics import (FlopCounter, MetricsSink, classification_scores, drop_partial_line, memory_now,
                             peak_flops_per_device, write_summary)

@@ -167,7 +167,7 @@ def test_a_kill_at_any_instant_of_pruning_leaves_no_partial_checkpoint(tmp_path,
     every_step_dir_is_complete_or_absent(root)
     assert sorted(p.name for p in root.glob("step-*")) in (["step-000004", "step-000006"],
                                                           ["step-000002", "step-000004", "step-000006"])
-    from ftcore.checkpoint import remove_leftovers
+    from ftcore.durable import remove_leftovers
 
     remove_leftovers(root)  # what the next save does first
     assert not list(root.glob("deleting.*"))
@@ -177,7 +177,7 @@ def test_a_kill_at_any_instant_of_pruning_leaves_no_partial_checkpoint(tmp_path,
 def test_a_kill_while_replacing_a_directory_leaves_the_old_or_the_new_copy(tmp_path, monkeypatch, allowed):
     """final/ (and a re-saved step dir) replaced by a complete staged copy: at every instant the name holds one
     whole copy."""
-    from ftcore.checkpoint import replace_dir
+    from ftcore.durable import replace_dir
 
     final, staged = tmp_path / "final", tmp_path / "final.tmp"
     for d, text in ((final, "old"), (staged, "new")):

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import yaml
 
+from ftcore.durable import fsync_tree, replace_dir
 from ftcore.export.lora import Adapter, AdapterError, build_adapter, expected_shape, load_adapter
 from ftcore.export.st_io import SafetensorsError, ShardWriter, TensorInfo, read_header, read_tensor
 from ftcore.export.zero import ConsolidationError, ZeroCheckpoint, lora_state_to_adapter
@@ -277,21 +278,8 @@ class StagedOutput:
             raise ExportError(f"{parent}: cannot write the export there ({e.strerror})") from None
 
     def commit(self) -> None:
-        for path in self.staging.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.staging, self.out)
-        fd = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(self.staging)
+        replace_dir(self.staging, self.out)  # a replaced OUT is moved aside first, deleted after
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
