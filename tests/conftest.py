@@ -30,6 +30,34 @@ def run_ft(*args: str, timeout: int = 600, check: bool = True, env: Optional[dic
     return proc
 
 
+def ft_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The same `ft` command run inside the test process (typer's CliRunner), for commands that neither train nor
+    launch: the exit code and both streams are captured as run_ft's are, but torch, transformers and peft are
+    imported once per test session instead of once per call (~8 s each on a 2-core machine). An exception the
+    CLI does not turn into its one-line error shows up as a Traceback in stderr, as it would for a user. Tests
+    that check the real process (entry point, signals, environment) use run_ft."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    saved_env = dict(os.environ)
+    try:
+        result = CliRunner().invoke(app, list(args), catch_exceptions=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+    proc = subprocess.CompletedProcess(["ft", *args], result.exit_code, result.stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ft {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

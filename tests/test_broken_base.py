@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_ft
+from tests.conftest import ft_in_process, run_ft
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +67,11 @@ MISMATCH = "config.json and the weights disagree: model.layers.0.mlp.down_proj.w
 def test_config_and_weights_disagree(bases, tmp_path):
     base = bases["mismatch"]
     out = tmp_path / "merged"
-    line = one_line_error(run_ft("export", "--adapter", str(bases["adapter"]), "--base", str(base), "--out", str(out),
-                                 check=False))
+    line = one_line_error(ft_in_process("export", "--adapter", str(bases["adapter"]), "--base", str(base),
+                                        "--out", str(out), check=False))
     assert line.startswith(f"error: {base}: {MISMATCH}") and "config.json makes it" in line
     assert not out.exists() and not list(tmp_path.iterdir())
-    line = one_line_error(run_ft("generate", "--model", str(base), "--prompt", "hi", check=False))
+    line = one_line_error(ft_in_process("generate", "--model", str(base), "--prompt", "hi", check=False))
     assert MISMATCH in line
     run_dir = tmp_path / "run"
     line = one_line_error(run_ft("train", "--set", f"model.name_or_path={base}", "--set", f"output_dir={run_dir}",
@@ -84,10 +84,10 @@ def test_a_missing_shard(bases, tmp_path):
     base, missing = bases["sharded"], bases["missing"]
     expected = f"{missing}: missing (listed in model.safetensors.index.json)"
     out = tmp_path / "merged"
-    line = one_line_error(run_ft("export", "--adapter", str(bases["adapter"]), "--base", str(base), "--out", str(out),
-                                 check=False))
+    line = one_line_error(ft_in_process("export", "--adapter", str(bases["adapter"]), "--base", str(base),
+                                        "--out", str(out), check=False))
     assert line == f"error: {expected}" and not out.exists()
-    assert one_line_error(run_ft("generate", "--model", str(base), "--prompt", "hi", check=False)) == \
+    assert one_line_error(ft_in_process("generate", "--model", str(base), "--prompt", "hi", check=False)) == \
         f"error: {expected}"
     line = one_line_error(run_ft("train", "--set", f"model.name_or_path={base}", "--set",
                                  f"output_dir={tmp_path / 'run'}", "--set", "distributed.zero_stage=0", check=False))
@@ -96,10 +96,10 @@ def test_a_missing_shard(bases, tmp_path):
 
 def test_an_adapter_of_another_architecture(bases, tmp_path):
     out = tmp_path / "merged"
-    line = one_line_error(run_ft("export", "--adapter", str(bases["adapter"]), "--base", str(bases["other"]),
-                                 "--out", str(out), check=False))
+    line = one_line_error(ft_in_process("export", "--adapter", str(bases["adapter"]), "--base",
+                                        str(bases["other"]), "--out", str(out), check=False))
     assert line.startswith("error: adapter does not fit the base") and not out.exists()
-    line = one_line_error(run_ft("generate", "--model", str(bases["on_other"]), "--prompt", "hi", check=False))
+    line = one_line_error(ft_in_process("generate", "--model", str(bases["on_other"]), "--prompt", "hi", check=False))
     assert line.startswith(f"error: --model {bases['on_other']}: the adapter does not fit its base")
 
 
@@ -108,11 +108,12 @@ def test_plan_needs_only_the_model_config(tmp_path):
     cfg = tmp_path / "plan.yaml"
     cfg.write_text("model: {name_or_path: examples/models/llama-2-7b}\n"
                    "data: {train: [{path: /nowhere/train.jsonl}], max_seq_len: 1024}\n")
-    proc = run_ft("plan", str(cfg), "--gpus-per-node", "2", "--gpu-mem-gb", "40", "--json")
+    proc = ft_in_process("plan", str(cfg), "--gpus-per-node", "2", "--gpu-mem-gb", "40", "--json")
     plan = json.loads(proc.stdout)
     assert plan["recommendation"] is not None
     # ...but the model must be there: a wrong model path is still one line.
-    proc = run_ft("plan", str(cfg), "--gpus-per-node", "2", "--set", "model.name_or_path=/nowhere/model", check=False)
+    proc = ft_in_process("plan", str(cfg), "--gpus-per-node", "2", "--set", "model.name_or_path=/nowhere/model",
+                         check=False)
     assert proc.returncode == 2 and "model.name_or_path: /nowhere/model does not exist" in proc.stderr
 
 

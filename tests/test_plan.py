@@ -10,7 +10,7 @@ import pytest
 
 from ftcore.config import load_config
 from ftcore.plan import build_facts, make_plan
-from tests.conftest import run_ft
+from tests.conftest import ft_in_process, run_ft
 
 EXAMPLES = {"7b": "examples/llama-2-7b-lora.yaml", "13b": "examples/llama-2-13b-lora.yaml",
             "70b": "examples/llama-2-70b-qlora.yaml"}
@@ -79,13 +79,14 @@ def test_ft_plan_cli_prints_the_table_and_a_recommendation():
     assert "ZeRO-3, offload none, gradient checkpointing on" in line
     assert "--set distributed.zero_stage=3 --set distributed.offload=none --set model.gradient_checkpointing=true" \
         in proc.stdout
-    data = json.loads(run_ft("plan", EXAMPLES["70b"], "--gpus-per-node", "2", "--gpu-mem-gb", "40",
+    # The rest in-process (same CLI code, the imports paid once): the subprocess above is the console entry.
+    data = json.loads(ft_in_process("plan", EXAMPLES["70b"], "--gpus-per-node", "2", "--gpu-mem-gb", "40",
                              "--json").stdout)
     assert data["recommendation"]["zero_stage"] == 3 and data["world"] == 2
     assert data["recommendation"]["per_gpu_bytes"] <= 40 * 1024 ** 3
-    too_small = run_ft("plan", EXAMPLES["70b"], "--gpus-per-node", "1", "--gpu-mem-gb", "8").stdout
+    too_small = ft_in_process("plan", EXAMPLES["70b"], "--gpus-per-node", "1", "--gpu-mem-gb", "8").stdout
     assert "nothing fits in 8 GiB per GPU" in too_small
-    bad = run_ft("plan", EXAMPLES["7b"], "--gpus-per-node", "0", check=False)
+    bad = ft_in_process("plan", EXAMPLES["7b"], "--gpus-per-node", "0", check=False)
     assert bad.returncode == 2 and "--gpus-per-node and --nodes must be >= 1" in bad.stderr
 
 
