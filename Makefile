@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast slurm-deps clean
+.PHONY: venv demo test test-fast lint slurm-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,8 +29,13 @@ demo: $(STAMP)
 		--prompt "What is 3 plus 4?"
 	$(VENV)/bin/ft plot outputs/demo
 
-test: $(STAMP) slurm-deps
+test: $(STAMP) slurm-deps lint
 	$(PY) -m pytest -q --durations=15
+
+# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, likely bugs, and a docstring on every
+# public module, class and function of ftcore/ and launcher/. Part of `make test`, so CI runs it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # Slurm (Debian packages) for the tests that run a real 2-node cluster on this machine. Installed when missing
 # and this user can (root or passwordless sudo); otherwise says why, and those tests skip with the reason.

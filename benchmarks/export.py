@@ -5,10 +5,10 @@
 
 Merge: a multi-shard base with random weights and a random LoRA adapter on every linear layer is merged by
 (a) `ft export --adapter` and (b) PEFT `merge_and_unload()` + `save_pretrained`, and the base shards are copied
-with `cp` + `sync` (what the disk allows; ft export fsyncs its output). Consolidation: a real 2-process ZeRO-3 full fine-tuning checkpoint (`ft launch`,
-one step) is consolidated by (c) `ft export --checkpoint` and (d) DeepSpeed's zero_to_fp32. Every command runs in
-its own process, which reports its own peak RSS. `ft export` runs with --no-verify here (verification loads the
-model to compare logits; it is timed separately as verify_s).
+with `cp` + `sync` (what the disk allows; ft export fsyncs its output). Consolidation: a real 2-process ZeRO-3
+full fine-tuning checkpoint (`ft launch`, one step) is consolidated by (c) `ft export --checkpoint` and (d)
+DeepSpeed's zero_to_fp32. Every command runs in its own process, which reports its own peak RSS. `ft export` runs
+with --no-verify here (verification loads the model to compare logits; it is timed separately as verify_s).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def measured(body: str, argv: list[str] = ()) -> dict:
     code = MEASURE.format(argv=list(argv), body=textwrap.indent(textwrap.dedent(body), "    ").strip())
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("BENCH ")]
+    line = [text for text in proc.stdout.splitlines() if text.startswith("BENCH ")]
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"benchmark step failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(line[-1][6:])

@@ -60,7 +60,8 @@ def run_suite(args: argparse.Namespace) -> dict:
         prepared = {"run": reference, "model": resolve_model_path("builtin:tiny-llama"),
                     "run_args": json.dumps(harness.run_args(reference))}
         bad = [run_case(name, setup, work / f"bad-{i}", prepared) for i, (name, setup) in enumerate(cases())]
-        disk = [harness.disk_full_checkpoint(work, reference), harness.disk_full_export(work, reference / "final", False),
+        disk = [harness.disk_full_checkpoint(work, reference),
+                harness.disk_full_export(work, reference / "final", False),
                 harness.disk_full_export(work, reference / "final", True)]
     disk_run = [d for d in disk if "skipped" not in d]
     result = {

@@ -110,7 +110,7 @@ def run_ft(model: Path, data: Path, out: Path, steps: int, mbs: int, seq: int, p
 def hf_worker(spec: dict) -> None:
     """Runs inside its own process (or each torchrun process): a plain Trainer on the same model and data."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     texts = [json.loads(line)["text"] for line in Path(spec["data"]).read_text().splitlines()]

@@ -1,0 +1,1 @@
+"""ft's core library: typed config, streaming data, model loading, the training recipe, checkpoints, export."""

@@ -35,10 +35,12 @@ INIT_SEED = 0
 
 
 def cache_dir() -> Path:
+    """Where built-in models are materialised: $FT_CACHE_DIR, else ~/.cache/ft."""
     return Path(os.environ.get("FT_CACHE_DIR", Path.home() / ".cache" / "ft"))
 
 
 def is_builtin(name: str) -> bool:
+    """Is `name` a `builtin:` model or dataset?"""
     return name.startswith(BUILTIN_PREFIX)
 
 
@@ -51,6 +53,7 @@ def _lookup(name: str, table: dict[str, Path], kind: str) -> tuple[str, Path]:
 
 
 def resolve_data_path(path: str) -> str:
+    """A data path with a `builtin:` dataset resolved to its file in the repo; other paths unchanged."""
     return str(_lookup(path, BUILTIN_DATA, "dataset")[1]) if is_builtin(path) else path
 
 

@@ -34,11 +34,11 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Protocol
 
 import torch
-import torch.distributed as dist
 
 from ftcore.durable import atomic_write_text, discard_dir, fsync_dir, fsync_file, remove_leftovers, replace_dir
 
@@ -52,6 +52,7 @@ class CheckpointError(RuntimeError):
 
 
 def step_dir_name(step: int) -> str:
+    """The directory name of the checkpoint at `step`."""
     return f"step-{step:06d}"
 
 
@@ -70,6 +71,7 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """This process's RNG states (python, torch, CUDA)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -77,16 +79,57 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back what rng_state() returned."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Stateful(Protocol):
+    """A part of the run that is saved and restored with the checkpoint (the run state, the data stream)."""
+
+    def state_dict(self) -> dict:
+        """The part's state, JSON-serialisable."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() of an earlier run."""
+
+
+class Collectives(Protocol):
+    """What saving needs from the run's Runtime (ftcore/train/runtime.py)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order."""
+
+
+@dataclass
+class SavedCheckpoint:
+    """A complete checkpoint as read from disk: its run state (trainer_state.json) and every rank's data-stream
+    state (data_state.json), in the order of the ranks that wrote it."""
+
+    path: Path
+    run_state: dict
+    data_states: list[dict]
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks wrote it."""
+        return self.run_state["world_size"]
+
+
 class CheckpointManager:
-    def __init__(self, output_dir: str | Path, keep_last: int, rank: int, world_size: int):
+    """Finds, saves, prunes and restores the checkpoints under output_dir/checkpoints/. Saving is collective
+    (`collectives`: the run's Runtime); finding and reading are not."""
+
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0, world_size: int = 1,
+                 collectives: Optional[Collectives] = None):
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self.collectives = collectives
 
     # ---- finding -------------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -129,39 +172,32 @@ class CheckpointManager:
         return [p.name for p in moved]
 
     # ---- saving --------------------------------------------------------------------------------------
-    def save(self, step: int, engine: Any, trainer_state: dict, data_state: dict,
-             exclude_frozen: bool, barrier: Callable[[], None], config_text: str = "") -> Path:
-        """Collective: every rank calls it. Returns the final directory."""
+    def save(self, engine: Any, run_state: Stateful, data_stream: Stateful, *, exclude_frozen: bool,
+             config_text: str = "") -> Path:
+        """Collective: every rank calls it at the same step. Returns the final directory."""
+        state = run_state.state_dict()
+        step = state["step"]
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.root, "step-*.tmp", "step-*.old")  # (.old: written by earlier releases)
             tmp.mkdir()
-        barrier()
+        self.collectives.barrier()
         try:
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
                                    exclude_frozen_parameters=exclude_frozen)
             torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         except (OSError, RuntimeError) as e:
             self._write_failed(step, tmp, e)
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, data_state)
+        gathered = self.collectives.all_gather_object(data_stream.state_dict())
         try:
             if self.rank == 0:
                 (tmp / "data_state.json").write_text(json.dumps(gathered, indent=1))
-                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
                 if config_text:  # the run's config travels with the checkpoint (ft export reads it)
                     (tmp / "ft_config.yaml").write_text(config_text)
-            barrier()
-            # Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote).
-            for f in sorted(tmp.rglob("*")):
-                if f.is_file():
-                    fsync_file(f)
-            barrier()
-            if self.rank == 0:
-                files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-                atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+            self._flush_and_seal(step, tmp)
         except OSError as e:
             self._write_failed(step, tmp, e)
         if self.rank == 0:
@@ -169,8 +205,20 @@ class CheckpointManager:
             replace_dir(tmp, final)
             self._point_latest_at(final)
             self._prune()
-        barrier()
+        self.collectives.barrier()
         return final
+
+    def _flush_and_seal(self, step: int, tmp: Path) -> None:
+        """Every rank flushes what is in the directory (on a shared filesystem this covers what it wrote); then
+        rank 0 writes the manifest, the mark of a complete checkpoint."""
+        self.collectives.barrier()
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                fsync_file(f)
+        self.collectives.barrier()
+        if self.rank == 0:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
 
     def _point_latest_at(self, final: Path) -> None:
         """The directory is complete before `latest` names it, so a failure here loses nothing: say so."""
@@ -204,6 +252,7 @@ class CheckpointManager:
                if previous else "There is no earlier checkpoint: free space and rerun")) from None
 
     def latest_name(self) -> Optional[str]:
+        """What `latest` names (unchecked), or None."""
         pointer = self.root / "latest"
         try:
             return pointer.read_text().strip() if pointer.is_file() else None
@@ -215,18 +264,17 @@ class CheckpointManager:
             discard_dir(old)
 
     # ---- loading -------------------------------------------------------------------------------------
-    def load(self, path: Path, engine: Any, exclude_frozen: bool, zero_stage: int) -> tuple[dict, list[dict]]:
-        """Restore engine (weights, optimizer, scheduler) and RNG. Returns (trainer_state, every rank's data
-        state as saved). Another world size is accepted for ZeRO 0-2 (optimizer state is saved in DeepSpeed's
-        elastic layout and re-partitioned on load); ZeRO-3 parameter shards are tied to the world size."""
+    def read(self, path: Path) -> SavedCheckpoint:
+        """The one reader of a checkpoint's run and data state; raises CheckpointError unless it is complete."""
         verify_checkpoint(path)
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
-        saved_world = trainer_state["world_size"]
-        if saved_world != self.world_size and zero_stage == 3:
-            raise CheckpointError(
-                f"{path}: a ZeRO-3 checkpoint written by {saved_world} ranks cannot be resumed by "
-                f"{self.world_size}; resume with {saved_world} processes")
-        data_states = json.loads((path / "data_state.json").read_text())
+        return SavedCheckpoint(path, json.loads((path / "trainer_state.json").read_text()),
+                               json.loads((path / "data_state.json").read_text()))
+
+    def restore_engine(self, saved: SavedCheckpoint, engine: Any, exclude_frozen: bool, zero_stage: int) -> None:
+        """Restore engine (weights, optimizer, scheduler) and this rank's RNG from a checkpoint that
+        ftcore.resume accepted. Another world size is fine for ZeRO 0-2: optimizer state is saved in DeepSpeed's
+        elastic layout and re-partitioned here."""
+        path, saved_world = saved.path, saved.world_size
         resharding = saved_world != self.world_size and zero_stage in (1, 2)
         # DeepSpeed's load_checkpoint refuses ZeRO optimizer state from another world size outright, although
         # its ZeRO-1/2 optimizer can merge and re-partition state saved in the elastic layout (our templates set
@@ -248,4 +296,3 @@ class CheckpointManager:
         # RNG streams (dropout) are per rank: a rank that did not exist before starts from rank 0's.
         rng_file = path / f"rng_rank{self.rank if self.rank < saved_world else 0}.pt"
         set_rng_state(torch.load(rng_file, weights_only=True))
-        return trainer_state, data_states

@@ -17,14 +17,17 @@ from ftcore.config import DistributedConfig, TrainConfig
 
 
 def template_name(zero_stage: int, offload: str) -> str:
+    """The ds_configs/ template for a ZeRO stage and offload mode."""
     return f"zero{zero_stage}.json" if offload == "none" else f"zero{zero_stage}_offload_{offload}.json"
 
 
 def template_names() -> list[str]:
+    """Every template in ds_configs/."""
     return sorted(p.name for p in resources.files("ds_configs").iterdir() if p.name.endswith(".json"))
 
 
 def load_template(name: str) -> dict:
+    """A ds_configs/ template as a dict."""
     path = resources.files("ds_configs") / name
     if not path.is_file():
         raise FileNotFoundError(f"ds_configs/{name} does not exist; available: {', '.join(template_names())}")
@@ -59,6 +62,7 @@ def _fills(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool, 
 
 
 def fill_template(template: dict, fills: dict[str, Any], name: str = "ds_configs/template") -> dict:
+    """The template with every "auto" placeholder filled from `fills`; a missing fill is an error naming it."""
     out = copy.deepcopy(template)
 
     def walk(node: dict, prefix: str) -> None:
@@ -103,7 +107,8 @@ def from_user_json(path: str, fills: dict[str, Any], train: TrainConfig, dist: D
         raise LaunchSettingsError(str(e)) from None
     cfg.pop("optimizer", None)
     cfg.pop("scheduler", None)
-    if "train_batch_size" in cfg and "train_batch_size" in fills and cfg["train_batch_size"] != fills["train_batch_size"]:
+    if ("train_batch_size" in cfg and "train_batch_size" in fills
+            and cfg["train_batch_size"] != fills["train_batch_size"]):
         raise LaunchSettingsError(
             f"{path}: train_batch_size={cfg['train_batch_size']}, but train.micro_batch_size {train.micro_batch_size}"
             f" x train.grad_accum_steps {train.grad_accum_steps} x processes makes {fills['train_batch_size']}; "

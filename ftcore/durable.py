@@ -17,6 +17,7 @@ TRASH_PREFIX = "deleting."
 
 
 def fsync_file(path: Path) -> None:
+    """Flush a file's (or directory's) contents to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -25,10 +26,12 @@ def fsync_file(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make the renames and creations inside a directory durable."""
     fsync_file(path)  # directories fsync the same way on POSIX: makes renames inside them durable
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (write a temporary file, fsync, rename, fsync the directory)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)

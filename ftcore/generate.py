@@ -12,6 +12,7 @@ from ftcore.model_files import BaseModelError, check_model_dir
 
 
 def load_for_inference(model_dir: str) -> tuple[torch.nn.Module, object]:
+    """A final/ dir (PEFT adapter or full model) and its tokenizer, ready to generate on this machine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
@@ -48,6 +49,7 @@ def _first_line(error: BaseException) -> str:
 
 @torch.no_grad()
 def generate(model_dir: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to `prompts`, each rendered with the model's chat template."""
     model, tokenizer = load_for_inference(model_dir)
     answers = []
     for prompt in prompts:

@@ -42,6 +42,7 @@ class LaunchSettingsError(ConfigError):
 
 @dataclass(frozen=True)
 class Choice:
+    """One config field a launcher or DeepSpeed JSON decided, and where it came from."""
     field: str   # the ft config field, dotted
     value: Any
     origin: str  # where it came from, for messages: "the accelerate config (zero_stage)", "ds.json: stage"
@@ -127,6 +128,7 @@ def accelerate_choices(env: Mapping[str, str]) -> list[Choice]:
 
 
 def read_deepspeed_json(path: str) -> dict:
+    """A user's DeepSpeed JSON; errors name distributed.deepspeed_config and the file."""
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -280,4 +282,5 @@ def prepare_accelerate_env(env: MutableMapping[str, str], mixed_precision: str, 
 
 
 def process_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank (0 without a launcher)."""
     return int(env.get("RANK", "0"))

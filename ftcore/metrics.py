@@ -32,6 +32,7 @@ PEAK_TFLOPS = [
 
 
 def peak_flops_per_device(device_name: Optional[str], override_tflops: Optional[float]) -> Optional[float]:
+    """Peak FLOP/s of one device: train.peak_tflops, else the known peak of a GPU by name, else None."""
     if override_tflops:
         return override_tflops * 1e12
     if not device_name:
@@ -49,7 +50,7 @@ class FlopCounter:
         from ftcore.model import logical_numel
 
         self.trained_matrix = self.frozen_matrix = 0
-        for name, module in model.named_modules():
+        for module in model.modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
             n = logical_numel(module.weight)
@@ -61,6 +62,7 @@ class FlopCounter:
         self.attention_width = attention_width
 
     def step_flops(self, tokens: int, sample_lengths: list[int]) -> float:
+        """FLOPs of one micro batch: 6 per trained / 4 per frozen weight per token, plus attention's quadratic term."""
         matrices = tokens * (6 * self.trained_matrix + 4 * self.frozen_matrix)
         attention = 12 * self.num_layers * self.attention_width * sum(n * n for n in sample_lengths)
         return float(matrices + attention)
@@ -120,6 +122,7 @@ class MetricsSink:
             self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=resume_step if resume_step else None)
 
     def record(self, metrics: dict) -> None:
+        """Append one step's or eval's metrics (and to TensorBoard when on)."""
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.tb is not None:
@@ -129,6 +132,7 @@ class MetricsSink:
                     self.tb.add_scalar(tag, value, metrics["step"])
 
     def close(self) -> None:
+        """Flush and close TensorBoard's writer."""
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
@@ -145,6 +149,7 @@ def drop_partial_line(path: Path) -> None:
 
 
 def write_summary(path: Path, summary: dict) -> None:
+    """Write a JSON summary atomically."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path)

@@ -6,7 +6,6 @@ Knows nothing of data. Receives only its own config sections.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from typing import Any, Optional
@@ -14,16 +13,12 @@ from typing import Any, Optional
 import torch
 
 from ftcore.config import AdapterConfig, ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ftcore.dtypes import DTYPES
+from ftcore.preflight import flash_attn_available
 
 
 class ModelError(ValueError):
     """A model problem phrased as one line naming the config field or directory."""
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def model_class_for(model_dir: str, classification: bool = False) -> Optional[type]:
@@ -61,6 +56,7 @@ def resolve_attn_implementation(requested: str, cuda: bool, model_class: Optiona
 
 
 def load_tokenizer(model_dir: str) -> Any:
+    """The tokenizer of a model directory."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
@@ -76,11 +72,9 @@ def quant_storage_dtype(adapter_cfg: AdapterConfig, model_dtype: str, zero_stage
 
 def qlora_quantization_config(adapter_cfg: AdapterConfig, model_dtype: str, zero_stage: int) -> Any:
     """QLoRA's recipe: NF4 with double quantization, computing in the model's dtype."""
-    from transformers import BitsAndBytesConfig
+    from ftcore.nf4 import nf4_quantization_config
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=DTYPES[model_dtype],
-                              bnb_4bit_quant_storage=quant_storage_dtype(adapter_cfg, model_dtype, zero_stage))
+    return nf4_quantization_config(DTYPES[model_dtype], quant_storage_dtype(adapter_cfg, model_dtype, zero_stage))
 
 
 def classification_head_kwargs(labels: list[str], pad_token_id: int) -> dict:
@@ -97,9 +91,9 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
     HfDeepSpeedConfig alive before this, so transformers loads straight into partitioned parameters.
     classification: classification_head_kwargs(...) -> AutoModelForSequenceClassification with a new head (seeded
     identically on every rank), which always trains."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ftcore.model_files import BaseModelError, check_model_dir
 
@@ -154,6 +148,7 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
 
 
 def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when empty)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -303,6 +298,18 @@ def logical_numel(p: torch.nn.Parameter) -> int:
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return math.prod(quant_state.shape)
     return getattr(p, "ds_numel", p.numel())
+
+
+def head_dim(config: Any) -> int:
+    """Width of one attention head: the config's head_dim where the family sets it (Gemma, Qwen3), else
+    hidden_size / num_attention_heads. The one place ft derives it (FLOP counting, ft plan)."""
+    heads = getattr(config, "num_attention_heads", 1)
+    return getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def attention_width(config: Any) -> int:
+    """num_attention_heads * head_dim: the width of the attention's query (and output) projection."""
+    return getattr(config, "num_attention_heads", 1) * head_dim(config)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

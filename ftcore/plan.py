@@ -44,11 +44,13 @@ LAYOUTS = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (1, "optimizer"),
 
 
 class PlanError(ValueError):
+    """An impossible `ft plan` request, as one line."""
     pass
 
 
 @dataclass
 class ParamInfo:
+    """One parameter as the planner counts it."""
     name: str
     numel: int              # logical elements (a 4-bit weight counts its unquantized shape)
     ndim: int
@@ -58,6 +60,7 @@ class ParamInfo:
 
 @dataclass
 class ModelFacts:
+    """What the planner needs of the model, read from the model built on the meta device."""
     params: list[ParamInfo]
     largest_layer: int      # most parameters owned directly by one module (DeepSpeed's largest_layer_params)
     hidden: int
@@ -72,14 +75,17 @@ class ModelFacts:
 
     @property
     def total(self) -> int:
+        """All parameter elements."""
         return sum(p.numel for p in self.params)
 
     @property
     def trainable(self) -> int:
+        """Elements that train."""
         return sum(p.numel for p in self.params if p.trainable)
 
     @property
     def quantized(self) -> int:
+        """Elements stored in 4 bits."""
         return sum(p.numel for p in self.params if p.quantized)
 
 
@@ -88,10 +94,17 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ftcore.model import (DTYPES, apply_freeze, apply_lora, block_depths, classification_head_names,
-                              quantized_module_names)
+    from ftcore.dtypes import DTYPES
+    from ftcore.model import (
+        apply_freeze,
+        apply_lora,
+        block_depths,
+        classification_head_names,
+        head_dim,
+        quantized_module_names,
+    )
 
-    classification = cfg.task == "classification"
+    classification = cfg.classification
     if classification:  # the head's size hardly matters; the label set may only be known from the data
         hf_config = AutoConfig.from_pretrained(model_dir, num_labels=len(cfg.data.labels or [0, 1]))
     else:
@@ -119,8 +132,7 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     h = hf_config.hidden_size
     heads = getattr(hf_config, "num_attention_heads", 1)
-    head_dim = getattr(hf_config, "head_dim", None) or h // heads
-    kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim
+    kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim(hf_config)
     depths, num_blocks = block_depths(model) if cfg.train.layer_lr_decay is not None else (None, 0)
     return ModelFacts(params=params, largest_layer=largest, hidden=h, layers=hf_config.num_hidden_layers,
                       intermediate=getattr(hf_config, "intermediate_size", 4 * h), kv_dim=kv,
@@ -175,6 +187,7 @@ def engine_state_bytes(cfg: Config, facts: ModelFacts, stage: int, world: int) -
 
 @dataclass
 class Row:
+    """Bytes per GPU of one ZeRO stage and offload mode, by kind."""
     stage: int
     offload: str
     supported: bool
@@ -190,15 +203,18 @@ class Row:
 
     @property
     def model_states(self) -> float:
+        """Weights, gradients and optimizer states per GPU."""
         return self.weights + self.quantized_base + self.trainable_weights + self.gradients + self.optimizer
 
     def total(self, checkpointing: bool) -> float:
+        """Everything per GPU, with activations as checkpointing leaves them."""
         activations = self.activations_checkpointed if checkpointing else self.activations_full
         return self.model_states + activations + CUDA_OVERHEAD_BYTES
 
 
 @dataclass
 class Plan:
+    """`ft plan`'s answer: every layout's bytes per GPU and the recommended one."""
     world: int
     nodes: int
     gpus_per_node: int
@@ -210,6 +226,7 @@ class Plan:
     recommendation: Optional[dict] = None
 
     def to_json(self) -> dict:
+        """The plan as `ft plan --json` prints it."""
         data = asdict(self)
         for row, obj in zip(data["rows"], self.rows):
             row["model_states"] = obj.model_states
@@ -234,6 +251,7 @@ def activation_bytes(cfg: Config, facts: ModelFacts) -> tuple[float, float]:
 
 
 def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: int, gpus_per_node: int) -> Row:
+    """Bytes per GPU of `cfg` under one ZeRO stage and offload mode on `world` GPUs."""
     row = Row(stage=stage, offload=offload, supported=True)
     if cfg.adapter.method == "qlora" and offload == "all":
         row.supported, row.note = False, "qlora + parameter offload is not supported"
@@ -285,6 +303,7 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
 
 def make_plan(cfg: Config, facts: ModelFacts, gpus_per_node: int, nodes: int,
               gpu_mem_gb: Optional[float]) -> Plan:
+    """Every layout for `cfg` on nodes x gpus_per_node GPUs, and the cheapest that fits gpu_mem_gb."""
     if gpus_per_node < 1 or nodes < 1:
         raise PlanError(f"--gpus-per-node and --nodes must be >= 1 (got {gpus_per_node}, {nodes})")
     world = gpus_per_node * nodes

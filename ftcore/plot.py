@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 class PlotError(ValueError):
+    """A run directory with nothing to plot, as one line."""
     pass
 
 

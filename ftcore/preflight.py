@@ -15,12 +15,18 @@ from ftcore.config import Config, ConfigError
 from ftcore.data.sources import expand
 
 
+def flash_attn_available() -> bool:
+    """Is flash-attn installed (the optional extra)? The one check ft makes of it."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def is_hub_id(name: str) -> bool:
     """`org/name` that is not a local path: left to transformers (hub or HF cache)."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def check_model_path(name: str) -> None:
+    """model.name_or_path is a built-in, a hub id, or a directory with config.json."""
     if is_builtin(name) or is_hub_id(name):
         return
     path = Path(name).expanduser()
@@ -32,6 +38,7 @@ def check_model_path(name: str) -> None:
 
 
 def check_data_paths(cfg: Config) -> None:
+    """Every data source exists (globs match at least one file)."""
     for section, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval or [])):
         for i, source in enumerate(sources):
             try:
@@ -80,7 +87,7 @@ def check_combinations(cfg: Config) -> None:
         raise _error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of the model, "
                      "which this release does not partition under ZeRO-3: use distributed.zero_stage <= 2, or "
                      "adapter.method=lora/qlora (the base comes from the same weights with the adapter disabled)")
-    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    if m.attn_implementation == "flash_attention_2" and not flash_attn_available():
         raise _error("model.attn_implementation", "flash_attention_2 needs flash-attn, which is not installed "
                      "(pip install '.[flash]' on a CUDA machine); use auto or sdpa")
     model_config = model_config_json(m.name_or_path)
@@ -108,6 +115,7 @@ def check_batch(cfg: Config, world_size: int) -> None:
 
 
 def check_inputs(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Every check that needs no torch: paths, combinations of fields, the batch for `world_size`."""
     check_model_path(cfg.model.name_or_path)
     check_data_paths(cfg)
     check_combinations(cfg)

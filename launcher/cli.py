@@ -113,8 +113,13 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
               accelerate launch --config_file acc.yaml -m launcher.cli train examples/demo.yaml
               deepspeed --num_gpus 2 --module launcher.cli train examples/demo.yaml
     """
-    from ftcore.preemption import (PREEMPTED_EXIT_STATUS, Preempted, die_with_launcher, ignore_stop_signals,
-                                   install_stop_handlers)
+    from ftcore.preemption import (
+        PREEMPTED_EXIT_STATUS,
+        Preempted,
+        die_with_launcher,
+        ignore_stop_signals,
+        install_stop_handlers,
+    )
     from launcher.supervise import write_failure_record
 
     die_with_launcher()
@@ -129,7 +134,7 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
         try:
             run(cfg, resume=resume)
         except Preempted:
-            raise typer.Exit(PREEMPTED_EXIT_STATUS)  # rank 0 has logged where the checkpoint is
+            raise typer.Exit(PREEMPTED_EXIT_STATUS) from None  # rank 0 has logged where the checkpoint is
         except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
             write_failure_record(str(e))
             _fail(str(e), code=1)
@@ -345,7 +350,8 @@ def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT L
     """
     from pathlib import Path
 
-    from ftcore.export.export import DTYPES, ExportError, export_adapter, export_checkpoint
+    from ftcore.dtypes import DTYPES
+    from ftcore.export.export import ExportError, export_adapter, export_checkpoint
 
     if (adapter is None) == (checkpoint is None):
         _fail("ft export: give exactly one of --adapter or --checkpoint")
@@ -533,6 +539,7 @@ def data_inspect(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
 
 
 def main() -> None:
+    """The `ft` console script."""
     app()
 
 

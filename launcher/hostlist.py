@@ -13,6 +13,7 @@ import re
 
 
 class HostlistError(ValueError):
+    """A Slurm hostlist that cannot be parsed."""
     pass
 
 

@@ -36,6 +36,7 @@ class SlurmError(RuntimeError):
 
 @dataclass(frozen=True)
 class NodeInfo:
+    """A Slurm node: its name, the address others connect to, and the machine it runs on."""
     name: str
     address: str     # NodeAddr: what other nodes connect to
     hostname: str    # NodeHostName: the machine the node runs on
@@ -43,6 +44,7 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class Rendezvous:
+    """Where this node's ranks meet the others: node count and rank, head address and port."""
     nnodes: int
     node_rank: int
     master_addr: str
@@ -75,6 +77,7 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
 
 
 def job_hosts(env: Mapping[str, str], scontrol: Scontrol = run_scontrol) -> list[str]:
+    """The allocation's hostnames, in order (scontrol show hostnames)."""
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise SlurmError("SLURM_JOB_NODELIST is not set: run `ft launch --slurm` inside a Slurm allocation")
@@ -88,6 +91,7 @@ def job_hosts(env: Mapping[str, str], scontrol: Scontrol = run_scontrol) -> list
 
 
 def node_info(name: str, scontrol: Scontrol = run_scontrol) -> NodeInfo:
+    """A node's address and hostname (scontrol show node)."""
     answer = scontrol(["show", "node", "-o", name])
     fields = dict(f.split("=", 1) for f in (answer or "").split() if "=" in f)
     return NodeInfo(name=name, address=fields.get("NodeAddr") or name, hostname=fields.get("NodeHostName") or name)
@@ -109,6 +113,7 @@ def _is_loopback(ip: str) -> bool:
 
 
 def derive_port(job_id: str, attempt: int) -> int:
+    """The rendezvous port of a job's attempt: the same on every node, different per requeue."""
     digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
     return PORT_BASE + (int(digits) * 4 + attempt % 4) % PORT_SPAN
 
@@ -163,6 +168,7 @@ def rendezvous_from_slurm(env: Mapping[str, str], scontrol: Scontrol = run_scont
 # ---------------------------------------------------------------------------------------------- sbatch script
 @dataclass(frozen=True)
 class SbatchOptions:
+    """What `ft slurm` writes into the sbatch script."""
     config_path: Optional[str]
     overrides: tuple[str, ...]
     nodes: int
@@ -183,6 +189,7 @@ class SbatchOptions:
 
 
 def sbatch_directives(o: SbatchOptions) -> list[str]:
+    """The #SBATCH lines for `o`."""
     if o.nodes < 1:
         raise SlurmError(f"--nodes must be >= 1, got {o.nodes}")
     if o.gpus_per_node < 0 or o.nproc_per_node < 1:

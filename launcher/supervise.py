@@ -31,6 +31,7 @@ TAIL_LINES = 25
 
 @dataclass(frozen=True)
 class NodeContext:
+    """One node's launcher: its rank, process count and where the attempt's logs go."""
     node_rank: int
     nproc: int
     attempt_dir: Path     # output_dir/logs/<attempt>: per-rank logs (node<k>/...) and failure records
@@ -38,6 +39,7 @@ class NodeContext:
 
 
 def say(ctx: NodeContext, message: str) -> None:
+    """A launcher message on stderr, prefixed with the node."""
     print(f"[node{ctx.node_rank} launcher] {message}", file=sys.stderr, flush=True)
 
 
@@ -56,6 +58,7 @@ class StopForwarder:
         self.received: Optional[int] = None
 
     def start(self) -> None:
+        """Start forwarding stop signals to the ranks (on a thread of its own)."""
         block_stop_signals()  # idempotent; the thread must start with them blocked to sigwait for them
         threading.Thread(target=self._loop, name="ft-stop-forwarder", daemon=True).start()
 
@@ -64,6 +67,7 @@ class StopForwarder:
             self.forward(signal.sigwait(STOP_SIGNALS))
 
     def forward(self, signum: int) -> None:
+        """Send `signum` to every rank of this node (once a rank has stopped, the rest follow)."""
         import psutil
 
         self.received = self.received or signum

@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 
 @dataclass(frozen=True)
 class LaunchSpec:
+    """What `ft launch` was asked on a workstation."""
     config_path: Optional[str]
     overrides: tuple[str, ...]
     nproc: int
@@ -33,6 +34,7 @@ class LaunchSpec:
 
 def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = sys.executable
                   ) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of the accelerate launch that runs `spec`; pure."""
     if spec.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {spec.nproc}")
     argv = [

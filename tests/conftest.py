@@ -129,8 +129,8 @@ def uninterrupted_run(tmp_path_factory) -> Path:
 
 def assert_same_final_adapter(a: Path, b: Path) -> None:
     """Two runs' final adapters hold the same tensors, bit for bit."""
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     x, y = (load_file(out / "final" / "adapter_model.safetensors") for out in (a, b))
     assert x.keys() == y.keys() and x

@@ -59,7 +59,8 @@ def test_cli_config_errors(tmp_path):
 
     proc = run_ft("launch", "--set", "model.name_or_path=/no/such/model", "--nproc", "2", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "config error: model.name_or_path: /no/such/model does not exist or is not a directory"
+    assert proc.stderr.strip() == ("config error: model.name_or_path: /no/such/model does not exist or is not a "
+                                   "directory")
 
     empty = tmp_path / "empty_model"
     empty.mkdir()
@@ -90,10 +91,10 @@ def test_freeze_config_errors(overrides, message):
 
 
 def test_checkpoint_from_before_a_new_field_resumes_unless_the_field_changes():
-    from ftcore.train import _fingerprint_diff, config_fingerprint
+    from ftcore.resume import config_fingerprint, fingerprint_diff
 
     current = config_fingerprint(load_config(None, []))
     older = {k: v for k, v in current.items() if k not in ("train.base_kl", "train.layer_lr_decay")}
-    assert _fingerprint_diff(older, current) == []
+    assert fingerprint_diff(older, current) == []
     changed = config_fingerprint(load_config(None, ["train.base_kl=0.5"]))
-    assert _fingerprint_diff(older, changed) == ["train.base_kl: checkpoint 0.0, this run 0.5"]
+    assert fingerprint_diff(older, changed) == ["train.base_kl: checkpoint 0.0, this run 0.5"]

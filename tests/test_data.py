@@ -6,8 +6,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from ftcore.config import FieldNames, load_config
-from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, tokenize_record as _tokenize
-from ftcore.data.stream import DataError, TrainStream, eval_batches, pad_eval_batches, restore_states
+from ftcore.data.batch import pad_eval_batches
+from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
+from ftcore.data.formats import tokenize_record as _tokenize
+from ftcore.data.stream import DataError, TrainStream, eval_batches, restore_states
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def tokenize_record(record, fmt, train_on, tok, **spec):
 
 
 def trained_text(tok, sample):
-    return tok.decode([i for i, l in zip(sample.input_ids, sample.labels) if l != IGNORE_INDEX])
+    return tok.decode([i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX])
 
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},

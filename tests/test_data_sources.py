@@ -40,8 +40,8 @@ def test_a_broken_line_in_a_text_format_jsonl_is_an_error_not_text(tmp_path):
     """format text on JSONL reads the 'text' field; a line that is not JSON must not be trained on as raw text."""
     from transformers import AutoTokenizer
 
-    from ftcore.data.stream import TrainStream
     from ftcore.builtin import resolve_model_path
+    from ftcore.data.stream import TrainStream
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\nthis is not json\n')

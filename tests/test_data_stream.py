@@ -71,7 +71,8 @@ def test_overflow_modes_count_what_they_do(tmp_path, tok):
     assert s.counters["split_records"] == 1 and s.counters["split_pieces"] == len(pieces)
     assert [b.sample_ids[0].rsplit("#", 1)[1] for b in pieces] == [str(i) for i in range(len(pieces))]
     # Chunks overlap by one token; together they train every token but the first exactly once.
-    trained = [t for b in pieces for t, l in zip(b.input_ids[0].tolist(), b.labels[0].tolist()) if l != IGNORE_INDEX]
+    trained = [t for b in pieces for t, label in zip(b.input_ids[0].tolist(), b.labels[0].tolist())
+               if label != IGNORE_INDEX]
     assert trained == full[1:]
     assert all(b.input_ids.shape[1] <= 64 for b in pieces)
 
@@ -122,7 +123,7 @@ def test_configurable_fields_and_roles(tmp_path, tok):
     s = make_stream(tok, f"[{{path: {path}, fields: {{messages: conversations, role: from, content: value}}, "
                          f"roles: {{human: user, gpt: assistant}}}}]", mbs=1)
     batch = s.next_batch()
-    trained = [t for t, l in zip(batch.input_ids[0].tolist(), batch.labels[0].tolist()) if l != IGNORE_INDEX]
+    trained = [t for t, label in zip(batch.input_ids[0].tolist(), batch.labels[0].tolist()) if label != IGNORE_INDEX]
     assert tok.decode(trained) == "hello</s>"
 
 
@@ -197,7 +198,7 @@ def test_elastic_resume_loses_and_repeats_nothing(tmp_path, tok, old_world, new_
     opts = dict(packing=packing, max_seq_len=512, mbs=2, packing_buffer=16)
     before = [make_stream(tok, spec, rank=r, world=old_world, **opts) for r in range(old_world)]
     seen = []
-    for step in range(7):
+    for _ in range(7):
         for s in before:
             seen += tagged(s.next_batch())
     states = json.loads(json.dumps([s.state_dict() for s in before]))

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from ftcore.export.export import ExportError, check_disk_space, export_adapter
+from ftcore.export.export import ExportError, export_adapter
+from ftcore.export.output import check_disk_space
 from tests.conftest import run_ft
 
 ARCHS = {
@@ -146,7 +147,7 @@ def test_qlora_adapter_merges_onto_the_nf4_round_trip(tmp_path):
         quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=ids).logits
         original = AutoModelForCausalLM.from_pretrained(tmp_path / "out2")(input_ids=ids).logits
     assert (quantized - original).abs().max() > 100 * report.max_abs_diff
-    from ftcore.export.export import BaseModel, quantized_weight_names
+    from ftcore.export.base import BaseModel, quantized_weight_names
 
     names, transposed = quantized_weight_names(BaseModel(base))
     assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names and not transposed

@@ -1,5 +1,5 @@
-"""Every common causal-LM family trains with LoRA, QLoRA and full fine-tuning and exports exactly (tiny configs built here; the runs
-are the real recipe and `ft export`, in one process: tests/family_matrix.py)."""
+"""Every common causal-LM family trains with LoRA, QLoRA and full fine-tuning and exports exactly (tiny configs built
+here; the runs are the real recipe and `ft export`, in one process: tests/family_matrix.py)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,13 @@ import pytest
 
 from ftcore.config import load_config
 from ftcore.ds_config import build_ds_config
-from ftcore.launch_settings import (LaunchSettingsError, accelerate_choices, check_process_count, launcher_settings,
-                                    prepare_accelerate_env)
+from ftcore.launch_settings import (
+    LaunchSettingsError,
+    accelerate_choices,
+    check_process_count,
+    launcher_settings,
+    prepare_accelerate_env,
+)
 
 HF_ZERO2 = "examples/deepspeed/zero2_hf_trainer.json"
 HF_ZERO3 = "examples/deepspeed/zero3_hf_trainer.json"

@@ -14,9 +14,9 @@ from tests.conftest import read_jsonl, run_ft, tiny_run_args
 pytestmark = pytest.mark.multiproc
 
 # builtin:tiny-llama (ftcore/assets/tiny-llama/config.json) with LoRA r=16 on its 7 linear layers per block.
-H, KV, I, L, V, R = 128, 64, 344, 4, 32000, 16
-FROZEN = L * (H * H + 2 * H * KV + H * H + 3 * H * I) + H * V  # q, k, v, o, gate, up, down + lm_head
-LORA = L * R * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + I) + (I + H))
+H, KV, INTER, L, V, R = 128, 64, 344, 4, 32000, 16
+FROZEN = L * (H * H + 2 * H * KV + H * H + 3 * H * INTER) + H * V  # q, k, v, o, gate, up, down + lm_head
+LORA = L * R * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + INTER) + (INTER + H))
 
 
 @pytest.fixture(scope="module")

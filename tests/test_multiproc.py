@@ -201,7 +201,8 @@ def test_elastic_resume_two_ranks_to_one_continues_the_same_run(runs, tmp_path, 
     assert sorted(positions) == list(range(64))  # 8 steps x 8 samples: none lost, none repeated
     reference = [read_jsonl(straight / "audit" / f"rank{r}.jsonl") for r in (0, 1)]
     for step in range(1, 9):
-        assert sorted(by_step[step]) == sorted(reference[0][step - 1]["positions"] + reference[1][step - 1]["positions"])
+        expected = reference[0][step - 1]["positions"] + reference[1][step - 1]["positions"]
+        assert sorted(by_step[step]) == sorted(expected)
     losses = {r["step"]: r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")}
     assert [losses[s] for s in range(1, 9)] == pytest.approx(step_losses(straight), rel=1e-5)
     a = load_file(out / "final" / "adapter_model.safetensors")

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftcore.config import FieldNames
+from ftcore.data.batch import Piece, collate, collate_packed
 from ftcore.data.formats import RecordSpec, tokenize_record
 from ftcore.data.packing import BestFitPacker, block_causal_mask
-from ftcore.data.stream import Piece, collate, collate_packed
 
 CHATS = [
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of the sky?"},

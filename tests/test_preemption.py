@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, STOPPABLE_STEPS as STEPS, assert_same_final_adapter, read_jsonl, run_ft, \
-    stoppable_run_args as args, tiny_run_args
+from tests.conftest import ROOT, assert_same_final_adapter, read_jsonl, run_ft, tiny_run_args
+from tests.conftest import STOPPABLE_STEPS as STEPS
+from tests.conftest import stoppable_run_args as args
 
 pytestmark = pytest.mark.multiproc
 

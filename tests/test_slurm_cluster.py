@@ -18,8 +18,9 @@ import pytest
 
 from ftcore.dist_env import free_port
 from launcher.hostlist import expand_hostlist
-from tests.conftest import STOPPABLE_STEPS as STEPS, assert_same_final_adapter, read_jsonl, run_ft, \
-    stoppable_run_args as run_args
+from tests.conftest import STOPPABLE_STEPS as STEPS
+from tests.conftest import assert_same_final_adapter, read_jsonl, run_ft
+from tests.conftest import stoppable_run_args as run_args
 from tests.slurm_cluster import ClusterUnavailable, LocalSlurm
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slurm]

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from launcher.hostlist import HostlistError, expand_hostlist
-from launcher.slurm import (PORT_BASE, PORT_SPAN, TEMPLATE, SbatchOptions, SlurmError, derive_port,
-                            render_sbatch, rendezvous_from_slurm)
+from launcher.slurm import (
+    PORT_BASE,
+    PORT_SPAN,
+    TEMPLATE,
+    SbatchOptions,
+    SlurmError,
+    derive_port,
+    render_sbatch,
+    rendezvous_from_slurm,
+)
 from tests.conftest import run_ft
 
 HOSTLISTS = [
@@ -95,8 +103,8 @@ def test_rendezvous_without_scontrol_uses_the_parser_and_dns():
 
 def test_loopback_head_of_a_multi_node_job_is_refused():
     nodes = {"gpu01": ("gpu01", "gpu01"), "gpu02": ("gpu02", "gpu02")}
-    with pytest.raises(SlurmError, match=r"head node gpu01 resolves to 127\.0\.1\.1 \(loopback\) in a 2-node allocation that "
-                                         r"spans other machines \(gpu01\)"):
+    with pytest.raises(SlurmError, match=r"head node gpu01 resolves to 127\.0\.1\.1 \(loopback\) in a 2-node "
+                                         r"allocation that spans other machines \(gpu01\)"):
         rendezvous_from_slurm(slurm_env("gpu[01-02]", nnodes="2", nodeid="1"), FakeScontrol(nodes),
                               this_host="gpu02", resolve=lambda _: "127.0.1.1")
 

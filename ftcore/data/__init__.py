@@ -1,0 +1,1 @@
+"""Streaming training data: sources, record formats, chat templates, loss masks, packing, sharding, resume."""

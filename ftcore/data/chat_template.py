@@ -28,6 +28,7 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """`messages` rendered by the tokenizer's chat template (a ChatML fallback when it has none)."""
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)

@@ -39,11 +39,13 @@ class RecordError(ValueError):
 
 @dataclass
 class Tokenized:
+    """One tokenized sample: its token ids and labels (IGNORE_INDEX where the loss is masked)."""
     input_ids: list[int]
     labels: list[int]
 
     @property
     def trained_tokens(self) -> int:
+        """Tokens the loss is computed on."""
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
     def __len__(self) -> int:
@@ -62,6 +64,7 @@ class RecordSpec:
 
 
 def resolve_train_on(fmt: str, train_on: Optional[str]) -> str:
+    """The data.train_on mode for a format (its default when unset); ValueError when it does not apply."""
     mode = train_on or DEFAULT_TRAIN_ON[fmt]
     if mode not in VALID_TRAIN_ON[fmt]:
         raise ValueError(f"data.train_on={mode!r} does not apply to format {fmt!r}; "
@@ -154,6 +157,7 @@ def class_id(value: Any, field: str, labels: list[str]) -> int:
 
 
 def tokenize_record(record: Any, spec: RecordSpec, tokenizer: Any) -> Tokenized:
+    """One record of `spec`'s format tokenized with its loss mask; RecordError names what is wrong."""
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     fmt, train_on, f = spec.format, spec.train_on, spec.fields

@@ -19,6 +19,7 @@ from ftcore.data.stream import TrainStream, discover_labels
 
 @dataclass
 class InspectResult:
+    """What `ft data inspect` shows: a few samples with trained pieces marked, and statistics of a scan."""
     shown: list[tuple[str, list[tuple[str, bool]]]]  # (sample id, [(text piece, trained)])
     lengths: list[int]
     trained: list[int]
@@ -60,8 +61,9 @@ def simulate_packing(lengths: list[int], capacity: int, buffer: int) -> tuple[fl
 
 
 def inspect_data(cfg: Config, tokenizer: Any, show: int, scan: int) -> InspectResult:
+    """Read `scan` samples as training would (packing off), keeping `show` of them for display."""
     data = cfg.data.model_copy(update={"packing": False})
-    if cfg.task == "classification":
+    if cfg.classification:
         data = data.model_copy(update={"labels": discover_labels(data)})
     stream = TrainStream(data, tokenizer, cfg.train.seed, rank=0, world_size=1, micro_batch_size=1)
     shown, lengths, trained = [], [], []
@@ -84,6 +86,7 @@ def inspect_data(cfg: Config, tokenizer: Any, show: int, scan: int) -> InspectRe
 
 
 def length_histogram(lengths: list[int], max_len: int, bins: int = 8, width: int = 40) -> list[str]:
+    """A text histogram of sample lengths up to max_len, one line per bin."""
     edges = np.linspace(0, max_len, bins + 1).astype(int)
     counts, _ = np.histogram(lengths, bins=edges)
     top = max(int(counts.max()), 1)

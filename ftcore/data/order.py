@@ -104,6 +104,7 @@ class Mixture:
         return self._cached[1], self._cached[2]
 
     def locate(self, position: int) -> tuple[int, int]:
+        """The (source, index in source) of global position `position` in the weighted interleaving."""
         if self.n == 1:
             return 0, position
         p, j = divmod(position, self.period)
@@ -125,6 +126,7 @@ class RankCursor:
         self.base, self.pending, self.pending_taken, self.taken = 0, [], 0, 0
 
     def next(self) -> tuple[int, int]:
+        """This rank's next (position, piece): re-dealt positions of a resharded resume first, then its own."""
         mine = self.pending[self.rank:: self.world_size]
         if self.pending_taken < len(mine):
             position, piece = mine[self.pending_taken]
@@ -135,10 +137,12 @@ class RankCursor:
         return position, -1
 
     def state_dict(self) -> dict:
+        """Where this rank's cursor is (saved per rank in data_state.json)."""
         return {"rank": self.rank, "world_size": self.world_size, "base": self.base, "pending": self.pending,
                 "pending_taken": self.pending_taken, "taken": self.taken}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from state_dict()."""
         self.base, self.pending = state["base"], [list(p) for p in state["pending"]]
         self.pending_taken, self.taken = state["pending_taken"], state["taken"]
 

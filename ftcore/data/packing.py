@@ -35,6 +35,7 @@ class BestFitPacker(Generic[T]):
         return len(self._items)
 
     def add(self, length: int, item: T) -> None:
+        """Buffer a sample of `length` tokens."""
         if not 0 < length <= self.capacity:
             raise ValueError(f"sample of {length} tokens cannot be packed into rows of {self.capacity}")
         key = self._next_id
@@ -56,6 +57,7 @@ class BestFitPacker(Generic[T]):
         return item
 
     def pop_row(self) -> list[T]:
+        """The next row: the oldest buffered sample plus the largest that still fit (best fit, first-in first)."""
         if not self._items:
             return []
         first = next(iter(self._items))

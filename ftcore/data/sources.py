@@ -40,6 +40,7 @@ class SourceError(ValueError):
 
 @dataclass
 class RawRecord:
+    """One record as read: its raw value and where it came from (file and line or row)."""
     value: Any  # bytes (a JSON line or text) or a dict (Parquet / Arrow row)
     where: str  # "path:line" or "path:row N": used in errors and as the sample id in audit logs
     json: bool = False  # bytes that must parse as one JSON object (a JSONL line), not plain text
@@ -129,6 +130,7 @@ class FileSource:
         return int(sum(self.counts))
 
     def read_block(self, block: int) -> list[RawRecord]:
+        """The records of one block (a few MB of lines, a row group, a slice of rows)."""
         raise NotImplementedError
 
 
@@ -185,6 +187,7 @@ class DelimitedSource(FileSource):
         return b"".join(pieces)
 
     def read_block(self, block: int) -> list[RawRecord]:
+        """The records of one block of lines (a JSON record may span no line break; blank lines are skipped)."""
         records, number, current, current_line = [], self.first_lines[block] - 1, [], 0
         for line in self._block_bytes(block).split(b"\n"):
             number += 1
@@ -217,6 +220,7 @@ class DocumentSource(FileSource):
         self.counts = array("q", [1 if size else 0])
 
     def read_block(self, block: int) -> list[RawRecord]:
+        """The whole file as one record."""
         chunks = _gzip_chunks(self.path) if self.gzip else _plain_chunks(self.path)
         return [RawRecord(b"".join(chunks), f"{self.name}:1")]
 
@@ -239,6 +243,7 @@ class ParquetSource(FileSource):
             self.first_rows.append(self.first_rows[-1] + n)
 
     def read_block(self, block: int) -> list[RawRecord]:
+        """The rows of one Parquet row group."""
         rows = self.file.read_row_group(block).to_pylist()
         first = self.first_rows[block]
         return [RawRecord(row, f"{self.name}:row {first + i}") for i, row in enumerate(rows)]
@@ -270,6 +275,7 @@ class ArrowDiskSource(FileSource):
         self.counts = array("q", [min(self.block_rows, rows - s) for s in range(0, rows, self.block_rows)])
 
     def read_block(self, block: int) -> list[RawRecord]:
+        """One slice of the Arrow table's rows."""
         first = block * self.block_rows
         rows = self.table.slice(first, self.counts[block]).to_pylist()
         return [RawRecord(row, f"{self.name}:row {first + i}") for i, row in enumerate(rows)]
@@ -328,6 +334,7 @@ def _check_json_lines(path: Path) -> None:
 
 
 def open_file(path: Path, fmt: str, text_unit: str, split: str) -> FileSource:
+    """The FileSource that reads `path` (by extension, or a save_to_disk directory)."""
     if path.is_dir():
         return ArrowDiskSource(path, split)
     kind = _kind(path)

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from ftcore.builtin import resolve_data_path
 from ftcore.config import DataConfig, DataSource
+from ftcore.data.batch import Batch, Piece, collate, collate_packed, pad_token_id
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
-from ftcore.data.order import Mixture, RankCursor, SourceOrder, WINDOW_BLOCKS, reshard
-from ftcore.data.packing import BestFitPacker, packed_attention_inputs
+from ftcore.data.order import WINDOW_BLOCKS, Mixture, RankCursor, SourceOrder, reshard
+from ftcore.data.packing import BestFitPacker
 from ftcore.data.sources import FileSource, RawRecord, expand, open_file
 
 STATE_VERSION = 2
@@ -40,13 +39,6 @@ __all__ = ["Batch", "DataError", "SourceGroup", "TrainStream", "eval_batches", "
 
 class DataError(ValueError):
     """A data problem phrased as one line naming the file (and line)."""
-
-
-@dataclass
-class Piece:
-    tag: tuple[int, int]  # (stream position, index of the piece in its record's pieces)
-    sample: Tokenized
-    sample_id: str
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -79,6 +71,7 @@ class SourceGroup:
         return self.order.total
 
     def record(self, block: int, offset: int) -> RawRecord:
+        """The record at `offset` in `block`, reading (and caching) the block on first use."""
         records = self._blocks.get(block)
         if records is None:
             source = self.files[int(self.block_file[block])]
@@ -116,67 +109,6 @@ def parse_record(raw: RawRecord, spec: RecordSpec) -> Any:
         raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
 
 
-# ---------------------------------------------------------------------------------------------- batches
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor  # 1 on real tokens, 0 on padding (also kept for packed rows: token counts)
-    labels: torch.Tensor
-    sample_ids: list[str] = field(default_factory=list)
-    position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
-    seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
-    positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
-
-    @property
-    def trained_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def sample_lengths(self) -> list[int]:
-        """Tokens of each sample the model attends within (a packed row holds several)."""
-        if self.seq_lens is not None:
-            return [n for row in self.seq_lens for n in row]
-        return [int(n) for n in self.attention_mask.sum(dim=1)]
-
-    def model_inputs(self, device: Any, attn_implementation: str = "sdpa",
-                     dtype: Optional[torch.dtype] = None) -> dict:
-        if self.position_ids is None:
-            return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                    "labels": self.labels.to(device), "use_cache": False}
-        extra = packed_attention_inputs(self.seq_lens, self.input_ids.shape[1], attn_implementation, dtype)
-        ids, labels, positions = self.input_ids, self.labels, self.position_ids
-        if attn_implementation == "flash_attention_2":  # one varlen sequence: rows flattened
-            ids, labels, positions = ids.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
-        out = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device),
-               "use_cache": False}
-        out.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
-        return out
-
-
-def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classification: bool = False) -> Batch:
-    """Right-pad to the longest sample in the batch; padding never carries loss or attention. Classification:
-    labels is one class id per row (the model reads its prediction at the last real token)."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    if classification:
-        labels = labels[:, 0].clone()
-    return Batch(ids, mask, labels, sample_ids)
-
-
-def is_classification(data_cfg: DataConfig) -> bool:
-    return data_cfg.train[0].format == "classification"  # the config allows no mix of formats for it
-
-
 def discover_labels(data_cfg: DataConfig) -> list[str]:
     """data.labels when it is set; else every label in data.train and data.eval: names sorted, or for integer ids
     "0".."max". Reads every record once (set data.labels to skip that on a large corpus)."""
@@ -204,40 +136,6 @@ def discover_labels(data_cfg: DataConfig) -> list[str]:
         raise DataError(f"data.labels: the data has {len(labels)} class ({labels}); a classifier needs at least two "
                         "(set data.labels to list them)")
     return labels
-
-
-def collate_packed(rows: list[list[Piece]], pad_id: int) -> Batch:
-    """Rows of concatenated samples, right-padded to the fullest row; the padding tail is its own segment."""
-    width = max(sum(len(p.sample) for p in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    seq_lens, sample_ids = [], []
-    for r, row in enumerate(rows):
-        offset, lens = 0, []
-        for piece in row:
-            n = len(piece.sample)
-            ids[r, offset:offset + n] = torch.tensor(piece.sample.input_ids)
-            labels[r, offset:offset + n] = torch.tensor(piece.sample.labels)
-            positions[r, offset:offset + n] = torch.arange(n)
-            mask[r, offset:offset + n] = 1
-            offset += n
-            lens.append(n)
-            sample_ids.append(piece.sample_id)
-        if offset < width:
-            positions[r, offset:] = torch.arange(width - offset)
-            lens.append(width - offset)
-        seq_lens.append(lens)
-    return Batch(ids, mask, labels, sample_ids, positions, seq_lens,
-                 [p.tag[0] for row in rows for p in row])
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return candidate
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -317,14 +215,16 @@ class TrainStream:
             else None
         self.fifo: deque[Piece] = deque()
         self.barren_limit = min(MAX_BARREN_RUN, sum(len(g) for g in self.groups))
-        self.classification = is_classification(data_cfg)
+        self.classification = data_cfg.classification
 
     @property
     def counters(self) -> dict:
+        """Samples read, trained, truncated, dropped and skipped so far on this rank."""
         return self.maker.counters
 
     @property
     def total_records(self) -> int:
+        """Records in all training sources."""
         return sum(len(g) for g in self.groups)
 
     def _buffered(self) -> int:
@@ -378,6 +278,7 @@ class TrainStream:
         self._fill(self.cfg.packing_buffer if self.packer is not None else self.micro_batch_size)
 
     def next_batch(self) -> Batch:
+        """The next micro batch of this rank (packed rows when data.packing)."""
         if self.packer is None:
             self._fill(self.micro_batch_size)
             pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
@@ -402,6 +303,7 @@ class TrainStream:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """Everything needed to continue exactly: cursor, buffered samples, counters."""
         buffered = self.packer.items() if self.packer is not None else list(self.fifo)
         return {"version": STATE_VERSION, "cursor": self.cursor.state_dict(),
                 "buffer": [list(p.tag) for p in buffered], "counters": dict(self.counters),
@@ -463,14 +365,7 @@ def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: in
                          for j, s in enumerate(made) if s is not None]
             index += 1
     pad = pad_token_id(tokenizer)
-    classification = is_classification(data_cfg)
+    classification = data_cfg.classification
     return [collate([s for s, _ in mine[b:b + micro_batch_size]], pad,
                     [w for _, w in mine[b:b + micro_batch_size]], classification)
             for b in range(0, len(mine), micro_batch_size)]
-
-
-def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False) -> list[Batch]:
-    """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
-    collective under ZeRO-3)."""
-    filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
-    return batches + [collate([filler], pad_id, [], classification) for _ in range(count - len(batches))]

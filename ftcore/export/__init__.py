@@ -1,0 +1,1 @@
+"""`ft export`: merge adapters and consolidate checkpoints into plain HF safetensors, out of core."""

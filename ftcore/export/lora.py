@@ -37,6 +37,7 @@ class AdapterError(ValueError):
 
 @dataclass
 class LoraPair:
+    """One LoRA-adapted weight: its A and B matrices, scale and layout."""
     module: str  # base module path, e.g. model.layers.0.self_attn.q_proj
     a: torch.Tensor
     b: torch.Tensor
@@ -54,12 +55,14 @@ class LoraPair:
 
 @dataclass
 class Adapter:
+    """A PEFT LoRA adapter: its config, the LoRA pairs and the tensors it replaces whole (modules_to_save)."""
     directory: Optional[Path]
     config: dict
     pairs: dict[str, LoraPair] = field(default_factory=dict)  # keyed by base tensor name (X.weight)
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # keyed by base tensor name
 
     def targets(self) -> set[str]:
+        """Names of the base tensors the adapter changes or replaces."""
         return set(self.pairs) | set(self.replacements)
 
     def apply(self, name: str, base: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def check_config(config: dict, where: str) -> None:
+    """Refuse adapter settings the merge does not implement (DoRA, other PEFT types), naming the key."""
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{where}: peft_type {config.get('peft_type')} is not LoRA; only LoRA adapters merge")
     for key, inert in UNSUPPORTED.items():
@@ -127,6 +131,7 @@ def build_adapter(config: dict, tensors: dict[str, torch.Tensor], where: str,
 
 
 def load_adapter(directory: Path) -> Adapter:
+    """The PEFT adapter at `directory` (adapter_config.json + adapter_model.safetensors)."""
     config_path = directory / "adapter_config.json"
     if not config_path.is_file():
         raise AdapterError(f"{directory}: no adapter_config.json (not a PEFT adapter directory)")
@@ -142,5 +147,6 @@ def load_adapter(directory: Path) -> Adapter:
 
 
 def expected_shape(pair: LoraPair) -> tuple[int, int]:
+    """The shape of the base weight a LoRA pair was trained on."""
     rows, cols = pair.b.shape[0], pair.a.shape[1]
     return (cols, rows) if (pair.embedding or pair.fan_in_fan_out) else (rows, cols)

@@ -29,6 +29,7 @@ class SafetensorsError(ValueError):
 
 
 class TensorInfo:
+    """Where one tensor lies in a safetensors file: name, dtype, shape and byte range."""
     __slots__ = ("name", "dtype", "shape", "start", "end", "path")
 
     def __init__(self, name: str, dtype: torch.dtype, shape: tuple, start: int, end: int, path: Path):
@@ -36,6 +37,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return self.end - self.start
 
 
@@ -112,6 +114,7 @@ class ShardWriter:
         self.nbytes = offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor (name, dtype and shape must be as planned)."""
         want_name, dtype, shape = self.expected[self.position]
         if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: expected {want_name} {dtype} {list(shape)}, got {name} {tensor.dtype} "
@@ -122,6 +125,7 @@ class ShardWriter:
         self.position += 1
 
     def close(self) -> None:
+        """Check every planned tensor was written, then flush and fsync the file."""
         if self.position != len(self.expected):
             raise ValueError(f"{self.path}: {len(self.expected) - self.position} tensors were not written")
         self.file.flush()

@@ -126,17 +126,20 @@ class TorchFileReader:
             raise ConsolidationError(f"{self.path}: truncated (tensor data ends early)")
 
     def read(self, ref: _TensorRef) -> torch.Tensor:
+        """The whole tensor `ref` points at."""
         out = torch.empty(ref.shape, dtype=ref.dtype)
         self.read_into(ref, 0, out)
         return out
 
     def close(self) -> None:
+        """Close the file."""
         self.handle.close()
         self.zip.close()
 
 
 @dataclass
 class ParamSlot:
+    """One parameter's place in DeepSpeed's flat fp32 partitions."""
     name: str
     shape: torch.Size
     numel: int
@@ -146,6 +149,7 @@ class ParamSlot:
 
 
 class ZeroCheckpoint:
+    """A DeepSpeed ZeRO checkpoint read out of core: parameters come back in batches of bounded size."""
     def __init__(self, path: Path):
         engine_dir = path / "engine" if (path / "engine").is_dir() else path
         self.dir = engine_dir
@@ -211,9 +215,11 @@ class ZeroCheckpoint:
 
     # ------------------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """Every tensor name, in the model's order."""
         return list(self.buffers) + list(self.frozen_shapes) + [s.name for s in self.slots]
 
     def shapes(self) -> dict[str, torch.Size]:
+        """Every tensor's shape."""
         out = {k: v.shape for k, v in self.buffers.items()}
         out.update({k: torch.Size(v) for k, v in self.frozen_shapes.items()})
         out.update({s.name: s.shape for s in self.slots})

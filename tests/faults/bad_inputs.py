@@ -80,7 +80,8 @@ def cases() -> list[tuple[str, Callable]]:
 
     @case("config: parameter offload without ZeRO-3")
     def _(w, p):
-        return _train(w / "o", "distributed.offload=all"), "distributed.offload: 'all' (parameter offload) needs", w / "o"
+        return (_train(w / "o", "distributed.offload=all"), "distributed.offload: 'all' (parameter offload) needs",
+                w / "o")
 
     @case("config: eval_every without eval data")
     def _(w, p):

@@ -255,7 +255,8 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
             launch = Launch(run_args(out), work / f"kill-{campaign}-attempt{attempt}.log")
             attempt += 1
             if expected_resume is not None:  # the attempt must start from the checkpoint `latest` named at the kill
-                wait_until(lambda: launch.proc.poll() is not None or "world size 2 |" in launch.text(), 120)
+                wait_until(lambda launch=launch: launch.proc.poll() is not None or "world size 2 |" in launch.text(),
+                           120)
                 found = re.search(r"resumed from \S+step-(\d+) at step", launch.text())
                 resumed_right &= (int(found.group(1)) if found else 0) == expected_resume
             if kills_here < kills_per_run and counts["kill_trials"] < trials:
@@ -306,7 +307,8 @@ def signal_campaigns(work: Path, trials: int, seed: int, reference: Path) -> dic
         launch = Launch(run_args(out), work / f"signal-{trial}.log")
         if moment == "eval":  # the eval runs right after steps 3, 6, 9
             target = rng.choice((3, 6, 9))
-            wait_until(lambda: launch.proc.poll() is not None or launch.step() >= target, 120, poll=0.005)
+            wait_until(lambda launch=launch, target=target: launch.proc.poll() is not None
+                       or launch.step() >= target, 120, poll=0.005)
         else:
             _fire_at_moment(launch, out, moment, rng)
         if launch.proc.poll() is None:
@@ -448,6 +450,6 @@ def disk_full_export(work: Path, adapter: Path, during_write: bool) -> dict:
         expect = "failed: No space left on device" if during_write else "not enough disk space"
         clean = (code != 0 and expect in text and not out.exists() and not staging
                  and "Traceback (most recent call last)" not in text)
-        return {"clean": clean, "exit": code, "line": next((l for l in text.splitlines() if expect in l), "")[:400]}
+        return {"clean": clean, "exit": code, "line": next((ln for ln in text.splitlines() if expect in ln), "")[:400]}
     finally:
         unmount(mount)

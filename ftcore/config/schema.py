@@ -11,12 +11,9 @@ Each component receives only its own section: ``build_model(cfg.model, cfg.adapt
 from __future__ import annotations
 
 import re
+from typing import Literal, Optional, Union
 
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -26,11 +23,13 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated, field docstrings are the docs."""
     # Unknown keys are errors (a typo must never silently become a default); assignments are validated too.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
+    """model: which base model, in which dtype and attention implementation."""
     name_or_path: str = "builtin:tiny-llama"
     """HF model directory, hub id, or `builtin:tiny-llama` (a tiny Llama built from a config shipped in the repo)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -48,6 +47,7 @@ class ModelConfig(Section):
 
 
 class AdapterConfig(Section):
+    """adapter: what trains (full, LoRA, QLoRA or chosen weights) and the LoRA settings."""
     method: Literal["full", "lora", "qlora", "freeze"] = "lora"
     """full = every weight trains; lora = low-rank adapters (peft); qlora = lora on a 4-bit NF4 base; freeze = only
     the weights chosen by adapter.trainable / adapter.top_layers train, the rest stay frozen."""
@@ -100,6 +100,7 @@ class FieldNames(Section):
 
 
 class DataSource(Section):
+    """One data source: where it is, its record format and fields, and its sampling weight."""
     path: str
     """JSONL (.jsonl/.json, or .jsonl.gz), Parquet (.parquet), plain text (.txt/.md, optionally .gz), a directory
     of those, a glob (`corpus/*.jsonl.gz`), or a directory written by HF datasets' save_to_disk."""
@@ -121,6 +122,7 @@ class DataSource(Section):
 
 
 class DataConfig(Section):
+    """data: sources, sequence length, loss masks, packing, shuffling, malformed-record handling."""
     train: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:chat-demo")])
     """Training sources. `builtin:chat-demo` is the small chat set shipped in the repo."""
     eval: Optional[list[DataSource]] = None
@@ -156,8 +158,15 @@ class DataConfig(Section):
                                    "(use truncate or drop)")
         return self
 
+    @property
+    def classification(self) -> bool:
+        """Sources of format classification ({text, label} records); Config's validator ties this to task
+        classification, so it says the same as Config.classification to code that only has the data section."""
+        return self.train[0].format == "classification"
+
 
 class TrainConfig(Section):
+    """train: batch, schedule, optimizer settings, evaluation and logging."""
     micro_batch_size: int = Field(1, gt=0)
     """Samples per forward pass per process."""
     grad_accum_steps: int = Field(1, gt=0)
@@ -197,6 +206,7 @@ class TrainConfig(Section):
 
 
 class DistributedConfig(Section):
+    """distributed: ZeRO stage, offload, backend and the hung-peer timeout."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0 = data parallel, 1 = shard optimizer, 2 = + gradients, 3 = + parameters."""
     offload: Literal["none", "optimizer", "all"] = "none"
@@ -216,6 +226,7 @@ class DistributedConfig(Section):
 
 
 class CheckpointConfig(Section):
+    """checkpoint: how often to save and how many to keep."""
     every_steps: int = Field(0, ge=0)
     """Save a checkpoint every N steps (0 = only at the end). A final checkpoint is always written."""
     keep_last: int = Field(2, gt=0)
@@ -223,6 +234,7 @@ class CheckpointConfig(Section):
 
 
 class Config(Section):
+    """A whole run's configuration: the one typed tree every part reads its section of."""
     task: Literal["causal_lm", "classification"] = "causal_lm"
     """causal_lm = next-token training of a causal LM; classification = a sequence-classification head on it
     (AutoModelForSequenceClassification), cross-entropy on data.labels, eval accuracy / macro-F1 / confusion matrix."""
@@ -301,7 +313,13 @@ class Config(Section):
             if data.labels is not None:
                 raise _field_error("data.labels", "applies to task classification only")
 
+    @property
+    def classification(self) -> bool:
+        """task: classification (the one place ft asks which task a run is)."""
+        return self.task == "classification"
+
     def effective_batch_size(self, world_size: int) -> int:
+        """Samples per optimizer step: micro batch x accumulation x world size."""
         return self.train.micro_batch_size * self.train.grad_accum_steps * world_size
 
 
@@ -317,202 +335,3 @@ def _field_error(field: str, message: str) -> _FieldError:
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: YAML + --set overrides, with errors that point at the field and the YAML line.
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], value). The value is read as YAML, so `true`, `3`, `[q_proj, v_proj]` work."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
-    node: Any = tree
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            node = node[_list_index(part, node, path[: i + 1], text)]
-            continue
-        if part not in node or node[part] is None:
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {text}: {'.'.join(path[: i + 1])} is a value, not a section")
-    last = path[-1]
-    if isinstance(node, list):
-        node[_list_index(last, node, path, text)] = value
-    else:
-        node[last] = value
-
-
-def _list_index(part: str, node: list, path: list[str], text: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {text}: {'.'.join(path)}: index must be 0..{len(node) - 1}")
-    return int(part)
-
-
-def _yaml_line(root: Optional[yaml.Node], path: tuple) -> Optional[int]:
-    """1-based line of the deepest YAML node on `path` (so an error can say 'config.yaml:12')."""
-    node, line = root, None
-    for part in path:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == str(part)]
-            if not match:
-                break
-            key, node = match[0]
-            line = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _describe(err: dict) -> str:
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "is required"
-    if kind == "value_error":
-        return msg.removeprefix("Value error, ")
-    return f"{msg} (got {err.get('input')!r})"
-
-
-def _section_keys(loc: tuple) -> list[str]:
-    """Valid keys at the place an unknown key was found, for the error message."""
-    model: Any = Config
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None:
-            for a in args:  # Optional[list[DataSource]]
-                inner = getattr(a, "__args__", ())
-                model = next((i for i in inner if isinstance(i, type) and issubclass(i, BaseModel)), model)
-        if model is None:
-            return []
-    return sorted(model.model_fields)
-
-
-def format_validation_error(exc: ValidationError, source: str, yaml_root: Optional[yaml.Node],
-                            overridden: dict[tuple, str]) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _FieldError):  # cross-field check: it names its own field
-            field, text = ctx_error.field, ctx_error.message
-            loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
-        else:
-            field = ".".join(str(p) for p in loc) or "<top level>"
-            text = _describe(err)
-            if err["type"] == "extra_forbidden":
-                keys = _section_keys(loc)
-                text += f"; valid keys here: {', '.join(keys)}" if keys else ""
-        where = source
-        origin = next((label for o, label in overridden.items() if loc[: len(o)] == o), None)
-        if origin is not None:
-            where = origin
-        else:
-            line = _yaml_line(yaml_root, loc)
-            if line is not None:
-                where = f"{source}:{line}"
-        parts.append(f"{where}: {field}: {text}")
-    return "config error: " + "; ".join(parts)
-
-
-def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip(".")}
-    out = {prefix.rstrip(".")} if prefix else set()
-    for key, value in tree.items():
-        out |= _leaf_paths(value, f"{prefix}{key}.")
-    return out
-
-
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
-                derived: Optional[dict[str, tuple[Any, str]]] = None) -> Config:
-    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError with a one-line message.
-    derived: fields a launcher or DeepSpeed JSON chose (dotted -> (value, where it came from)), applied under the
-    YAML and --set (ftcore/launch_settings.py has already checked that they do not contradict them)."""
-    tree: dict = {}
-    yaml_root = None
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"config error: cannot read {path}: {e.strerror}") from None
-        try:
-            yaml_root = yaml.compose(text)
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"config error: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
-    explicit = {dotted: f"{source}:{_yaml_line(yaml_root, tuple(dotted.split('.')))}" for dotted in _leaf_paths(tree)}
-    tree = _merge(Config().model_dump(mode="json"), tree)  # so --set can reach into default lists too
-    overridden: dict[tuple, str] = {}
-    for dotted, (value, origin) in (derived or {}).items():
-        _apply_override(tree, dotted.split("."), value, dotted)
-        overridden[tuple(dotted.split("."))] = origin
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        _apply_override(tree, keys, value, text)
-        overridden[tuple(int(k) if k.isdigit() else k for k in keys)] = "--set"
-        explicit[".".join(keys)] = "--set"
-    try:
-        cfg = Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, yaml_root, overridden)) from None
-    cfg._explicit = explicit
-    return cfg
-
-
-def _merge(base: Any, over: Any) -> Any:
-    """`over` on top of `base`: mappings merge key by key, anything else (lists too) replaces."""
-    if isinstance(base, dict) and isinstance(over, dict):
-        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
-    return over
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, doc) for every field: the reference table in the README is made from this."""
-    rows = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += field_docs(ann, f"{prefix}{name}.")
-            continue
-        if field.is_required():
-            default = "(required)"
-        else:
-            value = field.get_default(call_default_factory=True)
-            if isinstance(value, list):
-                value = [v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
-            default = repr(value)
-        rows.append((prefix + name, default, field.description or ""))
-        if model is DataConfig and name == "train":  # list items: document the source fields once
-            rows += field_docs(DataSource, f"{prefix}{name}[].")
-    return rows

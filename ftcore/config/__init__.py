@@ -1,0 +1,23 @@
+"""The one typed config tree (schema.py: every field and cross-field rule) and how it is read (loading.py: YAML +
+`--set`, one-line errors naming the field and line). Import from here: `from ftcore.config import Config,
+load_config`."""
+
+from ftcore.config.loading import dump_config, field_docs, format_validation_error, load_config, parse_override
+from ftcore.config.schema import (
+                                  BUILTIN_PREFIX,
+                                  AdapterConfig,
+                                  CheckpointConfig,
+                                  Config,
+                                  ConfigError,
+                                  DataConfig,
+                                  DataSource,
+                                  DistributedConfig,
+                                  FieldNames,
+                                  ModelConfig,
+                                  Section,
+                                  TrainConfig,
+)
+
+__all__ = ["BUILTIN_PREFIX", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource",
+           "DistributedConfig", "FieldNames", "ModelConfig", "Section", "TrainConfig", "dump_config", "field_docs",
+           "format_validation_error", "load_config", "parse_override"]

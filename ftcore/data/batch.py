@@ -1,0 +1,123 @@
+"""Batches as the model takes them: samples right-padded (or packed into rows, each sample its own attention
+segment), with the sample ids and stream positions the audit records, and what the recipe counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ftcore.data.formats import IGNORE_INDEX, Tokenized
+from ftcore.data.packing import packed_attention_inputs
+
+
+@dataclass
+class Piece:
+    """One sample as the stream buffers it: where it came from (stream position, piece) and its tokens."""
+
+    tag: tuple[int, int]  # (stream position, index of the piece in its record's pieces)
+    sample: Tokenized
+    sample_id: str
+
+
+@dataclass
+class Batch:
+    """A micro batch as the model takes it, with what the recipe counts and the audit records."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor  # 1 on real tokens, 0 on padding (also kept for packed rows: token counts)
+    labels: torch.Tensor
+    sample_ids: list[str] = field(default_factory=list)
+    position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
+    seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
+    positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the loss is computed on."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens that are not padding."""
+        return int(self.attention_mask.sum())
+
+    def sample_lengths(self) -> list[int]:
+        """Tokens of each sample the model attends within (a packed row holds several)."""
+        if self.seq_lens is not None:
+            return [n for row in self.seq_lens for n in row]
+        return [int(n) for n in self.attention_mask.sum(dim=1)]
+
+    def model_inputs(self, device: Any, attn_implementation: str = "sdpa",
+                     dtype: Optional[torch.dtype] = None) -> dict:
+        """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs)."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                    "labels": self.labels.to(device), "use_cache": False}
+        extra = packed_attention_inputs(self.seq_lens, self.input_ids.shape[1], attn_implementation, dtype)
+        ids, labels, positions = self.input_ids, self.labels, self.position_ids
+        if attn_implementation == "flash_attention_2":  # one varlen sequence: rows flattened
+            ids, labels, positions = ids.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
+        out = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device),
+               "use_cache": False}
+        out.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+        return out
+
+
+def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classification: bool = False) -> Batch:
+    """Right-pad to the longest sample in the batch; padding never carries loss or attention. Classification:
+    labels is one class id per row (the model reads its prediction at the last real token)."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    if classification:
+        labels = labels[:, 0].clone()
+    return Batch(ids, mask, labels, sample_ids)
+
+
+def collate_packed(rows: list[list[Piece]], pad_id: int) -> Batch:
+    """Rows of concatenated samples, right-padded to the fullest row; the padding tail is its own segment."""
+    width = max(sum(len(p.sample) for p in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    seq_lens, sample_ids = [], []
+    for r, row in enumerate(rows):
+        offset, lens = 0, []
+        for piece in row:
+            n = len(piece.sample)
+            ids[r, offset:offset + n] = torch.tensor(piece.sample.input_ids)
+            labels[r, offset:offset + n] = torch.tensor(piece.sample.labels)
+            positions[r, offset:offset + n] = torch.arange(n)
+            mask[r, offset:offset + n] = 1
+            offset += n
+            lens.append(n)
+            sample_ids.append(piece.sample_id)
+        if offset < width:
+            positions[r, offset:] = torch.arange(width - offset)
+            lens.append(width - offset)
+        seq_lens.append(lens)
+    return Batch(ids, mask, labels, sample_ids, positions, seq_lens,
+                 [p.tag[0] for row in rows for p in row])
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches pad with: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False) -> list[Batch]:
+    """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
+    collective under ZeRO-3)."""
+    filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
+    return batches + [collate([filler], pad_id, [], classification) for _ in range(count - len(batches))]

@@ -1,0 +1,103 @@
+"""What the recipe minimises: a small object per objective, called once per micro batch. The recipe sums the
+reported terms over the step, all-reduces them, and backpropagates `loss`; it knows nothing else about the
+objective, so a new one (a preference loss, a chunked loss) is a new class here and one line in
+build_objective.
+
+Every objective returns its micro batch's loss already divided by the normaliser it is given: the number of
+trained tokens (causal LM) or samples (classification) in the whole optimizer step, over all ranks. Evaluation
+passes a normaliser of 1 and gets the sum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ftcore.config import Config
+
+
+@dataclass
+class LossOutput:
+    """One micro batch: the loss to backpropagate, the model output, and the terms reported per step (the
+    task's own loss under "loss", plus e.g. "base_kl"), detached."""
+
+    loss: torch.Tensor
+    output: Any
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """The interface: __call__ for training, eval_loss for evaluation (the task loss only)."""
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """The micro batch's loss / normaliser, with its output and reported terms."""
+        raise NotImplementedError
+
+    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+        """The summed task loss of an eval batch (no regulariser)."""
+        return self(model, inputs, 1)
+
+
+class CausalLMLoss(Objective):
+    """Cross-entropy per trained token, computed by the model (labels -100 are not trained)."""
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """Cross-entropy per trained token / normaliser."""
+        out = model(**inputs, num_items_in_batch=normaliser)
+        return LossOutput(out.loss, out, {"loss": out.loss.detach()})
+
+
+class ClassificationLoss(Objective):
+    """Cross-entropy of each sample's class (label -100: a padding row of an eval batch)."""
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """Cross-entropy per sample / normaliser."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=-100,
+                                                 reduction="sum") / normaliser
+        return LossOutput(loss, out, {"loss": loss.detach()})
+
+
+class WithBaseKL(Objective):
+    """The task loss + beta * KL(base || fine-tuned) per trained token between next-token distributions
+    (train.base_kl). The base logits come from the same weights with the adapter disabled (LoRA/QLoRA: no second
+    copy), or from a frozen reference copy (full/freeze fine-tuning). "loss" stays the task loss; the KL is
+    reported as "base_kl"."""
+
+    def __init__(self, task: Objective, beta: float, unwrap: Any, reference: Optional[torch.nn.Module]):
+        self.task, self.beta, self.unwrap, self.reference = task, beta, unwrap, reference
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """The task loss + beta * KL / normaliser."""
+        result = self.task(model, inputs, normaliser)
+        kl = self.base_kl(model, inputs, result.output.logits) / normaliser
+        return LossOutput(result.loss + self.beta * kl, result.output, {**result.terms, "base_kl": kl.detach()})
+
+    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+        """The task's eval loss (no KL)."""
+        return self.task.eval_loss(model, inputs)
+
+    def base_kl(self, model: Any, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
+        """Sum over this micro batch's trained tokens of KL(base || fine-tuned)."""
+        without_labels = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            if self.reference is not None:
+                base = self.reference(**without_labels).logits
+            else:
+                with self.unwrap(model).disable_adapter():
+                    base = model(**without_labels).logits
+        trained = inputs["labels"][:, 1:] != -100  # logits at t predict the label at t + 1
+        fine_log = torch.log_softmax(logits[:, :-1][trained].float(), dim=-1)
+        base_log = torch.log_softmax(base[:, :-1][trained].float(), dim=-1)
+        return (base_log.exp() * (base_log - fine_log)).sum()
+
+
+def build_objective(cfg: Config, unwrap: Any, reference: Optional[torch.nn.Module]) -> Objective:
+    """The run's objective from its config: the task's loss, with the base-KL term when train.base_kl is set."""
+    task: Objective = ClassificationLoss() if cfg.classification else CausalLMLoss()
+    if cfg.train.base_kl:
+        return WithBaseKL(task, cfg.train.base_kl, unwrap, reference)
+    return task

@@ -1,0 +1,51 @@
+"""The optimizer and its schedule: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), parameter groups
+by decay and layer-wise rate (ftcore/model.py's optimizer_grouping), cosine schedule with linear warmup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ftcore.config import Config
+from ftcore.model import block_depths, optimizer_grouping
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, list[list[str]]]:
+    """The optimizer over the model's parameters, and the parameter names of each of its groups (the audit
+    records which rate each weight got)."""
+    t = cfg.train
+    named = dict(model.named_parameters())
+    # ZeRO-3 placeholders are flat: the original shape says whether a weight is a matrix (decayed).
+    described = [(n, len(getattr(p, "ds_shape", p.shape)), p.requires_grad) for n, p in named.items()]
+    depths, num_blocks = block_depths(model) if t.layer_lr_decay is not None else (None, 0)
+    grouping = optimizer_grouping(described, depths, num_blocks, t.layer_lr_decay)
+    group_names = [names for _, _, names in grouping]
+    param_groups = [{"params": [named[n] for n in names], "weight_decay": t.weight_decay if is_matrix else 0.0,
+                     "lr": t.lr * scale} for scale, is_matrix, names in grouping]
+    if cfg.distributed.offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # the offloaded step runs on the host
+
+        return DeepSpeedCPUAdam(param_groups, lr=t.lr, adamw_mode=True), group_names
+    # DeepSpeed's elastic ZeRO-1/2 checkpoint (what lets a run resume at another world size) records the step
+    # from param_groups, where DeepSpeed's own optimizers keep it; torch's AdamW keeps it per parameter (and
+    # that is what it uses). An inert group entry satisfies the checkpoint format.
+    return torch.optim.AdamW([{**g, "step": 0} for g in param_groups], lr=t.lr), group_names
+
+
+def attach_schedule(cfg: Config, engine: Any, optimizer: torch.optim.Optimizer) -> None:
+    """The engine owns the schedule: it steps it once per optimizer step (at the accumulation boundary, and not
+    when fp16 overflow skips the step) and saves/loads it with its checkpoint. accelerate hands only
+    DeepSpeed-native schedulers to the engine, so it is attached here; it is built on the client optimizer, whose
+    param_groups DeepSpeed's ZeRO optimizer steps with."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+
+
+def restore_rates(engine: Any) -> None:
+    """After a resume: DeepSpeed's elastic optimizer-state restore brings back the moments and steps but not the
+    param groups' hyperparameters; put back the learning rate the restored schedule says the next step uses."""
+    scheduler = engine.lr_scheduler
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr

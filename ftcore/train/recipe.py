@@ -1,0 +1,324 @@
+"""The recipe, in call order: setup (process group -> data -> model -> engine -> checkpoints -> resume), then the
+loop (train -> train_step -> the objective; evaluate; save), then close. Each step is one call into a component
+that gets its config section and the Runtime: reporting.py, audit.py, objective.py, evaluation.py, outputs.py,
+state.py, optim.py here, and ftcore/checkpoint.py + ftcore/resume.py for checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ftcore.builtin import resolve_model_path
+from ftcore.checkpoint import CheckpointError, CheckpointManager
+from ftcore.config import Config, dump_config
+from ftcore.data.batch import Batch, pad_eval_batches
+from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_batches, restore_states
+from ftcore.dist_env import DistEnvError, ensure_process_env
+from ftcore.metrics import FlopCounter, peak_flops_per_device
+from ftcore.model import (
+    attention_width,
+    classification_head_kwargs,
+    count_parameters,
+    expected_lora_shapes,
+    load_model,
+    load_tokenizer,
+)
+from ftcore.preemption import Preempted, stop_signal
+from ftcore.preflight import check_device, check_inputs
+from ftcore.resume import check_resumable
+from ftcore.train.audit import Audit
+from ftcore.train.errors import TrainError
+from ftcore.train.evaluation import Evaluator
+from ftcore.train.objective import build_objective
+from ftcore.train.optim import attach_schedule, build_optimizer, restore_rates
+from ftcore.train.outputs import save_final
+from ftcore.train.reporting import Reporter
+from ftcore.train.runtime import Runtime, start_runtime
+from ftcore.train.state import RunState
+
+
+class Recipe:
+    """One training run of `cfg`; `resume`: auto (newest complete checkpoint), none, or a checkpoint dir."""
+
+    def __init__(self, cfg: Config, resume: str = "auto"):
+        self.cfg, self.resume_arg = cfg, resume
+        self.output_dir = Path(cfg.output_dir)
+        self.reporter: Optional[Reporter] = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Everything the loop needs, in dependency order."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        try:
+            ensure_process_env()
+        except DistEnvError as e:
+            raise TrainError(str(e)) from None
+        check_inputs(cfg, world_size=int(os.environ["WORLD_SIZE"]))
+        # Before the process group exists: a built-in model is materialised here (transformers saves weights on
+        # distributed rank 0 only, so building after init would leave other ranks' copies without weights).
+        self.model_dir = resolve_model_path(cfg.model.name_or_path)
+        cuda = torch.cuda.is_available()
+        check_device(cfg, cuda, cuda and torch.cuda.is_bf16_supported(),
+                     torch.cuda.get_device_name() if cuda else "the CPU")
+        self.runtime: Runtime = start_runtime(cfg, self.model_dir)
+        set_seed(cfg.train.seed)
+        self.state = RunState(cfg, self.runtime.world_size)
+        self._setup_data()
+        self._setup_model()
+        self._setup_engine()
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.runtime.rank,
+                                             self.runtime.world_size, collectives=self.runtime)
+        self._resume()
+        self.first_step = self.state.step  # where this process started (a resume's checkpoint step)
+
+    def _setup_data(self) -> None:
+        cfg, rt = self.cfg, self.runtime
+        self.tokenizer = load_tokenizer(self.model_dir)
+        if cfg.classification:
+            # Recorded in the run's config (and so in checkpoints, final/ and the export's id2label).
+            found = cfg.data.labels is None
+            cfg.data.labels = discover_labels(cfg.data)
+            rt.log(f"classes ({len(cfg.data.labels)}{', found in the data' if found else ''}): "
+                   + ", ".join(f"{i}={name}" for i, name in enumerate(cfg.data.labels)))
+        self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, rt.rank, rt.world_size,
+                                        cfg.train.micro_batch_size)
+        # Reads the first batch now: data with nothing to train on fails here, before the model is loaded.
+        self.train_stream.prime()
+        rt.log("data.train: " + ", ".join(f"{g.spec_text} ({len(g):,} records in {len(g.files)} file"
+                                          f"{'s' if len(g.files) > 1 else ''}, weight {g.weight:g})"
+                                          for g in self.train_stream.groups))
+        self.eval_set: list[Batch] = []
+        if cfg.data.eval:
+            mine = eval_batches(cfg.data, self.tokenizer, rt.rank, rt.world_size, cfg.train.micro_batch_size)
+            most = int(rt.all_reduce([len(mine)], "max")[0])
+            self.eval_set = pad_eval_batches(mine, most, self.train_stream.pad_id, cfg.classification)
+
+    def _setup_model(self) -> None:
+        cfg, rt = self.cfg, self.runtime
+        head = (classification_head_kwargs(cfg.data.labels, self.train_stream.pad_id)
+                if cfg.classification else None)
+        self.model = load_model(cfg.model, cfg.adapter, self.model_dir, rt.cuda, cfg.train.seed,
+                                zero_stage=cfg.distributed.zero_stage, device=rt.device, classification=head)
+        self.trainable, self.total_params = count_parameters(self.model)
+        if self.trainable == 0:
+            raise TrainError("no parameter requires grad: check adapter.target_modules")
+        self.is_lora = cfg.adapter.method in ("lora", "qlora")  # an adapter is what trains and what is saved
+        self.attn_implementation = self.model.config._attn_implementation
+        architecture = (self.model.config.architectures or [type(self.model).__name__])[0]
+        chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
+        rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
+        self.compute_dtype = getattr(torch, cfg.model.dtype)
+        reference = None
+        if cfg.train.base_kl and not self.is_lora:
+            # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy.
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=self.compute_dtype, attn_implementation=self.attn_implementation)
+            reference.requires_grad_(False).eval().to(rt.device)
+        self.objective = build_objective(cfg, rt.accelerator.unwrap_model, reference)
+        self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
+        self.flops = FlopCounter(self.model, self.model.config.num_hidden_layers, attention_width(self.model.config))
+        self.peak_flops = peak_flops_per_device(torch.cuda.get_device_name() if rt.cuda else None,
+                                                cfg.train.peak_tflops)
+
+    def _setup_engine(self) -> None:
+        cfg, rt = self.cfg, self.runtime
+        adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
+        optimizer, group_names = build_optimizer(cfg, self.model)
+        self.engine, self.optimizer = rt.accelerator.prepare(self.model, optimizer)
+        attach_schedule(cfg, self.engine, optimizer)
+        if rt.world_size == 1 and cfg.distributed.zero_stage == 0:
+            # Averaging gradients over a world of one is the identity; DeepSpeed would still copy every gradient
+            # into flat buffers and back each step (ZeRO stages need their reduce epilogue, so only stage 0).
+            self.engine.enable_backward_allreduce = False
+        self.audit = Audit(self.output_dir, rt.rank, cfg.data.audit)
+        self.audit.start(rt.accelerator, self.engine, self.total_params, group_names)
+        self.adapter_shapes = adapter_shapes
+        if rt.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "ds_config.json").write_text(json.dumps(rt.ds_config, indent=2))
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+
+    def _resume(self) -> None:
+        """Continue from a checkpoint (ftcore/resume.py says whether it may), or start fresh."""
+        if self.resume_arg == "none":
+            self._start_timeline(None)
+            return
+        if self.resume_arg == "auto":
+            path = self.checkpoints.latest()
+            if path is None:
+                return
+        else:
+            path = Path(self.resume_arg)
+            if not path.is_dir():
+                raise CheckpointError(f"--resume {path}: no such checkpoint directory")
+        saved = self.checkpoints.read(path)
+        world = self.runtime.world_size
+        check_resumable(path, saved.run_state, self.cfg, world)
+        self.checkpoints.restore_engine(saved, self.engine, exclude_frozen=self.is_lora,
+                                        zero_stage=self.cfg.distributed.zero_stage)
+        restore_rates(self.engine)
+        try:
+            self.train_stream.load_state_dict(restore_states(saved.data_states, world)[self.runtime.rank])
+        except (DataError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}/data_state.json: {e}") from None
+        if saved.world_size != world:
+            self.runtime.log(f"world size changed from {saved.world_size} to {world}: the data stream was "
+                             "resharded (every sample not yet trained on is read once)")
+        if self.resume_arg != "auto":
+            self._start_timeline(path)
+        self.state.load_state_dict(saved.run_state)
+        self.runtime.log(f"resumed from {path} at step {self.state.step}")
+
+    def _start_timeline(self, resumed: Optional[Path]) -> None:
+        """Checkpoints that a later automatic resume must not continue from are moved aside (kept)."""
+        if self.runtime.is_main:
+            moved = self.checkpoints.start_timeline(resumed)
+            if moved:
+                start = f"resuming from {resumed.name}" if resumed else "--resume none"
+                self.runtime.log(f"{start} starts a new timeline: {', '.join(moved)} moved to "
+                                 f"{self.checkpoints.root / 'superseded'} (kept, never resumed from)")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> None:
+        """Steps until train.max_steps (or train.stop_at_step), with evals and checkpoints on their schedules;
+        then the last eval, data report, checkpoint, final/ and summary."""
+        cfg, rt, state = self.cfg, self.runtime, self.state
+        last = cfg.train.stop_at_step or cfg.train.max_steps
+        self._announce(last)
+        self.reporter = Reporter(cfg, rt, self.peak_flops, state.step)
+        loop_started = time.perf_counter()
+        self.engine.train()
+        started_at = saved_at = state.step
+        with self.reporter.progress(state.step, last) as advance:
+            while state.step < last:
+                if self._stop_agreed():
+                    self._stop_for_preemption(saved_at)
+                started = time.perf_counter()
+                metrics = self.train_step()
+                self.reporter.add_throughput(metrics, time.perf_counter() - started)
+                advance(metrics)
+                if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < last:
+                    self.reporter.record(self.evaluator(self.engine, state.step))
+                every = cfg.checkpoint.every_steps
+                if every and state.step % every == 0 and state.step < last:
+                    self.save_checkpoint()
+                    saved_at = state.step
+        trained = state.step > started_at
+        if trained and self.evaluator:
+            self.reporter.record(self.evaluator(self.engine, state.step))
+        if trained:
+            self.reporter.data_report(self.train_stream.report())
+        if saved_at != state.step or self.checkpoints.latest() is None:
+            self.save_checkpoint()
+        # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
+        if state.step >= cfg.train.max_steps and (trained or not (self.output_dir / "final").is_dir()):
+            save_final(cfg, rt, self.engine, self.tokenizer, is_lora=self.is_lora, total_params=self.total_params,
+                       adapter_shapes=self.adapter_shapes)
+        if trained:
+            self.reporter.summary(state.step, time.perf_counter() - loop_started)
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro batches."""
+        gas, rt = self.cfg.train.grad_accum_steps, self.runtime
+        batches = [self.train_stream.next_batch() for _ in range(gas)]
+        local_trained = sum(b.trained_tokens for b in batches)
+        local_tokens = sum(b.real_tokens for b in batches)
+        local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in batches)
+        global_trained, global_tokens, global_flops = rt.all_reduce([local_trained, local_tokens, local_flops])
+        # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
+        # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
+        # gradient of the true per-token mean over the effective batch.
+        rescale = gas * rt.world_size
+        lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps it after)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            # accumulate() tells accelerate (and through it DeepSpeed) which micro batch ends the step; outside it
+            # every backward would be treated as a boundary and step the optimizer.
+            with rt.accelerator.accumulate(self.engine):
+                result = self.objective(self.engine, self._inputs(batch), max(int(global_trained), 1))
+                for name, value in result.terms.items():
+                    sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=rt.device)) \
+                        + value.double()
+                rt.accelerator.backward(result.loss * rescale)
+        terms = dict(zip(sums, rt.all_reduce([v.item() for v in sums.values()])))
+        grad_norm = self._check_step(terms["loss"])
+        self.state.advance(int(global_tokens), int(global_trained))
+        if self.state.step == self.first_step + 1:  # optimizer states exist from now on
+            self.audit.engine_memory(self.engine, rt.accelerator.unwrap_model(self.engine))
+        self.audit.step({"step": self.state.step, "samples": [s for b in batches for s in b.sample_ids],
+                         "positions": [q for b in batches for q in b.positions],
+                         "local_trained_tokens": local_trained, "loss": terms["loss"]})
+        metrics = {"step": self.state.step, "loss": terms.pop("loss"), "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tokens": int(global_tokens), "trained_tokens": int(global_trained), "flops": global_flops,
+                   **terms}  # base_kl: KL(base || fine-tuned) per trained token
+        if self.cfg.data.packing:
+            metrics["packing_efficiency"] = self.train_stream.packing_efficiency  # this rank's, cumulative
+        return metrics
+
+    def _check_step(self, step_loss: float) -> Optional[float]:
+        """The engine took exactly one optimizer step and the loss and gradient norm are finite; returns the norm."""
+        step = self.state.step + 1
+        if self.engine.global_steps != step:
+            raise TrainError(f"DeepSpeed took {self.engine.global_steps} optimizer steps where the recipe expects "
+                             f"{step}: gradient accumulation is out of step")
+        if not math.isfinite(step_loss):
+            raise TrainError(f"non-finite loss {step_loss} at step {step}; last good checkpoint: "
+                             f"{self.checkpoints.latest()}")
+        grad_norm = self.engine.get_global_grad_norm()
+        # fp16's loss scaler skips overflowing steps by design; otherwise a non-finite norm has reached the weights.
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and self.cfg.model.dtype != "float16":
+            raise TrainError(f"non-finite gradient norm {float(grad_norm)} at step {step} (loss "
+                             f"{step_loss:.4f}); the weights are no longer usable; last good checkpoint: "
+                             f"{self.checkpoints.latest()}")
+        return grad_norm
+
+    def save_checkpoint(self) -> None:
+        """Collective: a checkpoint of the engine, the run state and every rank's data position."""
+        path = self.checkpoints.save(self.engine, self.state, self.train_stream, exclude_frozen=self.is_lora,
+                                     config_text=dump_config(self.cfg))
+        self.runtime.log(f"checkpoint saved: {path}")
+
+    def close(self) -> None:
+        """Flush what rank 0 writes, also when the run stops on an error or a preemption."""
+        if self.reporter is not None:
+            self.reporter.close()
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _inputs(self, batch: Batch) -> dict:
+        return batch.model_inputs(self.runtime.device, self.attn_implementation, self.compute_dtype)
+
+    def _announce(self, last: int) -> None:
+        cfg, rt, step = self.cfg, self.runtime, self.state.step
+        rt.log(f"world size {rt.world_size} | effective batch {cfg.effective_batch_size(rt.world_size)} | "
+               f"trainable {self.trainable:,} / {self.total_params:,} params | ZeRO-{cfg.distributed.zero_stage}")
+        if step >= last:
+            rt.log(f"nothing to train: checkpoint is at step {step}, the run stops at {last}")
+        if self.peak_flops is None:
+            rt.log(f"MFU: not reported (no peak FLOP/s known for {rt.device_name if rt.cuda else 'a CPU'}; set "
+                   "train.peak_tflops to report it)")
+
+    def _stop_agreed(self) -> bool:
+        """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so
+        they all stop at the same step and none is left waiting in a collective."""
+        self._agreed_signal = int(self.runtime.all_reduce([stop_signal() or 0], "max")[0])
+        return self._agreed_signal != 0
+
+    def _stop_for_preemption(self, saved_at: int) -> None:
+        if self.state.step > saved_at:
+            self.save_checkpoint()
+        latest = self.checkpoints.latest()
+        self.runtime.barrier()
+        error = Preempted(self.state.step, str(latest) if latest is not None else None, self._agreed_signal)
+        self.runtime.log(f"preemption: {error}")
+        raise error

@@ -1,0 +1,131 @@
+"""The process's place in the run, built once before anything else: rank, world, device, the accelerate
+Accelerator with ft's DeepSpeed config, and the few collectives the recipe's components use. Components get their
+config section and this object, never loose arguments or their own calls into torch.distributed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from ftcore.config import Config
+from ftcore.ds_config import build_ds_config
+from ftcore.launch_settings import LaunchSettingsError, prepare_accelerate_env
+from ftcore.preflight import model_config_json
+from ftcore.train.errors import TrainError
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+@dataclass
+class Runtime:
+    """Rank, world and device of this process, with the engine's accelerator and DeepSpeed config."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    cuda: bool
+    accelerator: Any
+    ds_config: dict
+    console: Console = field(default_factory=Console)
+    # Under ZeRO-3 transformers reads this while loading the base (it must stay alive until then).
+    hf_ds_config: Optional[Any] = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes run-level files and prints."""
+        return self.rank == 0
+
+    @property
+    def device_name(self) -> str:
+        """What the MFU and dtype messages call this device."""
+        return torch.cuda.get_device_name() if self.cuda else "the CPU"
+
+    def log(self, message: str) -> None:
+        """Print on rank 0, one whole line in captured logs however long."""
+        if self.is_main:
+            self.console.print(message, soft_wrap=True)
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) of a few numbers over all ranks, in float64."""
+        if self.world_size == 1:  # every step calls this: skip the no-op collective (and its device copy)
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=_OPS[op])
+        return t.tolist()
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        """Wait for every rank (bounded by distributed.timeout_s like every collective)."""
+        dist.barrier()
+
+
+def start_runtime(cfg: Config, model_dir: str) -> Runtime:
+    """Join the process group and build the Accelerator on DeepSpeed with the config ft derives from `cfg`. The
+    environment (RANK, WORLD_SIZE, ...) is already there: a launcher's, or ensure_process_env's for one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    backend = _backend(cfg, cuda)
+    expected = int(os.environ["WORLD_SIZE"])
+    hidden = (model_config_json(model_dir) or {}).get("hidden_size")
+    try:
+        ds_config = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda, expected,
+                                    hidden if isinstance(hidden, int) else None)
+        # Whichever accelerate launcher started this (or none), the run is DeepSpeed with the config above.
+        prepare_accelerate_env(os.environ, cfg.model.mixed_precision, cuda)
+    except LaunchSettingsError as e:
+        raise TrainError(str(e)) from None
+    hf_ds_config = None
+    if cfg.distributed.zero_stage == 3:
+        # Must exist before from_pretrained: transformers then loads straight into partitioned parameters.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    timeout = _set_collective_timeout(cfg.distributed.timeout_s)
+    # The explicit process group backend matters on CPU: without it accelerate reports a world of 1 on
+    # every rank (each would think it is the main process and read the same data).
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        mixed_precision=cfg.model.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)],
+    )
+    world = accelerator.num_processes
+    if not dist.is_initialized() or dist.get_world_size() != expected or world != expected:
+        raise TrainError(
+            f"world size mismatch: WORLD_SIZE={expected}, torch.distributed="
+            f"{dist.get_world_size() if dist.is_initialized() else 'not initialised'}, accelerate={world}")
+    return Runtime(rank=accelerator.process_index, world_size=world, device=accelerator.device, cuda=cuda,
+                   accelerator=accelerator, ds_config=ds_config, hf_ds_config=hf_ds_config)
+
+
+def _backend(cfg: Config, cuda: bool) -> str:
+    backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise TrainError("distributed.backend=nccl needs CUDA GPUs; this machine has none (use auto or gloo)")
+    return backend
+
+
+def _set_collective_timeout(seconds: int) -> timedelta:
+    """Hung-peer watchdog: every process group must time out after distributed.timeout_s. DeepSpeed makes its
+    data-parallel group with new_group(), which takes torch's module default (30 min), not the timeout the world
+    group got; so the module default is set too, before any group exists."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(distributed_c10d.default_pg_nccl_timeout, timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
