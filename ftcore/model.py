@@ -123,8 +123,13 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
         # would silently be LoRA on a full-precision base.
         raise ModelError(f"adapter.method: qlora, but bitsandbytes quantized none of {type(model).__name__}'s "
                          "layers (transformers converts plain nn.Linear layers only); use adapter.method=lora")
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return _prepare_for_training(model, model_cfg, adapter_cfg, seed, classification is not None)
 
+
+def _prepare_for_training(model: torch.nn.Module, model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int,
+                          classification: bool) -> torch.nn.Module:
+    """Checkpointing, then what trains: the LoRA adapter (QLoRA: on the frozen 4-bit base) or the chosen weights."""
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     if model_cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and is the faster variant (peft#1142).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -183,3 +183,16 @@ def write_failure_record(message: str) -> None:
         os.replace(tmp, Path(directory) / f"rank{rank}.json")
     except OSError:
         pass  # the report falls back on exit codes
+
+
+def lost_peer_message(error: BaseException) -> Optional[str]:
+    """A collective that failed because another rank died or hung, as one line (else None)."""
+    text = str(error)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    if any(s in text for s in ("Timed out", "timed out", "Timeout", "Watchdog caught collective")):
+        return (f"a collective timed out waiting for another rank (distributed.timeout_s): a peer hung or is far "
+                f"behind; see which rank failed first ({first})")
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                               "NCCL communicator was aborted", "ProcessGroupGloo", "recvBytes")):
+        return f"lost the connection to another rank in a collective (it died): {first}"
+    return None

@@ -1,0 +1,162 @@
+"""The offline tools: `ft generate`, `ft export`, `ft plan`, `ft plot` and `ft data inspect`. None starts a process
+group; each reads what a run wrote (or the config) and prints one result or one error line."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from ftcore.config import ConfigError
+from launcher.app import CONFIG_ARG, SET_OPT, app, fail, load_run_config
+
+
+@app.command()
+def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT adapter or full HF model."),
+             prompt: List[str] = typer.Option(..., "--prompt", help="User message (repeatable)."),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens")) -> None:
+    """Greedy generation from a fine-tuned model (base + adapter, or a full model), with its chat template.
+
+    Example: ft generate --model outputs/demo/final --prompt "What is the capital of France?"
+    """
+    from ftcore.generate import generate as run_generate
+
+    try:
+        for p, answer in zip(prompt, run_generate(model, prompt, max_new_tokens)):
+            typer.echo(f"user: {p}\nassistant: {answer}")
+    except (OSError, ValueError) as e:
+        fail(str(e), code=1)
+
+
+@app.command()
+def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir (e.g. final/)."),
+           checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A training checkpoint step dir."),
+           base: Optional[str] = typer.Option(None, "--base", help="Base model dir (default: from the run config "
+                                              "or adapter_config.json)."),
+           out: str = typer.Option(..., "--out", help="Output HF model dir (must not exist unless --force)."),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: the "
+                                               "base's)."),
+           shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+           merge_base: str = typer.Option("auto", "--merge-base", help="auto | quantized | original: merge a QLoRA "
+                                          "adapter onto dequant(NF4(W)) (auto when the run was qlora) or onto W."),
+           verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare logits with the model as "
+                                       "trained before the output is put in place."),
+           force: bool = typer.Option(False, "--force", help="Replace an existing --out.")) -> None:
+    """Merge or consolidate into a plain Hugging Face safetensors model, out of core; offline, CPU only.
+
+    Examples: ft export --adapter outputs/demo/final --out outputs/demo/merged
+              ft export --checkpoint outputs/run/checkpoints/step-000100 --out merged --dtype bfloat16
+    """
+    from pathlib import Path
+
+    from ftcore.dtypes import DTYPES
+    from ftcore.export.export import ExportError, export_adapter, export_checkpoint
+
+    if (adapter is None) == (checkpoint is None):
+        fail("ft export: give exactly one of --adapter or --checkpoint")
+    if dtype is not None and dtype not in DTYPES:
+        fail(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if merge_base not in ("auto", "quantized", "original"):
+        fail(f"--merge-base {merge_base}: expected auto, quantized or original")
+    args = dict(out=Path(out), dtype=dtype, shard_size=shard_size, merge_base=merge_base, verify=verify,
+                force=force, log=typer.echo)
+    try:
+        if adapter is not None:
+            report = export_adapter(Path(adapter), base, **args)
+        else:
+            report = export_checkpoint(Path(checkpoint), base, **args)
+    except (ExportError, OSError) as e:
+        fail(str(e), code=1)
+    typer.echo(f"exported {report.tensors} tensors ({report.bytes / 1e6:.1f} MB; {report.merged} LoRA-merged, "
+               f"{report.replaced} replaced; merge base: {report.merge_base}; verification: {report.verified}) "
+               f"to {report.out}")
+
+
+@app.command("plan")
+def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
+                gpus_per_node: int = typer.Option(..., "--gpus-per-node", help="GPUs (training processes) per node."),
+                nodes: int = typer.Option(1, "--nodes"),
+                gpu_mem_gb: Optional[float] = typer.Option(None, "--gpu-mem-gb", help="Memory per GPU in GiB: mark "
+                                                           "what fits and recommend the cheapest layout."),
+                as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """Per-GPU memory for this config under ZeRO 0-3, with and without offload, before you launch. Builds the
+    model on the meta device from its config.json: no weights needed.
+
+    Example: ft plan examples/llama-2-70b-qlora.yaml --gpus-per-node 2 --gpu-mem-gb 40
+    """
+    import json
+
+    from ftcore.builtin import builtin_config_path, is_builtin
+    from ftcore.plan import PlanError, build_facts, make_plan
+
+    # The plan needs the model's config.json and the shapes of the batch, not the data: data paths that do not
+    # exist yet (the usual case when planning) are not checked.
+    from ftcore.preflight import check_combinations, check_model_path
+
+    cfg = load_run_config(config, sets)
+    try:
+        check_model_path(cfg.model.name_or_path)
+        check_combinations(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    name = cfg.model.name_or_path
+    model_dir = str(builtin_config_path(name).parent) if is_builtin(name) else name
+    try:
+        plan = make_plan(cfg, build_facts(cfg, model_dir), gpus_per_node, nodes, gpu_mem_gb)
+    except (PlanError, OSError, ValueError) as e:
+        fail(f"ft plan: {e}")
+    if as_json:
+        typer.echo(json.dumps(plan.to_json(), indent=1))
+        return
+    from launcher.views import print_plan
+
+    print_plan(cfg, plan, nodes, gpus_per_node, gpu_mem_gb)
+
+
+@app.command("plot")
+def plot(run_dir: str = typer.Argument(..., help="A run's output_dir (holds metrics.jsonl)."),
+         out: Optional[str] = typer.Option(None, "--out", help="PNG to write (default: RUN_DIR/metrics.png).")) -> None:
+    """One PNG of a run: loss (train and eval), learning rate and tokens/s over steps.
+
+    Example: ft plot outputs/demo --out demo.png
+    """
+    from pathlib import Path
+
+    from ftcore.plot import PlotError, plot_run
+
+    target = Path(out) if out else Path(run_dir) / "metrics.png"
+    try:
+        series = plot_run(Path(run_dir), target)
+    except (PlotError, OSError) as e:
+        fail(f"ft plot: {e}", code=1)
+    typer.echo(f"wrote {target} ({len(series['loss'])} steps"
+               + (f", {len(series['eval_loss'])} evals" if "eval_loss" in series else "") + ")")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at the training data as the model will see it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
+                 show: int = typer.Option(3, "-n", "--show", help="Samples to print."),
+                 scan: int = typer.Option(1000, "--scan", help="Samples to read for the statistics.")) -> None:
+    """Show processed samples (trained tokens marked) and statistics of the first --scan samples in training
+    order: samples, tokens, length histogram, share of trained tokens, packing efficiency, skipped/truncated.
+
+    Example: ft data inspect examples/demo.yaml -n 2 --set data.max_seq_len=128
+    """
+    from ftcore.builtin import resolve_model_path
+    from ftcore.data.inspect import inspect_data
+    from ftcore.data.stream import DataError
+    from ftcore.model import load_tokenizer
+
+    cfg = load_run_config(config, sets, check_paths=True)
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path))
+        result = inspect_data(cfg, tokenizer, show, scan)
+    except (DataError, OSError, ValueError) as e:
+        fail(str(e), code=1)
+    from launcher.views import print_inspection
+
+    print_inspection(cfg, result)
