@@ -130,11 +130,9 @@ def accelerate_choices(env: Mapping[str, str]) -> list[Choice]:
 def read_deepspeed_json(path: str) -> dict:
     """A user's DeepSpeed JSON; errors name distributed.deepspeed_config and the file."""
     try:
-        text = Path(path).read_text()
+        config = json.loads(Path(path).read_text())
     except OSError as e:
         raise LaunchSettingsError(f"distributed.deepspeed_config: cannot read {path}: {e.strerror}") from None
-    try:
-        config = json.loads(text)
     except json.JSONDecodeError as e:
         raise LaunchSettingsError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):

@@ -8,7 +8,6 @@ fused in memory) are not compared; every name both sides have must agree in shap
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -20,30 +19,13 @@ class BaseModelError(ValueError):
 def safetensors_shapes(directory: Path) -> Optional[dict[str, tuple[tuple[int, ...], str]]]:
     """name -> (shape, file) over the directory's safetensors weights; None when it has none (e.g. .bin only).
     A shard listed in model.safetensors.index.json that is missing is an error."""
-    from ftcore.export.st_io import SafetensorsError, read_header
+    from ftcore.export.st_io import SafetensorsError, read_model_headers
 
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise BaseModelError(f"{index}: not a safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if not files:
-        return None
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    for name in files:
-        path = directory / name
-        if not path.is_file():
-            raise BaseModelError(f"{path}: missing (listed in model.safetensors.index.json)")
-        try:
-            infos, _ = read_header(path)
-        except SafetensorsError as e:
-            raise BaseModelError(str(e)) from None
-        shapes.update({k: (tuple(info.shape), name) for k, info in infos.items()})
-    return shapes
+    try:
+        infos, _ = read_model_headers(directory)
+    except SafetensorsError as e:
+        raise BaseModelError(str(e)) from None
+    return {k: (tuple(info.shape), info.path.name) for k, info in infos.items()} or None
 
 
 def config_shapes(directory: Path) -> Optional[dict[str, tuple[int, ...]]]:

@@ -11,7 +11,7 @@ import torch
 
 from ftcore.dtypes import DTYPES
 from ftcore.export.options import ExportError
-from ftcore.export.st_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from ftcore.export.st_io import SafetensorsError, read_model_headers, read_tensor
 
 
 class BaseModel:
@@ -26,25 +26,12 @@ class BaseModel:
         except BaseModelError as e:
             raise ExportError(str(e)) from None
         self.config = json.loads((directory / "config.json").read_text())
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-            weight_map = None
-        if not files:
+        try:
+            self.infos, weight_map = read_model_headers(directory)
+        except SafetensorsError as e:
+            raise ExportError(str(e)) from None
+        if not self.infos:
             raise ExportError(f"{directory}: no .safetensors weights (convert .bin weights first)")
-        self.infos: dict[str, TensorInfo] = {}
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise ExportError(f"{path}: missing (listed in model.safetensors.index.json)")
-            try:
-                infos, _ = read_header(path)
-            except SafetensorsError as e:
-                raise ExportError(str(e)) from None
-            self.infos.update(infos)
         if weight_map is not None:
             absent = sorted(set(weight_map) - set(self.infos))
             if absent:

@@ -75,6 +75,28 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, metadata
 
 
+def read_model_headers(directory: Path) -> tuple[dict[str, TensorInfo], Optional[dict[str, str]]]:
+    """Every tensor of a model directory's safetensors weights (the shards model.safetensors.index.json lists, or
+    every *.safetensors file), by name, and the index's weight map (None without an index); empty when the
+    directory has no safetensors weights. SafetensorsError: an unreadable index, a listed shard that is missing,
+    a bad header."""
+    index = directory / "model.safetensors.index.json"
+    weight_map = None
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise SafetensorsError(f"{index}: not a safetensors index ({e})") from None
+    files = sorted(set(weight_map.values())) if weight_map is not None else \
+        sorted(p.name for p in directory.glob("*.safetensors"))
+    infos: dict[str, TensorInfo] = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise SafetensorsError(f"{directory / name}: missing (listed in model.safetensors.index.json)")
+        infos.update(read_header(directory / name)[0])
+    return infos, weight_map
+
+
 def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
     """One tensor, read with a seek into fresh memory (no mmap)."""
     out = torch.empty(info.shape, dtype=info.dtype)
