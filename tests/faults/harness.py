@@ -443,7 +443,13 @@ def disk_full_export(work: Path, adapter: Path, during_write: bool) -> dict:
                 wait_until(lambda: proc.poll() is not None or any(mount.glob(".merged.tmp-*/model-00001-*")), 120,
                            poll=0.002)
                 if proc.poll() is None:
-                    fill(mount, 256 << 10)
+                    # The export is paused while the disk fills: otherwise the two race for the space, and on a
+                    # busy machine the export can win (write every shard before the filler is done) and pass.
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    try:
+                        fill(mount, 256 << 10)
+                    finally:
+                        os.kill(proc.pid, signal.SIGCONT)
             code = proc.wait(timeout=300)
         text = log.read_text()
         staging = list(mount.glob(".merged.tmp-*"))
