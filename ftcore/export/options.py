@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,11 +24,10 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     log: Callable[[str], None] = print
+    shard_bytes: int = field(init=False)  # shard_size in bytes, parsed (and so checked) before any work starts
 
-    @property
-    def shard_bytes(self) -> int:
-        """shard_size in bytes."""
-        return parse_size(self.shard_size)
+    def __post_init__(self) -> None:
+        self.shard_bytes = parse_size(self.shard_size)
 
 
 @dataclass

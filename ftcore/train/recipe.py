@@ -20,6 +20,7 @@ from ftcore.config import Config, dump_config
 from ftcore.data.batch import Batch, pad_eval_batches
 from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
+from ftcore.dtypes import DTYPES
 from ftcore.metrics import FlopCounter, peak_flops_per_device
 from ftcore.model import (
     attention_width,
@@ -115,7 +116,7 @@ class Recipe:
         architecture = (self.model.config.architectures or [type(self.model).__name__])[0]
         chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
-        self.compute_dtype = getattr(torch, cfg.model.dtype)
+        self.compute_dtype = DTYPES[cfg.model.dtype]
         reference = None
         if cfg.train.base_kl and not self.is_lora:
             # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy.
@@ -132,7 +133,7 @@ class Recipe:
 
     def _setup_engine(self) -> None:
         cfg, rt = self.cfg, self.runtime
-        adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}
+        self.adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}  # before DeepSpeed wraps
         optimizer, group_names = build_optimizer(cfg, self.model)
         self.engine, self.optimizer = rt.accelerator.prepare(self.model, optimizer)
         attach_schedule(cfg, self.engine, optimizer)
@@ -142,7 +143,6 @@ class Recipe:
             self.engine.enable_backward_allreduce = False
         self.audit = Audit(self.output_dir, rt.rank, cfg.data.audit)
         self.audit.start(rt.accelerator, self.engine, self.total_params, group_names)
-        self.adapter_shapes = adapter_shapes
         if rt.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "ds_config.json").write_text(json.dumps(rt.ds_config, indent=2))
@@ -247,8 +247,7 @@ class Recipe:
             with rt.accelerator.accumulate(self.engine):
                 result = self.objective(self.engine, self._inputs(batch), max(int(global_trained), 1))
                 for name, value in result.terms.items():
-                    sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=rt.device)) \
-                        + value.double()
+                    sums[name] = sums[name] + value.double() if name in sums else value.double()
                 rt.accelerator.backward(result.loss * rescale)
         terms = dict(zip(sums, rt.all_reduce([v.item() for v in sums.values()])))
         grad_norm = self._check_step(terms["loss"])
