@@ -40,6 +40,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from ftcore.config import CheckpointConfig
 from ftcore.durable import atomic_write_text, discard_dir, fsync_dir, fsync_file, remove_leftovers, replace_dir
 
 MANIFEST = "manifest.json"
@@ -97,13 +98,29 @@ class Stateful(Protocol):
 
 
 class Collectives(Protocol):
-    """What saving needs from the run's Runtime (ftcore/train/runtime.py)."""
+    """What the checkpoint manager needs from the run's Runtime (ftcore/train/runtime.py)."""
+
+    rank: int
+    world_size: int
 
     def barrier(self) -> None:
         """Wait for every rank."""
 
     def all_gather_object(self, obj: Any) -> list:
         """Every rank's `obj`, in rank order."""
+
+
+class OneProcess:
+    """The Collectives of a single process: what tools and tests that find, read or save alone hand in."""
+
+    rank, world_size = 0, 1
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def all_gather_object(self, obj: Any) -> list:
+        """This process's `obj`, alone."""
+        return [obj]
 
 
 @dataclass
@@ -123,13 +140,14 @@ class SavedCheckpoint:
 
 class CheckpointManager:
     """Finds, saves, prunes and restores the checkpoints under output_dir/checkpoints/. Saving is collective
-    (`collectives`: the run's Runtime); finding and reading are not."""
+    (`runtime`: the run's Runtime); finding and reading are not."""
 
-    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0, world_size: int = 1,
-                 collectives: Optional[Collectives] = None):
+    def __init__(self, output_dir: str | Path, cfg: Optional[CheckpointConfig] = None,
+                 runtime: Optional[Collectives] = None):
         self.root = Path(output_dir) / "checkpoints"
-        self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
-        self.collectives = collectives
+        self.keep_last = (cfg or CheckpointConfig()).keep_last
+        self.collectives = runtime or OneProcess()
+        self.rank, self.world_size = self.collectives.rank, self.collectives.world_size
 
     # ---- finding -------------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:

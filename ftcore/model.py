@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ftcore.config import AdapterConfig, ModelConfig
+from ftcore.config import AdapterConfig, Config, ModelConfig
 from ftcore.dtypes import DTYPES
 from ftcore.preflight import flash_attn_available
 
@@ -84,10 +84,10 @@ def classification_head_kwargs(labels: list[str], pad_token_id: int) -> dict:
             "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": pad_token_id}
 
 
-def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: str, cuda: bool,
-               seed: int, zero_stage: int = 0, device: Optional[torch.device] = None,
+def load_model(cfg: Config, model_dir: str, device: torch.device,
                classification: Optional[dict] = None) -> torch.nn.Module:
-    """Base model (+ LoRA), ready for accelerate/DeepSpeed. Under ZeRO-3 the caller must hold an
+    """The run's base model (+ adapter) on `device` (this rank's), ready for accelerate/DeepSpeed: reads
+    cfg.model, cfg.adapter, cfg.train.seed and cfg.distributed.zero_stage. Under ZeRO-3 the caller must hold an
     HfDeepSpeedConfig alive before this, so transformers loads straight into partitioned parameters.
     classification: classification_head_kwargs(...) -> AutoModelForSequenceClassification with a new head (seeded
     identically on every rank), which always trains."""
@@ -102,13 +102,15 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, model_dir: st
             check_model_dir(model_dir)
         except BaseModelError as e:
             raise ModelError(f"model.name_or_path: {e}") from None
+    model_cfg, adapter_cfg, seed, zero_stage = cfg.model, cfg.adapter, cfg.train.seed, cfg.distributed.zero_stage
+    cuda = device.type == "cuda"
     attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda,
                                        model_class_for(model_dir, classification is not None))
     extra: dict[str, Any] = dict(classification or {})
     auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     if adapter_cfg.method == "qlora":
         extra["quantization_config"] = qlora_quantization_config(adapter_cfg, model_cfg.dtype, zero_stage)
-        if cuda and device is not None and zero_stage != 3:
+        if cuda and zero_stage != 3:
             extra["device_map"] = {"": device}  # bitsandbytes quantizes on the GPU it loads to: this rank's
     if classification:
         torch.manual_seed(seed)  # the head is new: the same initial weights on every rank

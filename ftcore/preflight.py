@@ -68,25 +68,11 @@ def model_config_json(name: str) -> Optional[dict]:
 
 
 def check_combinations(cfg: Config) -> None:
-    """What this release does not support, or what cannot work, named with the fix."""
-    a, d, m = cfg.adapter, cfg.distributed, cfg.model
-    if a.method != "qlora" and a.quant_storage != "auto":
-        raise _error("adapter.quant_storage", f"applies to adapter.method=qlora only (this run is {a.method}); "
-                     "remove it")
-    if a.method == "qlora":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise _error("adapter.method", "qlora needs bitsandbytes (pip install bitsandbytes)")
-        if d.zero_stage == 3 and a.quant_storage not in ("auto", m.dtype):
-            raise _error("adapter.quant_storage", f"{a.quant_storage} under ZeRO-3 leaves the packed 4-bit weights "
-                         "whole on every rank (ZeRO-3 partitions only weights of the compute dtype, model.dtype="
-                         f"{m.dtype}): set adapter.quant_storage=auto (or {m.dtype})")
-        if d.offload == "all":
-            raise _error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora is not "
-                         "supported: the 4-bit base is already small; use distributed.offload=optimizer or none")
-    if cfg.train.base_kl and a.method in ("full", "freeze") and d.zero_stage == 3:
-        raise _error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of the model, "
-                     "which this release does not partition under ZeRO-3: use distributed.zero_stage <= 2, or "
-                     "adapter.method=lora/qlora (the base comes from the same weights with the adapter disabled)")
+    """What the config's validators cannot know: the installed packages and the model's own limits. (Rules that
+    read only the config, e.g. qlora + offload=all, are Config validators and fail at load.)"""
+    m = cfg.model
+    if cfg.adapter.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise _error("adapter.method", "qlora needs bitsandbytes (pip install bitsandbytes)")
     if m.attn_implementation == "flash_attention_2" and not flash_attn_available():
         raise _error("model.attn_implementation", "flash_attention_2 needs flash-attn, which is not installed "
                      "(pip install '.[flash]' on a CUDA machine); use auto or sdpa")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ftcore.checkpoint import MANIFEST, CheckpointError, CheckpointManager, verify_checkpoint
+from ftcore.config import CheckpointConfig
 
 
 def make_checkpoint(root, step, complete=True):
@@ -20,7 +21,7 @@ def make_checkpoint(root, step, complete=True):
 
 def test_latest_picks_newest_complete_and_ignores_partial(tmp_path):
     root = tmp_path / "checkpoints"
-    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2))
     assert manager.latest() is None
     make_checkpoint(root, 2)
     make_checkpoint(root, 4)
@@ -49,14 +50,14 @@ def test_pointer_to_a_broken_checkpoint_is_an_error_not_a_fallback(tmp_path):
     make_checkpoint(root, 4, complete=False)
     (root / "latest").write_text("step-000004\n")
     with pytest.raises(CheckpointError, match="step-000004: not a complete checkpoint"):
-        CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1).latest()
+        CheckpointManager(tmp_path, CheckpointConfig(keep_last=2)).latest()
 
 
 def test_resuming_an_older_checkpoint_moves_the_abandoned_timeline_aside(tmp_path):
     """--resume step-4 while step-6 and step-8 exist: a later automatic resume must continue the new timeline,
     not the old step-8, and nothing of the old one is deleted."""
     root = tmp_path / "checkpoints"
-    manager = CheckpointManager(tmp_path, keep_last=10, rank=0, world_size=1)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=10))
     for step in (2, 4, 6, 8):
         make_checkpoint(root, step)
     (root / "latest").write_text("step-000008\n")
@@ -73,7 +74,7 @@ def test_resuming_an_older_checkpoint_moves_the_abandoned_timeline_aside(tmp_pat
 
 def test_resuming_another_runs_checkpoint_moves_all_of_this_runs_aside(tmp_path):
     other = make_checkpoint(tmp_path / "other" / "checkpoints", 4)
-    manager = CheckpointManager(tmp_path / "run", keep_last=10, rank=0, world_size=1)
+    manager = CheckpointManager(tmp_path / "run", CheckpointConfig(keep_last=10))
     for step in (2, 6):
         make_checkpoint(manager.root, step)
     (manager.root / "latest").write_text("step-000006\n")
@@ -83,12 +84,12 @@ def test_resuming_another_runs_checkpoint_moves_all_of_this_runs_aside(tmp_path)
 
 def test_starting_over_moves_every_checkpoint_aside(tmp_path):
     """--resume none: the new run's step-2 must not lose to the old run's step-6 on a later automatic resume."""
-    manager = CheckpointManager(tmp_path, keep_last=10, rank=0, world_size=1)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=10))
     make_checkpoint(manager.root, 6)
     assert manager.start_timeline(None) == ["step-000006"]
     make_checkpoint(manager.root, 2)
     assert manager.latest().name == "step-000002"
-    assert CheckpointManager(tmp_path / "empty", keep_last=2, rank=0, world_size=1).start_timeline(None) == []
+    assert CheckpointManager(tmp_path / "empty", CheckpointConfig(keep_last=2)).start_timeline(None) == []
     assert not (tmp_path / "empty").exists()
 
 
@@ -98,11 +99,11 @@ def test_a_leftover_old_dir_is_never_a_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     make_checkpoint(root, 4)
     make_checkpoint(root, 6).rename(root / "step-000006.old")
-    assert CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1).latest().name == "step-000004"
+    assert CheckpointManager(tmp_path, CheckpointConfig(keep_last=2)).latest().name == "step-000004"
 
 
 def test_a_failed_latest_update_is_a_clear_error_and_the_checkpoint_still_wins(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2))
     make_checkpoint(manager.root, 2)
     (manager.root / "latest").write_text("step-000002\n")
     final = make_checkpoint(manager.root, 4)
@@ -138,7 +139,7 @@ def interrupt_deletions_after(monkeypatch, allowed: int) -> None:
 
 
 def every_step_dir_is_complete_or_absent(root) -> None:
-    manager = CheckpointManager(root.parent, keep_last=2, rank=0, world_size=1)
+    manager = CheckpointManager(root.parent, CheckpointConfig(keep_last=2))
     for d in root.glob("step-*"):
         if (d / MANIFEST).is_file():
             verify_checkpoint(d)  # raises on a dir that looks complete and is not
@@ -157,7 +158,7 @@ def test_a_kill_at_any_instant_of_pruning_leaves_no_partial_checkpoint(tmp_path,
         manifest["files"]["engine/other.pt"] = 10
         (d / MANIFEST).write_text(json.dumps(manifest))
     (root / "latest").write_text("step-000006\n")
-    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2))
     interrupt_deletions_after(monkeypatch, allowed)
     try:
         manager._prune()

@@ -67,13 +67,17 @@ def test_qlora_export_verifies_for_every_storage_and_compute_dtype(tmp_path):
 def test_moe_lora_adapts_attention_by_default_and_experts_on_request(tmp_path, builtin_model_dir, family):
     """Default: attention (and dense layers) only, router never; adapter.moe_experts puts LoRA on the fused expert
     weights (dropout must be 0, said in one line); adapter.moe_router adds the router."""
-    from ftcore.config import AdapterConfig, ModelConfig
+    import torch
+
+    from ftcore.config import AdapterConfig, Config
     from ftcore.model import ModelError, load_model
 
     base = build_family(family, tmp_path / family, builtin_model_dir)
 
     def trained(**adapter) -> set[str]:
-        model = load_model(ModelConfig(), AdapterConfig(**adapter), str(base), cuda=False, seed=0)
+        cfg = Config(adapter=AdapterConfig(**adapter))
+        cfg.train.seed = 0
+        model = load_model(cfg, str(base), torch.device("cpu"))
         return {n for n, p in model.named_parameters() if p.requires_grad}
 
     default = trained(dropout=0.05)

@@ -8,8 +8,8 @@ from ftcore.model import load_model
 
 def lora_grads(model_dir: str, checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:
     cfg = load_config(None, [f"model.gradient_checkpointing={str(checkpointing).lower()}", "adapter.dropout=0",
-                             "model.attn_implementation=sdpa"])
-    model = load_model(cfg.model, cfg.adapter, model_dir, cuda=False, seed=0)
+                             "model.attn_implementation=sdpa", "train.seed=0"])
+    model = load_model(cfg, model_dir, torch.device("cpu"))
     # LoRA B starts at zero, so A would get no gradient: move B off zero for a meaningful comparison.
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -33,6 +33,6 @@ def test_checkpointing_gives_same_lora_gradients(builtin_model_dir):
 
 
 def test_checkpointing_is_really_on(builtin_model_dir):
-    cfg = load_config(None, ["model.gradient_checkpointing=true"])
-    model = load_model(cfg.model, cfg.adapter, builtin_model_dir, cuda=False, seed=0)
+    cfg = load_config(None, ["model.gradient_checkpointing=true", "train.seed=0"])
+    model = load_model(cfg, builtin_model_dir, torch.device("cpu"))
     assert model.base_model.model.is_activation_checkpointing

@@ -275,7 +275,11 @@ class Config(Section):
         if t.eval_every and not self.data.eval:
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
         self._check_task()
-        a = self.adapter
+        self._check_adapter()
+        return self
+
+    def _check_adapter(self) -> None:
+        a, d, m = self.adapter, self.distributed, self.model
         if a.method == "freeze" and not a.trainable and a.top_layers is None:
             raise _field_error("adapter.method", "'freeze' needs adapter.trainable (names or regexes) or "
                                "adapter.top_layers (train the last N blocks)")
@@ -287,7 +291,22 @@ class Config(Section):
                 re.compile(pattern)
             except re.error as e:
                 raise _field_error("adapter.trainable", f"{pattern!r} is not a regular expression: {e}") from None
-        return self
+        if a.method != "qlora" and a.quant_storage != "auto":
+            raise _field_error("adapter.quant_storage", f"applies to adapter.method=qlora only (this run is "
+                               f"{a.method}); remove it")
+        if a.method == "qlora" and d.zero_stage == 3 and a.quant_storage not in ("auto", m.dtype):
+            raise _field_error("adapter.quant_storage", f"{a.quant_storage} under ZeRO-3 leaves the packed 4-bit "
+                               "weights whole on every rank (ZeRO-3 partitions only weights of the compute dtype, "
+                               f"model.dtype={m.dtype}): set adapter.quant_storage=auto (or {m.dtype})")
+        if a.method == "qlora" and d.offload == "all":
+            raise _field_error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora "
+                               "is not supported: the 4-bit base is already small; use distributed.offload="
+                               "optimizer or none")
+        if self.train.base_kl and a.method in ("full", "freeze") and d.zero_stage == 3:
+            raise _field_error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of "
+                               "the model, which this release does not partition under ZeRO-3: use "
+                               "distributed.zero_stage <= 2, or adapter.method=lora/qlora (the base comes from the "
+                               "same weights with the adapter disabled)")
 
     def _check_task(self) -> None:
         data = self.data

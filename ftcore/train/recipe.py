@@ -75,8 +75,7 @@ class Recipe:
         self._setup_data()
         self._setup_model()
         self._setup_engine()
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.runtime.rank,
-                                             self.runtime.world_size, collectives=self.runtime)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, self.runtime)
         self._resume()
         self.first_step = self.state.step  # where this process started (a resume's checkpoint step)
 
@@ -106,8 +105,7 @@ class Recipe:
         cfg, rt = self.cfg, self.runtime
         head = (classification_head_kwargs(cfg.data.labels, self.train_stream.pad_id)
                 if cfg.classification else None)
-        self.model = load_model(cfg.model, cfg.adapter, self.model_dir, rt.cuda, cfg.train.seed,
-                                zero_stage=cfg.distributed.zero_stage, device=rt.device, classification=head)
+        self.model = load_model(cfg, self.model_dir, rt.device, classification=head)
         self.trainable, self.total_params = count_parameters(self.model)
         if self.trainable == 0:
             raise TrainError("no parameter requires grad: check adapter.target_modules")
@@ -194,8 +192,8 @@ class Recipe:
         then the last eval, data report, checkpoint, final/ and summary."""
         cfg, rt, state = self.cfg, self.runtime, self.state
         last = cfg.train.stop_at_step or cfg.train.max_steps
-        self._announce(last)
         self.reporter = Reporter(cfg, rt, self.peak_flops, state.step)
+        self.reporter.announce(self.trainable, self.total_params, state.step, last)
         loop_started = time.perf_counter()
         self.engine.train()
         started_at = saved_at = state.step
@@ -296,16 +294,6 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ helpers
     def _inputs(self, batch: Batch) -> dict:
         return batch.model_inputs(self.runtime.device, self.attn_implementation, self.compute_dtype)
-
-    def _announce(self, last: int) -> None:
-        cfg, rt, step = self.cfg, self.runtime, self.state.step
-        rt.log(f"world size {rt.world_size} | effective batch {cfg.effective_batch_size(rt.world_size)} | "
-               f"trainable {self.trainable:,} / {self.total_params:,} params | ZeRO-{cfg.distributed.zero_stage}")
-        if step >= last:
-            rt.log(f"nothing to train: checkpoint is at step {step}, the run stops at {last}")
-        if self.peak_flops is None:
-            rt.log(f"MFU: not reported (no peak FLOP/s known for {rt.device_name if rt.cuda else 'a CPU'}; set "
-                   "train.peak_tflops to report it)")
 
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so

@@ -24,6 +24,18 @@ class Reporter:
         self.totals = {"steps": 0, "tokens": 0, "trained_tokens": 0, "flops": 0.0, "step_time_s": 0.0,
                        "memory": [0.0, 0.0, 0.0]}
 
+    def announce(self, trainable: int, total_params: int, step: int, last: int) -> None:
+        """The run's shape before its first step: world, batch, trainable parameters, ZeRO stage; and why MFU or
+        any step at all will be missing."""
+        cfg, rt = self.cfg, self.runtime
+        rt.log(f"world size {rt.world_size} | effective batch {cfg.effective_batch_size(rt.world_size)} | "
+               f"trainable {trainable:,} / {total_params:,} params | ZeRO-{cfg.distributed.zero_stage}")
+        if step >= last:
+            rt.log(f"nothing to train: checkpoint is at step {step}, the run stops at {last}")
+        if self.peak_flops is None:
+            rt.log(f"MFU: not reported (no peak FLOP/s known for {rt.device_name if rt.cuda else 'a CPU'}; set "
+                   "train.peak_tflops to report it)")
+
     def add_throughput(self, metrics: dict, step_time: float) -> None:
         """Speed, MFU and memory of the step just taken (memory: the maximum over ranks), added to `metrics`."""
         memory = self.runtime.all_reduce(memory_now(self.runtime.cuda), "max")

@@ -158,8 +158,9 @@ def latest_is_sound(out: Path) -> bool:
     import torch
 
     from ftcore.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+    from ftcore.config import CheckpointConfig
 
-    manager = CheckpointManager(out, keep_last=2, rank=0, world_size=2)
+    manager = CheckpointManager(out, CheckpointConfig(keep_last=2))
     try:
         latest = manager.latest()
         if latest is None:
