@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from launcher.hostlist import HostlistError, expand_hostlist
+from launcher.workstation import RunConfigArgs
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "ft.sbatch"
 PORT_BASE, PORT_SPAN = 20000, 40000
@@ -167,10 +168,8 @@ def rendezvous_from_slurm(env: Mapping[str, str], scontrol: Scontrol = run_scont
 
 # ---------------------------------------------------------------------------------------------- sbatch script
 @dataclass(frozen=True)
-class SbatchOptions:
+class SbatchOptions(RunConfigArgs):
     """What `ft slurm` writes into the sbatch script."""
-    config_path: Optional[str]
-    overrides: tuple[str, ...]
     nodes: int
     gpus_per_node: int
     nproc_per_node: int
@@ -215,7 +214,7 @@ def sbatch_directives(o: SbatchOptions) -> list[str]:
 def render_sbatch(template: str, o: SbatchOptions) -> str:
     """The template with its #SBATCH block replaced by the options and its `@ft-slurm:` lines filled in."""
     directives = sbatch_directives(o)
-    args = ([o.config_path] if o.config_path else []) + [w for s in o.overrides for w in ("--set", s)]
+    args = o.config_argv()
     fills = {
         "command": f"FT=({shlex.join(o.ft_command)})",
         "nproc": f"NPROC_PER_NODE={o.nproc_per_node}",

@@ -15,10 +15,20 @@ from typing import Mapping, Optional
 
 
 @dataclass(frozen=True)
-class LaunchSpec:
-    """What `ft launch` was asked on a workstation."""
+class RunConfigArgs:
+    """The run's config as the user gave it: a YAML path (or none: the built-in default) and --set overrides,
+    passed on unchanged to every process a launcher starts."""
     config_path: Optional[str]
     overrides: tuple[str, ...]
+
+    def config_argv(self) -> list[str]:
+        """`[CONFIG] --set K=V ...` as `ft train` takes them."""
+        return ([self.config_path] if self.config_path else []) + [w for s in self.overrides for w in ("--set", s)]
+
+
+@dataclass(frozen=True)
+class LaunchSpec(RunConfigArgs):
+    """What `ft launch` was asked on a workstation."""
     nproc: int
     zero_stage: int
     mixed_precision: str  # no | bf16 | fp16
@@ -53,12 +63,7 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
         argv += ["--deepspeed_multinode_launcher", "standard"]
     if spec.log_dir:
         argv += ["--tee", "3", "--log_dir", spec.log_dir]
-    argv += ["--module", "launcher.cli", "train"]
-    if spec.config_path:
-        argv.append(spec.config_path)
-    for override in spec.overrides:
-        argv += ["--set", override]
-    argv += ["--resume", spec.resume]
+    argv += ["--module", "launcher.cli", "train", *spec.config_argv(), "--resume", spec.resume]
     env = dict(base_env)
     # One intra-op thread pool per process would oversubscribe the cores N-fold; torchrun's default is 1 and
     # we keep a user's explicit choice.
