@@ -194,6 +194,13 @@ class TrainConfig(Section):
     effective_batch_size: Optional[int] = Field(None, gt=0)
     """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
     processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
+    loss_impl: Literal["full", "chunked"] = "full"
+    """How the causal-LM loss is computed. full = by the model, from its whole [tokens x vocab] logits; chunked =
+    the output projection, log-softmax and loss over train.loss_chunk_tokens tokens at a time, so the logits never
+    exist at once (the same loss and gradients to fp32 rounding; this release: a plain-linear head that LoRA does
+    not target, train.base_kl off, and under ZeRO-3 a frozen head: LoRA/QLoRA)."""
+    loss_chunk_tokens: int = Field(2048, gt=0)
+    """Tokens per chunk of train.loss_impl=chunked: peak loss memory is about this x vocab x 8 bytes."""
     base_kl: float = Field(0.0, ge=0)
     """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
     take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
@@ -302,11 +309,29 @@ class Config(Section):
             raise _field_error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora "
                                "is not supported: the 4-bit base is already small; use distributed.offload="
                                "optimizer or none")
+        if self.train.loss_impl == "chunked":
+            self._check_chunked_loss()
         if self.train.base_kl and a.method in ("full", "freeze") and d.zero_stage == 3:
             raise _field_error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of "
                                "the model, which this release does not partition under ZeRO-3: use "
                                "distributed.zero_stage <= 2, or adapter.method=lora/qlora (the base comes from the "
                                "same weights with the adapter disabled)")
+
+    def _check_chunked_loss(self) -> None:
+        """What train.loss_impl=chunked does not cover in this release, refused by name."""
+        if self.task != "causal_lm":
+            raise _field_error("train.loss_impl", "chunked applies to task causal_lm (a classification head's "
+                               "logits are one row per sample); use full")
+        if self.distributed.zero_stage == 3 and self.adapter.method == "full":
+            raise _field_error("train.loss_impl", "chunked with adapter.method=full under ZeRO-3 is not supported "
+                               "in this release (the trained head's partitioned weight); use full, "
+                               "distributed.zero_stage <= 2, or adapter.method=lora/qlora")
+        if self.train.base_kl:
+            raise _field_error("train.loss_impl", "chunked with train.base_kl is not supported in this release; "
+                               "use full")
+        if "lm_head" in self.adapter.target_modules:
+            raise _field_error("train.loss_impl", "chunked needs a plain linear head, but adapter.target_modules "
+                               "puts LoRA on lm_head; use full")
 
     def _check_task(self) -> None:
         data = self.data

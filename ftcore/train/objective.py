@@ -48,6 +48,21 @@ class CausalLMLoss(Objective):
         return LossOutput(out.loss, out, {"loss": out.loss.detach()})
 
 
+class ChunkedCausalLMLoss(Objective):
+    """The same cross-entropy per trained token, through the output head in chunks (train.loss_impl=chunked):
+    the [tokens x vocab] logits never exist at once (ftcore/train/chunked_loss.py)."""
+
+    def __init__(self, unwrap: Any, chunk_tokens: int):
+        from ftcore.train.chunked_loss import ChunkedCausalLM
+
+        self.loss = ChunkedCausalLM(unwrap, chunk_tokens)
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """Cross-entropy per trained token / normaliser."""
+        loss, out = self.loss(model, inputs, normaliser)
+        return LossOutput(loss, out, {"loss": loss.detach()})
+
+
 class ClassificationLoss(Objective):
     """Cross-entropy of each sample's class (label -100: a padding row of an eval batch)."""
 
@@ -97,7 +112,12 @@ class WithBaseKL(Objective):
 
 def build_objective(cfg: Config, unwrap: Any, reference: Optional[torch.nn.Module]) -> Objective:
     """The run's objective from its config: the task's loss, with the base-KL term when train.base_kl is set."""
-    task: Objective = ClassificationLoss() if cfg.classification else CausalLMLoss()
+    if cfg.classification:
+        task: Objective = ClassificationLoss()
+    elif cfg.train.loss_impl == "chunked":
+        task = ChunkedCausalLMLoss(unwrap, cfg.train.loss_chunk_tokens)
+    else:
+        task = CausalLMLoss()
     if cfg.train.base_kl:
         return WithBaseKL(task, cfg.train.base_kl, unwrap, reference)
     return task
