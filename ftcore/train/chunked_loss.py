@@ -47,12 +47,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = trained[start:start + chunk_tokens]
             h, target = hidden.index_select(0, rows), targets.index_select(0, rows)
             logits = torch.nn.functional.linear(h, weight, bias).float()
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, target.unsqueeze(1)).squeeze(1)).sum()
+            # log-sum-exp and softmax in the logits' own buffer: one chunk of [tokens x vocab] alive, no temporaries.
+            target_logit = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            norm = exp.sum(dim=1, keepdim=True)
+            total += (peak.squeeze(1) + norm.log().squeeze(1) - target_logit).sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
-            # d(sum CE)/d(logits) = softmax - one_hot(target), built in place in the logits' buffer.
-            grad_logits = logits.sub_(log_z.unsqueeze(1)).exp_()
+            # d(sum CE)/d(logits) = softmax - one_hot(target).
+            grad_logits = exp.div_(norm)
             grad_logits[torch.arange(rows.numel(), device=rows.device), target] -= 1.0
             if want_hidden:
                 grad_hidden.index_copy_(0, rows, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
