@@ -67,18 +67,25 @@ def test_the_objective_equals_the_models_loss_on_a_real_model(builtin_model_dir,
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_chunked_run_trains_like_a_full_one(tmp_path):
+def assert_chunked_run_equals_full_run(tmp_path, command: tuple[str, ...], *settings: str) -> None:
+    """`ft COMMAND` of a 6-step run with each loss_impl: the same step losses and eval losses (rel 1e-5), and the
+    log says which loss ran."""
     losses = {}
     for impl in ("full", "chunked"):
         out = tmp_path / impl
-        proc = run_ft("train", *tiny_run_args(out, "--set", "train.max_steps=6", "--set", f"train.loss_impl={impl}",
-                                              "--set", "train.loss_chunk_tokens=32"))
+        args = tiny_run_args(out, "--set", "train.max_steps=6", "--set", f"train.loss_impl={impl}",
+                             "--set", "train.loss_chunk_tokens=32", *(w for s in settings for w in ("--set", s)))
+        proc = run_ft(command[0], *args, *command[1:])
         assert f"loss {impl}" in proc.stdout
         rows = read_jsonl(out / "metrics.jsonl")
         losses[impl] = ([r["loss"] for r in rows if "lr" in r], [r["eval_loss"] for r in rows if "eval_loss" in r])
     assert len(losses["full"][0]) == 6 and len(losses["full"][1]) == 2
     for want, got in zip(losses["full"], losses["chunked"]):
         assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_chunked_run_trains_like_a_full_one(tmp_path):
+    assert_chunked_run_equals_full_run(tmp_path, ("train",))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -99,16 +106,4 @@ def test_what_chunked_does_not_cover_yet_is_refused_by_name(overrides, message):
 def test_two_process_chunked_runs_equal_full_ones(tmp_path, layout):
     """2 ranks, the same samples: ZeRO-3 with LoRA (the head's weight gathered once per micro batch) and packing;
     ZeRO-2 full fine-tuning (the head's weight trains)."""
-    losses = {}
-    for impl in ("full", "chunked"):
-        out = tmp_path / impl
-        args = tiny_run_args(out, "--set", "train.max_steps=6", "--set", "checkpoint.every_steps=0",
-                             "--set", f"train.loss_impl={impl}", "--set", "train.loss_chunk_tokens=32",
-                             *(w for s in layout for w in ("--set", s)))
-        proc = run_ft("launch", *args, "--nproc", "2")
-        assert f"loss {impl}" in proc.stdout
-        rows = read_jsonl(out / "metrics.jsonl")
-        losses[impl] = ([r["loss"] for r in rows if "lr" in r], [r["eval_loss"] for r in rows if "eval_loss" in r])
-    assert len(losses["full"][0]) == 6 and len(losses["full"][1]) == 2
-    for want, got in zip(losses["full"], losses["chunked"]):
-        assert got == pytest.approx(want, rel=1e-5)
+    assert_chunked_run_equals_full_run(tmp_path, ("launch", "--nproc", "2"), "checkpoint.every_steps=0", *layout)

@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 
+from ftcore.data.formats import IGNORE_INDEX
 from ftcore.train.errors import TrainError
-
-IGNORE_INDEX = -100
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -86,32 +85,26 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
                                             torch.is_grad_enabled())
 
 
-class ChunkedCausalLM:
-    """The causal-LM token loss of a model whose head is a plain linear layer, through
-    chunked_linear_cross_entropy: the model runs with logits for its last position only (logits_to_keep=1),
-    its decoder's output (the final-norm hidden states) is taken by a forward hook, and the loss is computed
-    from those and the head's weight."""
-
-    def __init__(self, unwrap, chunk_tokens: int):
-        self.unwrap, self.chunk_tokens = unwrap, chunk_tokens
-
-    def __call__(self, model, inputs: dict, normaliser: int) -> tuple[torch.Tensor, object]:
-        """(sum of token losses / normaliser, the model's output)."""
-        inner = self.unwrap(model)
-        head = inner.get_output_embeddings()
-        if type(head) is not torch.nn.Linear:  # e.g. a LoRA- or bitsandbytes-wrapped head
-            raise TrainError(f"train.loss_impl: chunked needs a plain linear output head; this model's is "
-                             f"{type(head).__name__}; use train.loss_impl=full")
-        captured: list[torch.Tensor] = []
-        hook = inner.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
-        try:
-            out = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1)
-        finally:
-            hook.remove()
-        with _gathered(head):
-            loss = chunked_linear_cross_entropy(captured[0], head.weight, shifted_labels(inputs["labels"]),
-                                                self.chunk_tokens, head.bias)
-        return loss / normaliser, out
+def chunked_causal_lm_loss(model, inner: torch.nn.Module, inputs: dict,
+                           chunk_tokens: int) -> tuple[torch.Tensor, object]:
+    """(sum over trained tokens of the causal-LM loss, the model's output) for a model whose head is a plain
+    linear layer: `model` (the engine) runs with logits for its last position only (logits_to_keep=1), a forward
+    hook on `inner`'s (the unwrapped model's) decoder takes the final-norm hidden states, and the loss comes from
+    those and the head's weight through chunked_linear_cross_entropy."""
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # e.g. a LoRA- or bitsandbytes-wrapped head
+        raise TrainError(f"train.loss_impl: chunked needs a plain linear output head; this model's is "
+                         f"{type(head).__name__}; use train.loss_impl=full")
+    captured: list[torch.Tensor] = []
+    hook = inner.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    try:
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1)
+    finally:
+        hook.remove()
+    with _gathered(head):
+        loss = chunked_linear_cross_entropy(captured[0], head.weight, shifted_labels(inputs["labels"]),
+                                            chunk_tokens, head.bias)
+    return loss, out
 
 
 def _gathered(head: torch.nn.Module):

@@ -53,13 +53,14 @@ class ChunkedCausalLMLoss(Objective):
     the [tokens x vocab] logits never exist at once (ftcore/train/chunked_loss.py)."""
 
     def __init__(self, unwrap: Any, chunk_tokens: int):
-        from ftcore.train.chunked_loss import ChunkedCausalLM
-
-        self.loss = ChunkedCausalLM(unwrap, chunk_tokens)
+        self.unwrap, self.chunk_tokens = unwrap, chunk_tokens
 
     def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
         """Cross-entropy per trained token / normaliser."""
-        loss, out = self.loss(model, inputs, normaliser)
+        from ftcore.train.chunked_loss import chunked_causal_lm_loss
+
+        total, out = chunked_causal_lm_loss(model, self.unwrap(model), inputs, self.chunk_tokens)
+        loss = total / normaliser
         return LossOutput(loss, out, {"loss": loss.detach()})
 
 

@@ -31,7 +31,7 @@ class Reporter:
         rt.log(f"world size {rt.world_size} | effective batch {cfg.effective_batch_size(rt.world_size)} | "
                f"trainable {trainable:,} / {total_params:,} params | ZeRO-{cfg.distributed.zero_stage} | loss "
                + (f"chunked ({cfg.train.loss_chunk_tokens} tokens per chunk)" if cfg.train.loss_impl == "chunked"
-                  and not cfg.classification else "full"))
+                  else "full"))
         if step >= last:
             rt.log(f"nothing to train: checkpoint is at step {step}, the run stops at {last}")
         if self.peak_flops is None:
