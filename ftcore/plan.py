@@ -16,8 +16,12 @@ will have. From them, per rank:
                  a multiple of 2 x W (ZeRO-1/2) or per parameter (ZeRO-3). With offload they live on the host.
   activations (an estimate; Llama-style decoder, sdpa/flash attention, no score matrix kept)
     per layer and token: 7h + 3kv + 4i elements in the compute dtype (norm inputs/outputs, rotary q/k,
-    attention q/k/v/out, MLP gate/up/product), + 6h + i with LoRA dropout; logits T x vocab x (dtype + 4 B).
-    With checkpointing: every layer's input plus one layer recomputed.
+    attention q/k/v/out, MLP gate/up/product), + 6h + i with LoRA dropout. With checkpointing: every layer's
+    input plus one layer recomputed.
+  loss          train.loss_impl full: logits T x vocab x (dtype + 8 B: the logits, their fp32 copy and gradient);
+                chunked/fused/auto: one chunk of loss_chunk_tokens x vocab x (dtype + 4 B) (more with base_kl or a
+                soft-capping family), the hidden states' gradient and the head's trained weights' fp32 gradient
+                (loss_bytes). Counted in the activations.
   reference     train.base_kl with full/freeze: a frozen copy of the model in the compute dtype (in "weights").
   overhead      1 GiB per GPU for the CUDA context, NCCL and allocator slack.
 
@@ -69,6 +73,8 @@ class ModelFacts:
     kv_dim: int
     vocab: int
     max_positions: Optional[int]
+    head_trainable: int = 0                       # trainable elements of the output head (with LoRA on it)
+    softcap: bool = False                         # the family soft-caps its logits (Gemma-2/3)
     depths: Optional[dict[str, int]] = None       # train.layer_lr_decay splits groups by depth
     num_blocks: int = 0
     layer_lr_decay: Optional[float] = None
@@ -134,7 +140,11 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     heads = getattr(hf_config, "num_attention_heads", 1)
     kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim(hf_config)
     depths, num_blocks = block_depths(model) if cfg.train.layer_lr_decay is not None else (None, 0)
+    head = None if classification else model.get_output_embeddings()
+    head_trainable = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
     return ModelFacts(params=params, largest_layer=largest, hidden=h, layers=hf_config.num_hidden_layers,
+                      head_trainable=head_trainable,
+                      softcap=bool(getattr(hf_config, "final_logit_softcapping", None)),
                       intermediate=getattr(hf_config, "intermediate_size", 4 * h), kv_dim=kv,
                       vocab=hf_config.vocab_size, max_positions=getattr(hf_config, "max_position_embeddings", None),
                       depths=depths, num_blocks=num_blocks, layer_lr_decay=cfg.train.layer_lr_decay)
@@ -224,6 +234,7 @@ class Plan:
     quantized_params: int
     rows: list[Row] = field(default_factory=list)
     recommendation: Optional[dict] = None
+    loss: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The plan as `ft plan --json` prints it."""
@@ -235,8 +246,30 @@ class Plan:
         return data
 
 
+def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
+    """The loss's memory per GPU for one micro batch: {"impl": what train.loss_impl runs, "bytes": its peak,
+    "full_bytes": what the model's own loss (full) would hold}. full: the [tokens x vocab] logits in the compute
+    dtype, their fp32 upcast and fp32 gradient (dtype + 8 B per logit). chunked (fused: counted the same):
+    one chunk's logits (dtype + 4 B; with train.base_kl + the base's logits and probabilities, dtype + 8 B more;
+    a soft-capping family + 4 B), the hidden states' gradient, and the fp32 gradient of the head's trained
+    weights, held from the forward pass to backward."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    full = tokens * facts.vocab * (b + 8)
+    impl = cfg.train.loss_impl
+    if cfg.classification:
+        return {"impl": "full", "bytes": 0.0, "full_bytes": 0.0}  # one row of class logits per sample
+    if impl == "full":
+        return {"impl": "full", "bytes": float(full), "full_bytes": float(full)}
+    per_logit = b + 4 + (b + 8 if cfg.train.base_kl else 0) + (4 if facts.softcap else 0)
+    chunk = min(cfg.train.loss_chunk_tokens, tokens) * facts.vocab * per_logit
+    held = tokens * facts.hidden * b + facts.head_trainable * 4
+    name = {"auto": "auto (fused on CUDA with liger-kernel, else chunked)"}.get(impl, impl)
+    return {"impl": name, "bytes": float(chunk + held), "full_bytes": float(full)}
+
+
 def activation_bytes(cfg: Config, facts: ModelFacts) -> tuple[float, float]:
-    """(with checkpointing, without) per GPU for one micro batch."""
+    """(with checkpointing, without) per GPU for one micro batch, the loss's memory (loss_bytes) included."""
     b = DTYPE_BYTES[cfg.model.dtype]
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     h, kv, i = facts.hidden, facts.kv_dim, facts.intermediate
@@ -244,9 +277,9 @@ def activation_bytes(cfg: Config, facts: ModelFacts) -> tuple[float, float]:
     if cfg.adapter.method in ("lora", "qlora") and cfg.adapter.dropout > 0:
         per_layer_token += 6 * h + i  # dropout copies of the adapters' inputs
     layer = tokens * per_layer_token * b
-    logits = tokens * facts.vocab * (b + 4)
-    full = facts.layers * layer + logits
-    checkpointed = facts.layers * tokens * h * b + layer + logits
+    loss = loss_bytes(cfg, facts)["bytes"]
+    full = facts.layers * layer + loss
+    checkpointed = facts.layers * tokens * h * b + layer + loss
     return checkpointed, full
 
 
@@ -309,7 +342,7 @@ def make_plan(cfg: Config, facts: ModelFacts, gpus_per_node: int, nodes: int,
     world = gpus_per_node * nodes
     plan = Plan(world=world, nodes=nodes, gpus_per_node=gpus_per_node,
                 gpu_mem_bytes=gpu_mem_gb * GIB if gpu_mem_gb else None, total_params=facts.total,
-                trainable_params=facts.trainable, quantized_params=facts.quantized)
+                trainable_params=facts.trainable, quantized_params=facts.quantized, loss=loss_bytes(cfg, facts))
     plan.rows = [plan_row(cfg, facts, stage, offload, world, gpus_per_node) for stage, offload in LAYOUTS]
     if plan.gpu_mem_bytes:
         plan.recommendation = recommend(plan)

@@ -99,3 +99,31 @@ def test_base_kl_reference_copy_is_counted():
                                                       None).rows}
     assert kl[(2, "none")].weights - plain[(2, "none")].weights == facts.total * 2  # bf16 copy
     assert not kl[(3, "none")].supported and plain[(3, "none")].supported
+
+
+@pytest.mark.parametrize("overrides,head_trainable", [
+    (["adapter.method=lora"], 0),
+    (["adapter.method=lora", "adapter.target_modules=[q_proj, lm_head]"], 16 * (4096 + 32000)),
+    (["adapter.method=full"], 32000 * 4096),
+])
+def test_the_loss_memory_of_the_chosen_implementation_and_of_full(overrides, head_trainable):
+    """Llama-2-7B, bf16, 2 x 4096 tokens: full holds the logits (2 B), their fp32 copy and gradient (8 B);
+    chunked holds one 2048-token chunk (2 + 4 B), the hidden states' gradient and the trained head's fp32
+    gradient; with base_kl the base's logits and probabilities join the chunk (2 + 8 B more)."""
+    base = ["train.micro_batch_size=2", "data.max_seq_len=4096", "adapter.r=16", *overrides]
+    tokens, vocab, hidden = 2 * 4096, 32000, 4096
+    for impl, kl in (("auto", 0.0), ("chunked", 0.0), ("chunked", 0.5), ("full", 0.0)):
+        cfg = load_config(EXAMPLES["7b"], [*base, f"train.loss_impl={impl}", f"train.base_kl={kl}"])
+        facts = build_facts(cfg, cfg.model.name_or_path)
+        assert facts.head_trainable == head_trainable
+        plan = make_plan(cfg, facts, 1, 1, None)
+        assert plan.loss["full_bytes"] == tokens * vocab * 10
+        if impl == "full":
+            assert plan.loss["bytes"] == plan.loss["full_bytes"]
+            continue
+        per_logit = 6 + (10 if kl else 0)
+        assert plan.loss["bytes"] == 2048 * vocab * per_logit + tokens * hidden * 2 + head_trainable * 4
+        assert plan.loss["bytes"] < plan.loss["full_bytes"]
+    proc = ft_in_process("plan", EXAMPLES["7b"], *(w for o in base for w in ("--set", o)), "--gpus-per-node", "1")
+    assert "loss: auto (fused on CUDA with liger-kernel, else chunked)" in proc.stdout
+    assert f"(train.loss_impl=full would hold {tokens * vocab * 10 / 2 ** 30:.1f} GiB of logits)" in proc.stdout

@@ -194,13 +194,16 @@ class TrainConfig(Section):
     effective_batch_size: Optional[int] = Field(None, gt=0)
     """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
     processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
-    loss_impl: Literal["full", "chunked"] = "full"
-    """How the causal-LM loss is computed. full = by the model, from its whole [tokens x vocab] logits; chunked =
-    the output projection, log-softmax and loss over train.loss_chunk_tokens tokens at a time, so the logits never
-    exist at once (the same loss and gradients to fp32 rounding; this release: a plain-linear head that LoRA does
-    not target, train.base_kl off, and under ZeRO-3 a frozen head: LoRA/QLoRA)."""
+    loss_impl: Literal["auto", "chunked", "fused", "full"] = "auto"
+    """How the causal-LM loss is computed. chunked = the output projection, the family's logit transform,
+    log-softmax and loss (and train.base_kl's KL) over train.loss_chunk_tokens tokens at a time, so the
+    [tokens x vocab] logits never exist at once: the same loss and gradients to fp32 rounding, on ZeRO 0-3 with
+    LoRA (on the head too), QLoRA, full, freeze. fused = liger-kernel's fused linear cross-entropy (CUDA, the
+    `fused` extra; not with base_kl or LoRA on the head). full = by the model, from its whole logits. auto = fused
+    where it can run, else chunked (full for classification, or a head chunked cannot reproduce, said in the log)."""
     loss_chunk_tokens: int = Field(2048, gt=0)
-    """Tokens per chunk of train.loss_impl=chunked: peak loss memory is about this x vocab x 8 bytes."""
+    """Tokens per chunk of train.loss_impl=chunked: peak loss memory is about this x vocab x 8 bytes (x 16 with
+    train.base_kl)."""
     base_kl: float = Field(0.0, ge=0)
     """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
     take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
@@ -309,7 +312,7 @@ class Config(Section):
             raise _field_error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora "
                                "is not supported: the 4-bit base is already small; use distributed.offload="
                                "optimizer or none")
-        if self.train.loss_impl == "chunked":
+        if self.train.loss_impl in ("chunked", "fused"):
             self._check_chunked_loss()
         if self.train.base_kl and a.method in ("full", "freeze") and d.zero_stage == 3:
             raise _field_error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of "
@@ -318,20 +321,16 @@ class Config(Section):
                                "same weights with the adapter disabled)")
 
     def _check_chunked_loss(self) -> None:
-        """What train.loss_impl=chunked does not cover in this release, refused by name."""
+        """What an explicit train.loss_impl=chunked/fused does not cover, refused by name (auto picks around it)."""
+        impl = self.train.loss_impl
         if self.task != "causal_lm":
-            raise _field_error("train.loss_impl", "chunked applies to task causal_lm (a classification head's "
-                               "logits are one row per sample); use full")
-        if self.distributed.zero_stage == 3 and self.adapter.method == "full":
-            raise _field_error("train.loss_impl", "chunked with adapter.method=full under ZeRO-3 is not supported "
-                               "in this release (the trained head's partitioned weight); use full, "
-                               "distributed.zero_stage <= 2, or adapter.method=lora/qlora")
-        if self.train.base_kl:
-            raise _field_error("train.loss_impl", "chunked with train.base_kl is not supported in this release; "
-                               "use full")
-        if "lm_head" in self.adapter.target_modules:
-            raise _field_error("train.loss_impl", "chunked needs a plain linear head, but adapter.target_modules "
-                               "puts LoRA on lm_head; use full")
+            raise _field_error("train.loss_impl", f"{impl} applies to task causal_lm (a classification head's "
+                               "logits are one row per sample); use auto or full")
+        if impl == "fused" and self.train.base_kl:
+            raise _field_error("train.loss_impl", "fused does not compute train.base_kl's KL term; use chunked "
+                               "(or auto)")
+        if impl == "fused" and "lm_head" in self.adapter.target_modules:
+            raise _field_error("train.loss_impl", "fused does not cover LoRA on lm_head; use chunked (or auto)")
 
     def _check_task(self) -> None:
         data = self.data

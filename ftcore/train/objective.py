@@ -9,6 +9,7 @@ passes a normaliser of 1 and gets the sum."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -49,19 +50,92 @@ class CausalLMLoss(Objective):
 
 
 class ChunkedCausalLMLoss(Objective):
-    """The same cross-entropy per trained token, through the output head in chunks (train.loss_impl=chunked):
-    the [tokens x vocab] logits never exist at once (ftcore/train/chunked_loss.py)."""
+    """The same cross-entropy per trained token (+ train.base_kl's KL to the base model, + a mixture-of-experts
+    model's router loss, as the model's own loss adds it), through the output head in chunks
+    (train.loss_impl=chunked): the [tokens x vocab] logits never exist at once (ftcore/train/chunked_loss.py).
+    With `fused`, liger-kernel's fused linear cross-entropy computes the cross-entropy instead (CUDA)."""
 
-    def __init__(self, unwrap: Any, chunk_tokens: int):
-        self.unwrap, self.chunk_tokens = unwrap, chunk_tokens
+    def __init__(self, unwrap: Any, chunk_tokens: int, transform: Any, base_kl: float = 0.0,
+                 reference: Optional[torch.nn.Module] = None, fused: bool = False):
+        self.unwrap, self.chunk_tokens, self.transform = unwrap, chunk_tokens, transform
+        self.base_kl, self.reference, self.fused = base_kl, reference, fused
+        self.zero3_head = None  # TrainedHeadUnderZero3, on the first call (after the engine registered its hooks)
 
     def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
-        """Cross-entropy per trained token / normaliser."""
-        from ftcore.train.chunked_loss import chunked_causal_lm_loss
+        """(CE + base_kl * KL) / normaliser + the router loss."""
+        total, ce, kl, out = self._sums(model, inputs, self.base_kl)
+        if self.zero3_head is None:
+            from ftcore.train.chunked_loss import TrainedHeadUnderZero3
 
-        total, out = chunked_causal_lm_loss(model, self.unwrap(model), inputs, self.chunk_tokens)
-        loss = total / normaliser
+            self.zero3_head = TrainedHeadUnderZero3(self.unwrap(model).get_output_embeddings())
+        router = self._router_loss(model, out)
+        loss = self.zero3_head.wrap(total) / normaliser + router
+        terms = {"loss": (ce / normaliser + router).detach()}
+        if self.base_kl:
+            terms["base_kl"] = (kl / normaliser).detach()
+        return LossOutput(loss, out, terms)
+
+    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+        """The summed cross-entropy (+ router loss) of an eval batch, no KL."""
+        _, ce, _, out = self._sums(model, inputs, 0.0)
+        loss = ce + self._router_loss(model, out)
         return LossOutput(loss, out, {"loss": loss.detach()})
+
+    def _sums(self, model: Any, inputs: dict, base_kl: float):
+        from ftcore.train.chunked_loss import (
+            DecoderOutput,
+            chunked_linear_cross_entropy,
+            fused_cross_entropy,
+            gathered,
+            head_parts,
+            head_tensors,
+            shifted_labels,
+        )
+
+        inner = self.unwrap(model)
+        without_labels = {k: v for k, v in inputs.items() if k != "labels"}
+        base_hidden = base_module = None
+        if base_kl:
+            with torch.no_grad():
+                base_model = self.reference if self.reference is not None else inner
+                with (DecoderOutput(base_model).capture() as base_decoder,
+                      contextlib.nullcontext() if self.reference is not None else inner.disable_adapter()):
+                    (self.reference or model)(**without_labels, logits_to_keep=1)
+                base_hidden, base_module = base_decoder.hidden, base_model.get_output_embeddings()
+        with DecoderOutput(inner).capture() as decoder:
+            out = model(**without_labels, logits_to_keep=1)  # the head runs on one position only
+        head = inner.get_output_embeddings()
+        targets = shifted_labels(inputs["labels"])
+        with gathered(head, base_module if self.reference is not None else None):
+            if self.fused:
+                ce = fused_cross_entropy(decoder.hidden, head, targets, self.transform)
+                return ce, ce.detach(), None, out
+            base_head = None
+            if base_kl:
+                from ftcore.train.chunked_loss import HeadTensors
+
+                base_linear = head_parts(base_module, "base model's head")[0]
+                base_head = HeadTensors(base_linear.weight.detach(),
+                                        None if base_linear.bias is None else base_linear.bias.detach())
+            total, ce, kl = chunked_linear_cross_entropy(
+                decoder.hidden, head_tensors(head, decoder.hidden), targets, self.chunk_tokens, self.transform,
+                base_kl, base_hidden, base_head)
+        return total, ce, kl, out
+
+    def _router_loss(self, model: Any, out: Any):
+        """What a mixture-of-experts model adds to its loss when it returns router logits (its coefficient
+        times the load-balancing loss), 0 otherwise."""
+        aux = getattr(out, "aux_loss", None)
+        if aux is None:
+            return 0.0
+        inner = self.unwrap(model)
+        coefficient = getattr(inner, "router_aux_loss_coef", getattr(inner, "aux_loss_coef", None))
+        if coefficient is None:
+            from ftcore.train.errors import TrainError
+
+            raise TrainError(f"train.loss_impl: {type(inner).__name__} returns a router loss whose weight ft "
+                             "does not know; use train.loss_impl=full")
+        return coefficient * aux
 
 
 class ClassificationLoss(Objective):
@@ -111,12 +185,15 @@ class WithBaseKL(Objective):
         return (base_log.exp() * (base_log - fine_log)).sum()
 
 
-def build_objective(cfg: Config, unwrap: Any, reference: Optional[torch.nn.Module]) -> Objective:
-    """The run's objective from its config: the task's loss, with the base-KL term when train.base_kl is set."""
+def build_objective(cfg: Config, unwrap: Any, reference: Optional[torch.nn.Module], loss_impl: str = "full",
+                    transform: Any = None) -> Objective:
+    """The run's objective from its config and the loss implementation choose_loss_impl settled on: the task's
+    loss, with the base-KL term when train.base_kl is set."""
     if cfg.classification:
         task: Objective = ClassificationLoss()
-    elif cfg.train.loss_impl == "chunked":
-        task = ChunkedCausalLMLoss(unwrap, cfg.train.loss_chunk_tokens)
+    elif loss_impl in ("chunked", "fused"):
+        return ChunkedCausalLMLoss(unwrap, cfg.train.loss_chunk_tokens, transform, cfg.train.base_kl, reference,
+                                   fused=loss_impl == "fused")
     else:
         task = CausalLMLoss()
     if cfg.train.base_kl:

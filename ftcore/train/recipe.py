@@ -34,6 +34,7 @@ from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.resume import check_resumable
 from ftcore.train.audit import Audit
+from ftcore.train.chunked_loss import choose_loss_impl
 from ftcore.train.errors import TrainError
 from ftcore.train.evaluation import Evaluator
 from ftcore.train.objective import build_objective
@@ -115,16 +116,14 @@ class Recipe:
         chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
-        reference = None
+        self.reference = None
         if cfg.train.base_kl and not self.is_lora:
             # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy.
             from transformers import AutoModelForCausalLM
 
-            reference = AutoModelForCausalLM.from_pretrained(
+            self.reference = AutoModelForCausalLM.from_pretrained(
                 self.model_dir, dtype=self.compute_dtype, attn_implementation=self.attn_implementation)
-            reference.requires_grad_(False).eval().to(rt.device)
-        self.objective = build_objective(cfg, rt.accelerator.unwrap_model, reference)
-        self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
+            self.reference.requires_grad_(False).eval().to(rt.device)
         self.flops = FlopCounter(self.model, self.model.config.num_hidden_layers, attention_width(self.model.config))
         self.peak_flops = peak_flops_per_device(torch.cuda.get_device_name() if rt.cuda else None,
                                                 cfg.train.peak_tflops)
@@ -139,12 +138,27 @@ class Recipe:
             # Averaging gradients over a world of one is the identity; DeepSpeed would still copy every gradient
             # into flat buffers and back each step (ZeRO stages need their reduce epilogue, so only stage 0).
             self.engine.enable_backward_allreduce = False
+        self._setup_objective()
         self.audit = Audit(self.output_dir, rt.rank, cfg.data.audit)
         self.audit.start(rt.accelerator, self.engine, self.total_params, group_names)
         if rt.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "ds_config.json").write_text(json.dumps(rt.ds_config, indent=2))
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+
+    def _setup_objective(self) -> None:
+        """The loss, once the engine exists: auto/chunked/fused first check on a probe that the chunked head's
+        logits are the model's own (every rank runs it)."""
+        cfg, rt = self.cfg, self.runtime
+        unwrap = rt.accelerator.unwrap_model
+        if cfg.classification:
+            impl, transform, self.loss_words = "full", None, "full"
+        else:
+            impl, transform, self.loss_words = choose_loss_impl(
+                cfg.train.loss_impl, cfg.train.loss_chunk_tokens, cfg.train.base_kl, self.engine,
+                unwrap(self.engine), rt.cuda)
+        self.objective = build_objective(cfg, unwrap, self.reference, impl, transform)
+        self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
 
     def _resume(self) -> None:
         """Continue from a checkpoint (ftcore/resume.py says whether it may), or start fresh."""
@@ -193,7 +207,7 @@ class Recipe:
         cfg, rt, state = self.cfg, self.runtime, self.state
         last = cfg.train.stop_at_step or cfg.train.max_steps
         self.reporter = Reporter(cfg, rt, self.peak_flops, state.step)
-        self.reporter.announce(self.trainable, self.total_params, state.step, last)
+        self.reporter.announce(self.trainable, self.total_params, self.loss_words, state.step, last)
         loop_started = time.perf_counter()
         self.engine.train()
         started_at = saved_at = state.step

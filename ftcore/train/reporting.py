@@ -24,14 +24,12 @@ class Reporter:
         self.totals = {"steps": 0, "tokens": 0, "trained_tokens": 0, "flops": 0.0, "step_time_s": 0.0,
                        "memory": [0.0, 0.0, 0.0]}
 
-    def announce(self, trainable: int, total_params: int, step: int, last: int) -> None:
-        """The run's shape before its first step: world, batch, trainable parameters, ZeRO stage; and why MFU or
-        any step at all will be missing."""
+    def announce(self, trainable: int, total_params: int, loss: str, step: int, last: int) -> None:
+        """The run's shape before its first step: world, batch, trainable parameters, ZeRO stage, which loss
+        runs (`loss`, in words); and why MFU or any step at all will be missing."""
         cfg, rt = self.cfg, self.runtime
         rt.log(f"world size {rt.world_size} | effective batch {cfg.effective_batch_size(rt.world_size)} | "
-               f"trainable {trainable:,} / {total_params:,} params | ZeRO-{cfg.distributed.zero_stage} | loss "
-               + (f"chunked ({cfg.train.loss_chunk_tokens} tokens per chunk)" if cfg.train.loss_impl == "chunked"
-                  else "full"))
+               f"trainable {trainable:,} / {total_params:,} params | ZeRO-{cfg.distributed.zero_stage} | loss {loss}")
         if step >= last:
             rt.log(f"nothing to train: checkpoint is at step {step}, the run stops at {last}")
         if self.peak_flops is None:
