@@ -31,6 +31,7 @@ def worker(impl: str, tokens: int, steps: int, chunk: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
+    from ftcore.train.chunked_loss import LogitTransform
     from ftcore.train.objective import CausalLMLoss, ChunkedCausalLMLoss
 
     torch.manual_seed(0)
@@ -40,7 +41,8 @@ def worker(impl: str, tokens: int, steps: int, chunk: int) -> dict:
     model = LlamaForCausalLM(config).train()
     model.config._attn_implementation = "sdpa"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    objective = ChunkedCausalLMLoss(lambda m: m, chunk) if impl == "chunked" else CausalLMLoss()
+    objective = (ChunkedCausalLMLoss(lambda m: m, chunk, LogitTransform.of(config)) if impl == "chunked"
+                 else CausalLMLoss())
     rows = tokens // SEQ
     ids = torch.randint(0, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "use_cache": False}

@@ -20,6 +20,11 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def liger_available() -> bool:
+    """liger-kernel (the `fused` extra: train.loss_impl=fused) is installed."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def is_hub_id(name: str) -> bool:
     """`org/name` that is not a local path: left to transformers (hub or HF cache)."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
@@ -76,7 +81,7 @@ def check_combinations(cfg: Config) -> None:
     if m.attn_implementation == "flash_attention_2" and not flash_attn_available():
         raise _error("model.attn_implementation", "flash_attention_2 needs flash-attn, which is not installed "
                      "(pip install '.[flash]' on a CUDA machine); use auto or sdpa")
-    if cfg.train.loss_impl == "fused" and importlib.util.find_spec("liger_kernel") is None:
+    if cfg.train.loss_impl == "fused" and not liger_available():
         raise _error("train.loss_impl", "fused needs liger-kernel, which is not installed (pip install "
                      "'.[fused]' on a CUDA machine); use auto or chunked")
     model_config = model_config_json(m.name_or_path)

@@ -178,13 +178,17 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         ctx.has = [g is not None for g in grads]
         ctx.dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias, lora_in, lora_a, lora_b)]
         ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.spent = False
         ctx.mark_non_differentiable(ce_total, kl_total)
         return ce_total + beta * kl_total, ce_total, kl_total
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kl):
+        if ctx.spent:  # the gradients below are scaled in place: a second backward would be wrong, not slow
+            raise RuntimeError("the chunked loss supports one backward pass per forward (no retain_graph)")
+        ctx.spent = True
         saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
+        grads = [next(saved).mul_(grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
         return (*grads, None, None, None, None, None)
 
 
@@ -356,13 +360,6 @@ def verify_head(model: Any, inner: torch.nn.Module, transform: LogitTransform) -
 
 
 # ----------------------------------------------------------------------------------------------- fused and auto
-def liger_available() -> bool:
-    """liger-kernel (the `fused` extra) is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def fused_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                         transform: LogitTransform) -> torch.Tensor:
     """Sum over trained tokens of the cross-entropy through a plain linear head, by liger-kernel's fused linear
@@ -379,6 +376,8 @@ def why_not_fused(cuda: bool, has_head_lora: bool, transform: LogitTransform, ba
     """None when liger-kernel's fused loss can compute this run's loss; otherwise why not."""
     if not cuda:
         return "the fused kernel needs a CUDA GPU"
+    from ftcore.preflight import liger_available
+
     if not liger_available():
         return "liger-kernel is not installed (pip install '.[fused]')"
     if has_head_lora:
