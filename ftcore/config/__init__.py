@@ -14,10 +14,11 @@ from ftcore.config.schema import (
                                   DistributedConfig,
                                   FieldNames,
                                   ModelConfig,
+                                  PreferenceConfig,
                                   Section,
                                   TrainConfig,
 )
 
 __all__ = ["BUILTIN_PREFIX", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource",
-           "DistributedConfig", "FieldNames", "ModelConfig", "Section", "TrainConfig", "dump_config", "field_docs",
-           "format_validation_error", "load_config", "parse_override"]
+           "DistributedConfig", "FieldNames", "ModelConfig", "PreferenceConfig", "Section", "TrainConfig",
+           "dump_config", "field_docs", "format_validation_error", "load_config", "parse_override"]

@@ -97,6 +97,10 @@ class FieldNames(Section):
     """text and classification: the raw text."""
     label: str = "label"
     """classification: the class, as a name from data.labels or an id (0-based integer)."""
+    chosen: str = "chosen"
+    """preference: the preferred response (text, or a list of chat turns)."""
+    rejected: str = "rejected"
+    """preference: the dispreferred response (text, or a list of chat turns)."""
 
 
 class DataSource(Section):
@@ -104,10 +108,11 @@ class DataSource(Section):
     path: str
     """JSONL (.jsonl/.json, or .jsonl.gz), Parquet (.parquet), plain text (.txt/.md, optionally .gz), a directory
     of those, a glob (`corpus/*.jsonl.gz`), or a directory written by HF datasets' save_to_disk."""
-    format: Literal["chat", "alpaca", "text", "prompt_completion", "classification"] = "chat"
+    format: Literal["chat", "alpaca", "text", "prompt_completion", "classification", "preference"] = "chat"
     """chat: {"messages": [{"role", "content"}...]}; alpaca: instruction/input/output; text: {"text": ...};
     prompt_completion: {"prompt", "completion"} concatenated as raw text; classification: {"text", "label"} (for
-    task classification). Plain text files are format text."""
+    task classification); preference: {"prompt", "chosen", "rejected"}, each plain text or chat turns (for task
+    preference). Plain text files are format text."""
     weight: float = Field(1.0, gt=0)
     """Share of this source in the training mix (weights are normalised over data.train); a source is repeated or
     subsampled, each in its own seeded order, to meet its share."""
@@ -164,6 +169,11 @@ class DataConfig(Section):
         classification, so it says the same as Config.classification to code that only has the data section."""
         return self.train[0].format == "classification"
 
+    @property
+    def preference(self) -> bool:
+        """Sources of format preference (tied to task preference by Config's validator)."""
+        return self.train[0].format == "preference"
+
 
 class TrainConfig(Section):
     """train: batch, schedule, optimizer settings, evaluation and logging."""
@@ -215,6 +225,23 @@ class TrainConfig(Section):
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
 
 
+class PreferenceConfig(Section):
+    """preference: the objective of task preference (chosen vs rejected responses to one prompt)."""
+    loss: Literal["dpo", "ipo", "hinge", "simpo", "orpo"] = "dpo"
+    """dpo = -log sigmoid(beta * margin) (arXiv 2305.18290), margin = (log pi - log ref)(chosen) - (same)(rejected);
+    ipo = (margin - 1 / (2 beta))^2 (2310.12036); hinge = max(0, 1 - beta * margin) (SLiC); simpo = -log sigmoid(
+    beta * (mean log pi(chosen) - mean log pi(rejected)) - simpo_gamma), no reference (2405.14734); orpo = the
+    chosen response's NLL per token - orpo_lambda * log sigmoid(log odds ratio of the mean log-probs), no reference
+    (2403.07691). The reference (dpo/ipo/hinge) is the same model with the adapter disabled (LoRA/QLoRA) or a
+    frozen copy (full/freeze, ZeRO <= 2)."""
+    beta: float = Field(0.1, gt=0)
+    """The inverse temperature of the reward: dpo/ipo/hinge 0.1 is usual; simpo's paper uses 2.0-2.5."""
+    simpo_gamma: float = Field(1.0, ge=0)
+    """SimPO's target reward margin gamma (the paper's gamma / beta of about 0.5 at beta 2)."""
+    orpo_lambda: float = Field(0.1, ge=0)
+    """ORPO's weight lambda of the odds-ratio term beside the chosen response's NLL."""
+
+
 class DistributedConfig(Section):
     """distributed: ZeRO stage, offload, backend and the hung-peer timeout."""
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -245,15 +272,17 @@ class CheckpointConfig(Section):
 
 class Config(Section):
     """A whole run's configuration: the one typed tree every part reads its section of."""
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal["causal_lm", "classification", "preference"] = "causal_lm"
     """causal_lm = next-token training of a causal LM; classification = a sequence-classification head on it
-    (AutoModelForSequenceClassification), cross-entropy on data.labels, eval accuracy / macro-F1 / confusion matrix."""
+    (AutoModelForSequenceClassification), cross-entropy on data.labels, eval accuracy / macro-F1 / confusion matrix;
+    preference = chosen-vs-rejected training of a causal LM (format preference data, the preference section)."""
     output_dir: str = "outputs/run"
     """Run directory: checkpoints/, final/, logs. A rerun with the same output_dir resumes."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     _explicit: dict = PrivateAttr(default_factory=dict)
@@ -323,7 +352,7 @@ class Config(Section):
     def _check_chunked_loss(self) -> None:
         """What an explicit train.loss_impl=chunked/fused does not cover, refused by name (auto picks around it)."""
         impl = self.train.loss_impl
-        if self.task != "causal_lm":
+        if self.task == "classification":
             raise _field_error("train.loss_impl", f"{impl} applies to task causal_lm (a classification head's "
                                "logits are one row per sample); use auto or full")
         if impl == "fused" and self.train.base_kl:
@@ -349,12 +378,37 @@ class Config(Section):
                                    "model predictions to stay close to)")
             if data.labels is not None and (len(data.labels) < 2 or len(set(data.labels)) != len(data.labels)):
                 raise _field_error("data.labels", f"needs at least two distinct class names (got {data.labels})")
+        elif self.task == "preference":
+            self._check_preference(sources)
         else:
             for where, i, s in sources:
-                if s.format == "classification":
-                    raise _field_error(f"{where}.{i}.format", "format classification needs task: classification")
+                if s.format in ("classification", "preference"):
+                    raise _field_error(f"{where}.{i}.format", f"format {s.format} needs task: {s.format}")
             if data.labels is not None:
                 raise _field_error("data.labels", "applies to task classification only")
+
+    def _check_preference(self, sources: list) -> None:
+        """task preference: its data, and what this release does not cover, refused by name."""
+        data, t = self.data, self.train
+        for where, i, s in sources:
+            if s.format != "preference":
+                raise _field_error(f"{where}.{i}.format", f"task preference reads format preference ({{prompt, "
+                                   f"chosen, rejected}} records); {s.path} is {s.format}")
+        refused = [("data.packing", data.packing, "pairs are right-padded, chosen and rejected in one batch"),
+                   ("data.train_on", data.train_on is not None, "the responses train, the prompt never"),
+                   ("data.eval", bool(data.eval), "preference evaluation is not in this release"),
+                   ("train.base_kl", t.base_kl > 0, "the preference loss has its own reference term"),
+                   ("train.loss_impl", t.loss_impl in ("full", "fused"), "every preference log-prob goes through "
+                    "the chunked loss (no [tokens x vocab] logits); use auto or chunked")]
+        for name, bad, why in refused:
+            if bad:
+                raise _field_error(name, f"does not apply to task preference: {why}")
+        if (self.preference.loss in ("dpo", "ipo", "hinge") and self.adapter.method in ("full", "freeze")
+                and self.distributed.zero_stage == 3):
+            raise _field_error("preference.loss", f"{self.preference.loss} with adapter.method={self.adapter.method} "
+                               "needs a frozen reference copy, which this release does not partition under ZeRO-3: "
+                               "use distributed.zero_stage <= 2, adapter.method=lora/qlora, or a reference-free loss "
+                               "(simpo, orpo)")
 
     @property
     def classification(self) -> bool:

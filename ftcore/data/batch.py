@@ -31,6 +31,7 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
     seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
     positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
+    pairs: int = 0  # task preference: rows [chosen..., rejected...] of this many pairs
 
     @property
     def trained_tokens(self) -> int:

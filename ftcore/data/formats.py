@@ -23,13 +23,14 @@ from ftcore.data.chat_template import ROLES, assistant_char_spans
 
 IGNORE_INDEX = -100
 DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "prompt_completion": "completion", "text": "all",
-                    "classification": "all"}
+                    "classification": "all", "preference": "completion"}
 VALID_TRAIN_ON = {
     "chat": {"assistant", "last_assistant", "all"},
     "alpaca": {"completion", "all"},
     "prompt_completion": {"completion", "all"},
     "text": {"all"},
     "classification": {"all"},
+    "preference": {"completion"},
 }
 
 
@@ -84,17 +85,25 @@ def _field(record: dict, name: str, kind: str, optional: bool = False) -> Any:
 
 def _messages(record: dict, spec: RecordSpec) -> list[dict]:
     f = spec.fields
-    messages = record.get(f.messages)
+    turns = parse_turns(record.get(f.messages), f.messages, spec, missing=f.messages not in record)
+    if not any(m["role"] == "assistant" for m in turns):
+        raise RecordError("chat record has no assistant turn to learn from")
+    return turns
+
+
+def parse_turns(messages: Any, name: str, spec: RecordSpec, missing: bool = False) -> list[dict]:
+    """A record's list of chat turns (field `name`) as {"role", "content"} dicts, roles renamed by the source."""
+    f = spec.fields
     if not isinstance(messages, list) or not messages:
-        got = "missing" if f.messages not in record else ("empty" if messages == [] else type(messages).__name__)
-        raise RecordError(f"chat field {f.messages!r} must be a non-empty list of turns (is {got})")
+        got = "missing" if missing else ("empty" if messages == [] else type(messages).__name__)
+        raise RecordError(f"chat field {name!r} must be a non-empty list of turns (is {got})")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RecordError(f"{f.messages}[{i}] is {type(m).__name__}, not an object")
+            raise RecordError(f"{name}[{i}] is {type(m).__name__}, not an object")
         role = spec.roles.get(m.get(f.role), m.get(f.role))
         if role not in ROLES:
-            raise RecordError(f"{f.messages}[{i}].{f.role} is {m.get(f.role)!r}; expected one of {'/'.join(ROLES)}"
+            raise RecordError(f"{name}[{i}].{f.role} is {m.get(f.role)!r}; expected one of {'/'.join(ROLES)}"
                               " (rename roles with the source's roles: mapping)")
         content = m.get(f.content)
         turn = {"role": role, "content": content}
@@ -102,11 +111,9 @@ def _messages(record: dict, spec: RecordSpec) -> list[dict]:
             turn["tool_calls"] = m["tool_calls"]
             turn["content"] = content if content is not None else ""
         if not isinstance(turn["content"], str):
-            raise RecordError(f"{f.messages}[{i}].{f.content} is "
+            raise RecordError(f"{name}[{i}].{f.content} is "
                               f"{'missing' if content is None else type(content).__name__}, not a string")
         out.append(turn)
-    if not any(m["role"] == "assistant" for m in out):
-        raise RecordError("chat record has no assistant turn to learn from")
     return out
 
 

@@ -24,6 +24,7 @@ from ftcore.data.batch import Batch, Piece, collate, collate_packed, pad_token_i
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
 from ftcore.data.order import WINDOW_BLOCKS, Mixture, RankCursor, SourceOrder, reshard
 from ftcore.data.packing import BestFitPacker
+from ftcore.data.preference import collate_pairs, tokenize_pair
 from ftcore.data.sources import FileSource, RawRecord, expand, open_file
 
 STATE_VERSION = 2
@@ -153,6 +154,13 @@ class SampleMaker:
         c = self.counters if count else {k: 0 for k in COUNTER_KEYS}
         c["records"] += 1
         try:
+            if spec.format == "preference":  # a pair, truncated by its own rule (ftcore/data/preference.py)
+                pair = tokenize_pair(parse_record(raw, spec), spec, self.tokenizer, self.cfg.max_seq_len)
+                c["truncated"] += int(pair.truncated)
+                if pair.chosen.trained_tokens == 0 or pair.rejected.trained_tokens == 0:
+                    c["skipped_no_trained_tokens"] += 1
+                    return [None]
+                return [pair]
             sample = tokenize_record(parse_record(raw, spec), spec, self.tokenizer)
         except RecordError as e:
             if self.cfg.on_error == "raise":
@@ -216,6 +224,7 @@ class TrainStream:
         self.fifo: deque[Piece] = deque()
         self.barren_limit = min(MAX_BARREN_RUN, sum(len(g) for g in self.groups))
         self.classification = data_cfg.classification
+        self.preference = data_cfg.preference
 
     @property
     def counters(self) -> dict:
@@ -282,8 +291,11 @@ class TrainStream:
         if self.packer is None:
             self._fill(self.micro_batch_size)
             pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
-            batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces],
-                            self.classification)
+            if self.preference:
+                batch = collate_pairs([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces])
+            else:
+                batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces],
+                                self.classification)
             batch.positions = [p.tag[0] for p in pieces]
             self._emitted(pieces, batch.input_ids.numel())
             return batch

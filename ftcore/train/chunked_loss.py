@@ -108,7 +108,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_in, lora_a, lora_b, targets, base_hidden, base_weight, base_bias,
-                settings: _Settings):
+                token_weights, settings: _Settings):
         needs = [settings.grad_enabled and ctx.needs_input_grad[i] for i in range(6)]
         needs[2] = needs[2] and bias is not None
         needs[3], needs[4], needs[5] = (n and lora_in is not None for n in needs[3:6])
@@ -129,6 +129,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         for start in range(0, trained.numel(), settings.chunk_tokens):
             rows = trained[start:start + settings.chunk_tokens]
             h, target = hidden.index_select(0, rows), targets.index_select(0, rows)
+            w = token_weights.index_select(0, rows).float() if token_weights is not None else None
             u = low_rank.index_select(0, rows) if low_rank is not None else None
             logits = _raw_logits(h, weight, bias, u, lora_b32, settings.lora_scale)
             tanh = transform.apply_(logits)
@@ -148,7 +149,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             exp = logits.sub_(peak).exp_()
             norm = exp.sum(dim=1, keepdim=True)
             lse = (peak + norm.log()).squeeze(1)
-            ce_total += (lse - target_logit).sum()
+            ce_total += ((lse - target_logit) * w).sum() if w is not None else (lse - target_logit).sum()
             if beta:
                 kl_total += (kl_rows + (lse - base_lse) * base_probs.sum(1)).sum()
             if not want_grad:
@@ -159,6 +160,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 grad_logits.mul_(1.0 + beta).sub_(base_probs, alpha=beta)
                 del base_probs
             grad_logits[torch.arange(rows.numel(), device=rows.device), target] -= 1.0
+            if w is not None:
+                grad_logits.mul_(w.unsqueeze(1))
             transform.derivative_(grad_logits, tanh)
             if needs[0]:
                 grad_hidden.index_copy_(0, rows, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
@@ -189,17 +192,21 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         ctx.spent = True
         saved = iter(ctx.saved_tensors)
         grads = [next(saved).mul_(grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, head: HeadTensors, targets: torch.Tensor,
                                  chunk_tokens: int, transform: LogitTransform = LogitTransform(),
                                  base_kl: float = 0.0, base_hidden: Optional[torch.Tensor] = None,
-                                 base_head: Optional[HeadTensors] = None) -> tuple[torch.Tensor, ...]:
+                                 base_head: Optional[HeadTensors] = None,
+                                 token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """(CE + base_kl * KL, CE, KL), each summed over tokens, for logits = transform(head(hidden)) against
     `targets` (-100: not trained), never materializing more than `chunk_tokens` rows of logits. KL(base || this)
-    compares with transform(base_head(base_hidden)) (no LoRA on the base head) when base_kl > 0.
+    compares with transform(base_head(base_hidden)) (no LoRA on the base head) when base_kl > 0. token_weights
+    (no gradient; not with base_kl): each token's CE counts that many times (a preference loss's chain rule).
     hidden: [..., H]; targets: [...]."""
+    if base_kl and token_weights is not None:
+        raise ValueError("token_weights apply to the CE term only; not with base_kl")
     width = hidden.shape[-1]
     flat = hidden.reshape(-1, width)
     lora_in = head.lora_in.reshape(-1, width) if head.lora_in is not None else None
@@ -208,8 +215,32 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, head: HeadTensors, target
     if base_kl and base_flat is None:
         raise ValueError("base_kl needs base_hidden")
     settings = _Settings(chunk_tokens, head.lora_scale, transform, base_kl, torch.is_grad_enabled())
+    weights = token_weights.reshape(-1).detach() if token_weights is not None else None
     return _ChunkedLinearLoss.apply(flat, head.weight, head.bias, lora_in, head.lora_a, head.lora_b,
-                                    targets.reshape(-1), base_flat, base.weight, base.bias, settings)
+                                    targets.reshape(-1), base_flat, base.weight, base.bias, weights, settings)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, head: HeadTensors, targets: torch.Tensor, chunk_tokens: int,
+                           transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+    """log p(target) of every token (0 where the target is -100), shaped like `targets`, without gradients and
+    without more than `chunk_tokens` rows of logits at once."""
+    width = hidden.shape[-1]
+    flat, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
+    out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        low_rank = lora_b32 = None
+        if head.lora_in is not None:
+            low_rank = torch.nn.functional.linear(head.lora_in.reshape(-1, width).float(), head.lora_a.float())
+            lora_b32 = head.lora_b.float()
+        trained = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        for start in range(0, trained.numel(), chunk_tokens):
+            rows = trained[start:start + chunk_tokens]
+            u = low_rank.index_select(0, rows) if low_rank is not None else None
+            logits = _raw_logits(flat.index_select(0, rows), head.weight, head.bias, u, lora_b32, head.lora_scale)
+            transform.apply_(logits)
+            target_logit = logits.gather(1, flat_targets.index_select(0, rows).unsqueeze(1)).squeeze(1)
+            out.index_copy_(0, rows, target_logit - torch.logsumexp(logits, dim=1))
+    return out.view(targets.shape)
 
 
 # ----------------------------------------------------------------------------------------------- the model's head

@@ -117,7 +117,10 @@ class Recipe:
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.reference = None
-        if cfg.train.base_kl and not self.is_lora:
+        from ftcore.train.preference import NEEDS_REFERENCE
+
+        needs_reference = cfg.train.base_kl or (cfg.task == "preference" and cfg.preference.loss in NEEDS_REFERENCE)
+        if needs_reference and not self.is_lora:
             # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy.
             from transformers import AutoModelForCausalLM
 
@@ -153,6 +156,16 @@ class Recipe:
         unwrap = rt.accelerator.unwrap_model
         if cfg.classification:
             impl, transform, self.loss_words = "full", None, "full"
+        elif cfg.task == "preference":
+            from ftcore.train.preference import PreferenceLoss
+
+            _, transform, words = choose_loss_impl("chunked", cfg.train.loss_chunk_tokens, 0.0, self.engine,
+                                                   unwrap(self.engine), rt.cuda)
+            p = cfg.preference
+            self.loss_words = f"{p.loss} (beta {p.beta:g}), log-probs {words}"
+            self.objective = PreferenceLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference)
+            self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
+            return
         else:
             impl, transform, self.loss_words = choose_loss_impl(
                 cfg.train.loss_impl, cfg.train.loss_chunk_tokens, cfg.train.base_kl, self.engine,
@@ -246,7 +259,10 @@ class Recipe:
         local_trained = sum(b.trained_tokens for b in batches)
         local_tokens = sum(b.real_tokens for b in batches)
         local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in batches)
-        global_trained, global_tokens, global_flops = rt.all_reduce([local_trained, local_tokens, local_flops])
+        global_trained, global_tokens, global_flops, global_pairs = rt.all_reduce(
+            [local_trained, local_tokens, local_flops, sum(b.pairs for b in batches)])
+        # The mean over trained tokens (causal LM) or over pairs (preference) of the whole effective batch.
+        normaliser = max(int(global_pairs if self.cfg.task == "preference" else global_trained), 1)
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
         # gradient of the true per-token mean over the effective batch.
@@ -257,7 +273,7 @@ class Recipe:
             # accumulate() tells accelerate (and through it DeepSpeed) which micro batch ends the step; outside it
             # every backward would be treated as a boundary and step the optimizer.
             with rt.accelerator.accumulate(self.engine):
-                result = self.objective(self.engine, self._inputs(batch), max(int(global_trained), 1))
+                result = self.objective(self.engine, self._inputs(batch), normaliser)
                 for name, value in result.terms.items():
                     sums[name] = sums[name] + value.double() if name in sums else value.double()
                 rt.accelerator.backward(result.loss * rescale)

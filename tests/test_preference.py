@@ -1,0 +1,247 @@
+"""task preference: pairs tokenized and truncated as documented; every objective's loss and gradients equal its
+paper's formula computed from the model's whole logits; runs train, accumulate like data parallelism and resume
+exactly.
+
+Tolerance of the formula tests: fp32; the chunked log-probs sum in another order than log_softmax over the whole
+logits, so losses agree to rtol 1e-5 and every gradient tensor to 1e-5 of its largest entry (IPO's quadratic
+loss scales the rounding of the log-probs by its derivative, up to 2 x (margin - 1 / (2 beta)))."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftcore.config import ConfigError, FieldNames, load_config
+from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
+from ftcore.data.preference import collate_pairs, tokenize_pair
+from ftcore.model import load_model
+from ftcore.train.chunked_loss import LogitTransform
+from ftcore.train.preference import PreferenceLoss
+from tests.conftest import read_jsonl, run_ft, tiny_run_args
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]
+SPEC = RecordSpec("preference", "completion", FieldNames())
+
+
+def repeat_task(path, count: int, seed: int, chat: bool = False):
+    """'Repeat: w1 w2 w3' -> chosen repeats the words, rejected gives other ones: a pattern the tiny model can
+    learn."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(count):
+            words = rng.sample(WORDS, 3)
+            wrong = rng.sample([w for w in WORDS if w not in words], 3)
+            if chat:
+                record = {"prompt": [{"role": "user", "content": "Repeat: " + " ".join(words)}],
+                          "chosen": [{"role": "assistant", "content": " ".join(words)}],
+                          "rejected": [{"role": "assistant", "content": " ".join(wrong)}]}
+            else:
+                record = {"prompt": "Repeat: " + " ".join(words) + "\nAnswer:", "chosen": " " + " ".join(words),
+                          "rejected": " " + " ".join(wrong)}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(builtin_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(builtin_model_dir)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_a_text_pair_shares_its_prompt_and_trains_only_the_responses(tokenizer):
+    pair = tokenize_pair({"prompt": "Repeat: a b", "chosen": " a b", "rejected": " c d e"}, SPEC, tokenizer, 64)
+    prompt = [tokenizer.bos_token_id] + tokenizer("Repeat: a b", add_special_tokens=False)["input_ids"]
+    for sample, text in ((pair.chosen, " a b"), (pair.rejected, " c d e")):
+        response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert sample.input_ids == prompt + response
+        assert sample.labels == [IGNORE_INDEX] * len(prompt) + response
+    assert not pair.truncated
+
+
+def test_chat_pairs_and_whole_conversations_give_the_same_tokens(tokenizer):
+    user = [{"role": "user", "content": "Repeat: a b"}]
+    split = tokenize_pair({"prompt": user, "chosen": [{"role": "assistant", "content": "a b"}],
+                           "rejected": "c d"}, SPEC, tokenizer, 128)
+    whole = tokenize_pair({"chosen": user + [{"role": "assistant", "content": "a b"}],
+                           "rejected": user + [{"role": "assistant", "content": "c d"}]}, SPEC, tokenizer, 128)
+    assert split == whole
+    trained = [t for t, label in zip(split.chosen.input_ids, split.chosen.labels) if label != IGNORE_INDEX]
+    assert "a b" in tokenizer.decode(trained)
+    first = next(i for i, label in enumerate(split.chosen.labels) if label != IGNORE_INDEX)
+    assert split.chosen.input_ids[:first] == split.rejected.input_ids[:first]  # the same prompt tokens
+
+
+def test_truncation_cuts_the_prompt_first_and_keeps_both_responses_comparable(tokenizer):
+    prompt = " ".join(WORDS * 3)
+    record = {"prompt": prompt, "chosen": " red blue green", "rejected": " " + " ".join(WORDS)}
+    full = tokenize_pair(record, SPEC, tokenizer, 1000)
+    response_lengths = [sum(1 for x in s.labels if x != IGNORE_INDEX) for s in (full.chosen, full.rejected)]
+    prompt_length = len(full.chosen) - response_lengths[0]
+    limit = prompt_length // 2 + max(response_lengths) + 4  # the prompt must lose tokens, the responses none
+    cut = tokenize_pair(record, SPEC, tokenizer, limit)
+    assert cut.truncated and max(len(cut.chosen), len(cut.rejected)) == limit
+    for long, short in ((full.chosen, cut.chosen), (full.rejected, cut.rejected)):
+        kept = len(short) - (len(long) - prompt_length)
+        assert short.input_ids[0] == tokenizer.bos_token_id  # BOS stays
+        assert short.input_ids[1:kept] == long.input_ids[prompt_length - kept + 1:prompt_length]  # its end
+        assert short.input_ids[kept:] == long.input_ids[prompt_length:]  # the response whole
+    tiny = tokenize_pair(record, SPEC, tokenizer, 24)  # not even the longer response fits: half the room each
+    assert len(tiny.rejected) == 24 and tiny.rejected.input_ids[:12] == tiny.chosen.input_ids[:12]
+    assert sum(1 for x in tiny.rejected.labels if x != IGNORE_INDEX) == 12
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "p", "chosen": "a"}, "preference field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' is int; expected text or a list"),
+    ({"chosen": "a", "rejected": "b"}, "'prompt' is missing"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "must be one assistant turn"),
+])
+def test_malformed_pairs_are_refused_with_the_reason(tokenizer, record, message):
+    with pytest.raises(RecordError, match=message):
+        tokenize_pair(record, SPEC, tokenizer, 64)
+
+
+def test_a_malformed_record_names_its_file_and_line(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    proc = run_ft("train", *tiny_run_args(tmp_path / "out", "--set", "task=preference", "--set",
+                                          f"data.train=[{{path: {data}, format: preference}}]",
+                                          "--set", "data.eval=null", "--set", "train.eval_every=0"), check=False)
+    assert proc.returncode != 0
+    assert f"{data}:2: preference field 'rejected' is missing" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.packing=true"], "data.packing: does not apply to task preference"),
+    (["train.loss_impl=full"], "every preference log-prob goes through the chunked loss"),
+    (["adapter.method=full", "distributed.zero_stage=3"], "needs a frozen reference copy"),
+])
+def test_what_preference_does_not_cover_is_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["task=preference", "data.train=[{path: x.jsonl, format: preference}]",
+                           "data.eval=null", "train.eval_every=0", *overrides])
+
+
+# ------------------------------------------------------------------------------------------ the objectives
+def paper_loss(name: str, pc, pr, rc, rr, lc, lr, beta=0.3, gamma=0.4, lam=0.7):
+    """Each objective straight from its paper, per pair, from summed log-probs and response lengths."""
+    if name == "dpo":
+        return -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    if name == "ipo":
+        return (((pc - rc) - (pr - rr)) - 1 / (2 * beta)) ** 2
+    if name == "hinge":
+        return torch.clamp(1 - beta * ((pc - rc) - (pr - rr)), min=0)
+    if name == "simpo":
+        return -F.logsigmoid(beta / lc * pc - beta / lr * pr - gamma)
+    odds_c, odds_r = torch.exp(pc / lc) / (1 - torch.exp(pc / lc)), torch.exp(pr / lr) / (1 - torch.exp(pr / lr))
+    return -pc / lc - lam * F.logsigmoid(torch.log(odds_c / odds_r))
+
+
+def whole_logit_logps(model, inputs):
+    """Summed response log-probs per row from the model's whole logits."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+    labels = inputs["labels"][:, 1:]
+    logps = torch.log_softmax(logits[:, :-1], dim=-1)
+    token = logps.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token * (labels != IGNORE_INDEX)).sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1).float()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "simpo", "orpo"])
+def test_each_objective_equals_its_papers_formula(builtin_model_dir, tokenizer, name, method):
+    """On a fixed batch of 3 pairs (text and chat): the loss and the gradient of every trained parameter equal the
+    formula applied to log-probs from the whole logits; the reference is the adapter disabled (LoRA) or a frozen
+    copy (full)."""
+    cfg = load_config(None, ["task=preference", "data.train=[{path: x.jsonl, format: preference}]",
+                             "data.eval=null", "train.eval_every=0", f"adapter.method={method}", "adapter.dropout=0",
+                             "model.attn_implementation=sdpa", f"preference.loss={name}", "preference.beta=0.3",
+                             "preference.simpo_gamma=0.4", "preference.orpo_lambda=0.7"])
+    model = load_model(cfg, builtin_model_dir, torch.device("cpu"))
+    reference = None
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "lora_B" in param_name:
+                torch.nn.init.normal_(p, std=0.05)
+    if method == "full":
+        reference = load_model(load_config(None, ["adapter.method=full", "model.attn_implementation=sdpa"]),
+                               builtin_model_dir, torch.device("cpu")).requires_grad_(False).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+    records = [{"prompt": "Repeat: red cat", "chosen": " red cat", "rejected": " blue dog"},
+               {"prompt": [{"role": "user", "content": "Repeat: sun"}], "chosen": "sun", "rejected": "moon tree"},
+               {"prompt": "Say: stone river bird", "chosen": " stone river bird", "rejected": " fish"}]
+    batch = collate_pairs([tokenize_pair(r, SPEC, tokenizer, 64) for r in records], tokenizer.pad_token_id, [])
+    inputs = batch.model_inputs(torch.device("cpu"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    objective = PreferenceLoss(cfg.preference, lambda m: m, 8, LogitTransform.of(model.config), reference)
+    result = objective(model, inputs, normaliser=5)  # 3 of a step's 5 pairs
+    got = torch.autograd.grad(result.loss, trained)
+
+    sums, lengths = whole_logit_logps(model, inputs)
+    with torch.no_grad():
+        if reference is not None:
+            ref, _ = whole_logit_logps(reference, inputs)
+        else:
+            with model.disable_adapter():
+                ref, _ = whole_logit_logps(model, inputs)
+    want_loss = paper_loss(name, sums[:3], sums[3:], ref[:3], ref[3:], lengths[:3], lengths[3:]).sum() / 5
+    want = torch.autograd.grad(want_loss, trained)
+    torch.testing.assert_close(result.loss.detach(), want_loss.detach(), rtol=1e-5, atol=0)
+    for w, g in zip(want, got):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max() + 1e-9
+    terms = result.terms
+    torch.testing.assert_close(terms["logps_chosen"], sums[:3].detach().sum() / 5, rtol=1e-5, atol=1e-6)
+    assert 0 <= terms["reward_accuracy"] <= 3 / 5
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def preference_args(out, data, *extra: str) -> list[str]:
+    return tiny_run_args(out, "--set", "task=preference", "--set", f"data.train=[{{path: {data}, format: preference}}]",
+                         "--set", "data.eval=null", "--set", "train.eval_every=0", *extra)
+
+
+def test_dpo_learns_the_repeat_task(tmp_path):
+    """Reward accuracy over the last steps' (unseen) pairs: the policy comes to prefer the repeated words."""
+    data = repeat_task(tmp_path / "pairs.jsonl", 400, seed=0)
+    out = tmp_path / "dpo"
+    run_ft("train", *preference_args(out, data, "--set", "train.max_steps=40", "--set", "train.lr=2e-3",
+                                     "--set", "train.micro_batch_size=8", "--set", "checkpoint.every_steps=0",
+                                     "--set", "preference.beta=0.5"))
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+    assert len(rows) == 40
+    late = sum(r["reward_accuracy"] for r in rows[-10:]) / 10
+    assert late >= 0.9, [r["reward_accuracy"] for r in rows]
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_margin"] > 0
+
+
+@pytest.mark.multiproc
+def test_zero3_qlora_dpo_accumulates_like_two_ranks_and_resumes_exactly(tmp_path):
+    """2 ranks x 1 micro batch = 1 rank x 2 accumulated (the mean over the step's pairs); a ZeRO-3 QLoRA run
+    stopped at step 4 and resumed gives the uninterrupted run's losses bit for bit."""
+    data = repeat_task(tmp_path / "pairs.jsonl", 200, seed=1)
+    common = ("--set", "distributed.zero_stage=3", "--set", "adapter.method=qlora", "--set", "model.dtype=float32")
+    straight = tmp_path / "straight"
+    run_ft("launch", *preference_args(straight, data, *common), "--nproc", "2")
+    resumed = tmp_path / "resumed"
+    run_ft("launch", *preference_args(resumed, data, *common, "--set", "train.stop_at_step=4"), "--nproc", "2")
+    second = run_ft("launch", *preference_args(resumed, data, *common), "--nproc", "2")
+    assert "resumed from" in second.stdout
+    losses = {name: [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+              for name, out in (("straight", straight), ("resumed", resumed))}
+    assert len(losses["straight"]) == 8 and losses["resumed"] == losses["straight"]
+    one = tmp_path / "one_rank"
+    run_ft("train", *preference_args(one, data, *common, "--set", "train.grad_accum_steps=2"))
+    accumulated = [r for r in read_jsonl(one / "metrics.jsonl") if "lr" in r]
+    straight_rows = [r for r in read_jsonl(straight / "metrics.jsonl") if "lr" in r]
+    for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen"):
+        assert [r[key] for r in accumulated] == pytest.approx([r[key] for r in straight_rows], rel=1e-4, abs=1e-6)
