@@ -22,7 +22,9 @@ will have. From them, per rank:
                 chunked/fused/auto: one chunk of loss_chunk_tokens x vocab x (dtype + 4 B) (more with base_kl or a
                 soft-capping family), the hidden states' gradient and the head's trained weights' fp32 gradient
                 (loss_bytes). Counted in the activations.
-  reference     train.base_kl with full/freeze: a frozen copy of the model in the compute dtype (in "weights").
+  reference     train.base_kl, or preference.loss dpo/ipo/hinge, with full/freeze: a frozen copy of the model in
+                the compute dtype (in "weights"). task preference: a micro batch is micro_batch_size pairs, i.e.
+                2 x micro_batch_size rows (chosen and rejected in one forward).
   overhead      1 GiB per GPU for the CUDA context, NCCL and allocator slack.
 
 Host RAM with offload (per node) is DeepSpeed's: the offloaded states x 1.5 (its additional_buffer_factor).
@@ -246,6 +248,19 @@ class Plan:
         return data
 
 
+def micro_batch_tokens(cfg: Config) -> int:
+    """Token slots of one micro batch: micro_batch_size rows of max_seq_len, two rows per pair for preference."""
+    return cfg.train.micro_batch_size * cfg.data.max_seq_len * (2 if cfg.task == "preference" else 1)
+
+
+def needs_reference_copy(cfg: Config) -> bool:
+    """A frozen copy of the model sits beside it: base_kl or a reference-based preference loss, full/freeze."""
+    from ftcore.train.preference import NEEDS_REFERENCE
+
+    wants = cfg.train.base_kl or (cfg.task == "preference" and cfg.preference.loss in NEEDS_REFERENCE)
+    return bool(wants) and cfg.adapter.method in ("full", "freeze")
+
+
 def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
     """The loss's memory per GPU for one micro batch: {"impl": what train.loss_impl runs, "bytes": its peak,
     "full_bytes": what the model's own loss (full) would hold}. full: the [tokens x vocab] logits in the compute
@@ -254,7 +269,7 @@ def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
     a soft-capping family + 4 B), the hidden states' gradient, and the fp32 gradient of the head's trained
     weights, held from the forward pass to backward."""
     b = DTYPE_BYTES[cfg.model.dtype]
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    tokens = micro_batch_tokens(cfg)
     full = tokens * facts.vocab * (b + 8)
     impl = cfg.train.loss_impl
     if cfg.classification:
@@ -271,7 +286,7 @@ def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
 def activation_bytes(cfg: Config, facts: ModelFacts) -> tuple[float, float]:
     """(with checkpointing, without) per GPU for one micro batch, the loss's memory (loss_bytes) included."""
     b = DTYPE_BYTES[cfg.model.dtype]
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    tokens = micro_batch_tokens(cfg)
     h, kv, i = facts.hidden, facts.kv_dim, facts.intermediate
     per_layer_token = 7 * h + 3 * kv + 4 * i
     if cfg.adapter.method in ("lora", "qlora") and cfg.adapter.dropout > 0:
@@ -307,11 +322,12 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
         row.weights = float_frozen
         row.quantized_base = quantized_weight_bytes + quant_overhead
         row.trainable_weights = float_trainable
-    if cfg.train.base_kl and cfg.adapter.method in ("full", "freeze"):
+    if needs_reference_copy(cfg):
         if stage == 3:
-            row.supported, row.note = False, "train.base_kl with full/freeze needs ZeRO <= 2 (reference copy)"
+            what = "train.base_kl" if cfg.train.base_kl else f"preference.loss={cfg.preference.loss}"
+            row.supported, row.note = False, f"{what} with full/freeze needs ZeRO <= 2 (reference copy)"
             return row
-        row.weights += facts.total * b  # the frozen reference copy the KL term reads the base logits from
+        row.weights += facts.total * b  # the frozen reference copy the KL term / preference loss reads
     partition = partition_numel(facts, stage, world)
     if stage in (0, 1):
         grads_16 = trainable * b

@@ -86,7 +86,11 @@ def print_inspection(cfg: Config, result: InspectResult) -> None:
     console.print(("legend: «trained tokens» masked tokens" if plain else
                    Text.assemble("legend: ", ("trained tokens", "bold green"), " ", ("masked tokens", "dim"))))
     for sample_id, runs in result.shown:
-        console.rule(sample_id)
+        if len(sample_id) + 6 <= console.width:
+            console.rule(sample_id)
+        else:  # a rule would cut the id (file:line, pair side) short
+            console.rule()
+            console.print(sample_id)
         text = Text()
         for piece, trained in runs:
             if plain:

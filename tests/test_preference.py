@@ -21,7 +21,7 @@ from ftcore.data.preference import collate_pairs, tokenize_pair
 from ftcore.model import load_model
 from ftcore.train.chunked_loss import LogitTransform
 from ftcore.train.preference import PreferenceLoss
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]
 SPEC = RecordSpec("preference", "completion", FieldNames())
@@ -120,6 +120,7 @@ def test_a_malformed_record_names_its_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["data.packing=true"], "data.packing: does not apply to task preference"),
+    (["data.eval=[{path: e.jsonl, format: chat}]", "train.eval_every=2"], "task preference reads format preference"),
     (["train.loss_impl=full"], "every preference log-prob goes through the chunked loss"),
     (["adapter.method=full", "distributed.zero_stage=3"], "needs a frozen reference copy"),
 ])
@@ -205,43 +206,90 @@ def test_each_objective_equals_its_papers_formula(builtin_model_dir, tokenizer, 
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def preference_args(out, data, *extra: str) -> list[str]:
+def preference_args(out, data, *extra: str, eval_data=None) -> list[str]:
+    evaluation = (("--set", f"data.eval=[{{path: {eval_data}, format: preference}}]") if eval_data else
+                  ("--set", "data.eval=null", "--set", "train.eval_every=0"))
     return tiny_run_args(out, "--set", "task=preference", "--set", f"data.train=[{{path: {data}, format: preference}}]",
-                         "--set", "data.eval=null", "--set", "train.eval_every=0", *extra)
+                         *evaluation, *extra)
 
 
 def test_dpo_learns_the_repeat_task(tmp_path):
-    """Reward accuracy over the last steps' (unseen) pairs: the policy comes to prefer the repeated words."""
+    """Reward accuracy on 50 held-out pairs (data.eval) >= 0.9 after 40 steps; 0 before (the adapter starts as
+    the reference, so every reward is 0 and no pair is won)."""
     data = repeat_task(tmp_path / "pairs.jsonl", 400, seed=0)
+    held_out = repeat_task(tmp_path / "held_out.jsonl", 50, seed=99)
     out = tmp_path / "dpo"
-    run_ft("train", *preference_args(out, data, "--set", "train.max_steps=40", "--set", "train.lr=2e-3",
-                                     "--set", "train.micro_batch_size=8", "--set", "checkpoint.every_steps=0",
-                                     "--set", "preference.beta=0.5"))
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
-    assert len(rows) == 40
-    late = sum(r["reward_accuracy"] for r in rows[-10:]) / 10
-    assert late >= 0.9, [r["reward_accuracy"] for r in rows]
-    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_margin"] > 0
+    run_ft("train", *tiny_run_args(out, "--set", "task=preference", "--set",
+                                   f"data.train=[{{path: {data}, format: preference}}]", "--set",
+                                   f"data.eval=[{{path: {held_out}, format: preference}}]", "--set",
+                                   "train.eval_every=20", "--set", "train.max_steps=40", "--set", "train.lr=2e-3",
+                                   "--set", "train.micro_batch_size=8", "--set", "checkpoint.every_steps=0",
+                                   "--set", "preference.beta=0.5"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    steps = [r for r in rows if "lr" in r]
+    evals = [r for r in rows if "eval_reward_accuracy" in r]
+    assert len(steps) == 40 and [e["step"] for e in evals] == [20, 40] and evals[-1]["eval_pairs"] == 50
+    assert evals[-1]["eval_reward_accuracy"] >= 0.9, evals
+    assert evals[-1]["eval_reward_margin"] > 0 and steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[0]["reward_accuracy"] == 0.0  # the adapter starts as the reference: every reward 0, no pair won
 
 
 @pytest.mark.multiproc
 def test_zero3_qlora_dpo_accumulates_like_two_ranks_and_resumes_exactly(tmp_path):
     """2 ranks x 1 micro batch = 1 rank x 2 accumulated (the mean over the step's pairs); a ZeRO-3 QLoRA run
-    stopped at step 4 and resumed gives the uninterrupted run's losses bit for bit."""
+    stopped at step 4 and resumed gives the uninterrupted run's losses bit for bit; the eval over 9 held-out pairs
+    (rank 0 gets 5, rank 1 gets 4 and a filler batch) equals the 1-process eval."""
     data = repeat_task(tmp_path / "pairs.jsonl", 200, seed=1)
+    held_out = repeat_task(tmp_path / "held_out.jsonl", 9, seed=2)
     common = ("--set", "distributed.zero_stage=3", "--set", "adapter.method=qlora", "--set", "model.dtype=float32")
     straight = tmp_path / "straight"
-    run_ft("launch", *preference_args(straight, data, *common), "--nproc", "2")
+    run_ft("launch", *preference_args(straight, data, *common, eval_data=held_out), "--nproc", "2")
     resumed = tmp_path / "resumed"
-    run_ft("launch", *preference_args(resumed, data, *common, "--set", "train.stop_at_step=4"), "--nproc", "2")
-    second = run_ft("launch", *preference_args(resumed, data, *common), "--nproc", "2")
+    run_ft("launch", *preference_args(resumed, data, *common, "--set", "train.stop_at_step=4", eval_data=held_out),
+           "--nproc", "2")
+    second = run_ft("launch", *preference_args(resumed, data, *common, eval_data=held_out), "--nproc", "2")
     assert "resumed from" in second.stdout
     losses = {name: [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
               for name, out in (("straight", straight), ("resumed", resumed))}
     assert len(losses["straight"]) == 8 and losses["resumed"] == losses["straight"]
     one = tmp_path / "one_rank"
-    run_ft("train", *preference_args(one, data, *common, "--set", "train.grad_accum_steps=2"))
-    accumulated = [r for r in read_jsonl(one / "metrics.jsonl") if "lr" in r]
-    straight_rows = [r for r in read_jsonl(straight / "metrics.jsonl") if "lr" in r]
+    run_ft("train", *preference_args(one, data, *common, "--set", "train.grad_accum_steps=2", eval_data=held_out))
+    accumulated = read_jsonl(one / "metrics.jsonl")
+    straight_rows = read_jsonl(straight / "metrics.jsonl")
     for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen"):
-        assert [r[key] for r in accumulated] == pytest.approx([r[key] for r in straight_rows], rel=1e-4, abs=1e-6)
+        assert [r[key] for r in accumulated if "lr" in r] == pytest.approx(
+            [r[key] for r in straight_rows if "lr" in r], rel=1e-4, abs=1e-6), key
+    evals = {name: [r for r in rows if "eval_loss" in r] for name, rows in (("one", accumulated),
+                                                                             ("two", straight_rows))}
+    assert [e["eval_pairs"] for e in evals["two"]] == [9, 9]
+    for want, got in zip(evals["one"], evals["two"]):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_ft_data_inspect_shows_each_pair_with_its_masks(tmp_path):
+    data = repeat_task(tmp_path / "pairs.jsonl", 5, seed=2, chat=True)
+    proc = ft_in_process("data", "inspect", "examples/demo.yaml", "--set", "task=preference", "--set",
+                         f"data.train=[{{path: {data}, format: preference}}]", "--set", "data.eval=null",
+                         "--set", "train.eval_every=0", "--show", "1")
+    out = proc.stdout
+    assert f"{data}:" in out and " (chosen)" in out and " (rejected)" in out
+    chosen, rejected = out.split(" (chosen)")[1].split(" (rejected)")
+    # The same prompt, masked; each response trained (between « »).
+    assert chosen.count("«") == 1 and rejected.split("statistics")[0].count("«") == 1
+    assert chosen.split("«")[0].split("Repeat:")[1].strip() == rejected.split("«")[0].split("Repeat:")[1].strip()
+
+
+def test_ft_plan_counts_both_responses_and_the_reference_copy():
+    from ftcore.plan import build_facts, make_plan
+
+    base = ["task=preference", "data.train=[{path: x.jsonl, format: preference}]", "data.eval=null",
+            "train.eval_every=0", "distributed.zero_stage=2"]
+    rows = {}
+    for name, extra in (("sft", ["task=causal_lm", "data.train=[{path: x.jsonl, format: chat}]"]),
+                        ("dpo", ["preference.loss=dpo"]), ("simpo", ["preference.loss=simpo"])):
+        cfg = load_config("examples/llama-2-7b-lora.yaml", [*base, "adapter.method=full", *extra])
+        plan = make_plan(cfg, build_facts(cfg, cfg.model.name_or_path), 8, 1, None)
+        rows[name] = next(r for r in plan.rows if (r.stage, r.offload) == (2, "none"))
+    params = 6_738_415_616
+    assert rows["dpo"].weights - rows["simpo"].weights == params * 2  # the bf16 reference copy, dpo only
+    assert rows["simpo"].activations_full > 1.9 * rows["sft"].activations_full  # chosen + rejected rows

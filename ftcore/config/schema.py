@@ -396,7 +396,6 @@ class Config(Section):
                                    f"chosen, rejected}} records); {s.path} is {s.format}")
         refused = [("data.packing", data.packing, "pairs are right-padded, chosen and rejected in one batch"),
                    ("data.train_on", data.train_on is not None, "the responses train, the prompt never"),
-                   ("data.eval", bool(data.eval), "preference evaluation is not in this release"),
                    ("train.base_kl", t.base_kl > 0, "the preference loss has its own reference term"),
                    ("train.loss_impl", t.loss_impl in ("full", "fused"), "every preference log-prob goes through "
                     "the chunked loss (no [tokens x vocab] logits); use auto or chunked")]

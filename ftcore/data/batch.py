@@ -117,8 +117,17 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False) -> list[Batch]:
+def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False,
+                     preference: bool = False) -> list[Batch]:
     """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
-    collective under ZeRO-3)."""
+    collective under ZeRO-3). A preference filler is a pair of such samples (it counts as no pair)."""
     filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
-    return batches + [collate([filler], pad_id, [], classification) for _ in range(count - len(batches))]
+
+    def one() -> Batch:
+        if preference:
+            batch = collate([filler, filler], pad_id, [])
+            batch.pairs = 1
+            return batch
+        return collate([filler], pad_id, [], classification)
+
+    return batches + [one() for _ in range(count - len(batches))]

@@ -1,7 +1,8 @@
 """`ft data inspect`: what the model will see, before spending GPU hours on it.
 
 Reads the training stream exactly as rank 0 of a 1-process run would (same order, masks, overflow handling),
-shows a few samples with trained tokens marked, and summarises a scan of the first samples.
+shows a few samples with trained tokens marked (a preference pair as its chosen and its rejected sample), and
+summarises a scan of the first samples.
 """
 
 from __future__ import annotations
@@ -69,17 +70,20 @@ def inspect_data(cfg: Config, tokenizer: Any, show: int, scan: int) -> InspectRe
     shown, lengths, trained = [], [], []
     for i in range(max(scan, show)):
         batch = stream.next_batch()
-        ids, sample_id = batch.input_ids[0].tolist(), batch.sample_ids[0]
-        if stream.classification:  # one label per sample, no token is a target
-            sample_id += f" (label {data.labels[int(batch.labels[0])]})"
-            labels = [IGNORE_INDEX] * len(ids)
-            trained.append(1)
-        else:
-            labels = batch.labels[0].tolist()
-            trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
-        lengths.append(len(ids))
-        if i < show:
-            shown.append((sample_id, token_pieces(tokenizer, ids, labels)))
+        # A preference batch holds the pair: its chosen row, then its rejected row, shown one after the other.
+        names = ["chosen", "rejected"] if stream.preference else [None]
+        for row, name in enumerate(names):
+            ids, sample_id = batch.input_ids[row][batch.attention_mask[row].bool()].tolist(), batch.sample_ids[0]
+            if stream.classification:  # one label per sample, no token is a target
+                sample_id += f" (label {data.labels[int(batch.labels[0])]})"
+                labels = [IGNORE_INDEX] * len(ids)
+                trained.append(1)
+            else:
+                labels = batch.labels[row][: len(ids)].tolist()
+                trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
+            lengths.append(len(ids))
+            if i < show:
+                shown.append((f"{sample_id} ({name})" if name else sample_id, token_pieces(tokenizer, ids, labels)))
     efficiency, rows = simulate_packing(lengths, cfg.data.max_seq_len, cfg.data.packing_buffer)
     return InspectResult(shown, lengths, trained, dict(stream.counters), list(stream.maker.error_examples),
                          efficiency, rows, [(g.spec_text, len(g), len(g.files)) for g in stream.groups])

@@ -378,6 +378,10 @@ def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: in
             index += 1
     pad = pad_token_id(tokenizer)
     classification = data_cfg.classification
+    if data_cfg.preference:
+        return [collate_pairs([s for s, _ in mine[b:b + micro_batch_size]], pad,
+                              [w for _, w in mine[b:b + micro_batch_size]])
+                for b in range(0, len(mine), micro_batch_size)]
     return [collate([s for s, _ in mine[b:b + micro_batch_size]], pad,
                     [w for _, w in mine[b:b + micro_batch_size]], classification)
             for b in range(0, len(mine), micro_batch_size)]

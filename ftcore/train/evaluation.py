@@ -1,7 +1,8 @@
 """Evaluation on data.eval: every rank scores its share of the eval set (padded to the same number of batches, so
 no rank waits alone in a collective), the sums are all-reduced. Causal LM: loss per trained token and perplexity.
 Classification: loss per sample, accuracy, macro-F1 and the confusion matrix, made from every sample's
-prediction, which is written to output_dir/eval/step{N}.json (so anyone can recompute the scores)."""
+prediction, which is written to output_dir/eval/step{N}.json (so anyone can recompute the scores). Preference:
+the pairs' mean loss, reward accuracy and margin, rewards and log-probs."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Evaluator:
     def __call__(self, engine: Any, step: int) -> dict:
         """The eval metrics at `step` (the same on every rank)."""
         engine.eval()
+        if self.cfg.task == "preference":
+            return self._preference(engine, step)
         loss_sum = tokens = 0.0
         predictions: list[tuple[str, int, int]] = []  # classification: (sample id, label, predicted class)
         for batch in self.eval_set:
@@ -58,6 +61,22 @@ class Evaluator:
         return {"step": step, "eval_loss": loss, "eval_accuracy": scores["accuracy"],
                 "eval_macro_f1": scores["macro_f1"], "eval_samples": len(everything),
                 "eval_confusion": scores["confusion"]}
+
+    def _preference(self, engine: Any, step: int) -> dict:
+        """Means over the eval pairs: eval_loss, eval_reward_accuracy, eval_reward_margin, eval_rewards_chosen /
+        _rejected, eval_logps_chosen / _rejected, and eval_pairs."""
+        sums: dict[str, float] = {}
+        for batch in self.eval_set:
+            result = self.objective.eval_loss(engine, self.model_inputs(batch))
+            for name, value in result.terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        engine.train()
+        names = sorted(sums)
+        totals = dict(zip(names, self.runtime.all_reduce([sums[n] for n in names])))
+        pairs = totals.pop("pairs")
+        metrics = {"step": step, "eval_pairs": int(pairs)}
+        metrics.update({f"eval_{name}": value / max(pairs, 1) for name, value in totals.items()})
+        return metrics
 
     def _save_predictions(self, step: int, predictions: list[tuple[str, int, int]], scores: dict) -> None:
         labels = self.cfg.data.labels

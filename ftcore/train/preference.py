@@ -94,6 +94,9 @@ class PreferenceLoss(Objective):
         targets = shifted_labels(inputs["labels"])
         pairs = targets.shape[0] // 2
         tokens = (targets != -100).sum(dim=1).float()
+        # An eval filler pair (every label -100) counts as no pair: its loss and metrics are 0.
+        real = (tokens[:pairs] > 0) & (tokens[pairs:] > 0)
+        tokens = tokens.clamp(min=1)
         reference_logps = None
         if self.cfg.loss in NEEDS_REFERENCE:
             reference_logps = self._reference_logps(model, inner, without_labels, targets)
@@ -112,7 +115,7 @@ class PreferenceLoss(Objective):
                     else (None, None)
                 losses, chosen_reward, rejected_reward = preference_losses(
                     sums[:pairs], sums[pairs:], ref_c, ref_r, tokens[:pairs], tokens[pairs:], self.cfg)
-                loss_value = losses.sum() / normaliser
+                loss_value = torch.where(real, losses, 0.0).sum() / normaliser
             if torch.is_grad_enabled():
                 (per_sequence,) = torch.autograd.grad(loss_value, sums)
                 # d loss / d logp(token) = d loss / d (its sequence's sum); CE = -logp, so weigh CE by minus it.
@@ -124,15 +127,25 @@ class PreferenceLoss(Objective):
                 loss = weighted + (loss_value.detach() - weighted.detach())
             else:
                 loss = loss_value.detach()
-        chosen_reward, rejected_reward = chosen_reward.detach(), rejected_reward.detach()
+        real_f = real.float()
+        chosen_reward, rejected_reward = chosen_reward.detach() * real_f, rejected_reward.detach() * real_f
         terms = {"loss": loss_value.detach(),
                  "rewards_chosen": chosen_reward.sum() / normaliser,
                  "rewards_rejected": rejected_reward.sum() / normaliser,
                  "reward_margin": (chosen_reward - rejected_reward).sum() / normaliser,
-                 "reward_accuracy": (chosen_reward > rejected_reward).float().sum() / normaliser,
-                 "logps_chosen": policy_logps[:pairs].sum() / normaliser,
-                 "logps_rejected": policy_logps[pairs:].sum() / normaliser}
+                 "reward_accuracy": ((chosen_reward > rejected_reward).float() * real_f).sum() / normaliser,
+                 "logps_chosen": (policy_logps[:pairs] * real_f).sum() / normaliser,
+                 "logps_rejected": (policy_logps[pairs:] * real_f).sum() / normaliser}
         return LossOutput(loss, out, terms)
+
+    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+        """Sums over the batch's pairs (loss and every metric), and "pairs": how many real pairs it holds."""
+        result = self(model, inputs, 1)
+        labels = inputs["labels"]
+        half = labels.shape[0] // 2
+        trained = (labels[:, 1:] != -100).any(dim=1)
+        result.terms["pairs"] = (trained[:half] & trained[half:]).float().sum()
+        return result
 
     def _reference_logps(self, model: Any, inner: Any, without_labels: dict, targets: torch.Tensor) -> torch.Tensor:
         """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""

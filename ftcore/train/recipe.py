@@ -100,7 +100,8 @@ class Recipe:
         if cfg.data.eval:
             mine = eval_batches(cfg.data, self.tokenizer, rt.rank, rt.world_size, cfg.train.micro_batch_size)
             most = int(rt.all_reduce([len(mine)], "max")[0])
-            self.eval_set = pad_eval_batches(mine, most, self.train_stream.pad_id, cfg.classification)
+            self.eval_set = pad_eval_batches(mine, most, self.train_stream.pad_id, cfg.classification,
+                                             cfg.task == "preference")
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime

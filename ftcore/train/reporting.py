@@ -65,6 +65,10 @@ class Reporter:
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} accuracy "
                              f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
                              f"({metrics['eval_samples']} samples; predictions in {self.output_dir / 'eval'})")
+        elif "eval_reward_accuracy" in metrics:
+            self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} reward accuracy "
+                             f"{metrics['eval_reward_accuracy']:.4f} margin {metrics['eval_reward_margin']:.4f} "
+                             f"({metrics['eval_pairs']} pairs)")
         elif "eval_loss" in metrics:
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} "
                              f"ppl {metrics['eval_ppl']:.2f}")
