@@ -7,6 +7,8 @@
 - `builtin:chat-demo`: ftcore/assets/chat-demo/{train,eval}.jsonl (regenerate with make_chat_demo.py there).
 - `builtin:license-sentences` (and `-eval`): sentences of four software licenses labelled with their license, a
   small real-text classification set (ftcore/assets/license-sentences, made by make_license_sentences.py there).
+- `builtin:repeat-pairs` (and `-eval`): chat preference pairs (repeat three words: chosen repeats them, rejected
+  does not), for task preference (ftcore/assets/repeat-pairs, made by make_repeat_pairs.py there).
 
 Several processes may ask at once (every rank of a launch): each builds into its own temporary directory and
 renames it into place; the loser of the race discards its copy. The result is identical either way.
@@ -30,6 +32,8 @@ BUILTIN_DATA = {
     "chat-demo-eval": ASSETS / "chat-demo" / "eval.jsonl",
     "license-sentences": ASSETS / "license-sentences" / "train.jsonl",
     "license-sentences-eval": ASSETS / "license-sentences" / "eval.jsonl",
+    "repeat-pairs": ASSETS / "repeat-pairs" / "train.jsonl",
+    "repeat-pairs-eval": ASSETS / "repeat-pairs" / "eval.jsonl",
 }
 INIT_SEED = 0
 

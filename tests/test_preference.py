@@ -232,6 +232,29 @@ def test_dpo_learns_the_repeat_task(tmp_path):
     assert evals[-1]["eval_reward_accuracy"] >= 0.9, evals
     assert evals[-1]["eval_reward_margin"] > 0 and steps[-1]["loss"] < steps[0]["loss"]
     assert steps[0]["reward_accuracy"] == 0.0  # the adapter starts as the reference: every reward 0, no pair won
+    # The result exports like any LoRA run: merged, verified against base + adapter.
+    proc = run_ft("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
+    assert "verification: passed" in proc.stdout
+
+
+@pytest.mark.parametrize("settings", [
+    ("adapter.method=full", "preference.loss=dpo", "distributed.zero_stage=2"),
+    ("adapter.method=freeze", "adapter.top_layers=1", "preference.loss=ipo", "distributed.zero_stage=0"),
+    ("adapter.method=full", "preference.loss=simpo", "preference.beta=2.0", "distributed.zero_stage=3"),
+], ids=["full-dpo-reference_copy-zero2", "freeze-ipo-zero0", "full-simpo-zero3"])
+def test_full_and_freeze_preference_runs_train(tmp_path, settings):
+    """The weights themselves train: DPO/IPO read a frozen reference copy; SimPO needs none (so ZeRO-3 full)."""
+    data = repeat_task(tmp_path / "pairs.jsonl", 100, seed=3)
+    out = tmp_path / "run"
+    proc = run_ft("train", *preference_args(out, data, "--set", "train.max_steps=6", "--set", "train.lr=5e-4",
+                                            "--set", "checkpoint.every_steps=0",
+                                            *(w for s in settings for w in ("--set", s))))
+    loss = settings[1 if settings[0] != "adapter.method=freeze" else 2].split("=")[1]
+    assert f"loss {loss} (beta" in proc.stdout
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+    assert len(steps) == 6 and all(r["grad_norm"] is None or r["grad_norm"] > 0 for r in steps)
+    assert steps[-1]["reward_margin"] != steps[0]["reward_margin"]
+    assert (out / "final" / "model.safetensors").is_file() or list((out / "final").glob("*.safetensors"))
 
 
 @pytest.mark.multiproc
