@@ -233,12 +233,26 @@ def _fire_at_moment(launch: Launch, out: Path, moment: str, rng: random.Random) 
 
 
 def launch_step_floor(out: Path) -> int:
-    """The step the next attempt resumes from (its latest checkpoint)."""
+    """The step `latest` names (cheap enough to poll)."""
     name = (out / "checkpoints" / "latest")
     try:
         return int(name.read_text().strip().split("-")[1])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def resume_step(out: Path) -> int:
+    """The step the next attempt resumes from: the newest complete checkpoint, by the product's own rule (a
+    kill between a step dir's rename and the `latest` pointer's update leaves a newer complete dir, which the
+    resume rightly takes; the pointer alone would name the older step)."""
+    from ftcore.checkpoint import CheckpointError, CheckpointManager
+    from ftcore.config import CheckpointConfig
+
+    try:
+        latest = CheckpointManager(out, CheckpointConfig(keep_last=2)).latest()
+    except (CheckpointError, OSError):
+        return 0
+    return int(latest.name.split("-")[1]) if latest is not None else 0
 
 
 def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_per_run: int = 4) -> dict:
@@ -278,7 +292,7 @@ def kill_campaigns(work: Path, trials: int, seed: int, reference: Path, kills_pe
                         counts["corrupt_checkpoints"] += 1
                     # caught in the middle of deleting an old checkpoint (renamed aside, not yet gone)
                     counts["kills_mid_deletion"] += int(any((out / "checkpoints").glob("deleting.*")))
-                    expected_resume = launch_step_floor(out)
+                    expected_resume = resume_step(out)
                     continue
             code = launch.wait()
             if code != 0:
