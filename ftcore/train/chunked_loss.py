@@ -355,6 +355,17 @@ class DecoderOutput:
             handle.remove()
 
 
+def base_model_output(model: Any, inner: torch.nn.Module, reference: Optional[torch.nn.Module],
+                      inputs: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(final hidden states, output head) of the base model on `inputs` (no labels), without gradients: the
+    frozen reference copy (full/freeze), or this model with its adapter disabled (LoRA/QLoRA, no second copy)."""
+    base = reference if reference is not None else inner
+    with torch.no_grad(), DecoderOutput(base).capture() as decoder, \
+            (contextlib.nullcontext() if reference is not None else inner.disable_adapter()):
+        (reference or model)(**inputs, logits_to_keep=1)
+    return decoder.hidden, base.get_output_embeddings()
+
+
 def verify_head(model: Any, inner: torch.nn.Module, transform: LogitTransform) -> Optional[str]:
     """None when the chunked loss's logits equal the model's own on a probe of 16 tokens (eval mode, no
     gradients, every rank the same input so ZeRO-3's gathers match); otherwise what differs, in words. Catches a

@@ -9,7 +9,6 @@ passes a normaliser of 1 and gets the sum."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -84,6 +83,7 @@ class ChunkedCausalLMLoss(Objective):
     def _sums(self, model: Any, inputs: dict, base_kl: float):
         from ftcore.train.chunked_loss import (
             DecoderOutput,
+            base_model_output,
             chunked_linear_cross_entropy,
             fused_cross_entropy,
             gathered,
@@ -96,12 +96,7 @@ class ChunkedCausalLMLoss(Objective):
         without_labels = {k: v for k, v in inputs.items() if k != "labels"}
         base_hidden = base_module = None
         if base_kl:
-            with torch.no_grad():
-                base_model = self.reference if self.reference is not None else inner
-                with (DecoderOutput(base_model).capture() as base_decoder,
-                      contextlib.nullcontext() if self.reference is not None else inner.disable_adapter()):
-                    (self.reference or model)(**without_labels, logits_to_keep=1)
-                base_hidden, base_module = base_decoder.hidden, base_model.get_output_embeddings()
+            base_hidden, base_module = base_model_output(model, inner, self.reference, without_labels)
         with DecoderOutput(inner).capture() as decoder:
             out = model(**without_labels, logits_to_keep=1)  # the head runs on one position only
         head = inner.get_output_embeddings()

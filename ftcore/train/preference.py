@@ -149,15 +149,17 @@ class PreferenceLoss(Objective):
 
     def _reference_logps(self, model: Any, inner: Any, without_labels: dict, targets: torch.Tensor) -> torch.Tensor:
         """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
-        from ftcore.train.chunked_loss import DecoderOutput, HeadTensors, chunked_token_logprobs, gathered, head_parts
+        from ftcore.train.chunked_loss import (
+            HeadTensors,
+            base_model_output,
+            chunked_token_logprobs,
+            gathered,
+            head_parts,
+        )
 
-        reference = self.reference if self.reference is not None else inner
-        with torch.no_grad(), DecoderOutput(reference).capture() as decoder, \
-                (contextlib.nullcontext() if self.reference is not None else inner.disable_adapter()):
-            (self.reference or model)(**without_labels, logits_to_keep=1)
-            head = reference.get_output_embeddings()
-            with gathered(head):
-                linear = head_parts(head, "reference's head")[0]
-                logps = chunked_token_logprobs(decoder.hidden, HeadTensors(linear.weight, linear.bias), targets,
-                                               self.chunk_tokens, self.transform)
+        hidden, head = base_model_output(model, inner, self.reference, without_labels)
+        with torch.no_grad(), gathered(head):
+            linear = head_parts(head, "reference's head")[0]
+            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias), targets,
+                                           self.chunk_tokens, self.transform)
         return logps.sum(dim=1)
