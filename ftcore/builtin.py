@@ -8,7 +8,8 @@
 - `builtin:license-sentences` (and `-eval`): sentences of four software licenses labelled with their license, a
   small real-text classification set (ftcore/assets/license-sentences, made by make_license_sentences.py there).
 - `builtin:repeat-pairs` (and `-eval`): chat preference pairs (repeat three words: chosen repeats them, rejected
-  does not), for task preference (ftcore/assets/repeat-pairs, made by make_repeat_pairs.py there).
+  does not), for task preference (ftcore/assets/repeat-pairs, made by make_repeat_pairs.py there);
+  `builtin:repeat-kto` (and `-eval`): the same answers unpaired, each labelled desirable or not (format kto).
 
 Several processes may ask at once (every rank of a launch): each builds into its own temporary directory and
 renames it into place; the loser of the race discards its copy. The result is identical either way.
@@ -34,6 +35,8 @@ BUILTIN_DATA = {
     "license-sentences-eval": ASSETS / "license-sentences" / "eval.jsonl",
     "repeat-pairs": ASSETS / "repeat-pairs" / "train.jsonl",
     "repeat-pairs-eval": ASSETS / "repeat-pairs" / "eval.jsonl",
+    "repeat-kto": ASSETS / "repeat-pairs" / "kto-train.jsonl",
+    "repeat-kto-eval": ASSETS / "repeat-pairs" / "kto-eval.jsonl",
 }
 INIT_SEED = 0
 

@@ -128,6 +128,31 @@ def load_model(cfg: Config, model_dir: str, device: torch.device,
     return _prepare_for_training(model, model_cfg, adapter_cfg, seed, classification is not None)
 
 
+def load_reference(model_dir: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+                   ds_config: Optional[dict]) -> tuple[torch.nn.Module, Any]:
+    """A frozen copy of the base model (the reference of train.base_kl and of dpo/ipo/hinge/kto with full/freeze
+    fine-tuning) and what keeps it: ds_config given (ZeRO-3, an HfDeepSpeedConfig alive), it loads partitioned
+    like the model and a DeepSpeed engine without optimizer gathers each layer in its forward, so no rank holds
+    more than its share of it; otherwise whole on `device`. Returns (the module to call, its engine or None)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    reference.requires_grad_(False).eval()
+    if ds_config is None:
+        return reference.to(device), None
+    import deepspeed
+
+    config = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
+    engine.eval()
+    return engine.module, engine
+
+
 def _prepare_for_training(model: torch.nn.Module, model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int,
                           classification: bool) -> torch.nn.Module:
     """Checkpointing, then what trains: the LoRA adapter (QLoRA: on the frozen 4-bit base) or the chosen weights."""

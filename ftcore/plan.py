@@ -22,9 +22,10 @@ will have. From them, per rank:
                 chunked/fused/auto: one chunk of loss_chunk_tokens x vocab x (dtype + 4 B) (more with base_kl or a
                 soft-capping family), the hidden states' gradient and the head's trained weights' fp32 gradient
                 (loss_bytes). Counted in the activations.
-  reference     train.base_kl, or preference.loss dpo/ipo/hinge, with full/freeze: a frozen copy of the model in
-                the compute dtype (in "weights"). task preference: a micro batch is micro_batch_size pairs, i.e.
-                2 x micro_batch_size rows (chosen and rejected in one forward).
+  reference     train.base_kl, or preference.loss dpo/ipo/hinge/kto, with full/freeze: a frozen copy of the model
+                in the compute dtype (in "weights"), 1/world of it per GPU under ZeRO-3. format preference: a micro
+                batch is micro_batch_size pairs, i.e. 2 x micro_batch_size rows (chosen and rejected in one
+                forward); kto: micro_batch_size rows (its mismatched rows run without gradients).
   overhead      1 GiB per GPU for the CUDA context, NCCL and allocator slack.
 
 Host RAM with offload (per node) is DeepSpeed's: the offloaded states x 1.5 (its additional_buffer_factor).
@@ -250,7 +251,7 @@ class Plan:
 
 def micro_batch_tokens(cfg: Config) -> int:
     """Token slots of one micro batch: micro_batch_size rows of max_seq_len, two rows per pair for preference."""
-    return cfg.train.micro_batch_size * cfg.data.max_seq_len * (2 if cfg.task == "preference" else 1)
+    return cfg.train.micro_batch_size * cfg.data.max_seq_len * (2 if cfg.data.preference else 1)
 
 
 def needs_reference_copy(cfg: Config) -> bool:
@@ -323,11 +324,9 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
         row.quantized_base = quantized_weight_bytes + quant_overhead
         row.trainable_weights = float_trainable
     if needs_reference_copy(cfg):
-        if stage == 3:
-            what = "train.base_kl" if cfg.train.base_kl else f"preference.loss={cfg.preference.loss}"
-            row.supported, row.note = False, f"{what} with full/freeze needs ZeRO <= 2 (reference copy)"
-            return row
-        row.weights += facts.total * b  # the frozen reference copy the KL term / preference loss reads
+        # The frozen reference copy the KL term / preference loss reads; under ZeRO-3 partitioned like the model
+        # (its layers are gathered while it runs, not at the same time as the model's).
+        row.weights += facts.total * b / (world if stage == 3 else 1)
     partition = partition_numel(facts, stage, world)
     if stage in (0, 1):
         grads_16 = trainable * b

@@ -273,16 +273,19 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
 @pytest.mark.parametrize("layout", [
     ("distributed.zero_stage=3", "adapter.method=lora", "data.packing=true", "train.base_kl=0.2"),
     ("distributed.zero_stage=3", "adapter.method=full", "data.packing=false"),
+    ("distributed.zero_stage=3", "adapter.method=full", "train.base_kl=0.2"),
     ("distributed.zero_stage=0", "adapter.method=full", "data.packing=true", "train.base_kl=0.2"),
     ("distributed.zero_stage=2", "adapter.method=lora", "data.packing=false",
      "adapter.target_modules=[q_proj, v_proj, lm_head]", "model.gradient_checkpointing=true"),
     ("distributed.zero_stage=3", "adapter.method=lora", "adapter.target_modules=[q_proj, v_proj, lm_head]"),
-], ids=["zero3-lora-packing-base_kl", "zero3-full", "zero0-full-packing-base_kl", "zero2-lora_on_head-checkpointing",
+], ids=["zero3-lora-packing-base_kl", "zero3-full", "zero3-full-base_kl_partitioned_reference",
+        "zero0-full-packing-base_kl", "zero2-lora_on_head-checkpointing",
         "zero3-lora_on_head"])
 def test_two_process_chunked_runs_equal_full_ones(tmp_path, layout):
     """2 ranks, the same samples: under ZeRO-3 the head's weight is gathered once per micro batch (frozen with
     LoRA, the KL's base from the adapter disabled; trained with full fine-tuning, its gradient through
-    DeepSpeed's hooks); ZeRO-0 full with the KL to a reference copy; LoRA on the head with checkpointed blocks,
+    DeepSpeed's hooks; the KL's base a reference copy partitioned by ZeRO-3); ZeRO-0 full with the KL to a whole
+    reference copy; LoRA on the head with checkpointed blocks,
     and under ZeRO-3 (its partitioned B trains)."""
     assert_chunked_run_equals_full_run(tmp_path, ("launch", "--nproc", "2"), "checkpoint.every_steps=0", *layout)
 

@@ -120,9 +120,9 @@ def test_a_malformed_record_names_its_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["data.packing=true"], "data.packing: does not apply to task preference"),
-    (["data.eval=[{path: e.jsonl, format: chat}]", "train.eval_every=2"], "task preference reads format preference"),
+    (["data.eval=[{path: e.jsonl, format: chat}]", "train.eval_every=2"],
+     "preference.loss=dpo reads format preference"),
     (["train.loss_impl=full"], "every preference log-prob goes through the chunked loss"),
-    (["adapter.method=full", "distributed.zero_stage=3"], "needs a frozen reference copy"),
 ])
 def test_what_preference_does_not_cover_is_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):

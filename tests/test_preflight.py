@@ -22,8 +22,6 @@ CASES = [
      "distributed.offload: 'all' (ZeRO-3 parameter offload) with adapter.method=qlora is not supported"),
     (["model.attn_implementation=flash_attention_2"],
      "model.attn_implementation: flash_attention_2 needs flash-attn, which is not installed"),
-    (["train.base_kl=0.1", "adapter.method=full", "distributed.zero_stage=3"],
-     "train.base_kl: with adapter.method=full needs a frozen reference copy of the model"),
     (["data.max_seq_len=2048"], "data.max_seq_len: 2048 exceeds the model's max_position_embeddings (1024)"),
     (["train.effective_batch_size=32"], "train.effective_batch_size: 32, but micro_batch_size 8 x grad_accum_steps "
                                         "1 x 2 processes = 16; set train.grad_accum_steps=2"),

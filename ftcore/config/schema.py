@@ -90,13 +90,14 @@ class FieldNames(Section):
     output: str = "output"
     """alpaca: the answer (trained)."""
     prompt: str = "prompt"
-    """prompt_completion: the prompt (not trained)."""
+    """prompt_completion, preference, kto: the prompt (not trained)."""
     completion: str = "completion"
-    """prompt_completion: the completion (trained)."""
+    """prompt_completion, kto: the completion (trained)."""
     text: str = "text"
     """text and classification: the raw text."""
     label: str = "label"
-    """classification: the class, as a name from data.labels or an id (0-based integer)."""
+    """classification: the class, as a name from data.labels or an id (0-based integer); kto: true when the
+    completion is desirable, false when not."""
     chosen: str = "chosen"
     """preference: the preferred response (text, or a list of chat turns)."""
     rejected: str = "rejected"
@@ -108,11 +109,12 @@ class DataSource(Section):
     path: str
     """JSONL (.jsonl/.json, or .jsonl.gz), Parquet (.parquet), plain text (.txt/.md, optionally .gz), a directory
     of those, a glob (`corpus/*.jsonl.gz`), or a directory written by HF datasets' save_to_disk."""
-    format: Literal["chat", "alpaca", "text", "prompt_completion", "classification", "preference"] = "chat"
+    format: Literal["chat", "alpaca", "text", "prompt_completion", "classification", "preference", "kto"] = "chat"
     """chat: {"messages": [{"role", "content"}...]}; alpaca: instruction/input/output; text: {"text": ...};
     prompt_completion: {"prompt", "completion"} concatenated as raw text; classification: {"text", "label"} (for
     task classification); preference: {"prompt", "chosen", "rejected"}, each plain text or chat turns (for task
-    preference). Plain text files are format text."""
+    preference); kto: {"prompt", "completion", "label": true|false}, prompt and completion plain text or chat turns
+    (for task preference with preference.loss=kto). Plain text files are format text."""
     weight: float = Field(1.0, gt=0)
     """Share of this source in the training mix (weights are normalised over data.train); a source is repeated or
     subsampled, each in its own seeded order, to meet its share."""
@@ -174,6 +176,11 @@ class DataConfig(Section):
         """Sources of format preference (tied to task preference by Config's validator)."""
         return self.train[0].format == "preference"
 
+    @property
+    def kto(self) -> bool:
+        """Sources of format kto (tied to preference.loss=kto by Config's validator)."""
+        return self.train[0].format == "kto"
+
 
 class TrainConfig(Section):
     """train: batch, schedule, optimizer settings, evaluation and logging."""
@@ -217,7 +224,7 @@ class TrainConfig(Section):
     base_kl: float = Field(0.0, ge=0)
     """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
     take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
-    (one more model in memory per GPU; not with ZeRO-3)."""
+    (one more model per GPU; under ZeRO-3 partitioned like the model, 1/world of it per GPU)."""
     layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
     """Layer-wise learning-rate decay: block i of L trains at lr * decay^(L-1-i) (the top block at lr); weights
     below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""
@@ -227,19 +234,27 @@ class TrainConfig(Section):
 
 class PreferenceConfig(Section):
     """preference: the objective of task preference (chosen vs rejected responses to one prompt)."""
-    loss: Literal["dpo", "ipo", "hinge", "simpo", "orpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "hinge", "simpo", "orpo", "kto"] = "dpo"
     """dpo = -log sigmoid(beta * margin) (arXiv 2305.18290), margin = (log pi - log ref)(chosen) - (same)(rejected);
     ipo = (margin - 1 / (2 beta))^2 (2310.12036); hinge = max(0, 1 - beta * margin) (SLiC); simpo = -log sigmoid(
     beta * (mean log pi(chosen) - mean log pi(rejected)) - simpo_gamma), no reference (2405.14734); orpo = the
     chosen response's NLL per token - orpo_lambda * log sigmoid(log odds ratio of the mean log-probs), no reference
-    (2403.07691). The reference (dpo/ipo/hinge) is the same model with the adapter disabled (LoRA/QLoRA) or a
-    frozen copy (full/freeze, ZeRO <= 2)."""
+    (2403.07691); kto = on format kto data (one completion, desirable or not), desirable: kto_desirable_weight *
+    (1 - sigmoid(beta * (log pi - log ref - z))), undesirable: kto_undesirable_weight * (1 - sigmoid(beta * (z -
+    log pi + log ref))), z = max(0, mean log pi - log ref of mismatched prompt/completion rows over the step), the
+    mean over the step's samples (2402.01306). The reference (dpo/ipo/hinge/kto) is the same model with the adapter
+    disabled (LoRA/QLoRA) or a frozen copy (full/freeze; under ZeRO-3 partitioned like the model)."""
     beta: float = Field(0.1, gt=0)
     """The inverse temperature of the reward: dpo/ipo/hinge 0.1 is usual; simpo's paper uses 2.0-2.5."""
     simpo_gamma: float = Field(1.0, ge=0)
     """SimPO's target reward margin gamma (the paper's gamma / beta of about 0.5 at beta 2)."""
     orpo_lambda: float = Field(0.1, ge=0)
     """ORPO's weight lambda of the odds-ratio term beside the chosen response's NLL."""
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    """KTO's lambda_D, the weight of a desirable sample's loss; with unbalanced data the paper keeps
+    desirable_weight x desirable samples / (undesirable_weight x undesirable samples) within 1 to 4/3."""
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    """KTO's lambda_U, the weight of an undesirable sample's loss."""
 
 
 class DistributedConfig(Section):
@@ -275,7 +290,8 @@ class Config(Section):
     task: Literal["causal_lm", "classification", "preference"] = "causal_lm"
     """causal_lm = next-token training of a causal LM; classification = a sequence-classification head on it
     (AutoModelForSequenceClassification), cross-entropy on data.labels, eval accuracy / macro-F1 / confusion matrix;
-    preference = chosen-vs-rejected training of a causal LM (format preference data, the preference section)."""
+    preference = preference training of a causal LM, chosen vs rejected (format preference) or desirable vs
+    undesirable completions (format kto, preference.loss=kto); the preference section."""
     output_dir: str = "outputs/run"
     """Run directory: checkpoints/, final/, logs. A rerun with the same output_dir resumes."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -343,11 +359,6 @@ class Config(Section):
                                "optimizer or none")
         if self.train.loss_impl in ("chunked", "fused"):
             self._check_chunked_loss()
-        if self.train.base_kl and a.method in ("full", "freeze") and d.zero_stage == 3:
-            raise _field_error("train.base_kl", f"with adapter.method={a.method} needs a frozen reference copy of "
-                               "the model, which this release does not partition under ZeRO-3: use "
-                               "distributed.zero_stage <= 2, or adapter.method=lora/qlora (the base comes from the "
-                               "same weights with the adapter disabled)")
 
     def _check_chunked_loss(self) -> None:
         """What an explicit train.loss_impl=chunked/fused does not cover, refused by name (auto picks around it)."""
@@ -382,18 +393,22 @@ class Config(Section):
             self._check_preference(sources)
         else:
             for where, i, s in sources:
-                if s.format in ("classification", "preference"):
-                    raise _field_error(f"{where}.{i}.format", f"format {s.format} needs task: {s.format}")
+                if s.format in ("classification", "preference", "kto"):
+                    needs = "task: preference and preference.loss: kto" if s.format == "kto" else f"task: {s.format}"
+                    raise _field_error(f"{where}.{i}.format", f"format {s.format} needs {needs}")
             if data.labels is not None:
                 raise _field_error("data.labels", "applies to task classification only")
 
     def _check_preference(self, sources: list) -> None:
         """task preference: its data, and what this release does not cover, refused by name."""
         data, t = self.data, self.train
+        kto = self.preference.loss == "kto"
+        wanted = "kto" if kto else "preference"
         for where, i, s in sources:
-            if s.format != "preference":
-                raise _field_error(f"{where}.{i}.format", f"task preference reads format preference ({{prompt, "
-                                   f"chosen, rejected}} records); {s.path} is {s.format}")
+            if s.format != wanted:
+                shape = "{prompt, completion, label}" if kto else "{prompt, chosen, rejected}"
+                raise _field_error(f"{where}.{i}.format", f"preference.loss={self.preference.loss} reads format "
+                                   f"{wanted} ({shape} records); {s.path} is {s.format}")
         refused = [("data.packing", data.packing, "pairs are right-padded, chosen and rejected in one batch"),
                    ("data.train_on", data.train_on is not None, "the responses train, the prompt never"),
                    ("train.base_kl", t.base_kl > 0, "the preference loss has its own reference term"),
@@ -402,12 +417,6 @@ class Config(Section):
         for name, bad, why in refused:
             if bad:
                 raise _field_error(name, f"does not apply to task preference: {why}")
-        if (self.preference.loss in ("dpo", "ipo", "hinge") and self.adapter.method in ("full", "freeze")
-                and self.distributed.zero_stage == 3):
-            raise _field_error("preference.loss", f"{self.preference.loss} with adapter.method={self.adapter.method} "
-                               "needs a frozen reference copy, which this release does not partition under ZeRO-3: "
-                               "use distributed.zero_stage <= 2, adapter.method=lora/qlora, or a reference-free loss "
-                               "(simpo, orpo)")
 
     @property
     def classification(self) -> bool:

@@ -31,7 +31,8 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
     seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
     positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
-    pairs: int = 0  # task preference: rows [chosen..., rejected...] of this many pairs
+    examples: int = 0  # task preference: the examples the loss averages over (pairs, or KTO samples)
+    kto: Any = None  # format kto: ftcore.data.preference.KTOBatch (desirable flags, the mismatched rows)
 
     @property
     def trained_tokens(self) -> int:
@@ -53,8 +54,12 @@ class Batch:
                      dtype: Optional[torch.dtype] = None) -> dict:
         """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs)."""
         if self.position_ids is None:
-            return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                    "labels": self.labels.to(device), "use_cache": False}
+            out = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                   "labels": self.labels.to(device), "use_cache": False}
+            if self.kto is not None:  # read (and removed) by the KTO objective, never passed to the model
+                out["kto_desirable"] = self.kto.desirable.to(device)
+                out["kto_mismatched"] = self.kto.mismatched.model_inputs(device)
+            return out
         extra = packed_attention_inputs(self.seq_lens, self.input_ids.shape[1], attn_implementation, dtype)
         ids, labels, positions = self.input_ids, self.labels, self.position_ids
         if attn_implementation == "flash_attention_2":  # one varlen sequence: rows flattened
@@ -118,15 +123,20 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False,
-                     preference: bool = False) -> list[Batch]:
+                     preference: bool = False, kto: bool = False) -> list[Batch]:
     """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
-    collective under ZeRO-3). A preference filler is a pair of such samples (it counts as no pair)."""
+    collective under ZeRO-3). A preference filler is a pair of such samples (it counts as no pair), a KTO filler
+    one such sample with one such mismatched row (it counts as no sample)."""
     filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
 
     def one() -> Batch:
-        if preference:
-            batch = collate([filler, filler], pad_id, [])
-            batch.pairs = 1
+        if preference or kto:
+            batch = collate([filler, filler] if preference else [filler], pad_id, [])
+            batch.examples = 1
+            if kto:
+                from ftcore.data.preference import KTOBatch
+
+                batch.kto = KTOBatch(torch.tensor([True]), collate([filler], pad_id, []))
             return batch
         return collate([filler], pad_id, [], classification)
 

@@ -23,7 +23,7 @@ from ftcore.data.chat_template import ROLES, assistant_char_spans
 
 IGNORE_INDEX = -100
 DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "prompt_completion": "completion", "text": "all",
-                    "classification": "all", "preference": "completion"}
+                    "classification": "all", "preference": "completion", "kto": "completion"}
 VALID_TRAIN_ON = {
     "chat": {"assistant", "last_assistant", "all"},
     "alpaca": {"completion", "all"},
@@ -31,6 +31,7 @@ VALID_TRAIN_ON = {
     "text": {"all"},
     "classification": {"all"},
     "preference": {"completion"},
+    "kto": {"completion"},
 }
 
 

@@ -82,6 +82,8 @@ def inspect_data(cfg: Config, tokenizer: Any, show: int, scan: int) -> InspectRe
                 labels = batch.labels[row][: len(ids)].tolist()
                 trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
             lengths.append(len(ids))
+            if stream.kto:
+                name = "desirable" if bool(batch.kto.desirable[0]) else "undesirable"
             if i < show:
                 shown.append((f"{sample_id} ({name})" if name else sample_id, token_pieces(tokenizer, ids, labels)))
     efficiency, rows = simulate_packing(lengths, cfg.data.max_seq_len, cfg.data.packing_buffer)

@@ -1,5 +1,6 @@
-"""Preference pairs: a record {prompt, chosen, rejected} -> two tokenized samples that share the prompt, and the
-batch that holds them (task preference).
+"""Preference data (task preference): a pair record {prompt, chosen, rejected} -> two tokenized samples that share
+the prompt (format preference); a KTO record {prompt, completion, label} -> one sample marked desirable or not
+(format kto); and the batches that hold them.
 
 Each field may be plain text or a list of chat turns (the shapes of UltraFeedback- and TRL-style datasets):
 - all plain text: BOS + prompt, then the response + EOS (raw text, as format prompt_completion);
@@ -11,7 +12,14 @@ Only the response tokens train (the prompt's labels are -100).
 Truncation to data.max_seq_len (L), so that both responses stay comparable: when the prompt plus the longer
 response exceeds L, the prompt loses tokens from its start (its first token kept when it is BOS) down to
 L - longer response, but never below min(prompt, L // 2) tokens; then each response is cut at its end to fit
-what is left. Both responses always follow the same prompt tokens."""
+what is left. Both responses always follow the same prompt tokens. A KTO sample is truncated by the same rule
+with its one completion.
+
+A KTO batch also holds, for its reference point (the KL term of arXiv 2402.01306), mismatched rows: each sample's
+prompt followed by another sample's completion (token-level concatenation, truncated by the same rule), which the
+loss scores without training on them. The other sample is the next one in stream order (training: the record at
+the next stream position, whichever rank trains it; eval: the next sample of the whole eval set), so the rows do
+not depend on how samples are dealt to ranks and micro batches."""
 
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ def _prompt_and_response(ids: list[int], labels: list[int]) -> tuple[list[int], 
 
 def _chat_sample(tokenizer: Any, prompt: list[dict], response: list[dict], name: str) -> tuple[list, list, list]:
     if len(response) != 1 or response[0]["role"] != "assistant":
-        raise RecordError(f"preference field {name!r} must be one assistant turn (got "
+        raise RecordError(f"field {name!r} must be one assistant turn (got "
                           f"{'/'.join(m['role'] for m in response) or 'none'})")
     try:
         text, spans = assistant_char_spans(tokenizer, prompt + response, "last_assistant")
@@ -60,11 +68,11 @@ def _chat_sample(tokenizer: Any, prompt: list[dict], response: list[dict], name:
     labels = [t if any(s <= a < e for s, e in spans) and b > a else IGNORE_INDEX
               for t, (a, b) in zip(ids, enc["offset_mapping"])]
     if all(label == IGNORE_INDEX for label in labels):
-        raise RecordError(f"preference field {name!r} renders to no response tokens")
+        raise RecordError(f"field {name!r} renders to no response tokens")
     return _prompt_and_response(ids, labels)
 
 
-def _turns_or_text(record: dict, name: str, spec: RecordSpec, optional: bool = False):
+def _turns_or_text(record: dict, name: str, spec: RecordSpec, optional: bool = False, kind: str = "preference"):
     value = record.get(name)
     if value is None and optional:
         return None
@@ -73,7 +81,7 @@ def _turns_or_text(record: dict, name: str, spec: RecordSpec, optional: bool = F
     if isinstance(value, list):
         return parse_turns(value, name, spec)
     got = "missing" if name not in record else type(value).__name__
-    raise RecordError(f"preference field {name!r} is {got}; expected text or a list of chat turns")
+    raise RecordError(f"{kind} field {name!r} is {got}; expected text or a list of chat turns")
 
 
 def tokenize_pair(record: Any, spec: RecordSpec, tokenizer: Any, max_seq_len: int) -> Pair:
@@ -82,35 +90,18 @@ def tokenize_pair(record: Any, spec: RecordSpec, tokenizer: Any, max_seq_len: in
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     f = spec.fields
     prompt = _turns_or_text(record, f.prompt, spec, optional=True)
-    chosen, rejected = _turns_or_text(record, f.chosen, spec), _turns_or_text(record, f.rejected, spec)
-    if prompt is None:
-        if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise RecordError(f"preference field {f.prompt!r} is missing (without it, {f.chosen!r} and "
-                              f"{f.rejected!r} must be whole conversations)")
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-            shared += 1
-        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        if not prompt:
-            raise RecordError(f"{f.chosen!r} and {f.rejected!r} share no leading turns to be the prompt")
-    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
-        prompt_ids = _bos_eos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], eos=False)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + eos for r in (chosen, rejected)]
-        parts = [(prompt_ids, r, list(r)) for r in responses]
-    else:
-        def turns(x: Any, role: str) -> list[dict]:
-            return [{"role": role, "content": x}] if isinstance(x, str) else x
-
-        parts = [_chat_sample(tokenizer, turns(prompt, "user"), turns(r, "assistant"), name)
-                 for r, name in ((chosen, f.chosen), (rejected, f.rejected))]
-        if parts[0][0] != parts[1][0]:
-            raise RecordError(f"{f.chosen!r} and {f.rejected!r} render different prompt tokens with this chat "
-                              "template; give the prompt as its own field")
-    return _truncated(parts, max_seq_len, tokenizer.bos_token_id)
+    prompt, (chosen, rejected) = _split_conversation(
+        prompt, [_turns_or_text(record, f.chosen, spec), _turns_or_text(record, f.rejected, spec)],
+        [f.chosen, f.rejected], f.prompt, "preference")
+    parts = _parts(tokenizer, prompt, [(chosen, f.chosen), (rejected, f.rejected)])
+    samples, truncated, _ = _truncated(parts, max_seq_len, tokenizer.bos_token_id)
+    return Pair(samples[0], samples[1], truncated)
 
 
-def _truncated(parts: list[tuple[list, list, list]], limit: int, bos: Any) -> Pair:
+def _truncated(parts: list[tuple[list, list, list]], limit: int,
+               bos: Any) -> tuple[list[Tokenized], bool, list[int]]:
+    """The samples (prompt + each response) cut to `limit` by the module's rule, whether anything was cut, and the
+    prompt tokens they keep."""
     prompt = parts[0][0]
     longest = max(len(p[1]) for p in parts)
     truncated = len(prompt) + longest > limit
@@ -126,13 +117,123 @@ def _truncated(parts: list[tuple[list, list, list]], limit: int, bos: Any) -> Pa
         samples.append(Tokenized(prompt + ids[:room], labels))
     for s in samples:  # position 0 is never predicted (as _finish marks it)
         s.labels[0] = IGNORE_INDEX
-    return Pair(samples[0], samples[1], truncated)
+    return samples, truncated, prompt
+
+
+@dataclass
+class KTOSample:
+    """One KTO record, tokenized: its prompt's tokens and its completion's, whether the completion is desirable,
+    and `sample`, the two joined and truncated (what trains)."""
+
+    prompt: list[int]
+    completion_ids: list[int]
+    completion_labels: list[int]
+    desirable: bool
+    sample: Tokenized
+    truncated: bool = False
+
+    @property
+    def trained_tokens(self) -> int:
+        """Completion tokens that train."""
+        return self.sample.trained_tokens
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def with_completion_of(self, other: "KTOSample", limit: int, bos: Any) -> Tokenized:
+        """This prompt followed by `other`'s completion, truncated like a sample (a mismatched row)."""
+        return _truncated([(self.prompt, other.completion_ids, other.completion_labels)], limit, bos)[0][0]
+
+
+def _parts(tokenizer: Any, prompt: Any, responses: list[tuple[Any, str]]) -> list[tuple[list, list, list]]:
+    """(prompt ids, response ids, response labels) per response: raw text (BOS + prompt, response + EOS) when all
+    are text, else rendered with the chat template (a text prompt is one user turn, a text response one assistant
+    turn); RecordError when the responses would not follow the same prompt tokens."""
+    if isinstance(prompt, str) and all(isinstance(r, str) for r, _ in responses):
+        prompt_ids = _bos_eos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], eos=False)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [(prompt_ids, ids, list(ids)) for ids in
+                (tokenizer(r, add_special_tokens=False)["input_ids"] + eos for r, _ in responses)]
+
+    def turns(x: Any, role: str) -> list[dict]:
+        return [{"role": role, "content": x}] if isinstance(x, str) else x
+
+    parts = [_chat_sample(tokenizer, turns(prompt, "user"), turns(r, "assistant"), name) for r, name in responses]
+    if any(p[0] != parts[0][0] for p in parts):
+        raise RecordError(f"{' and '.join(repr(n) for _, n in responses)} render different prompt tokens with this "
+                          "chat template; give the prompt as its own field")
+    return parts
+
+
+def _split_conversation(prompt: Any, responses: list[Any], names: list[str], prompt_name: str,
+                        kind: str) -> tuple[Any, list]:
+    """Without a prompt field, the responses are whole conversations: their common leading turns are the prompt
+    (for one response: every turn before its last)."""
+    if prompt is not None:
+        return prompt, responses
+    if not all(isinstance(r, list) for r in responses):
+        raise RecordError(f"{kind} field {prompt_name!r} is missing (without it, "
+                          f"{' and '.join(repr(n) for n in names)} must be whole conversation{'s' * (len(names) > 1)})")
+    if len(responses) == 1:
+        shared = len(responses[0]) - 1
+    else:
+        shared = 0
+        while shared < min(len(r) for r in responses) - 1 and all(r[shared] == responses[0][shared]
+                                                                    for r in responses):
+            shared += 1
+    if not shared:
+        raise RecordError(f"{' and '.join(repr(n) for n in names)} "
+                          f"{'share no leading turns' if len(names) > 1 else 'has no turn before its last'} "
+                          "to be the prompt")
+    return responses[0][:shared], [r[shared:] for r in responses]
+
+
+def tokenize_kto(record: Any, spec: RecordSpec, tokenizer: Any, max_seq_len: int) -> KTOSample:
+    """A KTO record {prompt, completion, label: true|false} tokenized and truncated (module docstring)."""
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    f = spec.fields
+    label = record.get(f.label)
+    if not isinstance(label, bool):
+        got = "missing" if f.label not in record else repr(label)
+        raise RecordError(f"kto field {f.label!r} is {got}; expected true (desirable) or false (undesirable)")
+    prompt = _turns_or_text(record, f.prompt, spec, optional=True, kind="kto")
+    prompt, (completion,) = _split_conversation(prompt, [_turns_or_text(record, f.completion, spec, kind="kto")],
+                                                [f.completion], f.prompt, "kto")
+    ((prompt_ids, ids, labels),) = _parts(tokenizer, prompt, [(completion, f.completion)])
+    (sample,), truncated, kept = _truncated([(prompt_ids, ids, labels)], max_seq_len, tokenizer.bos_token_id)
+    return KTOSample(kept, ids, labels, label, sample, truncated)
+
+
+def collate_kto(samples: list[KTOSample], partners: list[KTOSample], pad_id: int, sample_ids: list[str],
+                limit: int, bos: Any) -> Batch:
+    """The samples' rows, right-padded, with `kto`: which are desirable, and the mismatched rows (sample i's
+    prompt, partners[i]'s completion) as their own padded batch."""
+    batch = collate([s.sample for s in samples], pad_id, sample_ids)
+    mismatched = collate([s.with_completion_of(p, limit, bos) for s, p in zip(samples, partners)], pad_id, [])
+    batch.kto = KTOBatch(torch.tensor([s.desirable for s in samples]), mismatched)
+    batch.examples = len(samples)
+    return batch
+
+
+@dataclass
+class KTOBatch:
+    """What a KTO batch holds beside its rows: desirable[i] for row i, and the mismatched rows."""
+
+    desirable: torch.Tensor
+    mismatched: Batch
+
+
+def rotated(samples: list[Any]) -> list[Any]:
+    """Each sample's partner for the mismatched rows in a list in stream order: the next one (the last's is the
+    first)."""
+    return samples[1:] + samples[:1]
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int, sample_ids: list[str]) -> Batch:
     """Rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded: one forward for both responses."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, sample_ids)
-    batch.pairs = len(pairs)
+    batch.examples = len(pairs)
     return batch
 
 

@@ -24,7 +24,7 @@ from ftcore.data.batch import Batch, Piece, collate, collate_packed, pad_token_i
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
 from ftcore.data.order import WINDOW_BLOCKS, Mixture, RankCursor, SourceOrder, reshard
 from ftcore.data.packing import BestFitPacker
-from ftcore.data.preference import collate_pairs, tokenize_pair
+from ftcore.data.preference import collate_kto, collate_pairs, rotated, tokenize_kto, tokenize_pair
 from ftcore.data.sources import FileSource, RawRecord, expand, open_file
 
 STATE_VERSION = 2
@@ -161,6 +161,13 @@ class SampleMaker:
                     c["skipped_no_trained_tokens"] += 1
                     return [None]
                 return [pair]
+            if spec.format == "kto":  # one completion, truncated by the pairs' rule
+                kto = tokenize_kto(parse_record(raw, spec), spec, self.tokenizer, self.cfg.max_seq_len)
+                c["truncated"] += int(kto.truncated)
+                if kto.trained_tokens == 0:
+                    c["skipped_no_trained_tokens"] += 1
+                    return [None]
+                return [kto]
             sample = tokenize_record(parse_record(raw, spec), spec, self.tokenizer)
         except RecordError as e:
             if self.cfg.on_error == "raise":
@@ -224,7 +231,7 @@ class TrainStream:
         self.fifo: deque[Piece] = deque()
         self.barren_limit = min(MAX_BARREN_RUN, sum(len(g) for g in self.groups))
         self.classification = data_cfg.classification
-        self.preference = data_cfg.preference
+        self.preference, self.kto = data_cfg.preference, data_cfg.kto
 
     @property
     def counters(self) -> dict:
@@ -293,6 +300,10 @@ class TrainStream:
             pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
             if self.preference:
                 batch = collate_pairs([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces])
+            elif self.kto:
+                batch = collate_kto([p.sample for p in pieces], [self._kto_partner(p.tag[0]) for p in pieces],
+                                    self.pad_id, [p.sample_id for p in pieces], self.cfg.max_seq_len,
+                                    self.tokenizer.bos_token_id)
             else:
                 batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces],
                                 self.classification)
@@ -306,6 +317,16 @@ class TrainStream:
         batch = collate_packed(rows, self.pad_id)
         self._emitted([p for row in rows for p in row], batch.input_ids.numel())
         return batch
+
+    def _kto_partner(self, position: int) -> Any:
+        """The sample whose completion a KTO sample's mismatched row takes: the one at the next stream position
+        that yields one (read here, whichever rank trains it), so the step's mismatched rows, and with them KTO's
+        reference point, are the same at any world size and accumulation."""
+        for after in range(1, self.barren_limit + 1):
+            pieces = self._pieces_at(position + after, -1, count=False)
+            if pieces:
+                return pieces[0].sample
+        raise DataError(f"data.train: no usable record within {self.barren_limit} positions after {position}")
 
     @property
     def packing_efficiency(self) -> Optional[float]:
@@ -367,21 +388,31 @@ def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: in
     Ranks may end up with different batch counts (skipped records); pad_eval_batches evens them out."""
     maker = SampleMaker(data_cfg, tokenizer)
     mine: list[tuple[Tokenized, str]] = []
+    partner_of: dict[int, Any] = {}  # kto: id(sample) -> its partner, the next sample of the whole eval set
     index = 0
+    everything = []
     for i, spec in enumerate(data_cfg.eval or []):
         group = SourceGroup(spec, data_cfg, i, 0)
         for raw in group.all_records():
-            if index % world_size == rank:
+            # KTO's mismatched rows pair each sample with the next one of the whole set, so every rank reads
+            # every record (the reference point is then the same at any world size).
+            if index % world_size == rank or data_cfg.kto:
                 made = maker.make(raw, group.spec)
-                mine += [(s, f"{raw.where}#{j}" if len(made) > 1 else raw.where)
-                         for j, s in enumerate(made) if s is not None]
+                kept = [(s, f"{raw.where}#{j}" if len(made) > 1 else raw.where)
+                        for j, s in enumerate(made) if s is not None]
+                everything += kept
+                if index % world_size == rank:
+                    mine += kept
             index += 1
     pad = pad_token_id(tokenizer)
     classification = data_cfg.classification
+    if data_cfg.kto and everything:
+        samples = [s for s, _ in everything]
+        partner_of = {id(s): p for s, p in zip(samples, rotated(samples))}
+    chunks = [mine[b:b + micro_batch_size] for b in range(0, len(mine), micro_batch_size)]
+    if data_cfg.kto:
+        return [collate_kto([s for s, _ in c], [partner_of[id(s)] for s, _ in c], pad, [w for _, w in c],
+                            data_cfg.max_seq_len, tokenizer.bos_token_id) for c in chunks]
     if data_cfg.preference:
-        return [collate_pairs([s for s, _ in mine[b:b + micro_batch_size]], pad,
-                              [w for _, w in mine[b:b + micro_batch_size]])
-                for b in range(0, len(mine), micro_batch_size)]
-    return [collate([s for s, _ in mine[b:b + micro_batch_size]], pad,
-                    [w for _, w in mine[b:b + micro_batch_size]], classification)
-            for b in range(0, len(mine), micro_batch_size)]
+        return [collate_pairs([s for s, _ in c], pad, [w for _, w in c]) for c in chunks]
+    return [collate([s for s, _ in c], pad, [w for _, w in c], classification) for c in chunks]

@@ -2,7 +2,7 @@
 no rank waits alone in a collective), the sums are all-reduced. Causal LM: loss per trained token and perplexity.
 Classification: loss per sample, accuracy, macro-F1 and the confusion matrix, made from every sample's
 prediction, which is written to output_dir/eval/step{N}.json (so anyone can recompute the scores). Preference:
-the pairs' mean loss, reward accuracy and margin, rewards and log-probs."""
+the pairs' (KTO: samples') mean loss, reward accuracy and margin, rewards and log-probs."""
 
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ class Evaluator:
                 "eval_confusion": scores["confusion"]}
 
     def _preference(self, engine: Any, step: int) -> dict:
-        """Means over the eval pairs: eval_loss, eval_reward_accuracy, eval_reward_margin, eval_rewards_chosen /
-        _rejected, eval_logps_chosen / _rejected, and eval_pairs."""
+        """Means over the eval pairs (KTO: samples): eval_loss, eval_reward_accuracy, eval_reward_margin,
+        eval_rewards_chosen / _rejected, eval_logps_chosen / _rejected, and eval_pairs (eval_samples, eval_kl)."""
         sums: dict[str, float] = {}
+        self.objective.start_step(engine, (self.model_inputs(batch) for batch in self.eval_set))
         for batch in self.eval_set:
             result = self.objective.eval_loss(engine, self.model_inputs(batch))
             for name, value in result.terms.items():
@@ -73,10 +74,7 @@ class Evaluator:
         engine.train()
         names = sorted(sums)
         totals = dict(zip(names, self.runtime.all_reduce([sums[n] for n in names])))
-        pairs = totals.pop("pairs")
-        metrics = {"step": step, "eval_pairs": int(pairs)}
-        metrics.update({f"eval_{name}": value / max(pairs, 1) for name, value in totals.items()})
-        return metrics
+        return {"step": step, **{f"eval_{name}": value for name, value in self.objective.eval_report(totals).items()}}
 
     def _save_predictions(self, step: int, predictions: list[tuple[str, int, int]], scores: dict) -> None:
         labels = self.cfg.data.labels

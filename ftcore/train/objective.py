@@ -10,7 +10,7 @@ passes a normaliser of 1 and gets the sum."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -28,7 +28,15 @@ class LossOutput:
 
 
 class Objective:
-    """The interface: __call__ for training, eval_loss for evaluation (the task loss only)."""
+    """The interface: __call__ for training, eval_loss for evaluation (the task loss only); start_step and report
+    for an objective with a quantity of the whole step (KTO's reference point)."""
+
+    def start_step(self, model: Any, micro_inputs: Iterable[dict]) -> None:
+        """Called on every rank with the step's micro batches (or the eval set's) before any of them runs."""
+
+    def report(self, totals: dict[str, float]) -> dict[str, float]:
+        """The step's terms, summed over micro batches and ranks -> the metrics logged (as they are here)."""
+        return totals
 
     def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
         """The micro batch's loss / normaliser, with its output and reported terms."""

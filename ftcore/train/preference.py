@@ -15,7 +15,7 @@ over that count (all ranks), so accumulation and data parallelism give the same 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ftcore.config import PreferenceConfig
 from ftcore.train.objective import LossOutput, Objective
 
-NEEDS_REFERENCE = ("dpo", "ipo", "hinge")
+NEEDS_REFERENCE = ("dpo", "ipo", "hinge", "kto")
 
 
 def preference_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -63,10 +63,9 @@ def preference_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor
     return loss, beta * mean_chosen, beta * mean_rejected
 
 
-class PreferenceLoss(Objective):
-    """The preference objective of a run, for micro batches of collate_pairs rows; normaliser = pairs in the step
-    over all ranks. Reported per step: loss, rewards_chosen, rewards_rejected, reward_margin, reward_accuracy,
-    logps_chosen, logps_rejected (means over the step's pairs)."""
+class _ResponseLogpObjective(Objective):
+    """What the preference objectives share: one forward over a batch's rows, the summed response log-prob of
+    each row through the chunked head (module docstring), and the gradient of a loss of those sums."""
 
     def __init__(self, cfg: PreferenceConfig, unwrap: Any, chunk_tokens: int, transform: Any,
                  reference: Optional[torch.nn.Module] = None):
@@ -74,8 +73,10 @@ class PreferenceLoss(Objective):
         self.reference = reference
         self.zero3_head = None
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
-        """The pairs' summed loss / normaliser, with the reward metrics."""
+    def _loss_of_logps(self, model: Any, inputs: dict, loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]):
+        """(loss to backpropagate, model output, each row's summed response log-probs, what loss_of returned
+        beside the loss): loss_of maps the rows' log-prob sums (a leaf tensor) to (summed loss / normaliser,
+        extras); its gradient reaches the weights by the chain rule through the chunked head."""
         from ftcore.train.chunked_loss import (
             DecoderOutput,
             HeadTensors,
@@ -90,18 +91,9 @@ class PreferenceLoss(Objective):
         inner = self.unwrap(model)
         if self.zero3_head is None:
             self.zero3_head = TrainedHeadUnderZero3(inner.get_output_embeddings())
-        without_labels = {k: v for k, v in inputs.items() if k != "labels"}
         targets = shifted_labels(inputs["labels"])
-        pairs = targets.shape[0] // 2
-        tokens = (targets != -100).sum(dim=1).float()
-        # An eval filler pair (every label -100) counts as no pair: its loss and metrics are 0.
-        real = (tokens[:pairs] > 0) & (tokens[pairs:] > 0)
-        tokens = tokens.clamp(min=1)
-        reference_logps = None
-        if self.cfg.loss in NEEDS_REFERENCE:
-            reference_logps = self._reference_logps(model, inner, without_labels, targets)
         with DecoderOutput(inner).capture() as decoder:
-            out = model(**without_labels, logits_to_keep=1)
+            out = model(**_model_inputs(inputs), logits_to_keep=1)
         head = inner.get_output_embeddings()
         with gathered(head):
             tensors = head_tensors(head, decoder.hidden)
@@ -111,11 +103,7 @@ class PreferenceLoss(Objective):
                                                   self.transform).sum(dim=1)
             sums = policy_logps.detach().requires_grad_(torch.is_grad_enabled())
             with torch.enable_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                ref_c, ref_r = (reference_logps[:pairs], reference_logps[pairs:]) if reference_logps is not None \
-                    else (None, None)
-                losses, chosen_reward, rejected_reward = preference_losses(
-                    sums[:pairs], sums[pairs:], ref_c, ref_r, tokens[:pairs], tokens[pairs:], self.cfg)
-                loss_value = torch.where(real, losses, 0.0).sum() / normaliser
+                loss_value, extras = loss_of(sums)
             if torch.is_grad_enabled():
                 (per_sequence,) = torch.autograd.grad(loss_value, sums)
                 # d loss / d logp(token) = d loss / d (its sequence's sum); CE = -logp, so weigh CE by minus it.
@@ -127,9 +115,77 @@ class PreferenceLoss(Objective):
                 loss = weighted + (loss_value.detach() - weighted.detach())
             else:
                 loss = loss_value.detach()
+        return loss, out, policy_logps, extras
+
+    def _reference_logps(self, model: Any, inputs: dict) -> torch.Tensor:
+        """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
+        from ftcore.train.chunked_loss import (
+            HeadTensors,
+            base_model_output,
+            chunked_token_logprobs,
+            gathered,
+            head_parts,
+            shifted_labels,
+        )
+
+        hidden, head = base_model_output(model, self.unwrap(model), self.reference, _model_inputs(inputs))
+        with torch.no_grad(), gathered(head):
+            linear = head_parts(head, "reference's head")[0]
+            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias),
+                                           shifted_labels(inputs["labels"]), self.chunk_tokens, self.transform)
+        return logps.sum(dim=1)
+
+    def _policy_logps(self, model: Any, inputs: dict) -> torch.Tensor:
+        """Summed response log-probs of the policy, without gradients."""
+        from ftcore.train.chunked_loss import (
+            DecoderOutput,
+            chunked_token_logprobs,
+            gathered,
+            head_tensors,
+            shifted_labels,
+        )
+
+        inner = self.unwrap(model)
+        with torch.no_grad(), DecoderOutput(inner).capture() as decoder:
+            model(**_model_inputs(inputs), logits_to_keep=1)
+        head = inner.get_output_embeddings()
+        with torch.no_grad(), gathered(head):
+            logps = chunked_token_logprobs(decoder.hidden, head_tensors(head, decoder.hidden),
+                                           shifted_labels(inputs["labels"]), self.chunk_tokens, self.transform)
+        return logps.sum(dim=1)
+
+
+def _model_inputs(inputs: dict) -> dict:
+    """The model's keyword arguments: without the labels and what only the objective reads."""
+    return {k: v for k, v in inputs.items() if k not in ("labels", "kto_desirable", "kto_mismatched")}
+
+
+class PreferenceLoss(_ResponseLogpObjective):
+    """The pairwise objectives (dpo, ipo, hinge, simpo, orpo), for micro batches of collate_pairs rows;
+    normaliser = pairs in the step over all ranks. Reported per step: loss, rewards_chosen, rewards_rejected,
+    reward_margin, reward_accuracy, logps_chosen, logps_rejected (means over the step's pairs)."""
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """The pairs' summed loss / normaliser, with the reward metrics."""
+        labels = inputs["labels"]
+        pairs = labels.shape[0] // 2
+        tokens = (labels[:, 1:] != -100).sum(dim=1).float()
+        # An eval filler pair (every label -100) counts as no pair: its loss and metrics are 0.
+        real = (tokens[:pairs] > 0) & (tokens[pairs:] > 0)
+        tokens = tokens.clamp(min=1)
+        reference_logps = self._reference_logps(model, inputs) if self.cfg.loss in NEEDS_REFERENCE else None
+        ref_c, ref_r = (reference_logps[:pairs], reference_logps[pairs:]) if reference_logps is not None \
+            else (None, None)
+
+        def loss_of(sums: torch.Tensor):
+            losses, chosen_reward, rejected_reward = preference_losses(
+                sums[:pairs], sums[pairs:], ref_c, ref_r, tokens[:pairs], tokens[pairs:], self.cfg)
+            return torch.where(real, losses, 0.0).sum() / normaliser, (chosen_reward, rejected_reward)
+
+        loss, out, policy_logps, (chosen_reward, rejected_reward) = self._loss_of_logps(model, inputs, loss_of)
         real_f = real.float()
         chosen_reward, rejected_reward = chosen_reward.detach() * real_f, rejected_reward.detach() * real_f
-        terms = {"loss": loss_value.detach(),
+        terms = {"loss": loss.detach(),
                  "rewards_chosen": chosen_reward.sum() / normaliser,
                  "rewards_rejected": rejected_reward.sum() / normaliser,
                  "reward_margin": (chosen_reward - rejected_reward).sum() / normaliser,
@@ -147,19 +203,86 @@ class PreferenceLoss(Objective):
         result.terms["pairs"] = (trained[:half] & trained[half:]).float().sum()
         return result
 
-    def _reference_logps(self, model: Any, inner: Any, without_labels: dict, targets: torch.Tensor) -> torch.Tensor:
-        """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
-        from ftcore.train.chunked_loss import (
-            HeadTensors,
-            base_model_output,
-            chunked_token_logprobs,
-            gathered,
-            head_parts,
-        )
+    def eval_report(self, totals: dict[str, float]) -> dict:
+        """The eval set's sums -> "pairs" and the mean of every term over them."""
+        pairs = totals.pop("pairs")
+        return {"pairs": int(pairs), **{name: value / max(pairs, 1) for name, value in totals.items()}}
 
-        hidden, head = base_model_output(model, inner, self.reference, without_labels)
-        with torch.no_grad(), gathered(head):
-            linear = head_parts(head, "reference's head")[0]
-            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias), targets,
-                                           self.chunk_tokens, self.transform)
-        return logps.sum(dim=1)
+
+class KTOLoss(_ResponseLogpObjective):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on format kto batches (collate_kto): each sample is one
+    completion, desirable or not; with r = log pi(y|x) - log ref(y|x) (summed over the completion), its loss is
+    kto_desirable_weight * (1 - sigmoid(beta * (r - z))) when desirable, kto_undesirable_weight * (1 - sigmoid(
+    beta * (z - r))) when not. The reference point z = max(0, mean of r over mismatched rows (a prompt with another
+    sample's completion)), estimated over the whole step (every micro batch, all ranks) before its first micro
+    batch trains (start_step), and not differentiated, as in the paper; so accumulation equals data parallelism.
+    The step loss is the mean over the step's samples (normaliser = samples, all ranks).
+
+    Reported: loss, kl (z), rewards_chosen / rewards_rejected (beta * r, mean over desirable / undesirable
+    samples), reward_margin (their difference), reward_accuracy (the share of samples on their label's side of
+    z: r > z when desirable, r < z when not), logps_chosen / logps_rejected (mean policy log-prob)."""
+
+    SUMS = ("rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected", "chosen", "rejected",
+            "correct", "samples")
+
+    def __init__(self, cfg: PreferenceConfig, unwrap: Any, chunk_tokens: int, transform: Any,
+                 reference: Optional[torch.nn.Module], all_reduce: Callable[[list[float]], list[float]]):
+        super().__init__(cfg, unwrap, chunk_tokens, transform, reference)
+        self.all_reduce = all_reduce
+        self.reference_point = 0.0
+
+    def start_step(self, model: Any, micro_inputs: Iterable[dict]) -> None:
+        """Estimate z over the mismatched rows of these micro batches on every rank (collective)."""
+        total = rows = 0.0
+        for inputs in micro_inputs:
+            mismatched = inputs["kto_mismatched"]
+            real = (mismatched["labels"][:, 1:] != -100).any(dim=1)
+            ratio = self._policy_logps(model, mismatched) - self._reference_logps(model, mismatched)
+            total += float((ratio * real).sum())
+            rows += float(real.sum())
+        total, rows = self.all_reduce([total, rows])
+        self.reference_point = max(0.0, total / rows) if rows else 0.0
+
+    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+        """The samples' summed loss / normaliser; the other terms are sums (report turns them into means)."""
+        desirable = inputs["kto_desirable"]
+        real = (inputs["labels"][:, 1:] != -100).any(dim=1)
+        reference_logps = self._reference_logps(model, inputs)
+        z, beta, cfg = self.reference_point, self.cfg.beta, self.cfg
+
+        def loss_of(sums: torch.Tensor):
+            ratio = sums - reference_logps
+            losses = torch.where(desirable, cfg.kto_desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+                                 cfg.kto_undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))
+            return torch.where(real, losses, 0.0).sum() / normaliser, ratio.detach()
+
+        loss, out, policy_logps, ratio = self._loss_of_logps(model, inputs, loss_of)
+        chosen, rejected = (real & desirable).double(), (real & ~desirable).double()
+        reward, logps = beta * ratio.double(), policy_logps.double()
+        correct = torch.where(desirable, ratio > z, ratio < z) & real
+        terms = {"loss": loss.detach(),
+                 "rewards_chosen": (reward * chosen).sum(), "rewards_rejected": (reward * rejected).sum(),
+                 "logps_chosen": (logps * chosen).sum(), "logps_rejected": (logps * rejected).sum(),
+                 "chosen": chosen.sum(), "rejected": rejected.sum(), "correct": correct.double().sum(),
+                 "samples": real.double().sum()}
+        return LossOutput(loss, out, terms)
+
+    def report(self, totals: dict[str, float]) -> dict:
+        """A step's summed terms -> its metrics (loss is already the step's mean)."""
+        return {"loss": totals["loss"], **self._means(totals)}
+
+    def eval_report(self, totals: dict[str, float]) -> dict:
+        """The eval set's sums -> "samples", the mean loss and the metrics."""
+        samples = totals["samples"]
+        return {"samples": int(samples), "loss": totals["loss"] / max(samples, 1), **self._means(totals)}
+
+    def _means(self, totals: dict[str, float]) -> dict:
+        out = {"kl": self.reference_point}
+        for side in ("chosen", "rejected"):
+            if totals[side]:  # a step without a desirable (undesirable) sample has no mean for that side
+                out[f"rewards_{side}"] = totals[f"rewards_{side}"] / totals[side]
+                out[f"logps_{side}"] = totals[f"logps_{side}"] / totals[side]
+        if "rewards_chosen" in out and "rewards_rejected" in out:
+            out["reward_margin"] = out["rewards_chosen"] - out["rewards_rejected"]
+        out["reward_accuracy"] = totals["correct"] / max(totals["samples"], 1)
+        return out

@@ -28,6 +28,7 @@ from ftcore.model import (
     count_parameters,
     expected_lora_shapes,
     load_model,
+    load_reference,
     load_tokenizer,
 )
 from ftcore.preemption import Preempted, stop_signal
@@ -101,7 +102,7 @@ class Recipe:
             mine = eval_batches(cfg.data, self.tokenizer, rt.rank, rt.world_size, cfg.train.micro_batch_size)
             most = int(rt.all_reduce([len(mine)], "max")[0])
             self.eval_set = pad_eval_batches(mine, most, self.train_stream.pad_id, cfg.classification,
-                                             cfg.task == "preference")
+                                             cfg.data.preference, cfg.data.kto)
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime
@@ -117,17 +118,21 @@ class Recipe:
         chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
-        self.reference = None
+        self.reference = self.reference_engine = None
         from ftcore.train.preference import NEEDS_REFERENCE
 
         needs_reference = cfg.train.base_kl or (cfg.task == "preference" and cfg.preference.loss in NEEDS_REFERENCE)
         if needs_reference and not self.is_lora:
-            # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy.
-            from transformers import AutoModelForCausalLM
-
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                self.model_dir, dtype=self.compute_dtype, attn_implementation=self.attn_implementation)
-            self.reference.requires_grad_(False).eval().to(rt.device)
+            # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy
+            # (partitioned under ZeRO-3, as the model is).
+            self.reference, self.reference_engine = load_reference(
+                self.model_dir, self.compute_dtype, self.attn_implementation, rt.device,
+                rt.ds_config if cfg.distributed.zero_stage == 3 else None)
+            held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                       for p in self.reference.parameters())
+            total = count_parameters(self.reference)[1]
+            rt.log(f"reference: a frozen copy of the base model, {held:,} of its {total:,} parameters on this rank"
+                   + (" (partitioned by ZeRO-3)" if self.reference_engine is not None else ""))
         self.flops = FlopCounter(self.model, self.model.config.num_hidden_layers, attention_width(self.model.config))
         self.peak_flops = peak_flops_per_device(torch.cuda.get_device_name() if rt.cuda else None,
                                                 cfg.train.peak_tflops)
@@ -158,13 +163,17 @@ class Recipe:
         if cfg.classification:
             impl, transform, self.loss_words = "full", None, "full"
         elif cfg.task == "preference":
-            from ftcore.train.preference import PreferenceLoss
+            from ftcore.train.preference import KTOLoss, PreferenceLoss
 
             _, transform, words = choose_loss_impl("chunked", cfg.train.loss_chunk_tokens, 0.0, self.engine,
                                                    unwrap(self.engine), rt.cuda)
             p = cfg.preference
             self.loss_words = f"{p.loss} (beta {p.beta:g}), log-probs {words}"
-            self.objective = PreferenceLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference)
+            if p.loss == "kto":
+                self.objective = KTOLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference,
+                                         rt.all_reduce)
+            else:
+                self.objective = PreferenceLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference)
             self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
             return
         else:
@@ -260,25 +269,28 @@ class Recipe:
         local_trained = sum(b.trained_tokens for b in batches)
         local_tokens = sum(b.real_tokens for b in batches)
         local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in batches)
-        global_trained, global_tokens, global_flops, global_pairs = rt.all_reduce(
-            [local_trained, local_tokens, local_flops, sum(b.pairs for b in batches)])
-        # The mean over trained tokens (causal LM) or over pairs (preference) of the whole effective batch.
-        normaliser = max(int(global_pairs if self.cfg.task == "preference" else global_trained), 1)
+        global_trained, global_tokens, global_flops, global_examples = rt.all_reduce(
+            [local_trained, local_tokens, local_flops, sum(b.examples for b in batches)])
+        # The mean over trained tokens (causal LM) or over examples (preference: pairs, KTO samples) of the whole
+        # effective batch.
+        normaliser = max(int(global_examples if self.cfg.task == "preference" else global_trained), 1)
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
         # gradient of the true per-token mean over the effective batch.
         rescale = gas * rt.world_size
         lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps it after)
         sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
+        micro_inputs = [self._inputs(batch) for batch in batches]
+        self.objective.start_step(self.engine, micro_inputs)
+        for inputs in micro_inputs:
             # accumulate() tells accelerate (and through it DeepSpeed) which micro batch ends the step; outside it
             # every backward would be treated as a boundary and step the optimizer.
             with rt.accelerator.accumulate(self.engine):
-                result = self.objective(self.engine, self._inputs(batch), normaliser)
+                result = self.objective(self.engine, inputs, normaliser)
                 for name, value in result.terms.items():
                     sums[name] = sums[name] + value.double() if name in sums else value.double()
                 rt.accelerator.backward(result.loss * rescale)
-        terms = dict(zip(sums, rt.all_reduce([v.item() for v in sums.values()])))
+        terms = self.objective.report(dict(zip(sums, rt.all_reduce([v.item() for v in sums.values()]))))
         grad_norm = self._check_step(terms["loss"])
         self.state.advance(int(global_tokens), int(global_trained))
         if self.state.step == self.first_step + 1:  # optimizer states exist from now on

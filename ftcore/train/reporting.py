@@ -66,9 +66,13 @@ class Reporter:
                              f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
                              f"({metrics['eval_samples']} samples; predictions in {self.output_dir / 'eval'})")
         elif "eval_reward_accuracy" in metrics:
+            # KTO: counted in samples, with its reference point; a margin needs both kinds of samples.
+            margin = metrics.get("eval_reward_margin")
+            count = (f"({metrics['eval_pairs']} pairs)" if "eval_pairs" in metrics else
+                     f"kl {metrics['eval_kl']:.4f} ({metrics['eval_samples']} samples)")
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} reward accuracy "
-                             f"{metrics['eval_reward_accuracy']:.4f} margin {metrics['eval_reward_margin']:.4f} "
-                             f"({metrics['eval_pairs']} pairs)")
+                             f"{metrics['eval_reward_accuracy']:.4f} "
+                             + (f"margin {margin:.4f} " if margin is not None else "") + count)
         elif "eval_loss" in metrics:
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} "
                              f"ppl {metrics['eval_ppl']:.2f}")

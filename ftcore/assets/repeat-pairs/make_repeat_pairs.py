@@ -1,6 +1,10 @@
 """Regenerates train.jsonl / eval.jsonl: preference pairs the built-in tiny model can learn in a minute. The user
 asks to repeat three words; the chosen answer repeats them, the rejected one gives three other words. Records are
 TRL-style conversational pairs: {"prompt": [user turn], "chosen": [assistant turn], "rejected": [assistant turn]}.
+kto-train.jsonl / kto-eval.jsonl hold the same answers unpaired and as plain text, for KTO: each pair gives
+{"prompt": "Repeat: w1 w2 w3\nAnswer:", "completion": " w1 w2 w3", "label": true} and the same prompt with the
+rejected words, "label": false. (Plain text: the built-in model learns it in about 60 steps, where the chat form
+takes KTO, which sees no pairs, well over 90.)
 
 Deterministic (seeded); run `python ftcore/assets/repeat-pairs/make_repeat_pairs.py` to rebuild.
 """
@@ -26,8 +30,16 @@ def main() -> None:
     for name, count, seed in (("train", 400, 0), ("eval", 50, 1)):
         rng = random.Random(seed)
         with open(here / f"{name}.jsonl", "w") as f:
-            for _ in range(count):
-                f.write(json.dumps(pair(rng)) + "\n")
+            pairs = [pair(rng) for _ in range(count)]
+            for record in pairs:
+                f.write(json.dumps(record) + "\n")
+        with open(here / f"kto-{name}.jsonl", "w") as f:
+            for record in pairs:
+                words = record["prompt"][0]["content"].removeprefix("Repeat: ")
+                for side, label in (("chosen", True), ("rejected", False)):
+                    answer = record[side][0]["content"].removeprefix("Words: ")
+                    f.write(json.dumps({"prompt": f"Repeat: {words}\nAnswer:", "completion": f" {answer}",
+                                        "label": label}) + "\n")
 
 
 if __name__ == "__main__":
