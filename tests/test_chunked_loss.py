@@ -15,14 +15,9 @@ import torch
 
 from ftcore.config import ConfigError, load_config
 from ftcore.model import load_model
-from ftcore.train.chunked_loss import (
-    HeadTensors,
-    LogitTransform,
-    choose_loss_impl,
-    chunked_linear_cross_entropy,
-    shifted_labels,
-)
+from ftcore.train.chunked_loss import HeadTensors, LogitTransform, chunked_linear_cross_entropy, shifted_labels
 from ftcore.train.errors import TrainError
+from ftcore.train.loss_head import choose_loss_impl
 from ftcore.train.objective import build_objective
 from tests.conftest import read_jsonl, run_ft, tiny_run_args
 from tests.families import FAMILIES, MOE_FAMILIES, build_family, family_config

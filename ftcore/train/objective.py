@@ -72,7 +72,7 @@ class ChunkedCausalLMLoss(Objective):
         """(CE + base_kl * KL) / normaliser + the router loss."""
         total, ce, kl, out = self._sums(model, inputs, self.base_kl)
         if self.zero3_head is None:
-            from ftcore.train.chunked_loss import TrainedHeadUnderZero3
+            from ftcore.train.loss_head import TrainedHeadUnderZero3
 
             self.zero3_head = TrainedHeadUnderZero3(self.unwrap(model).get_output_embeddings())
         router = self._router_loss(model, out)
@@ -89,15 +89,14 @@ class ChunkedCausalLMLoss(Objective):
         return LossOutput(loss, out, {"loss": loss.detach()})
 
     def _sums(self, model: Any, inputs: dict, base_kl: float):
-        from ftcore.train.chunked_loss import (
+        from ftcore.train.chunked_loss import chunked_linear_cross_entropy, shifted_labels
+        from ftcore.train.loss_head import (
             DecoderOutput,
             base_model_output,
-            chunked_linear_cross_entropy,
             fused_cross_entropy,
             gathered,
             head_parts,
             head_tensors,
-            shifted_labels,
         )
 
         inner = self.unwrap(model)

@@ -78,15 +78,12 @@ class _ResponseLogpObjective(Objective):
         beside the loss): loss_of maps the rows' log-prob sums (a leaf tensor) to (summed loss / normaliser,
         extras); its gradient reaches the weights by the chain rule through the chunked head."""
         from ftcore.train.chunked_loss import (
-            DecoderOutput,
             HeadTensors,
-            TrainedHeadUnderZero3,
             chunked_linear_cross_entropy,
             chunked_token_logprobs,
-            gathered,
-            head_tensors,
             shifted_labels,
         )
+        from ftcore.train.loss_head import DecoderOutput, TrainedHeadUnderZero3, gathered, head_tensors
 
         inner = self.unwrap(model)
         if self.zero3_head is None:
@@ -119,14 +116,8 @@ class _ResponseLogpObjective(Objective):
 
     def _reference_logps(self, model: Any, inputs: dict) -> torch.Tensor:
         """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
-        from ftcore.train.chunked_loss import (
-            HeadTensors,
-            base_model_output,
-            chunked_token_logprobs,
-            gathered,
-            head_parts,
-            shifted_labels,
-        )
+        from ftcore.train.chunked_loss import HeadTensors, chunked_token_logprobs, shifted_labels
+        from ftcore.train.loss_head import base_model_output, gathered, head_parts
 
         hidden, head = base_model_output(model, self.unwrap(model), self.reference, _model_inputs(inputs))
         with torch.no_grad(), gathered(head):
@@ -137,13 +128,8 @@ class _ResponseLogpObjective(Objective):
 
     def _policy_logps(self, model: Any, inputs: dict) -> torch.Tensor:
         """Summed response log-probs of the policy, without gradients."""
-        from ftcore.train.chunked_loss import (
-            DecoderOutput,
-            chunked_token_logprobs,
-            gathered,
-            head_tensors,
-            shifted_labels,
-        )
+        from ftcore.train.chunked_loss import chunked_token_logprobs, shifted_labels
+        from ftcore.train.loss_head import DecoderOutput, gathered, head_tensors
 
         inner = self.unwrap(model)
         with torch.no_grad(), DecoderOutput(inner).capture() as decoder:

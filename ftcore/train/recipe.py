@@ -35,9 +35,9 @@ from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.resume import check_resumable
 from ftcore.train.audit import Audit
-from ftcore.train.chunked_loss import choose_loss_impl
 from ftcore.train.errors import TrainError
 from ftcore.train.evaluation import Evaluator
+from ftcore.train.loss_head import choose_loss_impl
 from ftcore.train.objective import build_objective
 from ftcore.train.optim import attach_schedule, build_optimizer, restore_rates
 from ftcore.train.outputs import save_final
