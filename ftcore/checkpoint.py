@@ -3,7 +3,7 @@
 Layout (under output_dir/checkpoints/):
     step-000300/engine/...        DeepSpeed shards (every rank writes its own; frozen base weights excluded for LoRA)
     step-000300/trainer_state.json  step, token counts, world size, config fingerprint
-    step-000300/data_state.json     every rank's data-stream state, gathered
+    step-000300/data_state.json     every data-parallel rank's data-stream state, gathered
     step-000300/ft_config.yaml      the run's resolved config (what ft export needs to rebuild the model)
     step-000300/rng_rank{R}.pt      each rank's RNG states
     step-000300/manifest.json       every file with its size: written last; a dir without it is not a checkpoint
@@ -102,6 +102,7 @@ class Collectives(Protocol):
 
     rank: int
     world_size: int
+    sequence_parallel: int  # the ranks of a sequence group share one data stream
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -113,7 +114,7 @@ class Collectives(Protocol):
 class OneProcess:
     """The Collectives of a single process: what tools and tests that find, read or save alone hand in."""
 
-    rank, world_size = 0, 1
+    rank, world_size, sequence_parallel = 0, 1, 1
 
     def barrier(self) -> None:
         """Nothing to wait for."""
@@ -125,8 +126,9 @@ class OneProcess:
 
 @dataclass
 class SavedCheckpoint:
-    """A complete checkpoint as read from disk: its run state (trainer_state.json) and every rank's data-stream
-    state (data_state.json), in the order of the ranks that wrote it."""
+    """A complete checkpoint as read from disk: its run state (trainer_state.json) and every data-parallel group's
+    data-stream state (data_state.json: one per rank, or per sequence group under sequence parallelism), in rank
+    order."""
 
     path: Path
     run_state: dict
@@ -208,7 +210,8 @@ class CheckpointManager:
             torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         except (OSError, RuntimeError) as e:
             self._write_failed(step, tmp, e)
-        gathered = self.collectives.all_gather_object(data_stream.state_dict())
+        # The ranks of a sequence group read one stream: its state is saved once.
+        gathered = self.collectives.all_gather_object(data_stream.state_dict())[::self.collectives.sequence_parallel]
         try:
             if self.rank == 0:
                 (tmp / "data_state.json").write_text(json.dumps(gathered, indent=1))

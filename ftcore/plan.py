@@ -17,7 +17,9 @@ will have. From them, per rank:
   activations (an estimate; Llama-style decoder, sdpa/flash attention, no score matrix kept)
     per layer and token: 7h + 3kv + 4i elements in the compute dtype (norm inputs/outputs, rotary q/k,
     attention q/k/v/out, MLP gate/up/product), + 6h + i with LoRA dropout. With checkpointing: every layer's
-    input plus one layer recomputed.
+    input plus one layer recomputed. Tokens per GPU: the micro batch's, / distributed.sequence_parallel (Ulysses
+    holds each rank's tokens, and in attention the whole sequence for heads / N: the same count). With
+    --gpu-mem-gb each layout also gets the longest data.max_seq_len that fits with checkpointing.
   loss          train.loss_impl full: logits T x vocab x (dtype + 8 B: the logits, their fp32 copy and gradient);
                 chunked/fused/auto: one chunk of loss_chunk_tokens x vocab x (dtype + 4 B) (more with base_kl or a
                 soft-capping family), the hidden states' gradient and the head's trained weights' fp32 gradient
@@ -211,6 +213,8 @@ class Row:
     optimizer: float = 0.0
     activations_checkpointed: float = 0.0
     activations_full: float = 0.0
+    longest_seq_len: Optional[int] = None  # with --gpu-mem-gb: the longest data.max_seq_len that fits (checkpointed)
+    longest_is_model_limit: bool = False  # ... and it is the model's max_position_embeddings, not the memory
     host_ram_per_node: float = 0.0
     note: str = ""
 
@@ -250,8 +254,10 @@ class Plan:
 
 
 def micro_batch_tokens(cfg: Config) -> int:
-    """Token slots of one micro batch: micro_batch_size rows of max_seq_len, two rows per pair for preference."""
-    return cfg.train.micro_batch_size * cfg.data.max_seq_len * (2 if cfg.data.preference else 1)
+    """Token slots of one micro batch on one GPU: micro_batch_size rows of max_seq_len (two rows per pair for
+    preference), split over distributed.sequence_parallel ranks."""
+    rows = cfg.train.micro_batch_size * (2 if cfg.data.preference else 1)
+    return rows * -(-cfg.data.max_seq_len // cfg.distributed.sequence_parallel)
 
 
 def needs_reference_copy(cfg: Config) -> bool:
@@ -349,18 +355,53 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
     return row
 
 
+def longest_seq_len(cfg: Config, facts: ModelFacts, row: Row, gpu_mem_bytes: float) -> Optional[int]:
+    """The longest data.max_seq_len (a multiple of 64 x distributed.sequence_parallel) whose total with gradient
+    checkpointing fits `gpu_mem_bytes` in this layout, up to the model's max_position_embeddings; None if not
+    even the shortest fits. Activations grow with the tokens per GPU, so sequence parallelism of N gives about
+    N times the length."""
+    if not row.supported:
+        return None
+    step = 64 * cfg.distributed.sequence_parallel
+    limit = facts.max_positions or 1 << 24
+
+    def fits(length: int) -> bool:
+        sized = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_seq_len": length})})
+        return row.model_states + activation_bytes(sized, facts)[0] + CUDA_OVERHEAD_BYTES <= gpu_mem_bytes
+
+    low, high = 0, max(1, limit // step)  # in steps: fits(low * step) holds (or low == 0)
+    if not fits(step):
+        return None
+    low = 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle * step):
+            low = middle
+        else:
+            high = middle - 1
+    return low * step
+
+
 def make_plan(cfg: Config, facts: ModelFacts, gpus_per_node: int, nodes: int,
               gpu_mem_gb: Optional[float]) -> Plan:
     """Every layout for `cfg` on nodes x gpus_per_node GPUs, and the cheapest that fits gpu_mem_gb."""
     if gpus_per_node < 1 or nodes < 1:
         raise PlanError(f"--gpus-per-node and --nodes must be >= 1 (got {gpus_per_node}, {nodes})")
     world = gpus_per_node * nodes
+    sp = cfg.distributed.sequence_parallel
+    if world % sp:
+        raise PlanError(f"distributed.sequence_parallel={sp} does not divide {world} GPUs")
     plan = Plan(world=world, nodes=nodes, gpus_per_node=gpus_per_node,
                 gpu_mem_bytes=gpu_mem_gb * GIB if gpu_mem_gb else None, total_params=facts.total,
                 trainable_params=facts.trainable, quantized_params=facts.quantized, loss=loss_bytes(cfg, facts))
     plan.rows = [plan_row(cfg, facts, stage, offload, world, gpus_per_node) for stage, offload in LAYOUTS]
     if plan.gpu_mem_bytes:
         plan.recommendation = recommend(plan)
+        for row in plan.rows:
+            row.longest_seq_len = longest_seq_len(cfg, facts, row, plan.gpu_mem_bytes)
+            step = 64 * cfg.distributed.sequence_parallel
+            row.longest_is_model_limit = bool(row.longest_seq_len and facts.max_positions
+                                              and row.longest_seq_len + step > facts.max_positions)
     return plan
 
 

@@ -100,12 +100,34 @@ def check_batch(cfg: Config, world_size: int) -> None:
     got = cfg.effective_batch_size(world_size)
     if got == want:
         return
-    per_step = t.micro_batch_size * world_size
+    groups = world_size // cfg.distributed.sequence_parallel
+    per_step = t.micro_batch_size * groups
+    what = "processes" if groups == world_size else "data-parallel groups"
     fix = (f"set train.grad_accum_steps={want // per_step}" if want % per_step == 0 else
-           f"{want} is not a multiple of micro_batch_size x processes = {per_step}: change "
+           f"{want} is not a multiple of micro_batch_size x {what} = {per_step}: change "
            "train.micro_batch_size or the process count")
     raise _error("train.effective_batch_size", f"{want}, but micro_batch_size {t.micro_batch_size} x "
-                 f"grad_accum_steps {t.grad_accum_steps} x {world_size} processes = {got}; {fix}")
+                 f"grad_accum_steps {t.grad_accum_steps} x {groups} {what} = {got}; {fix}")
+
+
+def check_sequence_parallel(cfg: Config, world_size: int) -> None:
+    """distributed.sequence_parallel N: it divides the world, the attention heads, and the KV heads as DeepSpeed's
+    Ulysses requires (N divides them, or they divide N and are replicated)."""
+    n = cfg.distributed.sequence_parallel
+    if n == 1:
+        return
+    if world_size % n:
+        raise _error("distributed.sequence_parallel", f"{n} does not divide the world size {world_size} (each "
+                     f"sequence group is {n} ranks); launch a multiple of {n} processes")
+    config = model_config_json(cfg.model.name_or_path) or {}
+    config = config.get("text_config", config)
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads", config.get("num_attention_heads"))
+    if isinstance(heads, int) and heads % n:
+        raise _error("distributed.sequence_parallel", f"{n} does not divide the model's {heads} attention heads "
+                     "(Ulysses gives each rank heads / N of them)")
+    if isinstance(kv, int) and kv % n and n % kv:
+        raise _error("distributed.sequence_parallel", f"{n} and the model's {kv} key/value heads do not divide "
+                     "one another (Ulysses splits them, or replicates them when there are fewer than N)")
 
 
 def check_inputs(cfg: Config, world_size: Optional[int] = None) -> None:
@@ -114,6 +136,7 @@ def check_inputs(cfg: Config, world_size: Optional[int] = None) -> None:
     check_data_paths(cfg)
     check_combinations(cfg)
     if world_size is not None:
+        check_sequence_parallel(cfg, world_size)
         check_batch(cfg, world_size)
 
 

@@ -74,10 +74,11 @@ def load_run_config(config: Optional[str], sets: List[str], check_paths: bool = 
 
 
 def check_batch(cfg, world_size: int) -> None:
-    """The effective batch works for `world_size` processes, else one line."""
-    from ftcore.preflight import check_batch
+    """The sequence groups and the effective batch work for `world_size` processes, else one line."""
+    from ftcore.preflight import check_batch, check_sequence_parallel
 
     try:
+        check_sequence_parallel(cfg, world_size)
         check_batch(cfg, world_size)
     except ConfigError as e:
         fail(str(e))

@@ -15,7 +15,7 @@ from ftcore.data.inspect import InspectResult, length_histogram
 from ftcore.plan import CUDA_OVERHEAD_BYTES, GIB, Plan
 
 PLAN_COLUMNS = ("ZeRO", "offload", "weights", "4-bit base", "trainable", "grads", "optimizer", "model states",
-                "act. ckpt", "act. full", "total ckpt", "total full", "host RAM/node")
+                "act. ckpt", "act. full", "total ckpt", "total full", "host RAM/node", "longest seq")
 
 
 def gib(nbytes: float) -> str:
@@ -30,8 +30,14 @@ def print_plan(cfg: Config, plan: Plan, nodes: int, gpus_per_node: int, gpu_mem_
     console.print(f"{name}: {plan.total_params / 1e9:.2f} B parameters, {plan.trainable_params / 1e6:.1f} M trainable"
                   + (f", {plan.quantized_params / 1e9:.2f} B in 4-bit NF4" if plan.quantized_params else "")
                   + f" | {cfg.adapter.method}, {cfg.model.dtype} | {plan.world} GPUs ({nodes} x {gpus_per_node}) | "
-                  f"micro batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens")
+                  f"micro batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens"
+                  + (f" | sequence parallel {sp}: {cfg.data.max_seq_len // sp:,} tokens per GPU"
+                     if (sp := cfg.distributed.sequence_parallel) > 1 else ""))
     console.print(plan_table(plan))
+    if plan.gpu_mem_bytes is not None:
+        console.print("longest seq: the longest data.max_seq_len that fits with gradient checkpointing; (max) = the "
+                      "model's max_position_embeddings" + ("" if cfg.distributed.sequence_parallel > 1 else
+                                                           "; distributed.sequence_parallel=N gives about N x"))
     loss = plan.loss
     if loss["full_bytes"]:
         console.print(f"loss: {loss['impl']}, {gib(loss['bytes'])} GiB per GPU in the activations"
@@ -41,7 +47,8 @@ def print_plan(cfg: Config, plan: Plan, nodes: int, gpus_per_node: int, gpu_mem_
         if not row.supported:
             console.print(f"ZeRO-{row.stage} offload {row.offload}: {row.note}")
     if plan.gpu_mem_bytes is None:
-        console.print("give --gpu-mem-gb to see what fits and which layout to use")
+        console.print("give --gpu-mem-gb to see what fits, the longest data.max_seq_len per layout, and which "
+                      "layout to use")
         return
     best = plan.recommendation
     if best is None:
@@ -75,7 +82,9 @@ def plan_table(plan: Plan) -> Table:
         table.add_row(str(row.stage), row.offload, gib(row.weights), gib(row.quantized_base),
                       gib(row.trainable_weights), gib(row.gradients), gib(row.optimizer), gib(row.model_states),
                       gib(row.activations_checkpointed), gib(row.activations_full), *totals,
-                      gib(row.host_ram_per_node) if row.host_ram_per_node else "-")
+                      gib(row.host_ram_per_node) if row.host_ram_per_node else "-",
+                      (f"{row.longest_seq_len:,}" + (" (max)" if row.longest_is_model_limit else ""))
+                      if row.longest_seq_len else "-")
     return table
 
 

@@ -128,3 +128,31 @@ def test_the_loss_memory_of_the_chosen_implementation_and_of_full(overrides, hea
     proc = ft_in_process("plan", EXAMPLES["7b"], *(w for o in base for w in ("--set", o)), "--gpus-per-node", "1")
     assert "loss: auto (fused on CUDA with liger-kernel, else chunked)" in proc.stdout
     assert f"(train.loss_impl=full would hold {tokens * vocab * 10 / 2 ** 30:.1f} GiB of logits)" in proc.stdout
+
+
+def test_sequence_parallelism_divides_the_activations_and_lengthens_what_fits(tmp_path):
+    """Llama-3.1-8B's shapes (131,072 positions) on 8 GPUs: sequence_parallel=8 holds 1/8 of the tokens per GPU,
+    so the activations shrink 8x and the longest data.max_seq_len that fits in 10 GiB (checkpointed) grows 8x."""
+    model = tmp_path / "llama-3.1-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "vocab_size": 128256, "tie_word_embeddings": False}))
+    rows = {}
+    for sp in (1, 8):
+        cfg = load_config(EXAMPLES["7b"], [f"model.name_or_path={model}", "data.max_seq_len=16384",
+                                           "train.micro_batch_size=1", f"distributed.sequence_parallel={sp}"])
+        plan = make_plan(cfg, build_facts(cfg, str(model)), 8, 1, 10)
+        rows[sp] = next(r for r in plan.rows if (r.stage, r.offload) == (3, "none"))
+    # 1/8 of the tokens (the loss's one chunk of logits does not shrink with them).
+    assert rows[1].activations_full / 8 < rows[8].activations_full < rows[1].activations_full / 7
+    assert rows[1].longest_seq_len >= 4096 and not rows[8].longest_is_model_limit
+    assert rows[8].longest_seq_len >= 7.9 * rows[1].longest_seq_len and rows[8].longest_seq_len % (64 * 8) == 0
+    text = ft_in_process("plan", EXAMPLES["7b"], "--gpus-per-node", "8", "--gpu-mem-gb", "24", "--set",
+                         f"model.name_or_path={model}", "--set", "data.max_seq_len=16384", "--set",
+                         "distributed.sequence_parallel=8").stdout
+    assert "sequence parallel 8: 2,048 tokens per GPU" in text and "longest seq" in text
+    bad = ft_in_process("plan", EXAMPLES["7b"], "--gpus-per-node", "3", "--set", "distributed.sequence_parallel=2",
+                        check=False)
+    assert bad.returncode != 0 and "distributed.sequence_parallel=2 does not divide 3 GPUs" in bad.stderr

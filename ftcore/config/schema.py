@@ -275,6 +275,12 @@ class DistributedConfig(Section):
     timeout_s: int = Field(1800, gt=0)
     """Watchdog for hung peers: a collective that waits longer than this fails the run with the reason, and the
     launcher stops every rank (about timeout_s + 30 s after a peer hangs). Must exceed the longest checkpoint save."""
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence parallelism (DeepSpeed's UlyssesSPAttentionHF, arXiv 2506.13996): each sample's tokens are
+    split over this many consecutive ranks, whose attention exchanges heads for sequence (all-to-all), so a rank
+    holds 1/N of every activation; data parallelism runs over world / N groups and ZeRO shards over the whole
+    world. 1 = off. N must divide the world size, the attention heads (KV heads: N divides them or they divide
+    N) and data.max_seq_len; task causal_lm, sdpa or flash_attention_2, the chunked or fused loss."""
 
 
 class CheckpointConfig(Section):
@@ -331,6 +337,7 @@ class Config(Section):
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
         self._check_task()
         self._check_adapter()
+        self._check_sequence_parallel()
         return self
 
     def _check_adapter(self) -> None:
@@ -359,6 +366,30 @@ class Config(Section):
                                "optimizer or none")
         if self.train.loss_impl in ("chunked", "fused"):
             self._check_chunked_loss()
+
+    def _check_sequence_parallel(self) -> None:
+        """distributed.sequence_parallel > 1: what Ulysses cannot do here, refused by name. (The world size and the
+        model's heads are checked before launch, ftcore/preflight.py.)"""
+        n, m = self.distributed.sequence_parallel, self.model
+        if n == 1:
+            return
+        why = f"does not apply with distributed.sequence_parallel={n}"
+        if self.task != "causal_lm":
+            raise _field_error("task", f"{self.task} {why} (this release splits causal LM samples only; use "
+                               "distributed.sequence_parallel=1)")
+        if self.data.max_seq_len % n:
+            raise _field_error("data.max_seq_len", f"{self.data.max_seq_len} is not a multiple of "
+                               f"distributed.sequence_parallel={n} (each rank holds max_seq_len / {n} tokens)")
+        if m.attn_implementation == "eager":
+            raise _field_error("model.attn_implementation", f"eager {why}: Ulysses needs sdpa or flash_attention_2 "
+                               "(eager builds a [tokens x tokens] mask); use auto")
+        if self.train.loss_impl == "full":
+            raise _field_error("train.loss_impl", f"full {why}: the loss of a split sequence is computed per rank "
+                               "on its tokens' labels; use auto or chunked")
+        if self.data.packing and m.attn_implementation != "flash_attention_2":
+            raise _field_error("data.packing", f"{why} unless model.attn_implementation=flash_attention_2: under "
+                               "Ulysses only flash-attention keeps packed samples apart (from their position ids); "
+                               "sdpa would let them attend to each other")
 
     def _check_chunked_loss(self) -> None:
         """What an explicit train.loss_impl=chunked/fused does not cover, refused by name (auto picks around it)."""
@@ -424,8 +455,10 @@ class Config(Section):
         return self.task == "classification"
 
     def effective_batch_size(self, world_size: int) -> int:
-        """Samples per optimizer step: micro batch x accumulation x world size."""
-        return self.train.micro_batch_size * self.train.grad_accum_steps * world_size
+        """Samples per optimizer step: micro batch x accumulation x data-parallel groups (world size / sequence
+        parallel degree)."""
+        groups = world_size // self.distributed.sequence_parallel
+        return self.train.micro_batch_size * self.train.grad_accum_steps * groups
 
 
 class _FieldError(ValueError):

@@ -32,6 +32,8 @@ class Batch:
     seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
     positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
     examples: int = 0  # task preference: the examples the loss averages over (pairs, or KTO samples)
+    # sequence_shard: labels are already shifted (label t is the token after t) and the model gets no mask
+    shifted: bool = False
     kto: Any = None  # format kto: ftcore.data.preference.KTOBatch (desirable flags, the mismatched rows)
 
     @property
@@ -52,7 +54,11 @@ class Batch:
 
     def model_inputs(self, device: Any, attn_implementation: str = "sdpa",
                      dtype: Optional[torch.dtype] = None) -> dict:
-        """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs)."""
+        """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs;
+        a sequence shard: its global position ids and shifted labels, no mask)."""
+        if self.shifted:
+            return {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
+                    "shift_labels": self.labels.to(device), "use_cache": False}
         if self.position_ids is None:
             out = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
                    "labels": self.labels.to(device), "use_cache": False}
@@ -68,6 +74,31 @@ class Batch:
                "use_cache": False}
         out.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
         return out
+
+
+    def sequence_shard(self, part: int, parts: int, rows: int) -> "Batch":
+        """Rank `part` of `parts` in a sequence group: its contiguous 1/parts of every row's tokens (distributed.
+        sequence_parallel). Labels are shifted first, so the last token of a part still learns the first token of
+        the next; rows are padded to `rows` and the width to a multiple of `parts` (padding never trains), as
+        Ulysses needs the same shapes on every rank; position ids stay global (packed rows: per sample). Without a
+        mask: Ulysses attends causally (right padding is never attended to by a real token)."""
+        count, width = self.input_ids.shape
+        rows = max(rows, count)
+        wide = -(-width // parts) * parts
+        ids = torch.zeros((rows, wide), dtype=torch.long)
+        labels = torch.full((rows, wide), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((rows, wide), dtype=torch.long)
+        positions = torch.arange(wide).expand(rows, wide).clone()
+        ids[:count, :width] = self.input_ids
+        labels[:count, :width - 1] = self.labels[:, 1:]
+        mask[:count, :width] = self.attention_mask
+        if self.position_ids is not None:  # packed: per-sample positions, the padding tail counting on
+            positions[:count, :width] = self.position_ids
+            positions[:count, width:] = self.position_ids[:, -1:] + 1 + torch.arange(wide - width)
+        span = slice(part * wide // parts, (part + 1) * wide // parts)
+        return Batch(ids[:, span].contiguous(), mask[:, span].contiguous(), labels[:, span].contiguous(),
+                     sample_ids=list(self.sample_ids), position_ids=positions[:, span].contiguous(),
+                     positions=list(self.positions), examples=self.examples, kto=self.kto, shifted=True)
 
 
 def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classification: bool = False) -> Batch:

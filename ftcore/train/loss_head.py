@@ -138,14 +138,15 @@ def base_model_output(model: Any, inner: torch.nn.Module, reference: Optional[to
     return decoder.hidden, base.get_output_embeddings()
 
 
-def verify_head(model: Any, inner: torch.nn.Module, transform: LogitTransform) -> Optional[str]:
+def verify_head(model: Any, inner: torch.nn.Module, transform: LogitTransform, rows: int = 1) -> Optional[str]:
     """None when the chunked loss's logits equal the model's own on a probe of 16 tokens (eval mode, no
-    gradients, every rank the same input so ZeRO-3's gathers match); otherwise what differs, in words. Catches a
-    family that transforms the hidden states or logits in a way LogitTransform does not know."""
+    gradients, every rank the same input so ZeRO-3's gathers match; `rows` copies of it, as sequence parallelism
+    needs every forward to hold micro_batch_size rows); otherwise what differs, in words. Catches a family that
+    transforms the hidden states or logits in a way LogitTransform does not know."""
     head_weight = head_parts(inner.get_output_embeddings())[0].weight
     vocab = getattr(head_weight, "ds_shape", head_weight.shape)[0]  # ZeRO-3: the partitioned weight's real shape
     device = next(inner.parameters()).device
-    ids = torch.linspace(0, vocab - 1, 16, device=device).long().unsqueeze(0)
+    ids = torch.linspace(0, vocab - 1, 16, device=device).long().expand(rows, 16)
     decoder = DecoderOutput(inner)
     was_training = inner.training
     model.eval()
@@ -202,7 +203,7 @@ def why_not_fused(cuda: bool, has_head_lora: bool, transform: LogitTransform, ba
 
 
 def choose_loss_impl(requested: str, chunk_tokens: int, base_kl: float, engine: Any, inner: torch.nn.Module,
-                     cuda: bool) -> tuple[str, LogitTransform, str]:
+                     cuda: bool, probe_rows: int = 1) -> tuple[str, LogitTransform, str]:
     """(full | chunked | fused, the family's logit transform, the words the run's first line says) for a causal
     LM run's train.loss_impl. auto = fused where it can run, else chunked, else full, the reason said; a chunked
     or fused request this model cannot honour is a TrainError. Every rank calls it (verify_head's probe runs the
@@ -212,7 +213,7 @@ def choose_loss_impl(requested: str, chunk_tokens: int, base_kl: float, engine: 
         return "full", transform, "full"
     try:
         _, lora = head_parts(inner.get_output_embeddings())
-        mismatch = verify_head(engine, inner, transform)
+        mismatch = verify_head(engine, inner, transform, probe_rows)
         if mismatch:
             raise TrainError(f"train.loss_impl={requested}: {mismatch}; use train.loss_impl=full")
     except TrainError as e:

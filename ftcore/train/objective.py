@@ -100,14 +100,15 @@ class ChunkedCausalLMLoss(Objective):
         )
 
         inner = self.unwrap(model)
-        without_labels = {k: v for k, v in inputs.items() if k != "labels"}
+        without_labels = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         base_hidden = base_module = None
         if base_kl:
             base_hidden, base_module = base_model_output(model, inner, self.reference, without_labels)
         with DecoderOutput(inner).capture() as decoder:
             out = model(**without_labels, logits_to_keep=1)  # the head runs on one position only
         head = inner.get_output_embeddings()
-        targets = shifted_labels(inputs["labels"])
+        # A sequence shard's labels come shifted (its last token predicts the next rank's first).
+        targets = inputs["shift_labels"] if "shift_labels" in inputs else shifted_labels(inputs["labels"])
         with gathered(head, base_module if self.reference is not None else None):
             if self.fused:
                 ce = fused_cross_entropy(decoder.hidden, head, targets, self.transform)

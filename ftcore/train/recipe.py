@@ -90,7 +90,8 @@ class Recipe:
             cfg.data.labels = discover_labels(cfg.data)
             rt.log(f"classes ({len(cfg.data.labels)}{', found in the data' if found else ''}): "
                    + ", ".join(f"{i}={name}" for i, name in enumerate(cfg.data.labels)))
-        self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, rt.rank, rt.world_size,
+        # Under sequence parallelism the ranks of a sequence group read the same samples and split their tokens.
+        self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, rt.data_rank, rt.data_world,
                                         cfg.train.micro_batch_size)
         # Reads the first batch now: data with nothing to train on fails here, before the model is loaded.
         self.train_stream.prime()
@@ -99,10 +100,10 @@ class Recipe:
                                           for g in self.train_stream.groups))
         self.eval_set: list[Batch] = []
         if cfg.data.eval:
-            mine = eval_batches(cfg.data, self.tokenizer, rt.rank, rt.world_size, cfg.train.micro_batch_size)
+            mine = eval_batches(cfg.data, self.tokenizer, rt.data_rank, rt.data_world, cfg.train.micro_batch_size)
             most = int(rt.all_reduce([len(mine)], "max")[0])
-            self.eval_set = pad_eval_batches(mine, most, self.train_stream.pad_id, cfg.classification,
-                                             cfg.data.preference, cfg.data.kto)
+            self.eval_set = [self._local(b) for b in pad_eval_batches(
+                mine, most, self.train_stream.pad_id, cfg.classification, cfg.data.preference, cfg.data.kto)]
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime
@@ -117,6 +118,13 @@ class Recipe:
         architecture = (self.model.config.architectures or [type(self.model).__name__])[0]
         chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
+        if rt.sequence_parallel > 1:
+            from ftcore.train.sequence_parallel import start_sequence_parallel
+
+            start_sequence_parallel(self.model, self.attn_implementation, rt.sequence_parallel,
+                                    cfg.train.micro_batch_size, rt.backend)
+            rt.log(f"sequence parallel: {rt.sequence_parallel} ranks split each sample's tokens (Ulysses), "
+                   f"{rt.data_world} data-parallel group{'s' * (rt.data_world > 1)}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.reference = self.reference_engine = None
         from ftcore.train.preference import NEEDS_REFERENCE
@@ -179,7 +187,7 @@ class Recipe:
         else:
             impl, transform, self.loss_words = choose_loss_impl(
                 cfg.train.loss_impl, cfg.train.loss_chunk_tokens, cfg.train.base_kl, self.engine,
-                unwrap(self.engine), rt.cuda)
+                unwrap(self.engine), rt.cuda, probe_rows=cfg.train.micro_batch_size if rt.sequence_parallel > 1 else 1)
         self.objective = build_objective(cfg, unwrap, self.reference, impl, transform)
         self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
 
@@ -203,12 +211,17 @@ class Recipe:
                                         zero_stage=self.cfg.distributed.zero_stage)
         restore_rates(self.engine)
         try:
-            self.train_stream.load_state_dict(restore_states(saved.data_states, world)[self.runtime.rank])
+            data_world = self.runtime.data_world
+            self.train_stream.load_state_dict(restore_states(saved.data_states, data_world)[self.runtime.data_rank])
         except (DataError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}/data_state.json: {e}") from None
-        if saved.world_size != world:
-            self.runtime.log(f"world size changed from {saved.world_size} to {world}: the data stream was "
-                             "resharded (every sample not yet trained on is read once)")
+        streams = len(saved.data_states)  # one per data-parallel group that wrote it
+        if saved.world_size != world or streams != data_world:
+            groups = (f" ({streams} to {data_world} data-parallel groups)"
+                      if streams != saved.world_size or data_world != world else "")
+            how = (": the data stream was resharded (every sample not yet trained on is read once)"
+                   if streams != data_world else "; the data stream continues as it was")
+            self.runtime.log(f"world size changed from {saved.world_size} to {world}{groups}{how}")
         if self.resume_arg != "auto":
             self._start_timeline(path)
         self.state.load_state_dict(saved.run_state)
@@ -265,10 +278,12 @@ class Recipe:
     def train_step(self) -> dict:
         """One optimizer step over grad_accum_steps micro batches."""
         gas, rt = self.cfg.train.grad_accum_steps, self.runtime
-        batches = [self.train_stream.next_batch() for _ in range(gas)]
+        whole = [self.train_stream.next_batch() for _ in range(gas)]
+        batches = [self._local(b) for b in whole]  # this rank's part of each sample's tokens (sequence parallel)
         local_trained = sum(b.trained_tokens for b in batches)
         local_tokens = sum(b.real_tokens for b in batches)
-        local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in batches)
+        sp = rt.sequence_parallel  # a sequence group shares each sample's work
+        local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in whole) / sp
         global_trained, global_tokens, global_flops, global_examples = rt.all_reduce(
             [local_trained, local_tokens, local_flops, sum(b.examples for b in batches)])
         # The mean over trained tokens (causal LM) or over examples (preference: pairs, KTO samples) of the whole
@@ -337,6 +352,13 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ helpers
     def _inputs(self, batch: Batch) -> dict:
         return batch.model_inputs(self.runtime.device, self.attn_implementation, self.compute_dtype)
+
+    def _local(self, batch: Batch) -> Batch:
+        """This rank's part of `batch` under sequence parallelism (the whole batch otherwise)."""
+        rt = self.runtime
+        if rt.sequence_parallel == 1:
+            return batch
+        return batch.sequence_shard(rt.sequence_rank, rt.sequence_parallel, self.cfg.train.micro_batch_size)
 
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so

@@ -108,7 +108,8 @@ class Reporter:
     def data_report(self, stream_report: dict) -> None:
         """All ranks' data counters summed: what was read, trained, cut, dropped and skipped (with reasons), to
         output_dir/data_report.json and one line."""
-        reports = self.runtime.all_gather_object(stream_report)
+        # The ranks of a sequence group read one stream: count it once.
+        reports = self.runtime.all_gather_object(stream_report)[::self.runtime.sequence_parallel]
         if not self.runtime.is_main:
             return
         keys = [k for k in reports[0] if isinstance(reports[0][k], int)]

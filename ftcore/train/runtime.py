@@ -35,6 +35,24 @@ class Runtime:
     console: Console = field(default_factory=Console)
     # Under ZeRO-3 transformers reads this while loading the base (it must stay alive until then).
     hf_ds_config: Optional[Any] = None
+    # distributed.sequence_parallel: groups of this many consecutive ranks split each sample's tokens.
+    sequence_parallel: int = 1
+    backend: str = "gloo"  # the process group's (nccl on CUDA)
+
+    @property
+    def data_rank(self) -> int:
+        """Which data-parallel group this rank is in: the ranks of a sequence group read the same samples."""
+        return self.rank // self.sequence_parallel
+
+    @property
+    def data_world(self) -> int:
+        """How many data-parallel groups there are (world size / sequence parallel degree)."""
+        return self.world_size // self.sequence_parallel
+
+    @property
+    def sequence_rank(self) -> int:
+        """Which part of each sample's tokens this rank holds within its sequence group."""
+        return self.rank % self.sequence_parallel
 
     @property
     def is_main(self) -> bool:
@@ -108,7 +126,8 @@ def start_runtime(cfg: Config, model_dir: str) -> Runtime:
             f"world size mismatch: WORLD_SIZE={expected}, torch.distributed="
             f"{dist.get_world_size() if dist.is_initialized() else 'not initialised'}, accelerate={world}")
     return Runtime(rank=accelerator.process_index, world_size=world, device=accelerator.device, cuda=cuda,
-                   accelerator=accelerator, ds_config=ds_config, hf_ds_config=hf_ds_config)
+                   accelerator=accelerator, ds_config=ds_config, hf_ds_config=hf_ds_config,
+                   sequence_parallel=cfg.distributed.sequence_parallel, backend=backend)
 
 
 def _backend(cfg: Config, cuda: bool) -> str:
