@@ -9,6 +9,7 @@ attention exchange regroups heads, so losses, gradient norms and eval losses agr
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ftcore.config import ConfigError, load_config
 from ftcore.data.batch import collate
@@ -126,3 +127,70 @@ def test_what_the_world_or_the_model_rule_out_is_refused_before_launch(overrides
     proc = run_ft("launch", "examples/demo.yaml", "--nproc", str(nproc), "--dry-run", *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_preference_objectives_split_their_sequences_too(tmp_path, objective):
+    """DPO pairs (chosen and rejected rows split alike) and KTO (its mismatched rows too, the reference point
+    from the whole rows): 2 ranks with N=2 train and evaluate what 1 rank does; the pair/sample counts are the
+    data's, not doubled."""
+    from tests.test_kto import kto_task
+    from tests.test_preference import repeat_task
+
+    if objective == "dpo":
+        data, held_out = repeat_task(tmp_path / "d.jsonl", 100, 1), repeat_task(tmp_path / "e.jsonl", 5, 2)
+        settings = ("task=preference", f"data.train=[{{path: {data}, format: preference}}]",
+                    f"data.eval=[{{path: {held_out}, format: preference}}]")
+    else:
+        data, held_out = kto_task(tmp_path / "d.jsonl", 100, 1), kto_task(tmp_path / "e.jsonl", 5, 2)
+        settings = ("task=preference", "preference.loss=kto", f"data.train=[{{path: {data}, format: kto}}]",
+                    f"data.eval=[{{path: {held_out}, format: kto}}]")
+    metrics = {}
+    for name, extra, nproc in (("one", (), 1), ("split", ("distributed.sequence_parallel=2",), 2)):
+        out = tmp_path / name
+        args = [*BASE, "--set", f"output_dir={out}", *(w for s in (*settings, *extra) for w in ("--set", s))]
+        run_ft("train", *args) if nproc == 1 else run_ft("launch", *args, "--nproc", "2")
+        metrics[name] = read_jsonl(out / "metrics.jsonl")
+    keys = ("loss", "reward_accuracy", "logps_chosen") + (("kl",) if objective == "kto" else ("reward_margin",))
+    for key in keys:
+        want = [r[key] for r in metrics["one"] if "lr" in r and key in r]
+        got = [r[key] for r in metrics["split"] if "lr" in r and key in r]
+        assert len(want) == 6 and got == pytest.approx(want, rel=1e-5, abs=1e-6), key
+    evals = [[r for r in metrics[name] if "eval_loss" in r] for name in ("one", "split")]
+    count = "eval_pairs" if objective == "dpo" else "eval_samples"
+    assert [e[count] for e in evals[1]] == [e[count] for e in evals[0]] == [5, 5]
+    for want, got in zip(*evals):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_packed_rows_become_one_varlen_row_with_per_sample_positions():
+    """Packing under sequence parallelism (flash_attention_2 only): the rows are joined into one, each sample's
+    positions restarting at 0, so flash-attention keeps the samples apart after Ulysses' all-gather."""
+    from ftcore.data.batch import Piece, collate_packed
+
+    pieces = [[Piece((0, 0), Tokenized([5, 6, 7], [IGNORE_INDEX, 6, 7]), "a"),
+               Piece((1, 0), Tokenized([8, 9], [IGNORE_INDEX, 9]), "b")],
+              [Piece((2, 0), Tokenized([3, 4, 5, 6], [IGNORE_INDEX, 4, 5, 6]), "c")]]
+    batch = collate_packed(pieces, 0)
+    parts = [batch.sequence_shard(i, 2, rows=1) for i in range(2)]
+    joined = torch.cat([p.position_ids for p in parts], dim=1)[0].tolist()
+    assert joined[:9] == [0, 1, 2, 0, 1, 0, 1, 2, 3] and all(p.input_ids.shape[0] == 1 for p in parts)
+    assert sum(p.trained_tokens for p in parts) == batch.trained_tokens  # no sample learns its neighbour's start
+    assert parts[0].sample_ids == ["a", "b", "c"]
+
+
+@pytest.mark.gpu
+@pytest.mark.multiproc
+def test_packing_under_sequence_parallelism_on_gpus(tmp_path):
+    """Packed samples stay apart under Ulysses with flash-attention: N=2 on 2 GPUs equals 1 GPU."""
+    import importlib.util
+
+    if torch.cuda.device_count() < 2 or importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("needs 2 CUDA GPUs and flash-attn (Ulysses splits a sample over 2 ranks, one GPU each); "
+                    f"this machine has {torch.cuda.device_count()} GPUs")
+    layout = ("data.packing=true", "model.attn_implementation=flash_attention_2", "model.dtype=bfloat16")
+    want = run(tmp_path / "one", *layout)
+    got = run(tmp_path / "split", *layout, "distributed.sequence_parallel=2", nproc=2)
+    assert got["trained"] == want["trained"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)

@@ -280,7 +280,8 @@ class DistributedConfig(Section):
     split over this many consecutive ranks, whose attention exchanges heads for sequence (all-to-all), so a rank
     holds 1/N of every activation; data parallelism runs over world / N groups and ZeRO shards over the whole
     world. 1 = off. N must divide the world size, the attention heads (KV heads: N divides them or they divide
-    N) and data.max_seq_len; task causal_lm, sdpa or flash_attention_2, the chunked or fused loss."""
+    N) and data.max_seq_len; tasks causal_lm and preference, sdpa or flash_attention_2, the chunked or fused
+    loss."""
 
 
 class CheckpointConfig(Section):
@@ -374,9 +375,9 @@ class Config(Section):
         if n == 1:
             return
         why = f"does not apply with distributed.sequence_parallel={n}"
-        if self.task != "causal_lm":
-            raise _field_error("task", f"{self.task} {why} (this release splits causal LM samples only; use "
-                               "distributed.sequence_parallel=1)")
+        if self.task == "classification":
+            raise _field_error("task", f"classification {why} (a classification head reads each sample's last "
+                               "token; use distributed.sequence_parallel=1)")
         if self.data.max_seq_len % n:
             raise _field_error("data.max_seq_len", f"{self.data.max_seq_len} is not a multiple of "
                                f"distributed.sequence_parallel={n} (each rank holds max_seq_len / {n} tokens)")

@@ -57,11 +57,12 @@ class Batch:
         """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs;
         a sequence shard: its global position ids and shifted labels, no mask)."""
         if self.shifted:
-            return {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
-                    "shift_labels": self.labels.to(device), "use_cache": False}
-        if self.position_ids is None:
+            out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
+                   "shift_labels": self.labels.to(device), "use_cache": False}
+        elif self.position_ids is None:
             out = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
                    "labels": self.labels.to(device), "use_cache": False}
+        if self.shifted or self.position_ids is None:
             if self.kto is not None:  # read (and removed) by the KTO objective, never passed to the model
                 out["kto_desirable"] = self.kto.desirable.to(device)
                 out["kto_mismatched"] = self.kto.mismatched.model_inputs(device)
@@ -79,26 +80,51 @@ class Batch:
     def sequence_shard(self, part: int, parts: int, rows: int) -> "Batch":
         """Rank `part` of `parts` in a sequence group: its contiguous 1/parts of every row's tokens (distributed.
         sequence_parallel). Labels are shifted first, so the last token of a part still learns the first token of
-        the next; rows are padded to `rows` and the width to a multiple of `parts` (padding never trains), as
-        Ulysses needs the same shapes on every rank; position ids stay global (packed rows: per sample). Without a
-        mask: Ulysses attends causally (right padding is never attended to by a real token)."""
+        the next; rows are padded to `rows` (a pair batch keeps its chosen half, then its rejected half) and the
+        width to a multiple of `parts` (padding never trains), as Ulysses needs the same shapes on every rank;
+        position ids stay global (packed rows: per sample). Without a mask: Ulysses attends causally (right
+        padding is never attended to by a real token). A KTO batch's mismatched rows are split alike."""
+        if self.position_ids is not None and self.input_ids.shape[0] > 1:
+            # Packed rows (sequence parallelism allows them with flash_attention_2 only): one varlen row, as the
+            # flash-attention path without it takes them, its samples told apart by their position ids.
+            flat = Batch(self.input_ids.reshape(1, -1), self.attention_mask.reshape(1, -1),
+                         self.labels.reshape(1, -1), position_ids=self.position_ids.reshape(1, -1))
+            shard = flat.sequence_shard(part, parts, 1)
+            shard.sample_ids, shard.positions = list(self.sample_ids), list(self.positions)
+            return shard
         count, width = self.input_ids.shape
         rows = max(rows, count)
         wide = -(-width // parts) * parts
+        if self.kto is None and self.examples and count == 2 * self.examples:  # pairs: pad each half
+            half = rows // 2
+            order = list(range(self.examples)) + [-1] * (half - self.examples)
+            order += [self.examples + i for i in range(self.examples)] + [-1] * (half - self.examples)
+        else:
+            order = list(range(count)) + [-1] * (rows - count)
         ids = torch.zeros((rows, wide), dtype=torch.long)
         labels = torch.full((rows, wide), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((rows, wide), dtype=torch.long)
         positions = torch.arange(wide).expand(rows, wide).clone()
-        ids[:count, :width] = self.input_ids
-        labels[:count, :width - 1] = self.labels[:, 1:]
-        mask[:count, :width] = self.attention_mask
-        if self.position_ids is not None:  # packed: per-sample positions, the padding tail counting on
-            positions[:count, :width] = self.position_ids
-            positions[:count, width:] = self.position_ids[:, -1:] + 1 + torch.arange(wide - width)
+        for row, source in enumerate(order):
+            if source < 0:
+                continue
+            ids[row, :width] = self.input_ids[source]
+            labels[row, :width - 1] = self.labels[source, 1:]
+            mask[row, :width] = self.attention_mask[source]
+            if self.position_ids is not None:  # (flattened) packed: per-sample positions, the padding counting on
+                positions[row, :width] = self.position_ids[source]
+                positions[row, width:] = self.position_ids[source, -1] + 1 + torch.arange(wide - width)
+        kto = self.kto
+        if kto is not None:
+            from ftcore.data.preference import KTOBatch
+
+            desirable = torch.zeros(rows, dtype=torch.bool)
+            desirable[:count] = kto.desirable
+            kto = KTOBatch(desirable, kto.mismatched.sequence_shard(part, parts, rows))
         span = slice(part * wide // parts, (part + 1) * wide // parts)
         return Batch(ids[:, span].contiguous(), mask[:, span].contiguous(), labels[:, span].contiguous(),
                      sample_ids=list(self.sample_ids), position_ids=positions[:, span].contiguous(),
-                     positions=list(self.positions), examples=self.examples, kto=self.kto, shifted=True)
+                     positions=list(self.positions), examples=self.examples, kto=kto, shifted=True)
 
 
 def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classification: bool = False) -> Batch:

@@ -68,10 +68,19 @@ class _ResponseLogpObjective(Objective):
     each row through the chunked head (module docstring), and the gradient of a loss of those sums."""
 
     def __init__(self, cfg: PreferenceConfig, unwrap: Any, chunk_tokens: int, transform: Any,
-                 reference: Optional[torch.nn.Module] = None):
+                 reference: Optional[torch.nn.Module] = None, sequence: Optional[Any] = None):
         self.cfg, self.unwrap, self.chunk_tokens, self.transform = cfg, unwrap, chunk_tokens, transform
         self.reference = reference
         self.zero3_head = None
+        # Sequence parallelism: each rank holds part of every row's tokens. Per-row sums are summed over the
+        # ranks sharing the rows (`across`), after which every one of them holds the same loss and metrics; each
+        # reports 1 / share of them so that the recipe's sum over all ranks counts them once.
+        self.across = sequence.sum if sequence is not None else (lambda t: t)
+        self.share = sequence.degree if sequence is not None else 1
+
+    def _response_tokens(self, inputs: dict) -> torch.Tensor:
+        """Trained tokens per row (summed over a sequence group)."""
+        return self.across((_targets(inputs) != -100).sum(dim=1).float())
 
     def _loss_of_logps(self, model: Any, inputs: dict, loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]):
         """(loss to backpropagate, model output, each row's summed response log-probs, what loss_of returned
@@ -81,14 +90,13 @@ class _ResponseLogpObjective(Objective):
             HeadTensors,
             chunked_linear_cross_entropy,
             chunked_token_logprobs,
-            shifted_labels,
         )
         from ftcore.train.loss_head import DecoderOutput, TrainedHeadUnderZero3, gathered, head_tensors
 
         inner = self.unwrap(model)
         if self.zero3_head is None:
             self.zero3_head = TrainedHeadUnderZero3(inner.get_output_embeddings())
-        targets = shifted_labels(inputs["labels"])
+        targets = _targets(inputs)
         with DecoderOutput(inner).capture() as decoder:
             out = model(**_model_inputs(inputs), logits_to_keep=1)
         head = inner.get_output_embeddings()
@@ -96,8 +104,8 @@ class _ResponseLogpObjective(Objective):
             tensors = head_tensors(head, decoder.hidden)
             frozen = HeadTensors(*(t.detach() if isinstance(t, torch.Tensor) else t for t in (
                 tensors.weight, tensors.bias, tensors.lora_in, tensors.lora_a, tensors.lora_b, tensors.lora_scale)))
-            policy_logps = chunked_token_logprobs(decoder.hidden.detach(), frozen, targets, self.chunk_tokens,
-                                                  self.transform).sum(dim=1)
+            policy_logps = self.across(chunked_token_logprobs(decoder.hidden.detach(), frozen, targets,
+                                                              self.chunk_tokens, self.transform).sum(dim=1))
             sums = policy_logps.detach().requires_grad_(torch.is_grad_enabled())
             with torch.enable_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
                 loss_value, extras = loss_of(sums)
@@ -108,27 +116,27 @@ class _ResponseLogpObjective(Objective):
                 weighted = chunked_linear_cross_entropy(decoder.hidden, tensors, targets, self.chunk_tokens,
                                                         self.transform, token_weights=weights)[0]
                 weighted = self.zero3_head.wrap(weighted)
-                # Its gradient is the preference loss's; its value is made the loss's own.
-                loss = weighted + (loss_value.detach() - weighted.detach())
+                # Its gradient is the preference loss's; its value is made the loss's own (this rank's share).
+                loss = weighted + (loss_value.detach() / self.share - weighted.detach())
             else:
-                loss = loss_value.detach()
+                loss = loss_value.detach() / self.share
         return loss, out, policy_logps, extras
 
     def _reference_logps(self, model: Any, inputs: dict) -> torch.Tensor:
         """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
-        from ftcore.train.chunked_loss import HeadTensors, chunked_token_logprobs, shifted_labels
+        from ftcore.train.chunked_loss import HeadTensors, chunked_token_logprobs
         from ftcore.train.loss_head import base_model_output, gathered, head_parts
 
         hidden, head = base_model_output(model, self.unwrap(model), self.reference, _model_inputs(inputs))
         with torch.no_grad(), gathered(head):
             linear = head_parts(head, "reference's head")[0]
-            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias),
-                                           shifted_labels(inputs["labels"]), self.chunk_tokens, self.transform)
-        return logps.sum(dim=1)
+            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias), _targets(inputs),
+                                           self.chunk_tokens, self.transform)
+        return self.across(logps.sum(dim=1))
 
     def _policy_logps(self, model: Any, inputs: dict) -> torch.Tensor:
         """Summed response log-probs of the policy, without gradients."""
-        from ftcore.train.chunked_loss import chunked_token_logprobs, shifted_labels
+        from ftcore.train.chunked_loss import chunked_token_logprobs
         from ftcore.train.loss_head import DecoderOutput, gathered, head_tensors
 
         inner = self.unwrap(model)
@@ -136,14 +144,22 @@ class _ResponseLogpObjective(Objective):
             model(**_model_inputs(inputs), logits_to_keep=1)
         head = inner.get_output_embeddings()
         with torch.no_grad(), gathered(head):
-            logps = chunked_token_logprobs(decoder.hidden, head_tensors(head, decoder.hidden),
-                                           shifted_labels(inputs["labels"]), self.chunk_tokens, self.transform)
-        return logps.sum(dim=1)
+            logps = chunked_token_logprobs(decoder.hidden, head_tensors(head, decoder.hidden), _targets(inputs),
+                                           self.chunk_tokens, self.transform)
+        return self.across(logps.sum(dim=1))
 
 
 def _model_inputs(inputs: dict) -> dict:
     """The model's keyword arguments: without the labels and what only the objective reads."""
-    return {k: v for k, v in inputs.items() if k not in ("labels", "kto_desirable", "kto_mismatched")}
+    return {k: v for k, v in inputs.items()
+            if k not in ("labels", "shift_labels", "kto_desirable", "kto_mismatched")}
+
+
+def _targets(inputs: dict) -> torch.Tensor:
+    """Each position's target token (-100: none): the labels shifted, or a sequence shard's already shifted."""
+    from ftcore.train.chunked_loss import shifted_labels
+
+    return inputs["shift_labels"] if "shift_labels" in inputs else shifted_labels(inputs["labels"])
 
 
 class PreferenceLoss(_ResponseLogpObjective):
@@ -153,9 +169,8 @@ class PreferenceLoss(_ResponseLogpObjective):
 
     def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
         """The pairs' summed loss / normaliser, with the reward metrics."""
-        labels = inputs["labels"]
-        pairs = labels.shape[0] // 2
-        tokens = (labels[:, 1:] != -100).sum(dim=1).float()
+        tokens = self._response_tokens(inputs)
+        pairs = tokens.shape[0] // 2
         # An eval filler pair (every label -100) counts as no pair: its loss and metrics are 0.
         real = (tokens[:pairs] > 0) & (tokens[pairs:] > 0)
         tokens = tokens.clamp(min=1)
@@ -169,7 +184,7 @@ class PreferenceLoss(_ResponseLogpObjective):
             return torch.where(real, losses, 0.0).sum() / normaliser, (chosen_reward, rejected_reward)
 
         loss, out, policy_logps, (chosen_reward, rejected_reward) = self._loss_of_logps(model, inputs, loss_of)
-        real_f = real.float()
+        real_f = real.float() / self.share
         chosen_reward, rejected_reward = chosen_reward.detach() * real_f, rejected_reward.detach() * real_f
         terms = {"loss": loss.detach(),
                  "rewards_chosen": chosen_reward.sum() / normaliser,
@@ -183,10 +198,9 @@ class PreferenceLoss(_ResponseLogpObjective):
     def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
         """Sums over the batch's pairs (loss and every metric), and "pairs": how many real pairs it holds."""
         result = self(model, inputs, 1)
-        labels = inputs["labels"]
-        half = labels.shape[0] // 2
-        trained = (labels[:, 1:] != -100).any(dim=1)
-        result.terms["pairs"] = (trained[:half] & trained[half:]).float().sum()
+        trained = self._response_tokens(inputs) > 0
+        half = trained.shape[0] // 2
+        result.terms["pairs"] = (trained[:half] & trained[half:]).float().sum() / self.share
         return result
 
     def eval_report(self, totals: dict[str, float]) -> dict:
@@ -212,8 +226,9 @@ class KTOLoss(_ResponseLogpObjective):
             "correct", "samples")
 
     def __init__(self, cfg: PreferenceConfig, unwrap: Any, chunk_tokens: int, transform: Any,
-                 reference: Optional[torch.nn.Module], all_reduce: Callable[[list[float]], list[float]]):
-        super().__init__(cfg, unwrap, chunk_tokens, transform, reference)
+                 reference: Optional[torch.nn.Module], all_reduce: Callable[[list[float]], list[float]],
+                 sequence: Optional[Any] = None):
+        super().__init__(cfg, unwrap, chunk_tokens, transform, reference, sequence)
         self.all_reduce = all_reduce
         self.reference_point = 0.0
 
@@ -222,7 +237,8 @@ class KTOLoss(_ResponseLogpObjective):
         total = rows = 0.0
         for inputs in micro_inputs:
             mismatched = inputs["kto_mismatched"]
-            real = (mismatched["labels"][:, 1:] != -100).any(dim=1)
+            real = self._response_tokens(mismatched) > 0
+            # (Under sequence parallelism every rank of a group adds the same rows: the mean is unchanged.)
             ratio = self._policy_logps(model, mismatched) - self._reference_logps(model, mismatched)
             total += float((ratio * real).sum())
             rows += float(real.sum())
@@ -232,7 +248,7 @@ class KTOLoss(_ResponseLogpObjective):
     def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
         """The samples' summed loss / normaliser; the other terms are sums (report turns them into means)."""
         desirable = inputs["kto_desirable"]
-        real = (inputs["labels"][:, 1:] != -100).any(dim=1)
+        real = self._response_tokens(inputs) > 0
         reference_logps = self._reference_logps(model, inputs)
         z, beta, cfg = self.reference_point, self.cfg.beta, self.cfg
 
@@ -243,14 +259,15 @@ class KTOLoss(_ResponseLogpObjective):
             return torch.where(real, losses, 0.0).sum() / normaliser, ratio.detach()
 
         loss, out, policy_logps, ratio = self._loss_of_logps(model, inputs, loss_of)
-        chosen, rejected = (real & desirable).double(), (real & ~desirable).double()
+        share = 1.0 / self.share
+        chosen, rejected = (real & desirable).double() * share, (real & ~desirable).double() * share
         reward, logps = beta * ratio.double(), policy_logps.double()
         correct = torch.where(desirable, ratio > z, ratio < z) & real
         terms = {"loss": loss.detach(),
                  "rewards_chosen": (reward * chosen).sum(), "rewards_rejected": (reward * rejected).sum(),
                  "logps_chosen": (logps * chosen).sum(), "logps_rejected": (logps * rejected).sum(),
-                 "chosen": chosen.sum(), "rejected": rejected.sum(), "correct": correct.double().sum(),
-                 "samples": real.double().sum()}
+                 "chosen": chosen.sum(), "rejected": rejected.sum(), "correct": correct.double().sum() * share,
+                 "samples": real.double().sum() * share}
         return LossOutput(loss, out, terms)
 
     def report(self, totals: dict[str, float]) -> dict:

@@ -118,11 +118,12 @@ class Recipe:
         architecture = (self.model.config.architectures or [type(self.model).__name__])[0]
         chosen = " (auto: the best this model supports here)" if cfg.model.attn_implementation == "auto" else ""
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
+        self.sequence = None  # the ranks sharing this rank's samples (sequence parallelism)
         if rt.sequence_parallel > 1:
             from ftcore.train.sequence_parallel import start_sequence_parallel
 
-            start_sequence_parallel(self.model, self.attn_implementation, rt.sequence_parallel,
-                                    cfg.train.micro_batch_size, rt.backend)
+            self.sequence = start_sequence_parallel(self.model, self.attn_implementation, rt.sequence_parallel,
+                                                    self._rows(), rt.backend)
             rt.log(f"sequence parallel: {rt.sequence_parallel} ranks split each sample's tokens (Ulysses), "
                    f"{rt.data_world} data-parallel group{'s' * (rt.data_world > 1)}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
@@ -174,20 +175,21 @@ class Recipe:
             from ftcore.train.preference import KTOLoss, PreferenceLoss
 
             _, transform, words = choose_loss_impl("chunked", cfg.train.loss_chunk_tokens, 0.0, self.engine,
-                                                   unwrap(self.engine), rt.cuda)
+                                                   unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
             p = cfg.preference
             self.loss_words = f"{p.loss} (beta {p.beta:g}), log-probs {words}"
             if p.loss == "kto":
                 self.objective = KTOLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference,
-                                         rt.all_reduce)
+                                         rt.all_reduce, self.sequence)
             else:
-                self.objective = PreferenceLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference)
+                self.objective = PreferenceLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference,
+                                                self.sequence)
             self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
             return
         else:
             impl, transform, self.loss_words = choose_loss_impl(
                 cfg.train.loss_impl, cfg.train.loss_chunk_tokens, cfg.train.base_kl, self.engine,
-                unwrap(self.engine), rt.cuda, probe_rows=cfg.train.micro_batch_size if rt.sequence_parallel > 1 else 1)
+                unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
         self.objective = build_objective(cfg, unwrap, self.reference, impl, transform)
         self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
 
@@ -288,7 +290,9 @@ class Recipe:
             [local_trained, local_tokens, local_flops, sum(b.examples for b in batches)])
         # The mean over trained tokens (causal LM) or over examples (preference: pairs, KTO samples) of the whole
         # effective batch.
-        normaliser = max(int(global_examples if self.cfg.task == "preference" else global_trained), 1)
+        # (The ranks of a sequence group hold the same examples: counted once.)
+        normaliser = max(int(global_examples / rt.sequence_parallel if self.cfg.task == "preference"
+                             else global_trained), 1)
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
         # gradient of the true per-token mean over the effective batch.
@@ -353,12 +357,23 @@ class Recipe:
     def _inputs(self, batch: Batch) -> dict:
         return batch.model_inputs(self.runtime.device, self.attn_implementation, self.compute_dtype)
 
+    def _rows(self) -> int:
+        """Rows of every forward: the micro batch's samples, two per preference pair; one under sequence
+        parallelism with packing (Batch.sequence_shard makes the packed rows one varlen row)."""
+        if self.cfg.data.packing and self.runtime.sequence_parallel > 1:
+            return 1
+        return self.cfg.train.micro_batch_size * (2 if self.cfg.data.preference else 1)
+
+    def _probe_rows(self) -> int:
+        """Rows of the loss probe's forward: one, or under sequence parallelism the rows every forward has."""
+        return self._rows() if self.runtime.sequence_parallel > 1 else 1
+
     def _local(self, batch: Batch) -> Batch:
         """This rank's part of `batch` under sequence parallelism (the whole batch otherwise)."""
         rt = self.runtime
         if rt.sequence_parallel == 1:
             return batch
-        return batch.sequence_shard(rt.sequence_rank, rt.sequence_parallel, self.cfg.train.micro_batch_size)
+        return batch.sequence_shard(rt.sequence_rank, rt.sequence_parallel, self._rows())
 
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so

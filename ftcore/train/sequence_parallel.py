@@ -13,17 +13,35 @@ rescale by the world size turns that average into the sum the per-token mean nee
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ftcore.train.errors import TrainError
 
 SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def start_sequence_parallel(model: Any, attn_implementation: str, degree: int, micro_batch_size: int,
-                            backend: str) -> None:
+@dataclass
+class SequenceGroup:
+    """The ranks that share this rank's samples: what an objective needs to sum per-row quantities (a response's
+    log-prob, its token count) over the parts of each row."""
+
+    degree: int
+    group: Any  # the torch process group of the sequence group
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (not part of the autograd graph) summed over the group, in place; returned."""
+        torch.distributed.all_reduce(tensor, group=self.group)
+        return tensor
+
+
+def start_sequence_parallel(model: Any, attn_implementation: str, degree: int, rows: int,
+                            backend: str) -> SequenceGroup:
     """Make every attention call of this process's models Ulysses' (collective: every rank calls it, once): the
-    sequence groups are created here, and transformers' `attn_implementation` function is wrapped."""
+    sequence groups are created here, and transformers' `attn_implementation` function is wrapped. `rows`: the
+    rows of every forward (micro_batch_size; two per pair for preference pairs)."""
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise TrainError(f"distributed.sequence_parallel={degree}: this model runs attention "
                          f"{attn_implementation}, which Ulysses cannot split (it needs sdpa or flash_attention_2)")
@@ -32,7 +50,8 @@ def start_sequence_parallel(model: Any, attn_implementation: str, degree: int, m
 
     deepspeed.init_distributed(dist_backend=backend)  # joins the process group that already exists
     try:
-        UlyssesSPAttentionHF.register_with_transformers(model, attn_implementation, degree, micro_batch_size,
-                                                        seq_length_is_variable=True)
+        mpu = UlyssesSPAttentionHF.register_with_transformers(model, attn_implementation, degree, rows,
+                                                              seq_length_is_variable=True)
     except (ValueError, RuntimeError) as e:
         raise TrainError(f"distributed.sequence_parallel={degree}: {e}") from None
+    return SequenceGroup(degree, mpu.get_sequence_parallel_group())
