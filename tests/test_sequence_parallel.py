@@ -173,11 +173,15 @@ def test_packed_rows_become_one_varlen_row_with_per_sample_positions():
                Piece((1, 0), Tokenized([8, 9], [IGNORE_INDEX, 9]), "b")],
               [Piece((2, 0), Tokenized([3, 4, 5, 6], [IGNORE_INDEX, 4, 5, 6]), "c")]]
     batch = collate_packed(pieces, 0)
-    parts = [batch.sequence_shard(i, 2, rows=1) for i in range(2)]
+    parts = [batch.sequence_shard(i, 2, rows=1, one_row=True) for i in range(2)]
     joined = torch.cat([p.position_ids for p in parts], dim=1)[0].tolist()
     assert joined[:9] == [0, 1, 2, 0, 1, 0, 1, 2, 3] and all(p.input_ids.shape[0] == 1 for p in parts)
     assert sum(p.trained_tokens for p in parts) == batch.trained_tokens  # no sample learns its neighbour's start
     assert parts[0].sample_ids == ["a", "b", "c"]
+    # An unpacked (eval) batch in the same run: its rows joined, each row's positions restarting.
+    plain = collate([Tokenized([5, 6, 7], [IGNORE_INDEX, 6, 7]), Tokenized([8, 9], [IGNORE_INDEX, 9])], 0, [])
+    halves = [plain.sequence_shard(i, 2, rows=1, one_row=True) for i in range(2)]
+    assert torch.cat([h.position_ids for h in halves], dim=1)[0].tolist() == [0, 1, 2, 0, 1, 2]
 
 
 @pytest.mark.gpu

@@ -77,18 +77,23 @@ class Batch:
         return out
 
 
-    def sequence_shard(self, part: int, parts: int, rows: int) -> "Batch":
+    def sequence_shard(self, part: int, parts: int, rows: int, one_row: bool = False) -> "Batch":
         """Rank `part` of `parts` in a sequence group: its contiguous 1/parts of every row's tokens (distributed.
         sequence_parallel). Labels are shifted first, so the last token of a part still learns the first token of
         the next; rows are padded to `rows` (a pair batch keeps its chosen half, then its rejected half) and the
         width to a multiple of `parts` (padding never trains), as Ulysses needs the same shapes on every rank;
         position ids stay global (packed rows: per sample). Without a mask: Ulysses attends causally (right
-        padding is never attended to by a real token). A KTO batch's mismatched rows are split alike."""
-        if self.position_ids is not None and self.input_ids.shape[0] > 1:
-            # Packed rows (sequence parallelism allows them with flash_attention_2 only): one varlen row, as the
-            # flash-attention path without it takes them, its samples told apart by their position ids.
+        padding is never attended to by a real token). A KTO batch's mismatched rows are split alike.
+
+        one_row (packing, which sequence parallelism allows with flash_attention_2 only): the rows are first
+        joined into one varlen row, as the flash-attention path without sequence parallelism takes packed rows,
+        every sample (or unpacked row) told apart by its position ids restarting at 0."""
+        if one_row and self.input_ids.shape[0] > 1:
+            count, width = self.input_ids.shape
+            positions = self.position_ids if self.position_ids is not None else \
+                torch.arange(width).expand(count, width)
             flat = Batch(self.input_ids.reshape(1, -1), self.attention_mask.reshape(1, -1),
-                         self.labels.reshape(1, -1), position_ids=self.position_ids.reshape(1, -1))
+                         self.labels.reshape(1, -1), position_ids=positions.reshape(1, -1))
             shard = flat.sequence_shard(part, parts, 1)
             shard.sample_ids, shard.positions = list(self.sample_ids), list(self.positions)
             return shard

@@ -373,7 +373,8 @@ class Recipe:
         rt = self.runtime
         if rt.sequence_parallel == 1:
             return batch
-        return batch.sequence_shard(rt.sequence_rank, rt.sequence_parallel, self._rows())
+        return batch.sequence_shard(rt.sequence_rank, rt.sequence_parallel, self._rows(),
+                                    one_row=self.cfg.data.packing)
 
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so
