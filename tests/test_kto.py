@@ -17,11 +17,15 @@ import torch
 from ftcore.config import ConfigError, FieldNames, load_config
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
 from ftcore.data.preference import collate_kto, rotated, tokenize_kto
-from ftcore.model import load_model
 from ftcore.train.chunked_loss import LogitTransform
 from ftcore.train.preference import KTOLoss
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
-from tests.test_preference import WORDS, whole_logit_logps
+from tests.test_preference import (
+    WORDS,
+    policy_and_reference,
+    whole_logit_logps,
+    zero3_qlora_resume_and_accumulation,
+)
 
 SPEC = RecordSpec("kto", "completion", FieldNames())
 
@@ -134,19 +138,7 @@ def test_kto_equals_its_papers_formula(builtin_model_dir, tokenizer, method, oth
                              f"adapter.method={method}", "adapter.dropout=0", "model.attn_implementation=sdpa",
                              "preference.beta=0.7", "preference.kto_desirable_weight=1.3",
                              "preference.kto_undesirable_weight=0.6"])
-    model = load_model(cfg, builtin_model_dir, torch.device("cpu"))
-    torch.manual_seed(2)
-    reference = None
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-    if method == "full":
-        reference = load_model(load_config(None, ["adapter.method=full", "model.attn_implementation=sdpa"]),
-                               builtin_model_dir, torch.device("cpu")).requires_grad_(False).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
+    model, reference = policy_and_reference(cfg, builtin_model_dir, method, seed=2)
     records = [{"prompt": "Repeat: red cat", "completion": " red cat", "label": True},
                {"prompt": [{"role": "user", "content": "Repeat: sun"}], "completion": "moon tree", "label": False},
                {"prompt": "Say: stone river bird", "completion": " stone river bird", "label": True},
@@ -209,29 +201,16 @@ def test_zero3_qlora_kto_accumulates_like_two_ranks_and_resumes_exactly(tmp_path
     9 held-out samples (its mismatched rows pair each with the next of the whole set) equals the 1-process eval."""
     data = kto_task(tmp_path / "kto.jsonl", 200, seed=1)
     held_out = kto_task(tmp_path / "held_out.jsonl", 9, seed=2)
-    common = ("--set", "distributed.zero_stage=3", "--set", "adapter.method=qlora", "--set", "model.dtype=float32")
-    straight = tmp_path / "straight"
-    run_ft("launch", *kto_args(straight, data, *common, eval_data=held_out), "--nproc", "2")
-    resumed = tmp_path / "resumed"
-    run_ft("launch", *kto_args(resumed, data, *common, "--set", "train.stop_at_step=4", eval_data=held_out),
-           "--nproc", "2")
-    second = run_ft("launch", *kto_args(resumed, data, *common, eval_data=held_out), "--nproc", "2")
-    assert "resumed from" in second.stdout
-    losses = {name: [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
-              for name, out in (("straight", straight), ("resumed", resumed))}
-    assert len(losses["straight"]) == 8 and losses["resumed"] == losses["straight"]
-    one = tmp_path / "one_rank"
-    run_ft("train", *kto_args(one, data, *common, "--set", "train.grad_accum_steps=2", eval_data=held_out))
-    accumulated = [r for r in read_jsonl(one / "metrics.jsonl") if "lr" in r]
-    two = [r for r in read_jsonl(straight / "metrics.jsonl") if "lr" in r]
+    straight_rows, one_rows = zero3_qlora_resume_and_accumulation(tmp_path, kto_args, data, held_out)
+    two, accumulated = ([r for r in rows if "lr" in r] for rows in (straight_rows, one_rows))
     assert any(r["kl"] > 0 for r in two)  # the reference point moved off its clamp at some step
     for key in ("loss", "kl", "reward_accuracy", "rewards_chosen", "logps_rejected"):
         # A step without a desirable (undesirable) sample has no mean for that side in either run.
         assert [key in r for r in accumulated] == [key in r for r in two], key
         assert [r[key] for r in accumulated if key in r] == pytest.approx([r[key] for r in two if key in r],
                                                                          rel=1e-4, abs=1e-6), key
-    evals = {name: [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
-             for name, out in (("one", one), ("two", straight))}
+    evals = {name: [r for r in rows if "eval_loss" in r] for name, rows in (("one", one_rows),
+                                                                          ("two", straight_rows))}
     assert [e["eval_samples"] for e in evals["two"]] == [9, 9]
     for want, got in zip(evals["one"], evals["two"]):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)

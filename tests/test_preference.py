@@ -145,6 +145,25 @@ def paper_loss(name: str, pc, pr, rc, rr, lc, lr, beta=0.3, gamma=0.4, lam=0.7):
     return -pc / lc - lam * F.logsigmoid(torch.log(odds_c / odds_r))
 
 
+def policy_and_reference(cfg, model_dir, method: str, seed: int):
+    """The tiny model of `cfg` moved away from its base (LoRA's B drawn at random, or full weights perturbed) and
+    the reference the objective reads: None for LoRA (the adapter disabled), a frozen base copy for full."""
+    model = load_model(cfg, model_dir, torch.device("cpu"))
+    reference = None
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    if method == "full":
+        reference = load_model(load_config(None, ["adapter.method=full", "model.attn_implementation=sdpa"]),
+                               model_dir, torch.device("cpu")).requires_grad_(False).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+    return model, reference
+
+
 def whole_logit_logps(model, inputs):
     """Summed response log-probs per row from the model's whole logits."""
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
@@ -164,19 +183,7 @@ def test_each_objective_equals_its_papers_formula(builtin_model_dir, tokenizer, 
                              "data.eval=null", "train.eval_every=0", f"adapter.method={method}", "adapter.dropout=0",
                              "model.attn_implementation=sdpa", f"preference.loss={name}", "preference.beta=0.3",
                              "preference.simpo_gamma=0.4", "preference.orpo_lambda=0.7"])
-    model = load_model(cfg, builtin_model_dir, torch.device("cpu"))
-    reference = None
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if "lora_B" in param_name:
-                torch.nn.init.normal_(p, std=0.05)
-    if method == "full":
-        reference = load_model(load_config(None, ["adapter.method=full", "model.attn_implementation=sdpa"]),
-                               builtin_model_dir, torch.device("cpu")).requires_grad_(False).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
+    model, reference = policy_and_reference(cfg, builtin_model_dir, method, seed=1)
     records = [{"prompt": "Repeat: red cat", "chosen": " red cat", "rejected": " blue dog"},
                {"prompt": [{"role": "user", "content": "Repeat: sun"}], "chosen": "sun", "rejected": "moon tree"},
                {"prompt": "Say: stone river bird", "chosen": " stone river bird", "rejected": " fish"}]
@@ -257,6 +264,24 @@ def test_full_and_freeze_preference_runs_train(tmp_path, settings):
     assert (out / "final" / "model.safetensors").is_file() or list((out / "final").glob("*.safetensors"))
 
 
+def zero3_qlora_resume_and_accumulation(tmp_path, args_of, data, held_out) -> tuple[list, list]:
+    """2-rank ZeRO-3 QLoRA runs of `args_of(out, data, ...)`: straight, and stopped at step 4 then resumed (the
+    losses must be equal bit for bit); and 1 rank x 2 accumulated micro batches. Returns the metrics rows of the
+    straight 2-rank run and of the 1-rank run."""
+    common = ("--set", "distributed.zero_stage=3", "--set", "adapter.method=qlora", "--set", "model.dtype=float32")
+    straight, resumed, one = tmp_path / "straight", tmp_path / "resumed", tmp_path / "one_rank"
+    run_ft("launch", *args_of(straight, data, *common, eval_data=held_out), "--nproc", "2")
+    run_ft("launch", *args_of(resumed, data, *common, "--set", "train.stop_at_step=4", eval_data=held_out),
+           "--nproc", "2")
+    second = run_ft("launch", *args_of(resumed, data, *common, eval_data=held_out), "--nproc", "2")
+    assert "resumed from" in second.stdout
+    losses = {name: [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+              for name, out in (("straight", straight), ("resumed", resumed))}
+    assert len(losses["straight"]) == 8 and losses["resumed"] == losses["straight"]
+    run_ft("train", *args_of(one, data, *common, "--set", "train.grad_accum_steps=2", eval_data=held_out))
+    return read_jsonl(straight / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+
+
 @pytest.mark.multiproc
 def test_zero3_qlora_dpo_accumulates_like_two_ranks_and_resumes_exactly(tmp_path):
     """2 ranks x 1 micro batch = 1 rank x 2 accumulated (the mean over the step's pairs); a ZeRO-3 QLoRA run
@@ -264,21 +289,7 @@ def test_zero3_qlora_dpo_accumulates_like_two_ranks_and_resumes_exactly(tmp_path
     (rank 0 gets 5, rank 1 gets 4 and a filler batch) equals the 1-process eval."""
     data = repeat_task(tmp_path / "pairs.jsonl", 200, seed=1)
     held_out = repeat_task(tmp_path / "held_out.jsonl", 9, seed=2)
-    common = ("--set", "distributed.zero_stage=3", "--set", "adapter.method=qlora", "--set", "model.dtype=float32")
-    straight = tmp_path / "straight"
-    run_ft("launch", *preference_args(straight, data, *common, eval_data=held_out), "--nproc", "2")
-    resumed = tmp_path / "resumed"
-    run_ft("launch", *preference_args(resumed, data, *common, "--set", "train.stop_at_step=4", eval_data=held_out),
-           "--nproc", "2")
-    second = run_ft("launch", *preference_args(resumed, data, *common, eval_data=held_out), "--nproc", "2")
-    assert "resumed from" in second.stdout
-    losses = {name: [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
-              for name, out in (("straight", straight), ("resumed", resumed))}
-    assert len(losses["straight"]) == 8 and losses["resumed"] == losses["straight"]
-    one = tmp_path / "one_rank"
-    run_ft("train", *preference_args(one, data, *common, "--set", "train.grad_accum_steps=2", eval_data=held_out))
-    accumulated = read_jsonl(one / "metrics.jsonl")
-    straight_rows = read_jsonl(straight / "metrics.jsonl")
+    straight_rows, accumulated = zero3_qlora_resume_and_accumulation(tmp_path, preference_args, data, held_out)
     for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen"):
         assert [r[key] for r in accumulated if "lr" in r] == pytest.approx(
             [r[key] for r in straight_rows if "lr" in r], rel=1e-4, abs=1e-6), key
