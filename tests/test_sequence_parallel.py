@@ -61,10 +61,10 @@ def test_a_shard_holds_its_part_of_every_row_with_labels_shifted_before_the_spli
 # ------------------------------------------------------------------------------------------------ runs
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout", [
-    ("distributed.zero_stage=2",),
+    ("distributed.zero_stage=2", "model.gradient_checkpointing=true"),
     ("distributed.zero_stage=3", "adapter.method=full"),
     ("distributed.zero_stage=3", "adapter.method=qlora", "train.base_kl=0.2"),
-], ids=["zero2-lora", "zero3-full", "zero3-qlora-base_kl"])
+], ids=["zero2-lora-checkpointing", "zero3-full", "zero3-qlora-base_kl"])
 def test_two_ranks_splitting_each_sample_train_what_one_rank_trains(tmp_path, layout):
     """The same samples on 1 rank without sequence parallelism and on 2 ranks with N=2 (one data-parallel group):
     equal losses, gradient norms and eval losses; the log says how the ranks are laid out."""
