@@ -16,7 +16,7 @@ import torch
 
 from ftcore.config import ConfigError, FieldNames, load_config
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
-from ftcore.data.preference import collate_kto, rotated, tokenize_kto
+from ftcore.data.preference import collate_kto, tokenize_kto
 from ftcore.train.chunked_loss import LogitTransform
 from ftcore.train.preference import KTOLoss
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
@@ -42,6 +42,11 @@ def kto_task(path, count: int, seed: int):
             f.write(json.dumps({"prompt": "Repeat: " + " ".join(words) + "\nAnswer:",
                                 "completion": " " + " ".join(answer), "label": good}) + "\n")
     return path
+
+
+def rotated(samples: list) -> list:
+    """Each sample's partner in a list in stream order: the next one (the last's is the first)."""
+    return samples[1:] + samples[:1]
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,11 @@ class Batch:
                      dtype: Optional[torch.dtype] = None) -> dict:
         """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs;
         a sequence shard: its global position ids and shifted labels, no mask)."""
-        if self.shifted:
-            out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
-                   "shift_labels": self.labels.to(device), "use_cache": False}
-        elif self.position_ids is None:
-            out = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                   "labels": self.labels.to(device), "use_cache": False}
         if self.shifted or self.position_ids is None:
+            out = ({"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
+                    "shift_labels": self.labels.to(device), "use_cache": False} if self.shifted else
+                   {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                    "labels": self.labels.to(device), "use_cache": False})
             if self.kto is not None:  # read (and removed) by the KTO objective, never passed to the model
                 out["kto_desirable"] = self.kto.desirable.to(device)
                 out["kto_mismatched"] = self.kto.mismatched.model_inputs(device)

@@ -224,12 +224,6 @@ class KTOBatch:
     mismatched: Batch
 
 
-def rotated(samples: list[Any]) -> list[Any]:
-    """Each sample's partner for the mismatched rows in a list in stream order: the next one (the last's is the
-    first)."""
-    return samples[1:] + samples[:1]
-
-
 def collate_pairs(pairs: list[Pair], pad_id: int, sample_ids: list[str]) -> Batch:
     """Rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded: one forward for both responses."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, sample_ids)

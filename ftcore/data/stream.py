@@ -24,7 +24,7 @@ from ftcore.data.batch import Batch, Piece, collate, collate_packed, pad_token_i
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
 from ftcore.data.order import WINDOW_BLOCKS, Mixture, RankCursor, SourceOrder, reshard
 from ftcore.data.packing import BestFitPacker
-from ftcore.data.preference import collate_kto, collate_pairs, rotated, tokenize_kto, tokenize_pair
+from ftcore.data.preference import collate_kto, collate_pairs, tokenize_kto, tokenize_pair
 from ftcore.data.sources import FileSource, RawRecord, expand, open_file
 
 STATE_VERSION = 2
@@ -388,31 +388,31 @@ def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: in
     Ranks may end up with different batch counts (skipped records); pad_eval_batches evens them out."""
     maker = SampleMaker(data_cfg, tokenizer)
     mine: list[tuple[Tokenized, str]] = []
-    partner_of: dict[int, Any] = {}  # kto: id(sample) -> its partner, the next sample of the whole eval set
+    # KTO's mismatched rows pair each sample with the next one of the whole set, so every rank reads every
+    # record (the reference point is then the same at any world size): `everything`, with the partner of each.
+    everything: list[Any] = []
+    partners: list[Any] = []  # kto: the partner of each sample of `mine`, by its place in `everything`
     index = 0
-    everything = []
     for i, spec in enumerate(data_cfg.eval or []):
         group = SourceGroup(spec, data_cfg, i, 0)
         for raw in group.all_records():
-            # KTO's mismatched rows pair each sample with the next one of the whole set, so every rank reads
-            # every record (the reference point is then the same at any world size).
             if index % world_size == rank or data_cfg.kto:
                 made = maker.make(raw, group.spec)
                 kept = [(s, f"{raw.where}#{j}" if len(made) > 1 else raw.where)
                         for j, s in enumerate(made) if s is not None]
-                everything += kept
                 if index % world_size == rank:
                     mine += kept
+                    partners += range(len(everything) + 1, len(everything) + 1 + len(kept))
+                if data_cfg.kto:
+                    everything += [s for s, _ in kept]
             index += 1
     pad = pad_token_id(tokenizer)
     classification = data_cfg.classification
-    if data_cfg.kto and everything:
-        samples = [s for s, _ in everything]
-        partner_of = {id(s): p for s, p in zip(samples, rotated(samples))}
     chunks = [mine[b:b + micro_batch_size] for b in range(0, len(mine), micro_batch_size)]
     if data_cfg.kto:
-        return [collate_kto([s for s, _ in c], [partner_of[id(s)] for s, _ in c], pad, [w for _, w in c],
-                            data_cfg.max_seq_len, tokenizer.bos_token_id) for c in chunks]
+        partner = [everything[k % len(everything)] for k in partners]  # the last sample's is the first
+        return [collate_kto([s for s, _ in c], partner[b:b + len(c)], pad, [w for _, w in c], data_cfg.max_seq_len,
+                            tokenizer.bos_token_id) for b, c in zip(range(0, len(mine), micro_batch_size), chunks)]
     if data_cfg.preference:
         return [collate_pairs([s for s, _ in c], pad, [w for _, w in c]) for c in chunks]
     return [collate([s for s, _ in c], pad, [w for _, w in c], classification) for c in chunks]
