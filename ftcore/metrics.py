@@ -1,5 +1,6 @@
 """What a step cost and how well the hardware was used: model FLOPs per step (attention included), MFU against the
-device's peak, memory, and where the numbers go (metrics.jsonl, TensorBoard, the end-of-run summary).
+device's peak, memory, and where the numbers go (metrics.jsonl, TensorBoard, the end-of-run summary; MLflow and
+W&B replicate metrics.jsonl: ftcore/tracking/).
 
 Model FLOPs (PaLM's convention, MFU not HFU: recomputation from checkpointing is not counted):
     a token through a weight matrix of n elements costs 2n FLOPs forward and 4n backward (gradients for the
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ftcore.durable import atomic_write_text
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s per GPU, from the vendors' data sheets. More specific
 # names first: the first substring found in torch.cuda.get_device_name() wins.
@@ -111,20 +115,23 @@ class MetricsSink:
                 "gpu_max_allocated_gib": "memory/gpu_max_allocated_gib",
                 "gpu_max_reserved_gib": "memory/gpu_max_reserved_gib", "host_rss_gib": "memory/host_rss_gib"}
 
-    def __init__(self, output_dir: Path, report_to: str, resume_step: int):
+    def __init__(self, output_dir: Path, report_to: list[str], resume_step: int):
         self.jsonl = output_dir / "metrics.jsonl"
         drop_partial_line(self.jsonl)  # a process killed mid-write leaves half a line; appending must not glue on
+        # metrics.jsonl is the timeline this run's weights went through: the rows an interrupted attempt wrote
+        # after the checkpoint this attempt starts from are trained again, so they move aside (kept).
+        set_aside_rows_after(self.jsonl, resume_step, output_dir / "metrics.superseded.jsonl")
         self.tb = None
-        if report_to == "tensorboard":
+        if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a preempted attempt wrote after its checkpoint are dropped on resume.
             self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=resume_step if resume_step else None)
 
     def record(self, metrics: dict) -> None:
-        """Append one step's or eval's metrics (and to TensorBoard when on)."""
+        """Append one step's or eval's metrics, with the time it was recorded (and to TensorBoard when on)."""
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps({**metrics, "time": round(time.time(), 3)}) + "\n")
         if self.tb is not None:
             for key, tag in self.TB_NAMES.items():
                 value = metrics.get(key)
@@ -146,6 +153,21 @@ def drop_partial_line(path: Path) -> None:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
+
+
+def set_aside_rows_after(path: Path, step: int, aside: Path) -> None:
+    """Move the rows of a JSON-lines metrics file whose step is past `step` to the end of `aside`."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    later = [line for line in lines if json.loads(line).get("step", 0) > step]
+    if not later:
+        return
+    with open(aside, "a") as f:
+        f.writelines(later)
+        f.flush()
+        os.fsync(f.fileno())
+    atomic_write_text(path, "".join(line for line in lines if json.loads(line).get("step", 0) <= step))
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -84,6 +84,10 @@ def check_combinations(cfg: Config) -> None:
     if cfg.train.loss_impl == "fused" and not liger_available():
         raise _error("train.loss_impl", "fused needs liger-kernel, which is not installed (pip install "
                      "'.[fused]' on a CUDA machine); use auto or chunked")
+    for tracker in ("mlflow", "wandb"):
+        if tracker in cfg.train.report_to and importlib.util.find_spec(tracker) is None:
+            raise _error("train.report_to", f"{tracker} needs the {tracker} package, which is not installed (pip "
+                         f"install '.[{tracker}]')")
     model_config = model_config_json(m.name_or_path)
     limit = (model_config or {}).get("max_position_embeddings")
     if isinstance(limit, int) and cfg.data.max_seq_len > limit:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -202,8 +202,9 @@ class TrainConfig(Section):
     """Evaluate every N steps (0 = only at the end). Needs data.eval."""
     log_every: int = Field(1, gt=0)
     """Print a log line every N steps (rank 0)."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Where step metrics go besides metrics.jsonl: TensorBoard event files in output_dir/tb/, or nowhere."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Where step metrics go besides metrics.jsonl, one name or a list: tensorboard (event files in output_dir/tb/),
+    mlflow, wandb (the tracking section), or none. One tracker run per training run, continued by every resume."""
     peak_tflops: Optional[float] = Field(None, gt=0)
     """Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU's name (none on CPU)."""
     max_grad_norm: float = Field(1.0, ge=0)
@@ -230,6 +231,18 @@ class TrainConfig(Section):
     below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: list[str]) -> list[str]:
+        if "none" in value and len(value) > 1:
+            raise ValueError(f"none cannot be combined with other trackers (got {value})")
+        return [] if value == ["none"] else list(dict.fromkeys(value))
 
 
 class PreferenceConfig(Section):
@@ -284,6 +297,38 @@ class DistributedConfig(Section):
     loss."""
 
 
+class MlflowSettings(Section):
+    """tracking.mlflow: where train.report_to=mlflow logs."""
+    tracking_uri: Optional[str] = None
+    """Tracking server or store URI; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
+    experiment: Optional[str] = None
+    """Experiment name (created when missing); default $MLFLOW_EXPERIMENT_NAME, else ft."""
+
+
+class WandbSettings(Section):
+    """tracking.wandb: where train.report_to=wandb logs."""
+    project: Optional[str] = None
+    """W&B project; default $WANDB_PROJECT, else ft."""
+    entity: Optional[str] = None
+    """W&B entity (user or team); default $WANDB_ENTITY, else your default entity."""
+    mode: Optional[Literal["online", "offline"]] = None
+    """online, or offline (written under <dir>/wandb/, uploaded later with `wandb sync`); default $WANDB_MODE,
+    else online."""
+    dir: Optional[str] = None
+    """Where W&B writes its run files; default $WANDB_DIR, else output_dir."""
+
+
+class TrackingConfig(Section):
+    """tracking: the experiment trackers of train.report_to (MLflow, Weights & Biases)."""
+    run_name: Optional[str] = None
+    """The tracker run's display name; default output_dir's last part."""
+    finish_timeout_s: float = Field(120.0, ge=0)
+    """At the end of an attempt, how long rank 0 waits for a tracker to take the last rows and artifacts; what it
+    has not taken by then stays in metrics.jsonl and is sent by the next attempt."""
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+
+
 class CheckpointConfig(Section):
     """checkpoint: how often to save and how many to keep."""
     every_steps: int = Field(0, ge=0)
@@ -308,6 +353,7 @@ class Config(Section):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     _explicit: dict = PrivateAttr(default_factory=dict)
 
     def explicit_fields(self) -> dict[str, str]:

@@ -46,10 +46,14 @@ def run(cfg: Config, resume: str = "auto") -> None:
     """Train `cfg` in this process (one rank of the world its launcher set up); the process group is torn down
     at the end, also on an error."""
     recipe = Recipe(cfg, resume=resume)
+    error: BaseException | None = None
     try:
         recipe.setup()
         recipe.train()
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        recipe.close()
+        recipe.close(error)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -244,7 +244,8 @@ class Recipe:
         then the last eval, data report, checkpoint, final/ and summary."""
         cfg, rt, state = self.cfg, self.runtime, self.state
         last = cfg.train.stop_at_step or cfg.train.max_steps
-        self.reporter = Reporter(cfg, rt, self.peak_flops, state.step)
+        self.reporter = Reporter(cfg, rt, self.peak_flops, state.step, tracker_runs=state.trackers,
+                                 new_timeline=self.resume_arg != "auto")
         self.reporter.announce(self.trainable, self.total_params, self.loss_words, state.step, last)
         loop_started = time.perf_counter()
         self.engine.train()
@@ -348,10 +349,15 @@ class Recipe:
                                      config_text=dump_config(self.cfg))
         self.runtime.log(f"checkpoint saved: {path}")
 
-    def close(self) -> None:
-        """Flush what rank 0 writes, also when the run stops on an error or a preemption."""
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Flush what rank 0 writes, also when the run stops on an error or a preemption (`error`); the trackers
+        learn how this attempt ended."""
         if self.reporter is not None:
-            self.reporter.close()
+            if error is not None and not isinstance(error, Preempted):
+                status = "FAILED"
+            else:
+                status = "FINISHED" if error is None and self.state.step >= self.cfg.train.max_steps else "KILLED"
+            self.reporter.close(status)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _inputs(self, batch: Batch) -> dict:

@@ -1,26 +1,43 @@
 """What a run tells its user: the progress bar and one line per logged step, speed/MFU/memory per step, metrics to
-metrics.jsonl (and TensorBoard), eval lines, the data report and the end-of-run summary (printed and written to
-output_dir/summary.json). Rank 0 writes and prints; the collectives it needs run on every rank."""
+metrics.jsonl (and TensorBoard; MLflow and W&B through ftcore/tracking/), eval lines, the data report and the
+end-of-run summary (printed and written to output_dir/summary.json). Rank 0 writes and prints; the collectives it
+needs run on every rank."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ftcore.config import Config
 from ftcore.metrics import MetricsSink, memory_now, write_summary
+from ftcore.tracking import Feed, start_feeds
 from ftcore.train.runtime import Runtime
 
 
 class Reporter:
     """Metrics and messages of one run (torchtitan's MetricsProcessor, in ft's words)."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, peak_flops: Optional[float], start_step: int):
+    def __init__(self, cfg: Config, runtime: Runtime, peak_flops: Optional[float], start_step: int,
+                 tracker_runs: Optional[dict[str, str]] = None, new_timeline: bool = False):
+        """`tracker_runs`: the run ids of MLflow/W&B runs to continue (from the checkpoint), updated in place when
+        a tracker opens; `new_timeline`: --resume none / PATH, which starts new tracker runs."""
         self.cfg, self.runtime, self.peak_flops = cfg, runtime, peak_flops
         self.output_dir = Path(cfg.output_dir)
         self.sink = MetricsSink(self.output_dir, cfg.train.report_to, start_step) if runtime.is_main else None
+        self.feeds: list[Feed] = []
+        self.last_summary: Optional[dict] = None
+        if runtime.is_main:
+            runs = tracker_runs if tracker_runs is not None else {}
+            attempt = {"from_step": start_step, "world_size": runtime.world_size, "host": socket.gethostname(),
+                       "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                       "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
+            self.feeds = start_feeds(cfg, self.output_dir, runs, new_timeline, attempt, runtime.log,
+                                     on_open=runs.__setitem__)
         self.totals = {"steps": 0, "tokens": 0, "trained_tokens": 0, "flops": 0.0, "step_time_s": 0.0,
                        "memory": [0.0, 0.0, 0.0]}
 
@@ -61,6 +78,8 @@ class Reporter:
         if not self.runtime.is_main:
             return
         self.sink.record(metrics)
+        for feed in self.feeds:
+            feed.notify()
         if "eval_accuracy" in metrics:
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} accuracy "
                              f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
@@ -131,7 +150,7 @@ class Reporter:
         """The end-of-run summary: printed, and written to output_dir/summary.json."""
         if not self.runtime.is_main:
             return
-        summary = self._summary_record(last_step, wall_time)
+        summary = self.last_summary = self._summary_record(last_step, wall_time)
         write_summary(self.output_dir / "summary.json", summary)
         t, cuda = self.totals, self.runtime.cuda
         mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
@@ -142,7 +161,7 @@ class Reporter:
                          f"({summary['mean_trained_tokens_per_s']:,.0f} trained){mfu}; {memory}peak host RSS "
                          f"{summary['peak_host_rss_gib']:.1f} GiB")
         out = self.output_dir
-        tensorboard = f" | TensorBoard {out / 'tb'}" if self.cfg.train.report_to == "tensorboard" else ""
+        tensorboard = f" | TensorBoard {out / 'tb'}" if "tensorboard" in self.cfg.train.report_to else ""
         self.runtime.log(f"outputs: {out / 'final'} | checkpoints {out / 'checkpoints'} | metrics "
                          f"{out / 'metrics.jsonl'}{tensorboard} | summary {out / 'summary.json'}")
 
@@ -160,13 +179,32 @@ class Reporter:
             "peak_host_rss_gib": t["memory"][2], "world_size": world,
             "outputs": {"final": str(out / "final"), "checkpoints": str(out / "checkpoints"),
                         "metrics": str(out / "metrics.jsonl"),
-                        "tensorboard": str(out / "tb") if self.cfg.train.report_to == "tensorboard" else None},
+                        "tensorboard": str(out / "tb") if "tensorboard" in self.cfg.train.report_to else None,
+                        "trackers": {feed.tracker.name: feed.tracker.where() for feed in self.feeds}},
         }
 
-    def close(self) -> None:
-        """Flush what rank 0 writes, also when the run stops on an error or a preemption."""
+    def close(self, status: str = "KILLED") -> None:
+        """Flush what rank 0 writes, also when the run stops on an error or a preemption; end this attempt in each
+        tracker (FINISHED, FAILED, or KILLED: stopped to be resumed), with the summary, metrics.png and the config
+        when the attempt trained. Says what a tracker did not take."""
         if self.sink is not None:
             self.sink.close()
+        if not self.feeds:
+            return
+        artifacts = []
+        if self.last_summary is not None:
+            from ftcore.plot import PlotError, plot_run
+
+            try:
+                plot_run(self.output_dir, self.output_dir / "metrics.png")
+            except PlotError:
+                pass
+            artifacts = [self.output_dir / name for name in ("summary.json", "metrics.png", "config.yaml")]
+        deadline = time.monotonic() + self.cfg.tracking.finish_timeout_s
+        for feed in self.feeds:
+            left = feed.finish(self.last_summary, artifacts, status, max(deadline - time.monotonic(), 0.0))
+            if left:
+                self.runtime.log(left)
 
 
 def step_line(metrics: dict, last: int) -> str:

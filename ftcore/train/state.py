@@ -1,9 +1,10 @@
-"""The run's own position (step and token counts), saved with every checkpoint as trainer_state.json next to the
-data stream's state, and restored from it through state_dict / load_state_dict like every stateful part."""
+"""The run's own position (step and token counts, and its experiment-tracker runs), saved with every checkpoint as
+trainer_state.json next to the data stream's state, and restored from it through state_dict / load_state_dict like
+every stateful part."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ftcore.config import Config
 from ftcore.resume import config_fingerprint
@@ -18,6 +19,7 @@ class RunState:
     step: int = 0
     tokens_seen: int = 0
     trained_tokens_seen: int = 0
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker -> run id (rank 0 knows them)
 
     def advance(self, tokens: int, trained_tokens: int) -> None:
         """One optimizer step over `tokens` (of which `trained_tokens` trained), summed over all ranks."""
@@ -29,10 +31,11 @@ class RunState:
         """What trainer_state.json holds."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "trained_tokens_seen": self.trained_tokens_seen,
                 "world_size": self.world_size, "effective_batch_size": self.cfg.effective_batch_size(self.world_size),
-                "config_fingerprint": config_fingerprint(self.cfg)}
+                "config_fingerprint": config_fingerprint(self.cfg), "trackers": dict(self.trackers)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint's trainer_state.json (already checked by ftcore.resume)."""
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.trained_tokens_seen = state["trained_tokens_seen"]
+        self.trackers = dict(state.get("trackers", {}))  # (absent from checkpoints of earlier releases)
