@@ -39,8 +39,8 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-def submit(cluster: LocalSlurm, out: Path) -> str:
-    proc = run_ft("slurm", *run_args(out), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
+def submit(cluster: LocalSlurm, out: Path, *extra: str) -> str:
+    proc = run_ft("slurm", *run_args(out), *extra, "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
                   "--cpus-per-task", "1", "--grace", "30", "--job-name", "fttest", env=cluster.env)
     match = re.search(r"submitted job (\d+) \(2 nodes x 1 processes\)", proc.stdout)
     assert match, proc.stdout
@@ -81,7 +81,7 @@ def test_two_node_job_trains_like_a_local_two_process_run(cluster, uninterrupted
 
 def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, uninterrupted_run, tmp_path):
     out = tmp_path / "run"
-    job_id = submit(cluster, out)
+    job_id = submit(cluster, out, "--set", "train.report_to=[tensorboard,mlflow]")  # MLflow: output_dir's sqlite
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 400
     while not (metrics.is_file() and len(read_jsonl(metrics)) >= 5):
@@ -102,3 +102,14 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, uninter
     losses = [r["loss"] for r in read_jsonl(out / "audit" / "rank0.jsonl")]
     assert losses == [r["loss"] for r in read_jsonl(uninterrupted_run / "audit" / "rank0.jsonl")]
     assert_same_final_adapter(out, uninterrupted_run)
+    # The requeued job is one MLflow run: every step once, the attempt on Slurm restart 1 tagged, finished.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ft").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["ft.attempts"] == "2", run.data.tags
+    assert f"slurm_job {job_id}, slurm_restart 1" in run.data.tags["ft.attempt.2"]
+    assert f"from_step {stopped}" in run.data.tags["ft.attempt.2"]
+    tracked = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert tracked == [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+    assert [s for s, _ in tracked] == list(range(1, STEPS + 1))

@@ -275,3 +275,9 @@ def test_wandb_offline_resumed_run_writes_to_the_same_run_id(tmp_path):
     assert (attempts[1] / "files" / "summary.json").is_file() and (attempts[1] / "files" / "metrics.png").is_file()
     checkpoint = json.loads((out / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
     assert checkpoint["trackers"]["wandb"] == run_id
+    # --resume none starts a new timeline: a new W&B run, which holds only its own steps.
+    run_ft("train", *args, "--set", "train.stop_at_step=2", "--resume", "none")
+    new_id = json.loads((out / "trackers.json").read_text())["wandb"]["run_id"]
+    assert new_id != run_id
+    (new_dir,) = (out / "wandb").glob(f"offline-run-*-{new_id}")
+    assert sorted(wandb_history(new_dir)[1]) == [1, 2]
