@@ -90,6 +90,27 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, arch, variant):
         assert torch.equal(tensor, merged[name]), name  # bit-exact, fp32
 
 
+def test_a_wrong_merge_is_caught_and_the_first_diverging_block_named(tmp_path, monkeypatch):
+    """One merged tensor perturbed (a bug in the merge, simulated): the layer-by-layer check fails, names the block
+    whose output first diverges, and nothing is written."""
+    from ftcore.export.lora import Adapter
+
+    base = build_base(tmp_path / "base", "llama", num_hidden_layers=4)
+    build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
+    merged = Adapter.apply
+
+    def wrong(self, name, tensor):
+        out = merged(self, name, tensor)
+        return out * 1.01 if name == "model.layers.2.mlp.down_proj.weight" else out
+
+    monkeypatch.setattr(Adapter, "apply", wrong)
+    lines = []
+    with pytest.raises(ExportError, match=r"verification failed: .* first diverging at block 2 \(hidden states "):
+        export_adapter(tmp_path / "adapter", str(base), tmp_path / "out", log=lines.append)
+    assert any("layer by layer (4 blocks)" in line for line in lines), lines
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_output_dtype_and_shards(tmp_path):
     base = build_base(tmp_path / "base", "llama")
     build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])

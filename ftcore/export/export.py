@@ -11,7 +11,8 @@ the run's ft_config.yaml says qlora, or with `--merge-base quantized`) every wei
 is replaced by its NF4 round trip before the delta is added; `--merge-base original` merges onto W instead.
 
 The parts: base.py (reading the base), classifier.py (classification exports), merge.py (the merge plan),
-output.py (staged, sharded output), verify.py (logits against the model as trained), lora.py and zero.py (the
+output.py (staged, sharded output), verify.py and layerwise.py (the export against the model as trained, one block
+at a time), lora.py and zero.py (the
 adapter and checkpoint formats), st_io.py (safetensors headers and tensors). This file only orchestrates.
 """
 

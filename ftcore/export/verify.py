@@ -1,23 +1,37 @@
 """Verification before the export is put in place: the exported model's logits on fixed probe tokens against
 the model as trained (base + adapter through PEFT, on the NF4-quantized base for a QLoRA run; or the checkpoint's
-fp32 weights), within a tolerance for the output dtype. Skipped, and said so, when the machine lacks the RAM."""
+fp32 weights), within a tolerance for the output dtype.
+
+Layer by layer by default (ftcore/export/layerwise.py): both models run the probe through their own transformers
+modules one unit at a time -- embedding, each decoder block, final norm, head -- read from the safetensors shards
+(or the ZeRO checkpoint) just before it runs, so memory is one block, whatever the model's size. The hidden states
+are compared at every block boundary, and a failed check names the first block where they diverge. A model that
+cannot be run that way (no decoder blocks found, a forward that reaches outside a unit, GPT-2-style Conv1D under
+QLoRA, a freeze run's checkpoint) is compared whole, with the memory that needs said first; skipped, and said so,
+when the machine lacks that RAM.
+
+Tolerance: max |export logit - reference logit| / max |reference logit| <= 1e-4 for an fp32 export, 1e-2 fp16,
+5e-2 bf16 (the reference computes in fp32)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ftcore.export.base import BaseModel
+from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
 from ftcore.export.classifier import Classifier
+from ftcore.export.layerwise import NotStreamable, boundary_states, checkpoint_names, skeleton
 from ftcore.export.lora import Adapter
 from ftcore.export.options import ExportError, ExportReport
+from ftcore.export.st_io import read_model_headers, read_tensor
 from ftcore.export.zero import ZeroCheckpoint
-from ftcore.nf4 import nf4_quantization_config
+from ftcore.nf4 import nf4_quantization_config, nf4_round_trip
 
 # Logits of the exported model vs the model as trained: max |difference| / max |reference logit|.
 VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -82,11 +96,12 @@ def _head_kwargs(classifier: Optional[Classifier]) -> dict:
     return {"num_labels": len(classifier.config["id2label"]), "pad_token_id": classifier.config["pad_token_id"]}
 
 
-def verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, adapter_dir: Optional[Path],
+def _whole_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, adapter_dir: Optional[Path],
                             quantized: bool, compute_dtype: torch.dtype, out_dtype: torch.dtype,
                             report: ExportReport, log: Callable[[str], None],
                             classifier: Optional[Classifier] = None) -> None:
-    """Logits of the staged export vs base + adapter (PEFT), the base NF4-quantized when `quantized`."""
+    """Logits of the staged export vs base + adapter (PEFT), both whole in RAM; the base NF4-quantized when
+    `quantized`."""
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -127,9 +142,9 @@ def verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ada
              log, what)
 
 
-def verify_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype: torch.dtype, budget: int,
+def _whole_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype: torch.dtype, budget: int,
                  report: ExportReport, log: Callable[[str], None], classifier: Optional[Classifier] = None) -> None:
-    """Logits of the staged export vs the checkpoint's fp32 weights, consolidated again in memory."""
+    """Logits of the staged export vs the checkpoint's fp32 weights, consolidated again in memory (both whole)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = classifier.model_class() if classifier else AutoModelForCausalLM
@@ -149,3 +164,149 @@ def verify_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype:
     exported = model_class.from_pretrained(staging, dtype=out_dtype).eval()
     _compare(exported, reference.eval(), exported.config.vocab_size, out_dtype, report, log,
              "the checkpoint's fp32 weights")
+
+
+# ---------------------------------------------------------------------------------------------- layer by layer
+def verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, adapter_dir: Optional[Path],
+                           quantized: bool, compute_dtype: torch.dtype, out_dtype: torch.dtype,
+                           report: ExportReport, log: Callable[[str], None],
+                           classifier: Optional[Classifier] = None) -> None:
+    """The staged export vs base + adapter, layer by layer (the whole-model check where that cannot run)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_class = classifier.model_class() if classifier else AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(base.dir, **_head_kwargs(classifier))
+    quantized_names, transposed = quantized_weight_names(base) if quantized else (set(), set())
+    tied = tied_embedding_names(base)
+    try:
+        if transposed:
+            raise NotStreamable("its Conv1D layers were 4-bit Linear layers of the transposed weight in training")
+        with _quiet_loading(classifier is not None):
+            reference = skeleton(model_class, config, torch.float32, _lora_config(adapter, classifier))
+        in_file = checkpoint_names(reference, list(base.infos))
+
+        def weights(name: str) -> torch.Tensor:
+            lora = re.match(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.default(?:\.weight)?$", name)
+            if lora:
+                pair = adapter.pairs[f"{lora.group(1)}.weight"]
+                return pair.a if lora.group(2).endswith("A") else pair.b
+            name = name.replace(".base_layer.", ".")
+            if name in adapter.replacements:
+                return adapter.replacements[name].float()
+            source = tied[0] if tied and name == tied[1] else in_file.get(name, name)
+            if source not in base.infos:
+                raise ExportError(f"verification failed: the model as trained has a weight {name} that neither the "
+                                  f"base ({base.dir}) nor the adapter holds")
+            tensor = base.read(source)
+            if name in quantized_names:
+                tensor = nf4_round_trip(tensor, compute_dtype)
+            elif quantized and tensor.is_floating_point():
+                tensor = tensor.to(compute_dtype)  # the rest of a QLoRA base, as training loaded it
+            return tensor.float()
+
+        what = "base + adapter" + (" on the NF4-quantized base" if quantized else "")
+        _compare_streamed(staging, model_class, reference, weights, out_dtype, report, log, what,
+                          base.config.get("vocab_size"))
+    except NotStreamable as e:
+        size = sum(i.nbytes for i in base.infos.values())
+        log(f"verify: this {base.config.get('model_type', 'model')} cannot be verified layer by layer ({e}); "
+            f"comparing the whole models needs about {(size * 2 + report.bytes * 2) / 1e9:.1f} GB of RAM")
+        _whole_against_adapter(staging, base, adapter, adapter_dir, quantized, compute_dtype, out_dtype, report, log,
+                               classifier)
+
+
+def verify_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype: torch.dtype, budget: int,
+                report: ExportReport, log: Callable[[str], None], classifier: Optional[Classifier] = None) -> None:
+    """The staged export vs the checkpoint's fp32 weights, layer by layer (the whole-model check where that cannot
+    run)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_class = classifier.model_class() if classifier else AutoModelForCausalLM
+    try:
+        if zero.frozen_shapes:
+            raise NotStreamable("a freeze run's checkpoint stores its frozen weights whole in each rank's file")
+        config = AutoConfig.from_pretrained(base.dir, **_head_kwargs(classifier))
+        with _quiet_loading(classifier is not None):
+            reference = skeleton(model_class, config, torch.float32)
+
+        def weights(name: str) -> torch.Tensor:
+            return zero.read(zero.shared.get(name, name))
+
+        _compare_streamed(staging, model_class, reference, weights, out_dtype, report, log,
+                          "the checkpoint's fp32 weights", None)
+    except NotStreamable as e:
+        log(f"verify: this {base.config.get('model_type', 'model')} cannot be verified layer by layer ({e}); "
+            f"comparing the whole models needs about {report.bytes * 4 / 1e9:.1f} GB of RAM")
+        _whole_full(staging, zero, base, out_dtype, budget, report, log, classifier)
+
+
+def _lora_config(adapter: Adapter, classifier: Optional[Classifier]) -> Any:
+    """A LoraConfig that rebuilds exactly the adapter's layers: every adapted module by its path, each with its
+    rank and an alpha that gives its scale (alpha / r)."""
+    from peft import LoraConfig
+
+    modules = {p.module: p for p in adapter.pairs.values()}
+    if not modules:
+        return None
+    some = next(iter(modules.values()))
+    return LoraConfig(r=some.a.shape[0], lora_alpha=some.scale * some.a.shape[0], target_modules=sorted(modules),
+                      rank_pattern={m: p.a.shape[0] for m, p in modules.items()},
+                      alpha_pattern={m: p.scale * p.a.shape[0] for m, p in modules.items()}, lora_dropout=0.0,
+                      fan_in_fan_out=any(p.fan_in_fan_out for p in modules.values()),
+                      task_type="SEQ_CLS" if classifier else None)
+
+
+def _staged_weights(staging: Path, model: torch.nn.Module) -> Callable[[str], torch.Tensor]:
+    infos, _ = read_model_headers(staging)
+    in_file = checkpoint_names(model, list(infos))
+    embed = next((n for n in infos if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                                                   "embed_in.weight"))), None)
+
+    def weights(name: str) -> torch.Tensor:
+        name = in_file.get(name, name)
+        if name not in infos and name.endswith("lm_head.weight") and embed is not None:
+            name = embed  # a tied head is stored once, as the embedding
+        if name not in infos:
+            raise ExportError(f"verification failed: the export at {staging} has no tensor {name}")
+        return read_tensor(infos[name])
+
+    return weights
+
+
+def _compare_streamed(staging: Path, model_class: Any, reference: torch.nn.Module,
+                      reference_weights: Callable[[str], torch.Tensor], out_dtype: torch.dtype, report: ExportReport,
+                      log: Callable[[str], None], what: str, vocab: Optional[int]) -> None:
+    """Run the probe through the reference, then through the export, unit by unit; compare at every boundary."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(staging)
+    ids = _probe_ids(vocab or config.vocab_size)
+    want = boundary_states(reference, reference_weights, ids, torch.float32)
+    del reference
+    exported = skeleton(model_class, config, out_dtype)
+    got = boundary_states(exported, _staged_weights(staging, exported), ids, out_dtype)
+    tolerance = VERIFY_TOLERANCE[out_dtype]
+    relative = []
+    for (label, w), (_, g) in zip(want, got):
+        diff = (g - w).abs().max().item()
+        relative.append((label, diff / max(w.abs().max().item(), 1e-6), diff))
+    _, logits_rel, logits_diff = relative[-1]
+    report.max_abs_diff, report.relative_diff = logits_diff, logits_rel
+    worst = max(relative[:-1], key=lambda r: r[1])
+    log(f"verify: layer by layer ({len(want) - 2} blocks) vs {what} on {ids.shape[0]}x{ids.shape[1]} tokens: "
+        f"logits max abs diff {logits_diff:.3e} (relative {logits_rel:.3e}, tolerance {tolerance:g} for "
+        f"{out_dtype}); hidden states at most {worst[1]:.3e} relative ({worst[0]})")
+    if math.isfinite(logits_rel) and logits_rel <= tolerance:
+        report.verified = "passed"
+        return
+    over = [r for r in relative[:-1] if not math.isfinite(r[1]) or r[1] > tolerance]
+    if over:
+        first = over[0]
+        where = f"first diverging at {first[0]} (hidden states relative {first[1]:.3e} > {tolerance:g})"
+    else:  # no boundary over the tolerance: name where the difference grew most
+        growth = [(relative[i][0], relative[i][1] - (relative[i - 1][1] if i else 0.0))
+                  for i in range(len(relative) - 1)]
+        label = max(growth, key=lambda g: g[1])[0] if growth else "logits"
+        where = f"diverging most at {label}"
+    raise ExportError(f"verification failed: the exported model's logits differ from {what} by {logits_diff:.3e} "
+                      f"(relative {logits_rel:.3e} > {tolerance:g}), {where}; nothing was written to {report.out}")

@@ -191,6 +191,7 @@ class ZeroCheckpoint:
             self.paddings = meta.get("param_alignment_paddings")
             del meta
         self.slots = self._layout(groups)
+        self._slot_by_name = {s.name: s for s in self.slots}
         del states, module
 
     def _layout(self, groups: list[dict]) -> list[ParamSlot]:
@@ -224,6 +225,16 @@ class ZeroCheckpoint:
         out.update({k: torch.Size(v) for k, v in self.frozen_shapes.items()})
         out.update({s.name: s.shape for s in self.slots})
         return out
+
+    def read(self, name: str) -> torch.Tensor:
+        """One fp32 buffer or trainable parameter by name, reading only the spans that hold it (frozen parameters
+        are stored whole per rank file: read them with iter_tensors)."""
+        if name in self.buffers:
+            return self.buffers[name]
+        slot = self._slot_by_name.get(name)
+        if slot is None:
+            raise ConsolidationError(f"{self.dir}: no parameter {name} in the checkpoint")
+        return next(iter(self._gather([slot])))[1]
 
     def iter_tensors(self, budget_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, fp32 tensor) for buffers, frozen parameters, then trainable parameters, in batches."""
