@@ -1,5 +1,5 @@
 """`ft plot RUN_DIR`: one PNG of a run's metrics.jsonl -- loss (train and eval), learning rate and tokens/s over
-steps. Offline: reads the file, imports no training code."""
+steps, and train.eval_generate's scores when the run has them. Offline: reads the file, imports no training code."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def read_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         except ValueError as e:
             raise PlotError(f"{path}:{number}: not JSON ({e})") from None
         step = record.get("step")
-        for key in ("loss", "eval_loss", "lr", "tokens_per_s", "trained_tokens_per_s"):
+        generated = [k for k in record if k.startswith("eval_gen_") and k != "eval_gen_samples"]
+        for key in ("loss", "eval_loss", "lr", "tokens_per_s", "trained_tokens_per_s", *generated):
             if isinstance(record.get(key), (int, float)):
                 series.setdefault(key, {})[step] = float(record[key])
     if "loss" not in series:
@@ -42,7 +43,16 @@ def plot_run(run_dir: Path, out: Path) -> dict[str, list[tuple[int, float]]]:
     import matplotlib.pyplot as plt
 
     series = read_series(run_dir)
-    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    generated = sorted(k for k in series if k.startswith("eval_gen_"))
+    fig, axes = plt.subplots(4 if generated else 3, 1, figsize=(9, 13 if generated else 10), sharex=True)
+    ax_loss, ax_lr, ax_speed = axes[:3]
+    if generated:  # train.eval_generate's scores of generated answers
+        for key in generated:
+            axes[3].plot(*zip(*series[key]), "o-", label=key[9:])
+        axes[3].set_ylabel("generated answers' score")
+        axes[3].set_ylim(-0.02, 1.02)
+        axes[3].legend()
+        axes[3].grid(alpha=0.3)
     ax_loss.plot(*zip(*series["loss"]), label="train loss", linewidth=1)
     if "eval_loss" in series:
         ax_loss.plot(*zip(*series["eval_loss"]), "o-", label="eval loss")
@@ -56,7 +66,7 @@ def plot_run(run_dir: Path, out: Path) -> dict[str, list[tuple[int, float]]]:
     if "trained_tokens_per_s" in series:
         ax_speed.plot(*zip(*series["trained_tokens_per_s"]), label="trained tokens/s", linewidth=1)
     ax_speed.set_ylabel("tokens/s (all ranks)")
-    ax_speed.set_xlabel("step")
+    axes[-1].set_xlabel("step")
     ax_speed.legend()
     for ax in (ax_loss, ax_lr, ax_speed):
         ax.grid(alpha=0.3)

@@ -160,3 +160,51 @@ def data_inspect(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     from launcher.views import print_inspection
 
     print_inspection(cfg, result)
+
+
+@app.command("eval")
+def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a final/ adapter dir, a merged export, a "
+                                         "checkpoint step dir, or builtin:tiny-llama."),
+             data: List[str] = typer.Option([], "--data", help="Held-out records (repeatable; default: the run's "
+                                            "data.eval)."),
+             fmt: Optional[str] = typer.Option(None, "--format", help="chat | alpaca | prompt_completion (default: "
+                                               "the run's eval format, else chat)."),
+             metric: List[str] = typer.Option(["exact_match", "rouge_l"], "--metric", help="exact_match | accuracy "
+                                              "| contains | rouge_l (repeatable)."),
+             out: Optional[str] = typer.Option(None, "--out", help="Where predictions.jsonl and summary.json go "
+                                               "(default: output_dir/eval, or eval-NAME beside the model)."),
+             batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (per rank)."),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+             nproc: int = typer.Option(1, "--nproc", help="Ranks to split the set over (torchrun on this machine)."),
+             zero3: bool = typer.Option(False, "--zero3", help="Partition the model over the ranks with DeepSpeed "
+                                        "ZeRO-3 (for models one rank cannot hold)."),
+             sets: List[str] = SET_OPT) -> None:
+    """Score a model by greedy generation on held-out records; every prediction to predictions.jsonl.
+
+    Examples: ft eval examples/demo.yaml --metric exact_match --metric rouge_l
+              ft eval outputs/demo/merged --data held_out.jsonl --format prompt_completion --nproc 2
+    """
+    import os
+    import sys
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        from ftcore.dist_env import free_port
+        from launcher.workstation import build_eval_command
+
+        args = sys.argv[sys.argv.index("eval") + 1:]
+        args = [a for i, a in enumerate(args) if a != "--nproc" and (i == 0 or args[i - 1] != "--nproc")
+                and not a.startswith("--nproc=")]
+        argv, env = build_eval_command(nproc, args, free_port(), os.environ)
+        raise typer.Exit(subprocess.run(argv, env=env).returncode)
+    from ftcore.eval_command import EvalError, run_eval
+
+    try:
+        summary = run_eval(target, data, fmt, metric, out, batch_size, max_new_tokens, zero3, sets)
+    except (ConfigError, EvalError, OSError, ValueError) as e:
+        fail(str(e), code=1)
+    if "out" in summary:  # rank 0
+        from launcher.views import print_eval_summary
+
+        print_eval_summary(summary)

@@ -129,3 +129,17 @@ def inspection_statistics(cfg: Config, result: InspectResult) -> list[str]:
               f"length histogram (tokens, max_seq_len {cfg.data.max_seq_len}):"]
     lines += ["  " + line for line in length_histogram(result.lengths, cfg.data.max_seq_len)]
     return lines + [f"skipped: {example}" for example in result.error_examples]
+
+
+def print_eval_summary(summary: dict) -> None:
+    """`ft eval`'s table: each metric's mean over the samples, then where the predictions are."""
+    table = Table(title=f"ft eval: {summary['target']} on {', '.join(summary['data'])}")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in summary["metrics"].items():
+        table.add_row(name, f"{value:.4f}")
+    console = Console(file=sys.stdout, soft_wrap=True)
+    console.print(table)
+    speed = f"{summary['samples_per_s']:.2f} samples/s" if summary["samples_per_s"] else ""
+    console.print(f"{summary['samples']} samples on {summary['world_size']} process(es), {speed}; predictions in "
+                  f"{summary['out']}/predictions.jsonl, summary in {summary['out']}/summary.json")

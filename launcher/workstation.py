@@ -79,3 +79,17 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
     # elastic's own TERM handling would kill them after 30 s, mid-checkpoint.
     env["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     return argv, env
+
+
+def build_eval_command(nproc: int, eval_args: list[str], port: int, base_env: Mapping[str, str],
+                       python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of `ft eval --nproc N`: torchrun starts N local ranks of `ft eval eval_args`; pure."""
+    if nproc < 2:
+        raise ValueError(f"--nproc must be >= 2 to start ranks, got {nproc}")
+    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-m", "launcher.cli", "eval", *eval_args]
+    env = dict(base_env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return argv, env

@@ -200,6 +200,12 @@ class TrainConfig(Section):
     """Seeds model init of new modules, dropout and the data order."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0 = only at the end). Needs data.eval."""
+    eval_generate: list[Literal["exact_match", "accuracy", "contains", "rouge_l"]] = Field(default_factory=list)
+    """At each eval, also answer data.eval's prompts by greedy generation and score the answers with these metrics
+    (ftcore/scoring.py; logged as eval_gen_<metric>, every answer in output_dir/eval/generate-stepN.jsonl), as
+    `ft eval` does. Chat/alpaca/prompt_completion eval data; task causal_lm."""
+    eval_max_new_tokens: int = Field(64, gt=0)
+    """Longest answer train.eval_generate generates, in tokens."""
     log_every: int = Field(1, gt=0)
     """Print a log line every N steps (rank 0)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
@@ -232,7 +238,7 @@ class TrainConfig(Section):
     stop_at_step: Optional[int] = Field(None, gt=0)
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
 
-    @field_validator("report_to", mode="before")
+    @field_validator("report_to", "eval_generate", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
@@ -383,6 +389,7 @@ class Config(Section):
         if t.eval_every and not self.data.eval:
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
         self._check_task()
+        self._check_eval_generate()
         self._check_adapter()
         self._check_sequence_parallel()
         return self
@@ -449,6 +456,21 @@ class Config(Section):
                                "(or auto)")
         if impl == "fused" and "lm_head" in self.adapter.target_modules:
             raise _field_error("train.loss_impl", "fused does not cover LoRA on lm_head; use chunked (or auto)")
+
+    def _check_eval_generate(self) -> None:
+        if not self.train.eval_generate:
+            return
+        if self.task != "causal_lm":
+            raise _field_error("train.eval_generate", f"scores generated answers of task causal_lm, not {self.task}")
+        if not self.data.eval:
+            raise _field_error("train.eval_generate", "needs data.eval (the prompts and their reference answers)")
+        for i, source in enumerate(self.data.eval):
+            if source.format not in ("chat", "alpaca", "prompt_completion"):
+                raise _field_error(f"data.eval.{i}.format", f"{source.format} has no reference answer for "
+                                   "train.eval_generate (chat, alpaca or prompt_completion)")
+        if self.distributed.sequence_parallel > 1:
+            raise _field_error("train.eval_generate", "does not run under distributed.sequence_parallel (each "
+                               "generated token would need the whole sequence group); use ft eval after training")
 
     def _check_task(self) -> None:
         data = self.data

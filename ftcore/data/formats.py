@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, Optional
 
-from ftcore.data.chat_template import ROLES, assistant_char_spans
+from ftcore.data.chat_template import ROLES, assistant_char_spans, render
 
 IGNORE_INDEX = -100
 DEFAULT_TRAIN_ON = {"chat": "assistant", "alpaca": "completion", "prompt_completion": "completion", "text": "all",
@@ -162,6 +162,28 @@ def class_id(value: Any, field: str, labels: list[str]) -> int:
         shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
         raise RecordError(f"label {value!r} is not one of data.labels ({shown})")
     return labels.index(value)
+
+
+def prompt_and_reference(record: Any, spec: RecordSpec, tokenizer: Any) -> tuple[list[int], str]:
+    """What a model is asked and what it should answer, as training rendered them: chat -> every turn before the
+    last assistant turn, rendered with the chat template and its generation prompt, and that turn's text; alpaca
+    -> the instruction (and input) likewise, and the output; prompt_completion -> the prompt's tokens (with BOS)
+    and the completion. RecordError names what is wrong."""
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    fmt, f = spec.format, spec.fields
+    if fmt == "prompt_completion":
+        prompt = tokenizer(_field(record, f.prompt, fmt), add_special_tokens=False)["input_ids"]
+        return _bos_eos(tokenizer, prompt, eos=False), _field(record, f.completion, fmt)
+    if fmt not in ("chat", "alpaca"):
+        raise RecordError(f"format {fmt} has no reference answer to generate (use chat, alpaca or "
+                          "prompt_completion)")
+    messages = _messages(record, spec) if fmt == "chat" else _alpaca_messages(record, spec)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last == 0:
+        raise RecordError("the conversation starts with its assistant turn; there is no prompt to answer")
+    text = render(tokenizer, messages[:last], add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"], messages[last]["content"]
 
 
 def tokenize_record(record: Any, spec: RecordSpec, tokenizer: Any) -> Tokenized:

@@ -1,19 +1,23 @@
 """Evaluation on data.eval: every rank scores its share of the eval set (padded to the same number of batches, so
 no rank waits alone in a collective), the sums are all-reduced. Causal LM: loss per trained token and perplexity.
+With train.eval_generate the prompts are also answered by generation and scored (ftcore/generation_eval.py).
 Classification: loss per sample, accuracy, macro-F1 and the confusion matrix, made from every sample's
 prediction, which is written to output_dir/eval/step{N}.json (so anyone can recompute the scores). Preference:
 the pairs' (KTO: samples') mean loss, reward accuracy and margin, rewards and log-probs."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ftcore.config import Config
 from ftcore.data.batch import Batch
+from ftcore.durable import atomic_write_text
+from ftcore.generation_eval import evaluate_by_generation
 from ftcore.metrics import classification_scores, write_summary
 from ftcore.train.objective import Objective
 from ftcore.train.runtime import Runtime
@@ -23,10 +27,12 @@ class Evaluator:
     """Scores the model on this rank's eval batches; __call__ is collective."""
 
     def __init__(self, cfg: Config, runtime: Runtime, objective: Objective, eval_set: list[Batch],
-                 model_inputs: Any):
+                 model_inputs: Any, generation: Optional[tuple[Any, list, Any]] = None):
+        """`generation`: (tokenizer, the eval prompts, engine -> model) for train.eval_generate."""
         self.cfg, self.runtime, self.objective, self.eval_set = cfg, runtime, objective, eval_set
         self.model_inputs = model_inputs  # Batch -> the model's keyword arguments, on the device
         self.classification = cfg.classification
+        self.generation = generation
 
     def __bool__(self) -> bool:
         return bool(self.eval_set)
@@ -51,7 +57,8 @@ class Evaluator:
         loss_sum, tokens = self.runtime.all_reduce([loss_sum, tokens])
         loss = loss_sum / max(tokens, 1)
         if not self.classification:
-            return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+            return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+                    **(self._generate(engine, step) if self.generation else {})}
         gathered = self.runtime.all_gather_object(predictions)
         everything = sorted((p for part in gathered for p in part), key=_file_order)  # the same at any world size
         scores = classification_scores([label for _, label, _ in everything], [p for _, _, p in everything],
@@ -75,6 +82,25 @@ class Evaluator:
         names = sorted(sums)
         totals = dict(zip(names, self.runtime.all_reduce([sums[n] for n in names])))
         return {"step": step, **{f"eval_{name}": value for name, value in self.objective.eval_report(totals).items()}}
+
+    def _generate(self, engine: Any, step: int) -> dict:
+        """train.eval_generate: the eval prompts answered (every rank its share; under ZeRO-3 in step), scored;
+        every answer to output_dir/eval/generate-stepN.jsonl."""
+        tokenizer, prompts, unwrap = self.generation
+        t, rt = self.cfg.train, self.runtime
+        rows, means = evaluate_by_generation(unwrap(engine), tokenizer, prompts, t.eval_generate,
+                                             batch_size=t.micro_batch_size, max_new_tokens=t.eval_max_new_tokens,
+                                             rank=rt.rank, world_size=rt.world_size,
+                                             gather=rt.all_gather_object if rt.world_size > 1 else None,
+                                             synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,
+                                             device=rt.device)
+        engine.train()
+        if rt.is_main:
+            directory = Path(self.cfg.output_dir) / "eval"
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(directory / f"generate-step{step:06d}.jsonl", "".join(json.dumps(r) + "\n"
+                                                                                    for r in rows))
+        return {**{f"eval_gen_{name}": value for name, value in means.items()}, "eval_gen_samples": len(rows)}
 
     def _save_predictions(self, step: int, predictions: list[tuple[str, int, int]], scores: dict) -> None:
         labels = self.cfg.data.labels

@@ -21,6 +21,7 @@ from ftcore.data.batch import Batch, pad_eval_batches
 from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.dtypes import DTYPES
+from ftcore.generation_eval import read_prompts
 from ftcore.metrics import FlopCounter, peak_flops_per_device
 from ftcore.model import (
     attention_width,
@@ -104,6 +105,8 @@ class Recipe:
             most = int(rt.all_reduce([len(mine)], "max")[0])
             self.eval_set = [self._local(b) for b in pad_eval_batches(
                 mine, most, self.train_stream.pad_id, cfg.classification, cfg.data.preference, cfg.data.kto)]
+        self.eval_prompts = (read_prompts(cfg.data, self.tokenizer, cfg.train.eval_max_new_tokens)[0]
+                             if cfg.train.eval_generate else [])
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime
@@ -191,7 +194,8 @@ class Recipe:
                 cfg.train.loss_impl, cfg.train.loss_chunk_tokens, cfg.train.base_kl, self.engine,
                 unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
         self.objective = build_objective(cfg, unwrap, self.reference, impl, transform)
-        self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
+        generation = (self.tokenizer, self.eval_prompts, unwrap) if self.eval_prompts else None
+        self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs, generation)
 
     def _resume(self) -> None:
         """Continue from a checkpoint (ftcore/resume.py says whether it may), or start fresh."""

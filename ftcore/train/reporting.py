@@ -93,8 +93,12 @@ class Reporter:
                              f"{metrics['eval_reward_accuracy']:.4f} "
                              + (f"margin {margin:.4f} " if margin is not None else "") + count)
         elif "eval_loss" in metrics:
+            generated = "".join(f" {k[9:]} {v:.4f}" for k, v in metrics.items()
+                                if k.startswith("eval_gen_") and k != "eval_gen_samples")
+            if generated:
+                generated = f";{generated} (generated, {metrics['eval_gen_samples']} samples)"
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} "
-                             f"ppl {metrics['eval_ppl']:.2f}")
+                             f"ppl {metrics['eval_ppl']:.2f}{generated}")
 
     @contextlib.contextmanager
     def progress(self, step: int, last: int) -> Iterator[Callable[[dict], None]]:

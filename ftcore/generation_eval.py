@@ -1,0 +1,98 @@
+"""Evaluation by generation (`ft eval`, train.eval_generate): each held-out record's prompt -- rendered as training
+rendered it, with the same chat template -- is answered by batched greedy generation and the answer scored against
+the record's reference (ftcore/scoring.py).
+
+Distributed: rank r answers records r, r + world, ...; every rank runs the same number of generation batches
+(a rank that has run out answers a filler batch and drops it), because under ZeRO-3 each forward step gathers the
+partitioned weights from all ranks (transformers' synced_gpus keeps the ranks stepping together until every one
+is done). The answers are gathered back into input order, so the result does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ftcore.config import DataConfig
+from ftcore.data.batch import pad_token_id
+from ftcore.data.formats import RecordError, prompt_and_reference
+from ftcore.data.stream import DataError, SourceGroup, parse_record
+from ftcore.scoring import mean_scores, score
+
+
+@dataclass
+class EvalPrompt:
+    """One held-out record: where it is, its prompt's token ids and the reference answer."""
+
+    where: str
+    ids: list[int]
+    reference: str
+
+
+def read_prompts(data_cfg: DataConfig, tokenizer: Any, max_new_tokens: int) -> tuple[list[EvalPrompt], dict]:
+    """Every record of data.eval as a prompt, in file order; a prompt longer than data.max_seq_len minus the answer
+    keeps its last tokens. Malformed records follow data.on_error. Returns the prompts and their counts."""
+    prompts: list[EvalPrompt] = []
+    counts = {"records": 0, "truncated": 0, "skipped_errors": 0}
+    room = max(data_cfg.max_seq_len - max_new_tokens, 1)
+    for i, source in enumerate(data_cfg.eval or []):
+        group = SourceGroup(source, data_cfg, i, 0)
+        for raw in group.all_records():
+            counts["records"] += 1
+            try:
+                ids, reference = prompt_and_reference(parse_record(raw, group.spec), group.spec, tokenizer)
+            except RecordError as e:
+                if data_cfg.on_error == "raise":
+                    raise DataError(f"{raw.where}: {e} (data.on_error=skip skips such records)") from None
+                counts["skipped_errors"] += 1
+                continue
+            if len(ids) > room:
+                counts["truncated"] += 1
+                ids = ids[-room:]
+            prompts.append(EvalPrompt(raw.where, ids, reference))
+    return prompts, counts
+
+
+@torch.no_grad()
+def answer(model: torch.nn.Module, tokenizer: Any, batch: list[list[int]], max_new_tokens: int,
+           synced: bool, device: torch.device) -> list[str]:
+    """Greedy answers to a batch of prompts (left-padded), decoded without special tokens."""
+    pad = pad_token_id(tokenizer)
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, use_cache=True)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def evaluate_by_generation(model: torch.nn.Module, tokenizer: Any, prompts: list[EvalPrompt], metrics: list[str],
+                           *, batch_size: int, max_new_tokens: int, rank: int = 0, world_size: int = 1,
+                           gather: Optional[Callable[[Any], list]] = None, synced: bool = False,
+                           device: Optional[torch.device] = None) -> tuple[list[dict], dict[str, float]]:
+    """This rank's share answered and scored, then every rank's gathered (`gather`: all_gather_object) into input
+    order. Returns (one row per prompt: where, reference, prediction, scores; the mean of each metric)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    mine = list(range(rank, len(prompts), world_size))
+    steps = math.ceil(math.ceil(len(prompts) / world_size) / batch_size) if prompts else 0
+    answered: list[tuple[int, str]] = []
+    try:
+        for step in range(steps):
+            chunk = mine[step * batch_size:(step + 1) * batch_size]
+            batch = [prompts[i].ids for i in chunk] or [prompts[0].ids]  # a filler batch, dropped
+            texts = answer(model, tokenizer, batch, max_new_tokens, synced, device)
+            answered += list(zip(chunk, texts))
+    finally:
+        model.train(was_training)
+    everyone = [pair for part in gather(answered) for pair in part] if gather else answered
+    rows = []
+    for index, prediction in sorted(everyone):
+        prompt = prompts[index]
+        rows.append({"index": index, "where": prompt.where, "reference": prompt.reference,
+                     "prediction": prediction, **score(prediction, prompt.reference, metrics)})
+    return rows, mean_scores(rows, metrics)

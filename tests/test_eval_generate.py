@@ -1,0 +1,101 @@
+"""Evaluation by generation: the metrics against hand-computed values, prompts rendered as training renders them,
+`ft eval` on 1 rank = on 2 ranks = on 2 ZeRO-3 ranks, on an export = on base + adapter, and train.eval_generate's
+answers = `ft eval`'s on the run's final/ model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftcore.config import ConfigError, load_config
+from ftcore.scoring import accuracy, contains, exact_match, mean_scores, rouge_l
+from tests.conftest import read_jsonl, run_ft, tiny_run_args
+
+
+def test_metrics_against_hand_computed_values():
+    assert exact_match("  The cat \n sat ", "The cat sat") == 1.0
+    assert exact_match("the cat sat", "The cat sat") == 0.0  # case kept
+    assert accuracy("Positive.", "positive") == 1.0 and accuracy("positive!", "negative") == 0.0
+    assert contains("I think PARIS  is it", "paris is") == 1.0 and contains("Lyon", "Paris") == 0.0
+    # LCS("the cat sat on the mat", "the cat on the mat") = 5 words: P = 5/6, R = 5/5, F = 2PR / (P + R) = 10/11.
+    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(10 / 11)
+    assert rouge_l("Привет, мир!", "привет мир") == 1.0  # Unicode words score (rouge-score's default drops them)
+    assert rouge_l("", "anything") == 0.0
+    rows = [{"exact_match": 1.0, "rouge_l": 0.5}, {"exact_match": 0.0, "rouge_l": 0.25}]
+    assert mean_scores(rows, ["exact_match", "rouge_l"]) == {"exact_match": 0.5, "rouge_l": 0.375}
+
+
+def test_prompts_are_rendered_as_training_renders_them():
+    from transformers import AutoTokenizer
+
+    from ftcore.builtin import resolve_model_path
+    from ftcore.config import FieldNames
+    from ftcore.data.chat_template import render
+    from ftcore.data.formats import RecordSpec, prompt_and_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    spec = RecordSpec("chat", "last_assistant", FieldNames())
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "2 plus 2?"}, {"role": "assistant", "content": "4."}]
+    ids, reference = prompt_and_reference({"messages": turns}, spec, tokenizer)
+    assert reference == "4."
+    assert ids == tokenizer(render(tokenizer, turns[:3], add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"]
+    spec = RecordSpec("prompt_completion", "completion", FieldNames())
+    ids, reference = prompt_and_reference({"prompt": "Q: 1+1\nA:", "completion": " 2"}, spec, tokenizer)
+    assert reference == " 2" and ids[0] == tokenizer.bos_token_id
+
+
+def test_eval_generate_config_is_checked():
+    with pytest.raises(ConfigError, match="train.eval_generate: needs data.eval"):
+        load_config(None, ["train.eval_generate=[exact_match]", "data.eval=null"])
+    with pytest.raises(ConfigError, match="train.eval_generate"):
+        load_config(None, ["train.eval_generate=[bleu]"])
+    assert load_config("examples/demo.yaml", ["train.eval_generate=rouge_l"]).train.eval_generate == ["rouge_l"]
+
+
+def eval_rows(out: Path) -> tuple[list[dict], dict]:
+    return read_jsonl(out / "predictions.jsonl"), json.loads((out / "summary.json").read_text())
+
+
+def same_answers(a: list[dict], b: list[dict]) -> bool:
+    keys = ("index", "where", "reference", "prediction")
+    return [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+
+
+EVAL = ("--data", "builtin:chat-demo-eval", "--max-new-tokens", "12", "--metric", "exact_match", "--metric",
+        "rouge_l", "--batch-size", "4")
+
+
+@pytest.mark.multiproc
+def test_eval_on_two_ranks_and_on_two_zero3_ranks_equals_one_rank(tmp_path):
+    run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "one"))
+    run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "two"), "--nproc", "2")
+    run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "zero3"), "--nproc", "2", "--zero3")
+    one, summary = eval_rows(tmp_path / "one")
+    assert len(one) == 40 and summary["world_size"] == 1 and summary["samples"] == 40
+    for name in ("two", "zero3"):
+        rows, other = eval_rows(tmp_path / name)
+        assert other["world_size"] == 2 and same_answers(rows, one), name
+        assert other["metrics"] == summary["metrics"], name
+
+
+@pytest.mark.multiproc
+def test_training_eval_generate_equals_ft_eval_and_an_export_equals_base_plus_adapter(tmp_path):
+    out = tmp_path / "run"
+    run_ft("train", *tiny_run_args(out, "--set", "train.eval_generate=[exact_match,rouge_l]",
+                                   "--set", "train.eval_max_new_tokens=12", "--set", "data.max_seq_len=256"))
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_gen_rouge_l" in r]
+    assert [r["step"] for r in evals] == [4, 8] and all(r["eval_gen_samples"] == 40 for r in evals)
+    during = read_jsonl(out / "eval" / "generate-step000008.jsonl")
+    run_ft("eval", str(out / "final"), *EVAL, "--out", str(tmp_path / "adapter"))
+    adapter, summary = eval_rows(tmp_path / "adapter")
+    assert same_answers(adapter, during)
+    assert summary["metrics"]["rouge_l"] == pytest.approx(evals[-1]["eval_gen_rouge_l"])
+    run_ft("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
+    run_ft("eval", str(tmp_path / "merged"), *EVAL, "--out", str(tmp_path / "export"))
+    assert same_answers(eval_rows(tmp_path / "export")[0], adapter)
+    plot = run_ft("plot", str(out))
+    assert "metrics.png" in plot.stdout
