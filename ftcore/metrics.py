@@ -160,14 +160,21 @@ def set_aside_rows_after(path: Path, step: int, aside: Path) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    later = [line for line in lines if json.loads(line).get("step", 0) > step]
-    if not later:
+
+    def later(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):
+            return False  # not a row ft wrote: left where it is
+
+    moved = [line for line in lines if later(line)]
+    if not moved:
         return
     with open(aside, "a") as f:
-        f.writelines(later)
+        f.writelines(moved)
         f.flush()
         os.fsync(f.fileno())
-    atomic_write_text(path, "".join(line for line in lines if json.loads(line).get("step", 0) <= step))
+    atomic_write_text(path, "".join(line for line in lines if not later(line)))
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -12,8 +12,8 @@ is replaced by its NF4 round trip before the delta is added; `--merge-base origi
 
 The parts: base.py (reading the base), classifier.py (classification exports), merge.py (the merge plan),
 output.py (staged, sharded output), verify.py and layerwise.py (the export against the model as trained, one block
-at a time), lora.py and zero.py (the
-adapter and checkpoint formats), st_io.py (safetensors headers and tensors). This file only orchestrates.
+at a time), lora.py and zero.py (the adapter and checkpoint formats), st_io.py (safetensors headers and tensors).
+This file only orchestrates.
 """
 
 from __future__ import annotations
