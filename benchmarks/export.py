@@ -48,7 +48,7 @@ def measured(body: str, argv: list[str] = ()) -> dict:
     line = [text for text in proc.stdout.splitlines() if text.startswith("BENCH ")]
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"benchmark step failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(line[-1][6:])
+    return {**json.loads(line[-1][6:]), "stdout": proc.stdout}
 
 
 def build_base(directory: Path, hidden: int, layers: int, vocab: int, shard: str, intermediate: int,
@@ -102,6 +102,22 @@ def main() -> None:
         verified = measured(cli, ["ft", "export", "--adapter", str(base / "adapter"), "--base", str(base), "--out",
                                   str(tmp / "ours"), "--shard-size", merge_model["shard"]])
         shutil.rmtree(tmp / "ours")
+        # A deliberately wrong merge: one merged tensor (the MLP output of the middle block) scaled by 4.
+        wrong_name = f"model.layers.{merge_model['layers'] // 2}.mlp.down_proj.weight"
+        wrong = measured(f"""
+from pathlib import Path
+from ftcore.export.lora import Adapter
+from ftcore.export.export import ExportError, export_adapter
+merged = Adapter.apply
+Adapter.apply = lambda self, name, tensor: merged(self, name, tensor) * (4 if name == {wrong_name!r} else 1)
+try:
+    export_adapter(Path({str(base / 'adapter')!r}), {str(base)!r}, Path({str(tmp / 'wrong')!r}),
+                   shard_size={merge_model['shard']!r}, log=lambda _: None)
+    print("WRONG-MERGE not caught")
+except ExportError as e:
+    print("WRONG-MERGE " + str(e))
+""")
+        wrong_line = next(t for t in wrong["stdout"].splitlines() if t.startswith("WRONG-MERGE "))[12:]
         peft = measured(f"""
 import torch
 from peft import PeftModel
@@ -150,6 +166,8 @@ convert_zero_checkpoint_to_fp32_state_dict({str(ckpt)!r}, {str(tmp / 'z2f')!r}, 
             "verified_peak_rss_over_largest_shard": round(verified["peak_rss_mb"] / largest_mb, 3),
             "verified_wall_over_no_verify_wall": round(verified["wall_s"] / ours["wall_s"], 2),
             "verified_wall_over_cp": round(verified["wall_s"] / cp_s, 2),
+            "wrong_merge_perturbed": f"{wrong_name} x 4", "wrong_merge_report": wrong_line,
+            "wrong_merge_left_nothing": not (tmp / "wrong").exists(),
             "consolidate_peak_rss_over_zero_to_fp32": round(consolidate["peak_rss_mb"] / zero_to_fp32["peak_rss_mb"],
                                                             3),
             "model_mb": round(total_mb), "shards": len(shards), "largest_shard_mb": round(largest_mb),

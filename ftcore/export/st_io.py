@@ -9,6 +9,7 @@ seeks. Every file written here is read back by the safetensors library in the te
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -95,6 +96,20 @@ def read_model_headers(directory: Path) -> tuple[dict[str, TensorInfo], Optional
             raise SafetensorsError(f"{directory / name}: missing (listed in model.safetensors.index.json)")
         infos.update(read_header(directory / name)[0])
     return infos, weight_map
+
+
+def return_freed_tensors_to_the_system() -> None:
+    """Make freed tensors leave the process. glibc keeps freed heap blocks below its mmap threshold (raised
+    dynamically up to 32 MB) for reuse, so reading one block's tensors, freeing them and reading the next block's
+    fragments the heap: RSS grows by most of a block per block (measured: a 1.1B verification at 3.9 GB instead of
+    1 GB). A fixed 1 MB threshold gives every tensor its own mapping, returned when it is freed. A user's own
+    MALLOC_MMAP_THRESHOLD_ is kept; other allocators than glibc's are left alone."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
