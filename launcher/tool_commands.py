@@ -51,6 +51,11 @@ def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT L
 
     from ftcore.dtypes import DTYPES
     from ftcore.export.export import ExportError, export_adapter, export_checkpoint
+    from ftcore.export.st_io import return_freed_tensors_to_the_system
+
+    # This process only exports: every freed tensor may go back to the system (a library caller keeps its own
+    # allocator settings).
+    return_freed_tensors_to_the_system()
 
     if (adapter is None) == (checkpoint is None):
         fail("ft export: give exactly one of --adapter or --checkpoint")

@@ -190,8 +190,13 @@ def test_mlflow_server_gone_mid_run_never_stops_training(mlflow_server, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not (out / "trackers.json").is_file() or not any(r.get("step", 0) >= 3 for r in
-                                                              read_jsonl(out / "metrics.jsonl")):
+
+    def opened_and_past_step_3() -> bool:  # (the tracker may open before the first row is written)
+        jsonl = out / "metrics.jsonl"
+        return ((out / "trackers.json").is_file() and jsonl.is_file()
+                and any(r.get("step", 0) >= 3 for r in read_jsonl(jsonl)))
+
+    while not opened_and_past_step_3():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     mlflow_server.stop()

@@ -29,7 +29,7 @@ from ftcore.export.lora import Adapter, AdapterError, build_adapter, load_adapte
 from ftcore.export.merge import MergePlan, check_adapter_fits, output_config, plan_merge
 from ftcore.export.options import ExportError, ExportOptions, ExportReport
 from ftcore.export.output import Entry, write_export
-from ftcore.export.st_io import SafetensorsError, return_freed_tensors_to_the_system
+from ftcore.export.st_io import SafetensorsError
 from ftcore.export.verify import verify_against_adapter, verify_full
 from ftcore.export.zero import ConsolidationError, ZeroCheckpoint, lora_state_to_adapter
 
@@ -41,7 +41,6 @@ __all__ = ["ExportError", "ExportOptions", "ExportReport", "export_adapter", "ex
 def export_adapter(adapter_dir: Path, base_dir: Optional[str], out: Path, **options) -> ExportReport:
     """base + the PEFT adapter at `adapter_dir`, merged, at `out`; options: ExportOptions' fields."""
     opts = ExportOptions(**options)
-    return_freed_tensors_to_the_system()
     try:
         adapter = load_adapter(adapter_dir)
     except (AdapterError, SafetensorsError) as e:
@@ -57,7 +56,6 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, **op
     """The model of a training checkpoint (a step dir) at `out`: consolidated from its ZeRO partitions, and
     merged onto the base for a LoRA run; options: ExportOptions' fields."""
     opts = ExportOptions(**options)
-    return_freed_tensors_to_the_system()
     if not checkpoint.is_dir():
         raise ExportError(f"--checkpoint {checkpoint}: no such directory")
     run_config = _run_config(checkpoint)
