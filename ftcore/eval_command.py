@@ -21,20 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ftcore.builtin import is_builtin, resolve_model_path
-from ftcore.config import Config, DataConfig, DataSource, load_config
+from ftcore.config import Config, DataConfig, DataSource, load_config, run_config_beside
 from ftcore.durable import atomic_write_text
 from ftcore.scoring import METRICS
 
 
 class EvalError(ValueError):
     """A bad target, data file or option, as one line."""
-
-
-def _run_config_beside(directory: Path) -> Optional[Config]:
-    for candidate in (directory / "ft_config.yaml", directory.parent.parent / "config.yaml"):
-        if candidate.is_file():
-            return load_config(candidate)
-    return None
 
 
 def resolve_target(target: str, sets: list[str]) -> tuple[str, Optional[Config], str]:
@@ -51,13 +44,13 @@ def resolve_target(target: str, sets: list[str]) -> tuple[str, Optional[Config],
     if not path.is_dir():
         raise EvalError(f"{target}: not a config file, a model or checkpoint directory, or a builtin: model")
     if (path / "trainer_state.json").is_file():
-        cfg = _run_config_beside(path)
+        cfg = run_config_beside(path)
         if cfg is None:
             raise EvalError(f"{target}: a checkpoint without ft_config.yaml: not an ft training checkpoint")
         return "checkpoint", cfg, str(path)
     if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
         raise EvalError(f"{target}: neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
-    return "model", _run_config_beside(path), str(path)
+    return "model", run_config_beside(path), str(path)
 
 
 def eval_data(cfg: Optional[Config], data: list[str], fmt: Optional[str]) -> DataConfig:
@@ -94,7 +87,7 @@ def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str
     import torch.distributed as dist
 
     from ftcore.generate import load_for_inference
-    from ftcore.generation_eval import evaluate_by_generation, read_prompts
+    from ftcore.generation_eval import evaluate_by_generation, read_prompts, write_predictions
 
     bad = [m for m in metrics if m not in METRICS]
     if bad:
@@ -142,8 +135,7 @@ def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str
                "max_new_tokens": max_new_tokens, **{k: v for k, v in counts.items() if k != "records"}}
     if rank == 0:
         out_dir = Path(out) if out else default_out(target, cfg, where)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_predictions(out_dir / "predictions.jsonl", rows)
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
         summary["out"] = str(out_dir)
     return summary

@@ -10,8 +10,10 @@ is done). The answers are gathered back into input order, so the result does not
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,6 +22,7 @@ from ftcore.config import DataConfig
 from ftcore.data.batch import pad_token_id
 from ftcore.data.formats import RecordError, prompt_and_reference
 from ftcore.data.stream import DataError, SourceGroup, parse_record
+from ftcore.durable import atomic_write_text
 from ftcore.scoring import mean_scores, score
 
 
@@ -96,3 +99,9 @@ def evaluate_by_generation(model: torch.nn.Module, tokenizer: Any, prompts: list
         rows.append({"index": index, "where": prompt.where, "reference": prompt.reference,
                      "prediction": prediction, **score(prediction, prompt.reference, metrics)})
     return rows, mean_scores(rows, metrics)
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """The scored answers as JSON lines, written atomically (the directory is made when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -159,22 +159,20 @@ def set_aside_rows_after(path: Path, step: int, aside: Path) -> None:
     """Move the rows of a JSON-lines metrics file whose step is past `step` to the end of `aside`."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-
-    def later(line: str) -> bool:
+    kept, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
         try:
-            return json.loads(line).get("step", 0) > step
+            later = json.loads(line).get("step", 0) > step
         except (ValueError, AttributeError):
-            return False  # not a row ft wrote: left where it is
-
-    moved = [line for line in lines if later(line)]
+            later = False  # not a row ft wrote: left where it is
+        (moved if later else kept).append(line)
     if not moved:
         return
     with open(aside, "a") as f:
         f.writelines(moved)
         f.flush()
         os.fsync(f.fileno())
-    atomic_write_text(path, "".join(line for line in lines if not later(line)))
+    atomic_write_text(path, "".join(kept))
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -2,7 +2,14 @@
 `--set`, one-line errors naming the field and line). Import from here: `from ftcore.config import Config,
 load_config`."""
 
-from ftcore.config.loading import dump_config, field_docs, format_validation_error, load_config, parse_override
+from ftcore.config.loading import (
+    dump_config,
+    field_docs,
+    format_validation_error,
+    load_config,
+    parse_override,
+    run_config_beside,
+)
 from ftcore.config.schema import (
                                   BUILTIN_PREFIX,
                                   AdapterConfig,
@@ -21,4 +28,5 @@ from ftcore.config.schema import (
 
 __all__ = ["BUILTIN_PREFIX", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource",
            "DistributedConfig", "FieldNames", "ModelConfig", "PreferenceConfig", "Section", "TrainConfig",
-           "dump_config", "field_docs", "format_validation_error", "load_config", "parse_override"]
+           "dump_config", "field_docs", "format_validation_error", "load_config", "parse_override",
+           "run_config_beside"]

@@ -188,6 +188,15 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
+def run_config_beside(directory: Path) -> Optional[Config]:
+    """The ft config saved beside an adapter, export or checkpoint (ft_config.yaml, or the run's config.yaml two
+    levels above a step dir), as the typed Config; None where ft wrote none. ConfigError when it does not load."""
+    for candidate in (directory / "ft_config.yaml", directory.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate)
+    return None
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what config.yaml, ft_config.yaml and `ft config` hold)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

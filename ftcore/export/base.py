@@ -54,13 +54,16 @@ class BaseModel:
             raise ExportError(str(e)) from None
 
 
+# The input embedding's tensor name in the families' checkpoints (a tied head is stored once, as it).
+EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
 def tied_embedding_names(base: BaseModel) -> Optional[tuple[str, str]]:
     """(input embedding, lm_head) when the config ties them and the checkpoint stores only the embedding."""
     config = base.config.get("text_config", base.config)
     if not (config.get("tie_word_embeddings", base.config.get("tie_word_embeddings", False))):
         return None
-    embed = next((n for n in base.infos if n.endswith(("embed_tokens.weight", "wte.weight",
-                                                       "word_embeddings.weight"))), None)
+    embed = next((n for n in base.infos if n.endswith(EMBEDDING_WEIGHTS)), None)
     head = "lm_head.weight"
     return (embed, head) if embed and head not in base.infos else None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ftcore.config import Config, ConfigError, load_config
+from ftcore.config import Config, ConfigError, run_config_beside
 from ftcore.dtypes import DTYPES
 from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
 from ftcore.export.classifier import build_classifier, head_outputs, is_classification
@@ -142,13 +142,10 @@ def _consolidation_budget(opts: ExportOptions) -> int:
 def _run_config(directory: Path) -> Optional[Config]:
     """The ft config saved beside an adapter or checkpoint (ft_config.yaml, or the run's config.yaml two levels
     above a step dir), as the typed Config; None for an adapter ft did not train."""
-    for candidate in (directory / "ft_config.yaml", directory.parent.parent / "config.yaml"):
-        if candidate.is_file():
-            try:
-                return load_config(candidate)
-            except ConfigError as e:
-                raise ExportError(str(e)) from None
-    return None
+    try:
+        return run_config_beside(directory)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
 
 
 def _resolve_base(name: Optional[str], what: str) -> Path:

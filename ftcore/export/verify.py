@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
+from ftcore.export.base import EMBEDDING_WEIGHTS, BaseModel, quantized_weight_names, tied_embedding_names
 from ftcore.export.classifier import Classifier
 from ftcore.export.layerwise import NotStreamable, boundary_states, checkpoint_names, skeleton
 from ftcore.export.lora import Adapter
@@ -96,6 +96,11 @@ def _head_kwargs(classifier: Optional[Classifier]) -> dict:
     return {"num_labels": len(classifier.config["id2label"]), "pad_token_id": classifier.config["pad_token_id"]}
 
 
+def _whole_against_adapter_bytes(base: BaseModel, report: ExportReport) -> int:
+    """RAM the whole-model check against base + adapter takes: the base and the export, each about twice."""
+    return sum(i.nbytes for i in base.infos.values()) * 2 + report.bytes * 2
+
+
 def _whole_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, adapter_dir: Optional[Path],
                             quantized: bool, compute_dtype: torch.dtype, out_dtype: torch.dtype,
                             report: ExportReport, log: Callable[[str], None],
@@ -107,9 +112,9 @@ def _whole_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ada
 
     model_class = classifier.model_class() if classifier else AutoModelForCausalLM
 
-    size = sum(i.nbytes for i in base.infos.values())
-    if not _fits_in_ram(size * 2 + report.bytes * 2):
-        log(f"verify: skipped: the base and the export need about {(size * 2 + report.bytes * 2) / 1e9:.0f} GB of "
+    needed = _whole_against_adapter_bytes(base, report)
+    if not _fits_in_ram(needed):
+        log(f"verify: skipped: the base and the export need about {needed / 1e9:.0f} GB of "
             "RAM to compare; run the export on a larger machine to verify")
         report.verified = "skipped (not enough RAM)"
         return
@@ -208,9 +213,9 @@ def verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ada
         _compare_streamed(staging, model_class, reference, weights, out_dtype, report, log, what,
                           base.config.get("vocab_size"))
     except NotStreamable as e:
-        size = sum(i.nbytes for i in base.infos.values())
         log(f"verify: this {base.config.get('model_type', 'model')} cannot be verified layer by layer ({e}); "
-            f"comparing the whole models needs about {(size * 2 + report.bytes * 2) / 1e9:.1f} GB of RAM")
+            f"comparing the whole models needs about {_whole_against_adapter_bytes(base, report) / 1e9:.1f} GB "
+            "of RAM")
         _whole_against_adapter(staging, base, adapter, adapter_dir, quantized, compute_dtype, out_dtype, report, log,
                                classifier)
 
@@ -259,8 +264,7 @@ def _lora_config(adapter: Adapter, classifier: Optional[Classifier]) -> Any:
 def _staged_weights(staging: Path, model: torch.nn.Module) -> Callable[[str], torch.Tensor]:
     infos, _ = read_model_headers(staging)
     in_file = checkpoint_names(model, list(infos))
-    embed = next((n for n in infos if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
-                                                   "embed_in.weight"))), None)
+    embed = next((n for n in infos if n.endswith(EMBEDDING_WEIGHTS)), None)
 
     def weights(name: str) -> torch.Tensor:
         name = in_file.get(name, name)

@@ -211,23 +211,23 @@ class Feed(threading.Thread):
         while self._deliver_some():
             pass
 
-    def _read_rows(self) -> tuple[list[tuple[int, dict]], int]:
-        """Complete rows of metrics.jsonl after the offset (up to BATCH_ROWS), and the offset after them."""
+    def _read_rows(self) -> tuple[list[dict], int]:
+        """The next complete rows of metrics.jsonl after the offset (up to BATCH_ROWS), and the offset after them."""
+        rows, offset = [], self.offset
         try:
             with open(self.jsonl, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
+                f.seek(offset)
+                while len(rows) < BATCH_ROWS:
+                    line = f.readline()
+                    if not line.endswith(b"\n"):
+                        break  # the end, or a line still being written
+                    offset += len(line)
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        continue  # (a line cut by a kill is removed before a new attempt appends)
         except FileNotFoundError:
-            return [], self.offset
-        rows, offset = [], self.offset
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n") or len(rows) == BATCH_ROWS:
-                break
-            offset += len(line)
-            try:
-                rows.append((offset, json.loads(line)))
-            except ValueError:
-                continue  # (a line cut by a kill is removed before a new attempt appends)
+            pass
         return rows, offset
 
     def _deliver_some(self) -> bool:
@@ -236,7 +236,7 @@ class Feed(threading.Thread):
         if offset == self.offset:
             return False
         batch, delivered = [], dict(self.delivered)
-        for _, row in rows:
+        for row in rows:
             step = row.get("step")
             if not isinstance(step, int):
                 continue

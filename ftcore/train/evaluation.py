@@ -7,7 +7,6 @@ the pairs' (KTO: samples') mean loss, reward accuracy and margin, rewards and lo
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -16,8 +15,7 @@ import torch
 
 from ftcore.config import Config
 from ftcore.data.batch import Batch
-from ftcore.durable import atomic_write_text
-from ftcore.generation_eval import evaluate_by_generation
+from ftcore.generation_eval import evaluate_by_generation, write_predictions
 from ftcore.metrics import classification_scores, write_summary
 from ftcore.train.objective import Objective
 from ftcore.train.runtime import Runtime
@@ -93,13 +91,9 @@ class Evaluator:
                                              rank=rt.rank, world_size=rt.world_size,
                                              gather=rt.all_gather_object if rt.world_size > 1 else None,
                                              synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,
-                                             device=rt.device)
-        engine.train()
+                                             device=rt.device)  # (leaves the model in train mode)
         if rt.is_main:
-            directory = Path(self.cfg.output_dir) / "eval"
-            directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(directory / f"generate-step{step:06d}.jsonl", "".join(json.dumps(r) + "\n"
-                                                                                    for r in rows))
+            write_predictions(Path(self.cfg.output_dir) / "eval" / f"generate-step{step:06d}.jsonl", rows)
         return {**{f"eval_gen_{name}": value for name, value in means.items()}, "eval_gen_samples": len(rows)}
 
     def _save_predictions(self, step: int, predictions: list[tuple[str, int, int]], scores: dict) -> None:
