@@ -59,6 +59,59 @@ def test_rows_past_the_resume_step_move_aside(tmp_path):
     assert len(read_jsonl(jsonl)) == 2 and len(read_jsonl(aside)) == 3
 
 
+def test_the_first_step_waits_for_the_tracker_run_to_open_but_not_for_a_tracker_that_fails_or_hangs(tmp_path):
+    """The run id is in trackers.json before the first step; a tracker that errors releases the wait at once, one
+    that hangs holds it for open_timeout_s, with one line; neither stops the run."""
+    import threading
+
+    from ftcore.tracking import LEDGER, Feed, Ledger, Tracker, wait_until_opened
+
+    release = threading.Event()
+
+    class Opens(Tracker):
+        name = "opens"
+
+        def open(self, run_id, delivered):
+            return "run-1", {}
+
+        def where(self):
+            return "here"
+
+    class Fails(Opens):
+        name = "fails"
+
+        def open(self, run_id, delivered):
+            raise ConnectionError("refused")
+
+    class Hangs(Opens):
+        name = "hangs"
+
+        def open(self, run_id, delivered):
+            release.wait(30)
+            raise ConnectionError("gave up")
+
+    lines: list[str] = []
+    ledger = Ledger(tmp_path)
+
+    def feeds(*trackers):
+        started = [Feed(t(), tmp_path / "metrics.jsonl", ledger, None, lines.append, lambda *_: None)
+                   for t in trackers]
+        for feed in started:
+            feed.start()
+        return started
+
+    started = time.monotonic()
+    wait_until_opened(feeds(Opens, Fails), 30, lines.append)
+    assert time.monotonic() - started < 10
+    assert json.loads((tmp_path / LEDGER).read_text())["opens"]["run_id"] == "run-1"
+    assert any(line.startswith("fails: not reachable (refused)") for line in lines)
+    started = time.monotonic()
+    wait_until_opened(feeds(Hangs), 0.5, lines.append)
+    assert 0.5 <= time.monotonic() - started < 10
+    assert lines[-1].startswith("hangs: the run did not open within 0.5 s (tracking.open_timeout_s); training starts")
+    release.set()
+
+
 # ------------------------------------------------------------------------------------------ MLflow server
 def free_port() -> int:
     with socket.socket() as s:
@@ -155,6 +208,7 @@ def test_mlflow_one_run_across_kill9_resume_and_world_size_change(mlflow_server,
     first = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *tracker_args(out, uri)], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kill_after_step(first, out, 6)  # checkpoints every 4: steps 5.. (as far as it got) are trained again
+    # The run opened before step 1 (tracking.open_timeout_s), so its id was saved before anything could be lost.
     run_id = json.loads((out / "trackers.json").read_text())["mlflow"]["run_id"]
     second = run_ft("train", *tracker_args(out, uri, "--set", "train.stop_at_step=9"))
     assert "resumed from" in second.stdout and f"run {run_id}" in second.stdout

@@ -328,6 +328,11 @@ class TrackingConfig(Section):
     """tracking: the experiment trackers of train.report_to (MLflow, Weights & Biases)."""
     run_name: Optional[str] = None
     """The tracker run's display name; default output_dir's last part."""
+    open_timeout_s: float = Field(60.0, ge=0)
+    """Before the first step, how long rank 0 waits for each tracker to open its run, so that the run's id is in
+    output_dir/trackers.json before anything can be lost (a kill -9 at any step then continues that run). A tracker
+    that answers with an error does not hold training; one not open by then keeps being tried in the background.
+    At most half of distributed.timeout_s (the other ranks wait for rank 0 meanwhile)."""
     finish_timeout_s: float = Field(120.0, ge=0)
     """At the end of an attempt, how long rank 0 waits for a tracker to take the last rows and artifacts; what it
     has not taken by then stays in metrics.jsonl and is sent by the next attempt."""

@@ -141,6 +141,7 @@ class Feed(threading.Thread):
         self.offset = 0  # bytes of metrics.jsonl read and delivered (or skipped as already held)
         self.failure: Optional[str] = None
         self.failing_since_step: Optional[int] = None
+        self.first_try = threading.Event()  # set once the run opened, or the first try to open it failed
         self.wake = threading.Event()
         self.finishing = threading.Event()
         self.final: tuple[Optional[dict], list[Path], str] = (None, [], "KILLED")
@@ -184,6 +185,7 @@ class Feed(threading.Thread):
                     self.log(f"{self.tracker.name}: not reachable ({one_line(e)}); training goes on, metrics.jsonl "
                              f"keeps every step, and the rows are sent when it is back")
                 self.failure = one_line(e)
+                self.first_try.set()
                 if self.finishing.is_set():
                     return  # one last try was made; finish() reports what is left
                 self.wake.wait(backoff)
@@ -208,6 +210,7 @@ class Feed(threading.Thread):
                                delivered=self.delivered)
             self.on_open(self.tracker.name, self.run_id)
             self.log(f"{self.tracker.name}: {self.tracker.where()}")
+            self.first_try.set()
         while self._deliver_some():
             pass
 
@@ -265,6 +268,16 @@ class Feed(threading.Thread):
         except OSError:
             return None
         return (min(steps), max(steps)) if steps else None
+
+
+def wait_until_opened(feeds: list[Feed], timeout_s: float, log: Callable[[str], None]) -> None:
+    """Hold the first step until every feed opened its run (its id is then in trackers.json, so a kill at any step
+    continues it) or failed a first time, at most `timeout_s` in all; one line for each that did neither."""
+    deadline = time.monotonic() + timeout_s
+    for feed in feeds:
+        if not feed.first_try.wait(max(deadline - time.monotonic(), 0.0)):
+            log(f"{feed.tracker.name}: the run did not open within {timeout_s:g} s (tracking.open_timeout_s); "
+                f"training starts, and the run is opened and fed in the background")
 
 
 def build_trackers(names: list[str], cfg: Any, run_name: str, output_dir: Path, attempt: dict) -> list[Tracker]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 
 from ftcore.config import Config
 from ftcore.metrics import MetricsSink, memory_now, write_summary
-from ftcore.tracking import Feed, start_feeds
+from ftcore.tracking import Feed, start_feeds, wait_until_opened
 from ftcore.train.runtime import Runtime
 
 
@@ -38,6 +38,8 @@ class Reporter:
                        "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
             self.feeds = start_feeds(cfg, self.output_dir, runs, new_timeline, attempt, runtime.log,
                                      on_open=runs.__setitem__)
+            wait_until_opened(self.feeds, min(cfg.tracking.open_timeout_s, cfg.distributed.timeout_s / 2),
+                              runtime.log)
         self.totals = {"steps": 0, "tokens": 0, "trained_tokens": 0, "flops": 0.0, "step_time_s": 0.0,
                        "memory": [0.0, 0.0, 0.0]}
 
