@@ -144,7 +144,7 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(f"{{tiny}}/{{f}}", {str(ckpt_base)!r})
 """)
         run = tmp / "run"
-        subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "examples/demo.yaml", "--nproc", "2",
+        subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "examples/chat-demo.yaml", "--nproc", "2",
                         "--set", f"model.name_or_path={ckpt_base}", "--set", "adapter.method=full",
                         "--set", "distributed.zero_stage=3", "--set", f"output_dir={run}", "--set",
                         "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.micro_batch_size=1",

@@ -56,7 +56,7 @@ def kl_to_base(adapter_dir: Path) -> tuple[float, float]:
     from ftcore.data.stream import eval_batches
     from ftcore.model import load_tokenizer
 
-    cfg = load_config(ROOT / "examples/demo.yaml")
+    cfg = load_config(ROOT / "examples/chat-demo.yaml")
     model_dir = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()

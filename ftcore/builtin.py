@@ -9,7 +9,9 @@
   small real-text classification set (ftcore/assets/license-sentences, made by make_license_sentences.py there).
 - `builtin:repeat-pairs` (and `-eval`): chat preference pairs (repeat three words: chosen repeats them, rejected
   does not), for task preference (ftcore/assets/repeat-pairs, made by make_repeat_pairs.py there);
-  `builtin:repeat-kto` (and `-eval`): the same answers unpaired, each labelled desirable or not (format kto).
+  `builtin:repeat-kto` (and `-eval`): the same answers unpaired, each labelled desirable or not (format kto);
+  `builtin:repeat-words` (and `-eval`): the task itself as chat records (user "Repeat: w1 w2 w3", assistant
+  "Words: w1 w2 w3"), held-out triples unseen in training: the demo's task, scored by `ft eval`.
 
 Several processes may ask at once (every rank of a launch): each builds into its own temporary directory and
 renames it into place; the loser of the race discards its copy. The result is identical either way.
@@ -35,6 +37,8 @@ BUILTIN_DATA = {
     "license-sentences-eval": ASSETS / "license-sentences" / "eval.jsonl",
     "repeat-pairs": ASSETS / "repeat-pairs" / "train.jsonl",
     "repeat-pairs-eval": ASSETS / "repeat-pairs" / "eval.jsonl",
+    "repeat-words": ASSETS / "repeat-pairs" / "words-train.jsonl",
+    "repeat-words-eval": ASSETS / "repeat-pairs" / "words-eval.jsonl",
     "repeat-kto": ASSETS / "repeat-pairs" / "kto-train.jsonl",
     "repeat-kto-eval": ASSETS / "repeat-pairs" / "kto-eval.jsonl",
 }

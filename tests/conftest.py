@@ -64,7 +64,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def tiny_run_args(output_dir: Path, *extra: str) -> list[str]:
     """A small, fast training config on the built-in model/data (fp32: resumed losses must be exact)."""
-    return ["examples/demo.yaml", "--set", f"output_dir={output_dir}", "--set", "train.max_steps=8",
+    return ["examples/chat-demo.yaml", "--set", f"output_dir={output_dir}", "--set", "train.max_steps=8",
             "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64", "--set", "train.log_every=1",
             "--set", "train.eval_every=4", "--set", "checkpoint.every_steps=4", "--set", "data.audit=true",
             "--set", "train.warmup_steps=2", *extra]

@@ -72,8 +72,8 @@ def test_cli_config_errors(tmp_path):
 
 
 def test_cli_prints_resolved_config():
-    proc = run_ft("config", "examples/demo.yaml", "--set", "train.lr=0.5")
-    cfg = load_config("examples/demo.yaml", ["train.lr=0.5"])
+    proc = run_ft("config", "examples/chat-demo.yaml", "--set", "train.lr=0.5")
+    cfg = load_config("examples/chat-demo.yaml", ["train.lr=0.5"])
     assert proc.stdout == dump_config(cfg)
 
 

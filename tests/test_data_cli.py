@@ -8,7 +8,7 @@ GOOD = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "
 
 
 def test_inspect_marks_trained_tokens_and_reports_statistics():
-    proc = run_ft("data", "inspect", "examples/demo.yaml", "-n", "1", "--scan", "50")
+    proc = run_ft("data", "inspect", "examples/chat-demo.yaml", "-n", "1", "--scan", "50")
     out = proc.stdout
     assert "legend: «trained tokens» masked tokens" in out
     # The assistant answer and its EOS are trained, the question is not.

@@ -27,6 +27,22 @@ def test_metrics_against_hand_computed_values():
     assert mean_scores(rows, ["exact_match", "rouge_l"]) == {"exact_match": 0.5, "rouge_l": 0.375}
 
 
+def test_the_demo_task_is_scored_on_prompts_never_seen_in_training():
+    """make demo's before/after score measures the skill (copying three words), not memorised answers."""
+    from ftcore.builtin import resolve_data_path
+
+    def triples(name: str) -> list[str]:
+        rows = read_jsonl(Path(resolve_data_path(name)))
+        assert all(r["messages"][1]["content"] == "Words: " + r["messages"][0]["content"].removeprefix("Repeat: ")
+                   for r in rows)
+        return [r["messages"][0]["content"] for r in rows]
+
+    train, held_out = triples("builtin:repeat-words"), triples("builtin:repeat-words-eval")
+    assert len(train) == 400 and len(held_out) == 50 and not set(train) & set(held_out)
+    cfg = load_config("examples/demo.yaml", [])
+    assert [s.path for s in cfg.data.train] == ["builtin:repeat-words"] and cfg.train.eval_generate
+
+
 def test_prompts_are_rendered_as_training_renders_them():
     from transformers import AutoTokenizer
 
@@ -53,7 +69,7 @@ def test_eval_generate_config_is_checked():
         load_config(None, ["train.eval_generate=[exact_match]", "data.eval=null"])
     with pytest.raises(ConfigError, match="train.eval_generate"):
         load_config(None, ["train.eval_generate=[bleu]"])
-    assert load_config("examples/demo.yaml", ["train.eval_generate=rouge_l"]).train.eval_generate == ["rouge_l"]
+    assert load_config("examples/chat-demo.yaml", ["train.eval_generate=rouge_l"]).train.eval_generate == ["rouge_l"]
 
 
 def eval_rows(out: Path) -> tuple[list[dict], dict]:

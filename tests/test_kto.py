@@ -261,7 +261,7 @@ def test_full_kto_under_zero3_reads_a_partitioned_reference(tmp_path):
 
 def test_ft_data_inspect_marks_each_sample_desirable_or_not(tmp_path):
     data = kto_task(tmp_path / "kto.jsonl", 4, seed=2)
-    proc = ft_in_process("data", "inspect", "examples/demo.yaml", "--set", "task=preference", "--set",
+    proc = ft_in_process("data", "inspect", "examples/chat-demo.yaml", "--set", "task=preference", "--set",
                          "preference.loss=kto", "--set", f"data.train=[{{path: {data}, format: kto}}]", "--set",
                          "data.eval=null", "--set", "train.eval_every=0", "--set", "train.micro_batch_size=2",
                          "--set", "data.shuffle=false", "--show", "2")

@@ -7,7 +7,7 @@ from tests.conftest import run_ft
 
 
 def test_build_command_is_pure_and_complete():
-    spec = LaunchSpec(config_path="examples/demo.yaml", overrides=("train.lr=1e-4", "output_dir=/x y"), nproc=4,
+    spec = LaunchSpec(config_path="examples/chat-demo.yaml", overrides=("train.lr=1e-4", "output_dir=/x y"), nproc=4,
                       zero_stage=3, mixed_precision="bf16", main_port=29511)
     argv, env = build_command(spec, {"PATH": "/bin"}, python="/py")
     assert argv == build_command(spec, {"PATH": "/bin"}, python="/py")[0]
@@ -22,19 +22,19 @@ def test_build_command_is_pure_and_complete():
     assert flags["--zero_stage"] == "3" and flags["--mixed_precision"] == "bf16"
     assert "--use_deepspeed" in argv
     tail = argv[argv.index("--module") + 1:]
-    assert tail == ["launcher.cli", "train", "examples/demo.yaml", "--set", "train.lr=1e-4", "--set", "output_dir=/x y",
+    assert tail == ["launcher.cli", "train", "examples/chat-demo.yaml", "--set", "train.lr=1e-4", "--set", "output_dir=/x y",
                     "--resume", "auto"]
     assert env["PATH"] == "/bin" and int(env["OMP_NUM_THREADS"]) >= 1
     assert build_command(spec, {"OMP_NUM_THREADS": "7"})[1]["OMP_NUM_THREADS"] == "7"  # user's choice kept
 
 
 def test_dry_run_prints_the_command_without_running():
-    proc = run_ft("launch", "examples/demo.yaml", "--nproc", "2", "--port", "29533", "--dry-run",
+    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", "2", "--port", "29533", "--dry-run",
                   "--set", "distributed.zero_stage=3")
     words = shlex.split(proc.stdout.strip())
     assert "accelerate.commands.launch" in words
     assert words[words.index("--num_processes") + 1] == "2"
     assert words[words.index("--main_process_port") + 1] == "29533"
     assert words[words.index("--zero_stage") + 1] == "3"
-    assert words[words.index("train") + 1:] == ["examples/demo.yaml", "--set", "distributed.zero_stage=3",
+    assert words[words.index("train") + 1:] == ["examples/chat-demo.yaml", "--set", "distributed.zero_stage=3",
                                                "--resume", "auto"]

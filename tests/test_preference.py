@@ -302,7 +302,7 @@ def test_zero3_qlora_dpo_accumulates_like_two_ranks_and_resumes_exactly(tmp_path
 
 def test_ft_data_inspect_shows_each_pair_with_its_masks(tmp_path):
     data = repeat_task(tmp_path / "pairs.jsonl", 5, seed=2, chat=True)
-    proc = ft_in_process("data", "inspect", "examples/demo.yaml", "--set", "task=preference", "--set",
+    proc = ft_in_process("data", "inspect", "examples/chat-demo.yaml", "--set", "task=preference", "--set",
                          f"data.train=[{{path: {data}, format: preference}}]", "--set", "data.eval=null",
                          "--set", "train.eval_every=0", "--show", "1")
     out = proc.stdout

@@ -32,14 +32,14 @@ CASES = [
 @pytest.mark.parametrize("overrides,message", CASES)
 def test_preflight_errors_fire_before_launch(overrides, message):
     args = [w for o in overrides for w in ("--set", o)]
-    proc = run_ft("launch", "examples/demo.yaml", "--nproc", "2", "--dry-run", *args, check=False)
+    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", "2", "--dry-run", *args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_ft_slurm_checks_the_batch_for_its_world():
-    common = ("slurm", "examples/demo.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run")
+    common = ("slurm", "examples/chat-demo.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run")
     assert run_ft(*common, "--set", "train.effective_batch_size=256").returncode == 0  # 8 x 1 x 32
     proc = run_ft(*common, "--set", "train.effective_batch_size=512", check=False)
     assert proc.returncode == 2

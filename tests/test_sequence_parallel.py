@@ -16,7 +16,7 @@ from ftcore.data.batch import collate
 from ftcore.data.formats import IGNORE_INDEX, Tokenized
 from tests.conftest import read_jsonl, run_ft
 
-BASE = ("examples/demo.yaml", "--set", "train.max_steps=6", "--set", "train.warmup_steps=1", "--set",
+BASE = ("examples/chat-demo.yaml", "--set", "train.max_steps=6", "--set", "train.warmup_steps=1", "--set",
         "train.micro_batch_size=2", "--set", "data.max_seq_len=64", "--set", "train.log_every=1", "--set",
         "train.eval_every=3", "--set", "checkpoint.every_steps=0", "--set", "model.dtype=float32", "--set",
         "adapter.dropout=0")
@@ -111,7 +111,7 @@ def test_a_sequence_parallel_run_resumes_exactly(tmp_path):
 ])
 def test_what_ulysses_cannot_do_is_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("examples/demo.yaml", ["distributed.sequence_parallel=2", "data.eval=null", "train.eval_every=0",
+        load_config("examples/chat-demo.yaml", ["distributed.sequence_parallel=2", "data.eval=null", "train.eval_every=0",
                                            *overrides])
 
 
@@ -124,7 +124,7 @@ def test_what_ulysses_cannot_do_is_refused_at_load(overrides, message):
 ])
 def test_what_the_world_or_the_model_rule_out_is_refused_before_launch(overrides, nproc, message):
     args = [w for o in overrides for w in ("--set", o)]
-    proc = run_ft("launch", "examples/demo.yaml", "--nproc", str(nproc), "--dry-run", *args, check=False)
+    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", str(nproc), "--dry-run", *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -146,7 +146,7 @@ def test_ports_differ_between_jobs_and_attempts_and_stay_in_range():
 
 
 def options(**kw):
-    base = dict(config_path="examples/demo.yaml", overrides=("train.lr=1e-4", "output_dir=/runs/my run"), nodes=4,
+    base = dict(config_path="examples/chat-demo.yaml", overrides=("train.lr=1e-4", "output_dir=/runs/my run"), nodes=4,
                 gpus_per_node=8, nproc_per_node=8, ft_command=("/venv/bin/python", "-m", "launcher.cli"),
                 workdir="/home/u/proj", log_dir="/runs/my run/logs")
     base.update(kw)
@@ -179,7 +179,7 @@ def test_rendered_sbatch_script(kw, present, absent, tmp_path):
     o = options(**kw)
     assert f"NPROC_PER_NODE={o.nproc_per_node}" in script.splitlines()
     assert "FT=(/venv/bin/python -m launcher.cli)" in script.splitlines()
-    assert "set -- examples/demo.yaml --set train.lr=1e-4 --set 'output_dir=/runs/my run'" in script.splitlines()
+    assert "set -- examples/chat-demo.yaml --set train.lr=1e-4 --set 'output_dir=/runs/my run'" in script.splitlines()
     assert "@ft-slurm" not in script
     path = tmp_path / "job.sbatch"
     path.write_text(script)
@@ -201,29 +201,29 @@ def test_template_is_usable_by_hand():
 
 
 def test_ft_slurm_dry_run_prints_the_script():
-    proc = run_ft("slurm", "examples/demo.yaml", "--nodes", "2", "--gpus-per-node", "4", "--partition", "debug",
+    proc = run_ft("slurm", "examples/chat-demo.yaml", "--nodes", "2", "--gpus-per-node", "4", "--partition", "debug",
                   "--time", "01:00:00", "--set", "train.max_steps=10", "--dry-run")
     found = directives(proc.stdout)
     assert {"--nodes=2", "--gpus-per-node=4", "--partition=debug", "--time=01:00:00", "--job-name=demo"} <= set(found)
     assert f"FT=({sys.executable} -m launcher.cli)" in proc.stdout
-    assert "set -- examples/demo.yaml --set train.max_steps=10" in proc.stdout
+    assert "set -- examples/chat-demo.yaml --set train.max_steps=10" in proc.stdout
     assert f"--chdir={Path.cwd()}" in found or any(d.startswith("--chdir=") for d in found)
 
 
 def test_ft_launch_refuses_bad_node_arguments():
-    outside = run_ft("launch", "examples/demo.yaml", "--slurm", "--dry-run", check=False,
+    outside = run_ft("launch", "examples/chat-demo.yaml", "--slurm", "--dry-run", check=False,
                      env_remove=("SLURM_JOB_ID", "SLURM_JOBID"))
     assert outside.returncode == 2 and "ft launch --slurm: SLURM_JOB_ID is not set" in outside.stderr
-    missing = run_ft("launch", "examples/demo.yaml", "--nnodes", "2", "--node-rank", "1", "--dry-run", check=False)
+    missing = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "1", "--dry-run", check=False)
     assert missing.returncode == 2 and "--nnodes > 1 needs --master-addr" in missing.stderr
-    bad_rank = run_ft("launch", "examples/demo.yaml", "--nnodes", "2", "--node-rank", "2", "--dry-run", check=False)
+    bad_rank = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "2", "--dry-run", check=False)
     assert bad_rank.returncode == 2 and "--node-rank must be in 0..1" in bad_rank.stderr
-    both = run_ft("launch", "examples/demo.yaml", "--slurm", "--nnodes", "2", "--dry-run", check=False)
+    both = run_ft("launch", "examples/chat-demo.yaml", "--slurm", "--nnodes", "2", "--dry-run", check=False)
     assert both.returncode == 2 and "--slurm takes --nnodes and --node-rank from the allocation" in both.stderr
 
 
 def test_ft_launch_multi_node_dry_run():
-    proc = run_ft("launch", "examples/demo.yaml", "--nproc", "4", "--nnodes", "3", "--node-rank", "2",
+    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", "4", "--nnodes", "3", "--node-rank", "2",
                   "--master-addr", "10.1.2.3", "--master-port", "29555", "--dry-run")
     words = shlex.split(proc.stdout.strip())
     flag = lambda name: words[words.index(name) + 1]  # noqa: E731

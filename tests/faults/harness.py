@@ -42,7 +42,7 @@ STOP_GRACE_S = 30  # torch elastic's SIGTERM -> SIGKILL grace when it stops a no
 
 def run_args(out: Path, *extra: str) -> list[str]:
     """A 2-process ZeRO-2 LoRA run of STEPS steps with a checkpoint every 2 steps and an eval every 3."""
-    return ["launch", "examples/demo.yaml", "--nproc", "2", "--set", f"output_dir={out}",
+    return ["launch", "examples/chat-demo.yaml", "--nproc", "2", "--set", f"output_dir={out}",
             "--set", f"train.max_steps={STEPS}", "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64",
             "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "checkpoint.every_steps=2",
             "--set", "checkpoint.keep_last=2", "--set", "train.warmup_steps=2", "--set", "train.report_to=none",

@@ -5,6 +5,9 @@ kto-train.jsonl / kto-eval.jsonl hold the same answers unpaired and as plain tex
 {"prompt": "Repeat: w1 w2 w3\nAnswer:", "completion": " w1 w2 w3", "label": true} and the same prompt with the
 rejected words, "label": false. (Plain text: the built-in model learns it in about 60 steps, where the chat form
 takes KTO, which sees no pairs, well over 90.)
+words-train.jsonl / words-eval.jsonl are the task itself for supervised fine-tuning and `ft eval` (the demo):
+chat records {"messages": [user "Repeat: w1 w2 w3", assistant "Words: w1 w2 w3"]}; no eval triple occurs in
+training, so the eval score measures the learned skill (copying), not memorised answers.
 
 Deterministic (seeded); run `python ftcore/assets/repeat-pairs/make_repeat_pairs.py` to rebuild.
 """
@@ -40,6 +43,20 @@ def main() -> None:
                     answer = record[side][0]["content"].removeprefix("Words: ")
                     f.write(json.dumps({"prompt": f"Repeat: {words}\nAnswer:", "completion": f" {answer}",
                                         "label": label}) + "\n")
+
+    rng, seen = random.Random(2), set()
+    for name, count in (("train", 400), ("eval", 50)):
+        with open(here / f"words-{name}.jsonl", "w") as f:
+            written = 0
+            while written < count:
+                words = tuple(rng.sample(WORDS, 3))
+                if name == "eval" and words in seen:
+                    continue
+                seen.add(words)
+                text = " ".join(words)
+                f.write(json.dumps({"messages": [{"role": "user", "content": "Repeat: " + text},
+                                                 {"role": "assistant", "content": "Words: " + text}]}) + "\n")
+                written += 1
 
 
 if __name__ == "__main__":
