@@ -107,7 +107,8 @@ print(json.dumps({{"open_s": opened, "records": stream.total_records, "tokens": 
 def trainer_tokens_per_s(steps: int) -> float:
     """Median tokens/s of a real single-process `ft train` of the demo config on this machine."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "launcher.cli", "train", "examples/chat-demo.yaml", "--set", f"output_dir={tmp}/run",
+        cmd = [sys.executable, "-m", "launcher.cli", "train", "examples/chat-demo.yaml",
+               "--set", f"output_dir={tmp}/run",
                "--set", f"train.max_steps={steps}", "--set", "distributed.zero_stage=0", "--set",
                "checkpoint.every_steps=0", "--set", "train.eval_every=0", "--set", "data.eval=null"]
         subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)

@@ -22,8 +22,8 @@ def test_build_command_is_pure_and_complete():
     assert flags["--zero_stage"] == "3" and flags["--mixed_precision"] == "bf16"
     assert "--use_deepspeed" in argv
     tail = argv[argv.index("--module") + 1:]
-    assert tail == ["launcher.cli", "train", "examples/chat-demo.yaml", "--set", "train.lr=1e-4", "--set", "output_dir=/x y",
-                    "--resume", "auto"]
+    assert tail == ["launcher.cli", "train", "examples/chat-demo.yaml", "--set", "train.lr=1e-4",
+                    "--set", "output_dir=/x y", "--resume", "auto"]
     assert env["PATH"] == "/bin" and int(env["OMP_NUM_THREADS"]) >= 1
     assert build_command(spec, {"OMP_NUM_THREADS": "7"})[1]["OMP_NUM_THREADS"] == "7"  # user's choice kept
 

@@ -111,8 +111,8 @@ def test_a_sequence_parallel_run_resumes_exactly(tmp_path):
 ])
 def test_what_ulysses_cannot_do_is_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("examples/chat-demo.yaml", ["distributed.sequence_parallel=2", "data.eval=null", "train.eval_every=0",
-                                           *overrides])
+        load_config("examples/chat-demo.yaml", ["distributed.sequence_parallel=2", "data.eval=null",
+                                                "train.eval_every=0", *overrides])
 
 
 @pytest.mark.parametrize("overrides,nproc,message", [

@@ -216,7 +216,8 @@ def test_ft_launch_refuses_bad_node_arguments():
     assert outside.returncode == 2 and "ft launch --slurm: SLURM_JOB_ID is not set" in outside.stderr
     missing = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "1", "--dry-run", check=False)
     assert missing.returncode == 2 and "--nnodes > 1 needs --master-addr" in missing.stderr
-    bad_rank = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "2", "--dry-run", check=False)
+    bad_rank = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "2", "--dry-run",
+                      check=False)
     assert bad_rank.returncode == 2 and "--node-rank must be in 0..1" in bad_rank.stderr
     both = run_ft("launch", "examples/chat-demo.yaml", "--slurm", "--nnodes", "2", "--dry-run", check=False)
     assert both.returncode == 2 and "--slurm takes --nnodes and --node-rank from the allocation" in both.stderr
