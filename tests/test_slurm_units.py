@@ -204,7 +204,8 @@ def test_ft_slurm_dry_run_prints_the_script():
     proc = run_ft("slurm", "examples/chat-demo.yaml", "--nodes", "2", "--gpus-per-node", "4", "--partition", "debug",
                   "--time", "01:00:00", "--set", "train.max_steps=10", "--dry-run")
     found = directives(proc.stdout)
-    assert {"--nodes=2", "--gpus-per-node=4", "--partition=debug", "--time=01:00:00", "--job-name=chat-demo"} <= set(found)
+    assert {"--nodes=2", "--gpus-per-node=4", "--partition=debug", "--time=01:00:00",
+            "--job-name=chat-demo"} <= set(found)
     assert f"FT=({sys.executable} -m launcher.cli)" in proc.stdout
     assert "set -- examples/chat-demo.yaml --set train.max_steps=10" in proc.stdout
     assert f"--chdir={Path.cwd()}" in found or any(d.startswith("--chdir=") for d in found)
