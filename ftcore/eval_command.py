@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from ftcore.builtin import is_builtin, resolve_model_path
 from ftcore.config import Config, DataConfig, DataSource, load_config, run_config_beside
 from ftcore.durable import atomic_write_text
+from ftcore.gguf_base import GGUFError, gguf_file
 from ftcore.scoring import METRICS
 
 
@@ -38,7 +39,7 @@ def resolve_target(target: str, sets: list[str]) -> tuple[str, Optional[Config],
         if not final.is_dir():
             raise EvalError(f"{target}: {final} does not exist yet (train first, or pass a checkpoint dir)")
         return "model", cfg, str(final)
-    if is_builtin(target):
+    if is_builtin(target) or _gguf(target):
         return "model", None, resolve_model_path(target)
     path = Path(target)
     if not path.is_dir():
@@ -51,6 +52,13 @@ def resolve_target(target: str, sets: list[str]) -> tuple[str, Optional[Config],
     if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
         raise EvalError(f"{target}: neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
     return "model", run_config_beside(path), str(path)
+
+
+def _gguf(target: str) -> Optional[Path]:
+    try:
+        return gguf_file(target)
+    except GGUFError as e:
+        raise EvalError(str(e)) from None
 
 
 def eval_data(cfg: Optional[Config], data: list[str], fmt: Optional[str]) -> DataConfig:
@@ -75,6 +83,9 @@ def default_out(target: str, cfg: Optional[Config], model_dir: str) -> Path:
         return Path(cfg.output_dir) / "eval"
     if is_builtin(target):
         return Path("outputs") / f"eval-{target.split(':', 1)[1]}"
+    gguf = _gguf(target)
+    if gguf is not None:  # beside the GGUF file, not in the cache where it was dequantized
+        return gguf.parent / f"eval-{gguf.stem}"
     path = Path(model_dir)
     return path.parent / f"eval-{path.name}"
 

@@ -106,6 +106,7 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ftcore.dtypes import DTYPES
+    from ftcore.gguf_base import gguf_file, hf_config_dict
     from ftcore.model import (
         apply_freeze,
         apply_lora,
@@ -116,10 +117,14 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     )
 
     classification = cfg.classification
-    if classification:  # the head's size hardly matters; the label set may only be known from the data
-        hf_config = AutoConfig.from_pretrained(model_dir, num_labels=len(cfg.data.labels or [0, 1]))
+    # the head's size hardly matters; the label set may only be known from the data
+    extra = {"num_labels": len(cfg.data.labels or [0, 1])} if classification else {}
+    gguf = gguf_file(model_dir)
+    if gguf is not None:  # the GGUF's metadata, read without dequantizing a tensor
+        config_dict = hf_config_dict(gguf)
+        hf_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict, **extra)
     else:
-        hf_config = AutoConfig.from_pretrained(model_dir)
+        hf_config = AutoConfig.from_pretrained(model_dir, **extra)
     auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto_class.from_config(hf_config, dtype=DTYPES[cfg.model.dtype])
@@ -284,7 +289,7 @@ def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
     if impl == "full":
         return {"impl": "full", "bytes": float(full), "full_bytes": float(full)}
     per_logit = b + 4 + (b + 8 if cfg.train.base_kl else 0) + (4 if facts.softcap else 0)
-    chunk = min(cfg.train.loss_chunk_tokens, tokens) * facts.vocab * per_logit
+    chunk = min(cfg.train.chunk_tokens(facts.vocab), tokens) * facts.vocab * per_logit
     held = tokens * facts.hidden * b + facts.head_trainable * 4
     name = {"auto": "auto (fused on CUDA with liger-kernel, else chunked)"}.get(impl, impl)
     return {"impl": name, "bytes": float(chunk + held), "full_bytes": float(full)}

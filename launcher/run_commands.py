@@ -128,7 +128,8 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
         return
     from ftcore.builtin import resolve_model_path
 
-    resolve_model_path(cfg.model.name_or_path)  # a built-in model is built once here, not raced by every rank
+    # A built-in model is built, a GGUF dequantized, once here: not raced by every rank.
+    resolve_model_path(cfg.model.name_or_path, cfg.model.dtype)
     ctx = NodeContext(node_rank=node.node_rank, nproc=nproc, attempt_dir=attempt_dir, tee=tee)
     if node.nnodes > 1:
         say(ctx, f"node {node.node_rank} of {node.nnodes}, {nproc} processes, rendezvous at "

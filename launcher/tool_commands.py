@@ -91,7 +91,8 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     """
     import json
 
-    from ftcore.builtin import builtin_config_path, is_builtin
+    from ftcore.builtin import builtin_config_path, is_builtin, is_packaged_gguf, packaged_gguf
+    from ftcore.gguf_base import GGUFError, gguf_file
     from ftcore.plan import PlanError, build_facts, make_plan
 
     # The plan needs the model's config.json and the shapes of the batch, not the data: data paths that do not
@@ -105,7 +106,12 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     except ConfigError as e:
         fail(str(e))
     name = cfg.model.name_or_path
-    model_dir = str(builtin_config_path(name).parent) if is_builtin(name) else name
+    try:
+        # A GGUF (or a built-in real model, which ships as one) is planned from its metadata: nothing dequantized.
+        gguf = packaged_gguf(name) if is_packaged_gguf(name) else None if is_builtin(name) else gguf_file(name)
+    except (GGUFError, ValueError) as e:
+        fail(f"ft plan: {e}")
+    model_dir = str(gguf) if gguf else str(builtin_config_path(name).parent) if is_builtin(name) else name
     try:
         plan = make_plan(cfg, build_facts(cfg, model_dir), gpus_per_node, nodes, gpu_mem_gb)
     except (PlanError, OSError, ValueError) as e:
@@ -158,7 +164,7 @@ def data_inspect(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
 
     cfg = load_run_config(config, sets, check_paths=True)
     try:
-        tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path))
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path, cfg.model.dtype))
         result = inspect_data(cfg, tokenizer, show, scan)
     except (DataError, OSError, ValueError) as e:
         fail(str(e), code=1)

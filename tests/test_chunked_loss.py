@@ -93,7 +93,7 @@ def _objectives_agree(cfg, model, reference=None, chunk_tokens=16) -> None:
     assert impl == "chunked", words
     results = {}
     for impl in ("full", "chunked"):
-        objective = build_objective(cfg, lambda m: m, reference, impl, transform)
+        objective = build_objective(cfg, lambda m: m, reference, impl, transform, chunk_tokens)
         torch.manual_seed(2)  # the same dropout masks (GPT-2's blocks) in both forwards
         result = objective(model, inputs, normaliser=57)
         results[impl] = (result.terms, torch.autograd.grad(result.loss, trained))
@@ -163,7 +163,7 @@ def test_every_family_gets_its_own_loss_in_chunks(builtin_model_dir, family):
     results = {}
     for impl in ("full", "chunked"):
         torch.manual_seed(2)  # the same dropout masks (GPT-2's blocks) in both forwards
-        loss = build_objective(cfg, lambda m: m, None, impl, transform)(model, inputs, normaliser=57).loss
+        loss = build_objective(cfg, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
         results[impl] = (loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
     torch.testing.assert_close(results["chunked"][0], results["full"][0], rtol=1e-5, atol=0)
     for want, got in zip(results["full"][1], results["chunked"][1]):
@@ -257,7 +257,7 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
     trained = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for impl in ("chunked", "fused"):
-        loss = build_objective(cfg, lambda m: m, None, impl, transform)(model, inputs, normaliser=57).loss
+        loss = build_objective(cfg, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
         results[impl] = (loss.detach(), torch.autograd.grad(loss, trained))
     torch.testing.assert_close(results["fused"][0], results["chunked"][0], rtol=1e-4, atol=0)
     for want, got in zip(results["chunked"][1], results["fused"][1]):

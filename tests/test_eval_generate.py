@@ -39,8 +39,29 @@ def test_the_demo_task_is_scored_on_prompts_never_seen_in_training():
 
     train, held_out = triples("builtin:repeat-words"), triples("builtin:repeat-words-eval")
     assert len(train) == 400 and len(held_out) == 50 and not set(train) & set(held_out)
-    cfg = load_config("examples/demo.yaml", [])
+    cfg = load_config("examples/demo-tiny.yaml", [])
     assert [s.path for s in cfg.data.train] == ["builtin:repeat-words"] and cfg.train.eval_generate
+
+
+def test_the_real_model_demo_task_is_scored_on_sums_never_seen_in_training():
+    """make demo (Gemma-3-270M) is scored on held-out sums: no (a, b) of the eval set is trained, in either order,
+    and every reference is the right sum."""
+    from ftcore.builtin import resolve_data_path
+
+    def sums(name: str) -> list[tuple[int, int]]:
+        out = []
+        for r in read_jsonl(Path(resolve_data_path(name))):
+            a, b = (int(x) for x in r["messages"][0]["content"].removeprefix("What is ").rstrip("?").split(" + "))
+            assert r["messages"][1]["content"] == str(a + b)
+            out.append((a, b))
+        return out
+
+    train, held_out = sums("builtin:add-two-digits"), sums("builtin:add-two-digits-eval")
+    assert len(train) == 2000 and len(held_out) == 100
+    assert not (set(train) | {(b, a) for a, b in train}) & set(held_out)
+    cfg = load_config("examples/demo.yaml", [])
+    assert cfg.model.name_or_path == "builtin:gemma-3-270m"
+    assert [s.path for s in cfg.data.train] == ["builtin:add-two-digits"] and cfg.train.eval_generate
 
 
 def test_prompts_are_rendered_as_training_renders_them():

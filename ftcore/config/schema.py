@@ -225,9 +225,12 @@ class TrainConfig(Section):
     LoRA (on the head too), QLoRA, full, freeze. fused = liger-kernel's fused linear cross-entropy (CUDA, the
     `fused` extra; not with base_kl or LoRA on the head). full = by the model, from its whole logits. auto = fused
     where it can run, else chunked (full for classification, or a head chunked cannot reproduce, said in the log)."""
-    loss_chunk_tokens: int = Field(2048, gt=0)
+    loss_chunk_tokens: Optional[int] = Field(None, gt=0)
     """Tokens per chunk of train.loss_impl=chunked: peak loss memory is about this x vocab x 8 bytes (x 16 with
-    train.base_kl)."""
+    train.base_kl). Default: sized by bytes for the model's vocabulary, see train.loss_chunk_mb."""
+    loss_chunk_mb: float = Field(256, gt=0)
+    """When train.loss_chunk_tokens is not set, each chunk holds as many tokens as fit this many MiB of fp32
+    logits: 2048 tokens for a 32k vocabulary, 256 for Gemma-3's 262k (a fixed token count would be 8x the bytes)."""
     base_kl: float = Field(0.0, ge=0)
     """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
     take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
@@ -237,6 +240,12 @@ class TrainConfig(Section):
     below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
+
+    def chunk_tokens(self, vocab: int) -> int:
+        """Tokens per chunk of the chunked loss for a vocabulary of `vocab` rows."""
+        if self.loss_chunk_tokens is not None:
+            return self.loss_chunk_tokens
+        return max(1, int(self.loss_chunk_mb * (1 << 20)) // (vocab * 4))
 
     @field_validator("report_to", "eval_generate", mode="before")
     @classmethod

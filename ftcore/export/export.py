@@ -18,6 +18,7 @@ This file only orchestrates.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,7 @@ from ftcore.export.output import Entry, write_export
 from ftcore.export.st_io import SafetensorsError
 from ftcore.export.verify import verify_against_adapter, verify_full
 from ftcore.export.zero import ConsolidationError, ZeroCheckpoint, lora_state_to_adapter
+from ftcore.gguf_base import GGUFError, check_same_base, read_base_record
 
 CONSOLIDATION_BATCH_BYTES = 256 << 20  # bitsandbytes' default, used by transformers' 4-bit loading
 
@@ -47,7 +49,8 @@ def export_adapter(adapter_dir: Path, base_dir: Optional[str], out: Path, **opti
         raise ExportError(str(e)) from None
     run_config = _run_config(adapter_dir)
     name = run_config.model.name_or_path if run_config else adapter.config.get("base_model_name_or_path")
-    base = BaseModel(_resolve_base(base_dir or name, f"--adapter {adapter_dir}"))
+    base = BaseModel(_resolve_base(base_dir or name, f"--adapter {adapter_dir}", run_config, opts,
+                                   read_base_record(adapter_dir, adapter_dir.parent)))
     return _merge_adapter(base, adapter, out, opts, run_config, reference_adapter_dir=adapter_dir,
                           side_sources=[adapter_dir, base.dir])
 
@@ -66,7 +69,8 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, **op
         zero = ZeroCheckpoint(checkpoint)
     except ConsolidationError as e:
         raise ExportError(str(e)) from None
-    base = BaseModel(_resolve_base(base_dir or run_config.model.name_or_path, f"--checkpoint {checkpoint}"))
+    base = BaseModel(_resolve_base(base_dir or run_config.model.name_or_path, f"--checkpoint {checkpoint}", run_config,
+                                   opts, _checkpoint_base_record(checkpoint)))
     if run_config.adapter.method in ("full", "freeze"):  # a freeze run saves every weight, like full fine-tuning
         return _export_full(checkpoint, zero, base, out, opts, run_config)
     # A LoRA run's checkpoint holds only the adapter (frozen weights are excluded): consolidate it, then merge.
@@ -148,13 +152,32 @@ def _run_config(directory: Path) -> Optional[Config]:
         raise ExportError(str(e)) from None
 
 
-def _resolve_base(name: Optional[str], what: str) -> Path:
+def _checkpoint_base_record(checkpoint: Path) -> Optional[dict]:
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text()).get("base_model")
+    except (OSError, ValueError):
+        return None
+
+
+def _resolve_base(name: Optional[str], what: str, run_config: Optional[Config], opts: ExportOptions,
+                  recorded: Optional[dict]) -> Path:
+    """The base directory to merge onto. A GGUF base (or a built-in real model) is the dequantized copy training
+    used, in the run's dtype, after checking the file is the one the run recorded (sha256)."""
     if not name:
         raise ExportError(f"{what}: no base model known; pass --base BASE_DIR")
-    if name.startswith("builtin:"):
-        from ftcore.builtin import resolve_model_path
+    try:
+        current = check_same_base(recorded, name, what)
+        if name.startswith("builtin:") or current:
+            from ftcore.builtin import resolve_model_path
 
-        name = resolve_model_path(name)
+            dtype = run_config.model.dtype if run_config else "float32"
+            name = resolve_model_path(name, dtype)
+            if current:
+                opts.log(f"base: {current['gguf']} (sha256 {current['sha256'][:16]}..."
+                         f"{', the file the run trained on' if recorded else ''}), merged onto its {dtype} "
+                         f"dequantization as trained: {name}")
+    except (GGUFError, ValueError) as e:
+        raise ExportError(str(e)) from None
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ExportError(f"--base {name}: not a local model directory")

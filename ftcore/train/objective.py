@@ -189,13 +189,13 @@ class WithBaseKL(Objective):
 
 
 def build_objective(cfg: Config, unwrap: Any, reference: Optional[torch.nn.Module], loss_impl: str = "full",
-                    transform: Any = None) -> Objective:
+                    transform: Any = None, chunk_tokens: int = 256) -> Objective:
     """The run's objective from its config and the loss implementation choose_loss_impl settled on: the task's
-    loss, with the base-KL term when train.base_kl is set."""
+    loss, with the base-KL term when train.base_kl is set; `chunk_tokens` per chunk of the chunked loss."""
     if cfg.classification:
         task: Objective = ClassificationLoss()
     elif loss_impl in ("chunked", "fused"):
-        return ChunkedCausalLMLoss(unwrap, cfg.train.loss_chunk_tokens, transform, cfg.train.base_kl, reference,
+        return ChunkedCausalLMLoss(unwrap, chunk_tokens, transform, cfg.train.base_kl, reference,
                                    fused=loss_impl == "fused")
     else:
         task = CausalLMLoss()

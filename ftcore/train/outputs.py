@@ -13,6 +13,7 @@ import torch
 
 from ftcore.config import Config, dump_config
 from ftcore.durable import fsync_tree, remove_leftovers, replace_dir
+from ftcore.gguf_base import read_base_record, write_base_record
 from ftcore.train.errors import TrainError
 from ftcore.train.runtime import Runtime
 
@@ -41,6 +42,7 @@ def save_final(cfg: Config, runtime: Runtime, engine: Any, tokenizer: Any, *, is
     if runtime.is_main:
         tokenizer.save_pretrained(tmp)
         (tmp / "ft_config.yaml").write_text(dump_config(cfg))
+        write_base_record(tmp, read_base_record(output_dir))  # a GGUF base's file and sha256, for ft export
         fsync_tree(tmp)
         replace_dir(tmp, final)  # a rerun's final/ replaces the old one without a moment of a partial copy
         runtime.log(f"final {'adapter' if is_lora else 'model'} saved: {final}")

@@ -22,6 +22,7 @@ from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_bat
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.dtypes import DTYPES
 from ftcore.generation_eval import read_prompts
+from ftcore.gguf_base import base_record, write_base_record
 from ftcore.metrics import FlopCounter, peak_flops_per_device
 from ftcore.model import (
     attention_width,
@@ -68,13 +69,19 @@ class Recipe:
         check_inputs(cfg, world_size=int(os.environ["WORLD_SIZE"]))
         # Before the process group exists: a built-in model is materialised here (transformers saves weights on
         # distributed rank 0 only, so building after init would leave other ranks' copies without weights).
-        self.model_dir = resolve_model_path(cfg.model.name_or_path)
+        # A GGUF base is dequantized here once per machine (the launcher usually did it before the ranks started).
+        self.model_dir = resolve_model_path(cfg.model.name_or_path, cfg.model.dtype)
         cuda = torch.cuda.is_available()
         check_device(cfg, cuda, cuda and torch.cuda.is_bf16_supported(),
                      torch.cuda.get_device_name() if cuda else "the CPU")
         self.runtime: Runtime = start_runtime(cfg, self.model_dir)
         set_seed(cfg.train.seed)
-        self.state = RunState(cfg, self.runtime.world_size)
+        self.state = RunState(cfg, self.runtime.world_size, base_model=base_record(cfg.model.name_or_path))
+        if self.runtime.is_main and self.state.base_model:  # which GGUF this run trains on, beside its outputs
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_base_record(self.output_dir, self.state.base_model)
+            self.runtime.log(f"base: {self.state.base_model['gguf']} (sha256 {self.state.base_model['sha256'][:16]}"
+                             f"...), dequantized to {cfg.model.dtype} in {self.model_dir}")
         self._setup_data()
         self._setup_model()
         self._setup_engine()
@@ -172,28 +179,30 @@ class Recipe:
         logits are the model's own (every rank runs it)."""
         cfg, rt = self.cfg, self.runtime
         unwrap = rt.accelerator.unwrap_model
+        # Sized by bytes for this vocabulary (train.loss_chunk_mb) unless train.loss_chunk_tokens says otherwise.
+        self.chunk_tokens = cfg.train.chunk_tokens(self.model.config.get_text_config().vocab_size)
         if cfg.classification:
             impl, transform, self.loss_words = "full", None, "full"
         elif cfg.task == "preference":
             from ftcore.train.preference import KTOLoss, PreferenceLoss
 
-            _, transform, words = choose_loss_impl("chunked", cfg.train.loss_chunk_tokens, 0.0, self.engine,
+            _, transform, words = choose_loss_impl("chunked", self.chunk_tokens, 0.0, self.engine,
                                                    unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
             p = cfg.preference
             self.loss_words = f"{p.loss} (beta {p.beta:g}), log-probs {words}"
             if p.loss == "kto":
-                self.objective = KTOLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference,
+                self.objective = KTOLoss(p, unwrap, self.chunk_tokens, transform, self.reference,
                                          rt.all_reduce, self.sequence)
             else:
-                self.objective = PreferenceLoss(p, unwrap, cfg.train.loss_chunk_tokens, transform, self.reference,
+                self.objective = PreferenceLoss(p, unwrap, self.chunk_tokens, transform, self.reference,
                                                 self.sequence)
             self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
             return
         else:
             impl, transform, self.loss_words = choose_loss_impl(
-                cfg.train.loss_impl, cfg.train.loss_chunk_tokens, cfg.train.base_kl, self.engine,
+                cfg.train.loss_impl, self.chunk_tokens, cfg.train.base_kl, self.engine,
                 unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
-        self.objective = build_objective(cfg, unwrap, self.reference, impl, transform)
+        self.objective = build_objective(cfg, unwrap, self.reference, impl, transform, self.chunk_tokens)
         generation = (self.tokenizer, self.eval_prompts, unwrap) if self.eval_prompts else None
         self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs, generation)
 
@@ -212,7 +221,7 @@ class Recipe:
                 raise CheckpointError(f"--resume {path}: no such checkpoint directory")
         saved = self.checkpoints.read(path)
         world = self.runtime.world_size
-        check_resumable(path, saved.run_state, self.cfg, world)
+        check_resumable(path, saved.run_state, self.cfg, world, self.state.base_model)
         self.checkpoints.restore_engine(saved, self.engine, exclude_frozen=self.is_lora,
                                         zero_stage=self.cfg.distributed.zero_stage)
         restore_rates(self.engine)

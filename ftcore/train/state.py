@@ -5,6 +5,7 @@ every stateful part."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ftcore.config import Config
 from ftcore.resume import config_fingerprint
@@ -20,6 +21,7 @@ class RunState:
     tokens_seen: int = 0
     trained_tokens_seen: int = 0
     trackers: dict[str, str] = field(default_factory=dict)  # tracker -> run id (rank 0 knows them)
+    base_model: Optional[dict] = None  # a GGUF base: its file and sha256 (ftcore.gguf_base.base_record)
 
     def advance(self, tokens: int, trained_tokens: int) -> None:
         """One optimizer step over `tokens` (of which `trained_tokens` trained), summed over all ranks."""
@@ -31,7 +33,8 @@ class RunState:
         """What trainer_state.json holds."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "trained_tokens_seen": self.trained_tokens_seen,
                 "world_size": self.world_size, "effective_batch_size": self.cfg.effective_batch_size(self.world_size),
-                "config_fingerprint": config_fingerprint(self.cfg), "trackers": dict(self.trackers)}
+                "config_fingerprint": config_fingerprint(self.cfg), "trackers": dict(self.trackers),
+                "base_model": self.base_model}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint's trainer_state.json (already checked by ftcore.resume)."""
