@@ -6,7 +6,8 @@ will have. From them, per rank:
 
   model states (exact where DeepSpeed's layout is deterministic; tested against the real engine on CPU)
     weights      compute-dtype copy of every float parameter; ZeRO-3: this rank's partition (ceil(numel / W)
-                 per parameter, DeepSpeed's padding) plus a gathered working set of 2 x the largest layer
+                 per parameter, DeepSpeed's padding) plus a gathered working set of the two largest layers
+                 (current + prefetched; a tied embedding/head counts once)
     4-bit base   QLoRA: packed NF4 weights (1/2 byte per weight) + double-quantized absmax (about 1/64 byte)
     gradients    trainable only. ZeRO-0/1: full, compute dtype; ZeRO-2: this rank's partition; mixed precision
                  adds the fp32 gradient partition the optimizer steps with (ZeRO-3 is counted at fp32 only,
@@ -21,9 +22,9 @@ will have. From them, per rank:
     holds each rank's tokens, and in attention the whole sequence for heads / N: the same count). With
     --gpu-mem-gb each layout also gets the longest data.max_seq_len that fits with checkpointing.
   loss          train.loss_impl full: logits T x vocab x (dtype + 8 B: the logits, their fp32 copy and gradient);
-                chunked/fused/auto: one chunk of loss_chunk_tokens x vocab x (dtype + 4 B) (more with base_kl or a
-                soft-capping family), the hidden states' gradient and the head's trained weights' fp32 gradient
-                (loss_bytes). Counted in the activations.
+                chunked/fused/auto: one chunk (tokens sized by train.loss_chunk_mb for the vocabulary) x vocab x
+                (dtype + 4 B) (more with base_kl or a soft-capping family), the hidden states' gradient and the
+                head's trained weights' fp32 gradient (loss_bytes). Counted in the activations.
   reference     train.base_kl, or preference.loss dpo/ipo/hinge/kto, with full/freeze: a frozen copy of the model
                 in the compute dtype (in "weights"), 1/world of it per GPU under ZeRO-3. format preference: a micro
                 batch is micro_batch_size pairs, i.e. 2 x micro_batch_size rows (chosen and rejected in one
@@ -72,6 +73,7 @@ class ModelFacts:
     """What the planner needs of the model, read from the model built on the meta device."""
     params: list[ParamInfo]
     largest_layer: int      # most parameters owned directly by one module (DeepSpeed's largest_layer_params)
+    next_largest_layer: int  # the second most: ZeRO-3 gathers the current layer and prefetches the next
     hidden: int
     layers: int
     intermediate: int
@@ -145,14 +147,21 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
         module_name = name.rsplit(".", 1)[0].replace("base_model.model.", "").replace(".base_layer", "")
         quantized = module_name in quantized_modules and name.endswith("weight") and not p.requires_grad
         params.append(ParamInfo(name, p.numel(), p.dim(), p.requires_grad, quantized))
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    # Each parameter counted once (a tied embedding and head are one layer to gather, not two).
+    owned, counted = [], set()
+    for m in model.modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in counted]
+        counted.update(id(p) for p in own)
+        owned.append(sum(p.numel() for p in own))
+    largest, next_largest = (sorted(owned, reverse=True) + [0, 0])[:2]
     h = hf_config.hidden_size
     heads = getattr(hf_config, "num_attention_heads", 1)
     kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim(hf_config)
     depths, num_blocks = block_depths(model) if cfg.train.layer_lr_decay is not None else (None, 0)
     head = None if classification else model.get_output_embeddings()
     head_trainable = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
-    return ModelFacts(params=params, largest_layer=largest, hidden=h, layers=hf_config.num_hidden_layers,
+    return ModelFacts(params=params, largest_layer=largest, next_largest_layer=next_largest, hidden=h,
+                      layers=hf_config.num_hidden_layers,
                       head_trainable=head_trainable,
                       softcap=bool(getattr(hf_config, "final_logit_softcapping", None)),
                       intermediate=getattr(hf_config, "intermediate_size", 4 * h), kv_dim=kv,
@@ -326,7 +335,9 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
     float_trainable = trainable * b
     if stage == 3:
         share = states["param_bytes"] / max(1, float_frozen + float_trainable + quantized_weight_bytes)
-        gathered = 2 * facts.largest_layer * b  # the layers being gathered (current + prefetched)
+        # The layers being gathered: the current one and the prefetched next, at most the two largest (with a
+        # tied 262k-row embedding, e.g. Gemma-3, the largest is most of the model and the next one is small).
+        gathered = (facts.largest_layer + facts.next_largest_layer) * b
         row.weights = float_frozen * share + gathered
         row.quantized_base = quantized_weight_bytes * share + quant_overhead
         row.trainable_weights = float_trainable * share
@@ -354,7 +365,7 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
         host_per_rank = optimizer + 4 * partition
         if offload == "all":  # parameter partitions on the host too; the GPU keeps the gathered layers
             host_per_rank += states["param_bytes"]
-            row.weights, row.trainable_weights = 2 * facts.largest_layer * b, 0.0
+            row.weights, row.trainable_weights = (facts.largest_layer + facts.next_largest_layer) * b, 0.0
         row.host_ram_per_node = host_per_rank * gpus_per_node * HOST_BUFFER_FACTOR
     row.activations_checkpointed, row.activations_full = activation_bytes(cfg, facts)
     return row

@@ -106,10 +106,11 @@ def test_train_export_eval_generate_on_a_gguf_base_and_refuse_a_changed_file(tmp
     run_ft("train", *args)
     for where in (out, out / "final"):
         assert json.loads((where / "base_model.json").read_text())["sha256"] == sha
-    assert json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())["base_model"]["sha256"] == sha
+    state = json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["base_model"]["sha256"] == sha
     proc = ft_in_process("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
-    assert f"base: {path.resolve()} (sha256 {sha[:16]}..., the file the run trained on), merged onto its float32 " \
-           "dequantization as trained" in proc.stdout + proc.stderr
+    said = f"base: {path.resolve()} (sha256 {sha[:16]}..., the file the run trained on), merged onto its float32 "
+    assert said + "dequantization as trained" in proc.stdout + proc.stderr
     # ft eval and ft generate take the GGUF as a model, like a directory.
     data = tmp_path / "eval.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
@@ -121,8 +122,9 @@ def test_train_export_eval_generate_on_a_gguf_base_and_refuse_a_changed_file(tmp
     write_llama_gguf(Path(builtin_model_dir), path, "Q8_0", weights_scale=0.5)
     new = file_sha256(path)
     proc = run_ft("train", *args[:-4], "--set", "train.max_steps=6", check=False)
-    assert proc.returncode == 1 and f"was trained on a different base: model.name_or_path {path.resolve()} now " \
-        f"has sha256 {new[:16]}..., the checkpoint's was {sha[:16]}..." in proc.stderr, proc.stderr[-3000:]
+    said = (f"was trained on a different base: model.name_or_path {path.resolve()} now has sha256 {new[:16]}..., "
+            f"the checkpoint's was {sha[:16]}...")
+    assert proc.returncode == 1 and said in proc.stderr, proc.stderr[-3000:]
     proc = ft_in_process("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "again"), check=False)
     assert proc.returncode != 0 and "the file changed since training" in proc.stderr, proc.stderr
     assert not (tmp_path / "again").exists()
