@@ -53,11 +53,34 @@ def started_by_accelerate(env: Mapping[str, str]) -> bool:
     return "ACCELERATE_MIXED_PRECISION" in env and env.get("FT_LAUNCHER") != "ft"
 
 
+def one_process_of_more(env: Mapping[str, str]) -> bool:
+    """Was this process started alone by accelerate's one-process launcher although more were asked for? It then
+    sets MASTER_ADDR (it does for num_processes > 1) but no WORLD_SIZE."""
+    return started_by_accelerate(env) and "WORLD_SIZE" not in env and "MASTER_ADDR" in env
+
+
+def accelerate_asked_world(launch_argv: list[str]) -> tuple[int, int]:
+    """(num_processes, num_machines) that `accelerate launch ARGS` asked for, by accelerate's own parser and its
+    defaults from the config file (--config_file, or the default one): what its one-process launcher ignores."""
+    import logging
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(launch_argv)
+    quiet = logging.getLogger("accelerate.commands.launch")
+    level, quiet.level = quiet.level, logging.ERROR  # its defaults warning was printed once by accelerate already
+    try:
+        args = _validate_launch_command(args)[0]
+    finally:
+        quiet.setLevel(level)
+    return int(args.num_processes or 1), int(args.num_machines or 1)
+
+
 def check_process_count(env: Mapping[str, str]) -> None:
     """accelerate's plain launcher (--cpu, a MULTI_CPU config, --num_processes without DeepSpeed) starts ONE
     process even when more were asked for; it then sets MASTER_ADDR but no WORLD_SIZE. Never train a silent world
     of one."""
-    if started_by_accelerate(env) and "WORLD_SIZE" not in env and "MASTER_ADDR" in env:
+    if one_process_of_more(env):
         raise LaunchSettingsError(
             "accelerate launch started a single process although more were asked for (--cpu, a MULTI_CPU config "
             "or --num_processes without DeepSpeed runs accelerate's one-process launcher): run `accelerate launch "

@@ -44,6 +44,7 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
     from launcher.supervise import lost_peer_message, write_failure_record
 
     die_with_launcher()
+    _run_the_world_accelerate_asked_for(config, sets, resume)
     install_stop_handlers()  # first: a stop signal from now on is recorded, not fatal
     try:
         cfg = load_run_config(config, sets, check_paths=True, announce=True)
@@ -135,6 +136,37 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
         say(ctx, f"node {node.node_rank} of {node.nnodes}, {nproc} processes, rendezvous at "
                  f"{node.master_addr}:{node.master_port}")
     raise typer.Exit(run_node(argv, env, ctx))
+
+
+def _run_the_world_accelerate_asked_for(config: Optional[str], sets: List[str], resume: str) -> None:
+    """`accelerate launch --cpu --num_processes N` (or a MULTI_CPU config) runs accelerate's one-process launcher:
+    one process, told nothing of the other N - 1. That process starts the world asked for itself, as `ft launch
+    CONFIG --nproc N` would (same rendezvous, supervision and exit status), and exits with its status. When the
+    request cannot be read, or spans several machines, the recipe refuses in one line (check_process_count)."""
+    import psutil
+
+    from ftcore.launch_settings import accelerate_asked_world, one_process_of_more
+
+    if not one_process_of_more(os.environ) or config is None:
+        return
+    try:
+        parent = psutil.Process().parent().cmdline()
+        at = next(i for i, a in enumerate(parent) if a == "launch" and "accelerate" in " ".join(parent[:i]))
+        nproc, machines = accelerate_asked_world(parent[at + 1:])
+    except (StopIteration, psutil.Error, SystemExit, ValueError, IndexError, OSError):
+        return  # the recipe's one-line refusal explains what to run instead
+    if nproc < 2 or machines != 1 or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        return
+    import subprocess
+
+    typer.echo(f"accelerate launch started 1 process for num_processes={nproc} (its one-process launcher): it "
+               f"starts the {nproc} as `ft launch {config} --nproc {nproc}` would", err=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE_") and k not in ("MASTER_ADDR", "MASTER_PORT", "KMP_AFFINITY",
+                                                              "KMP_BLOCKTIME")}
+    argv = [sys.executable, "-m", "launcher.cli", "launch", config, *(w for s in sets for w in ("--set", s)),
+            "--nproc", str(nproc), "--resume", resume]
+    raise typer.Exit(subprocess.run(argv, env=env).returncode)
 
 
 def _command_line(argv: list[str], env: dict[str, str]) -> str:
