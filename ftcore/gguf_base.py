@@ -15,11 +15,11 @@ Nothing here dequantizes to read shapes: `gguf_header` reads the metadata and th
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +89,8 @@ class GGUFHeader:
     architecture: str
     tensor_types: dict[str, str]  # GGUF tensor name -> ggml type name (Q4_K, F32, ...)
     shapes: dict[str, tuple[int, ...]]  # GGUF tensor name -> shape in PyTorch order
-    hf_config: dict[str, Any] = field(default_factory=dict)  # transformers' config parsed from the metadata
     chat_template: Optional[str] = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # key -> value (the vocabulary arrays left out)
 
     def type_counts(self) -> dict[str, int]:
         """How many tensors of each ggml type."""
@@ -100,33 +100,104 @@ class GGUFHeader:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+# GGUF metadata value types (the GGUF spec): fixed sizes as struct formats; 8 = string, 9 = array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    """Little-endian reads from a GGUF file; arrays the header does not need are skipped, not parsed (a 262k-token
+    vocabulary is three such arrays: gguf's GGUFReader builds an object per element, tens of seconds)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def take(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise _Truncated()
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(self) -> str:
+        n = self.take("Q")
+        data = self.f.read(n)
+        if len(data) != n:
+            raise _Truncated()
+        return data.decode("utf-8", errors="replace")
+
+    def value(self, kind: int, keep: bool):
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        element, count = self.take("I"), self.take("Q")
+        if not keep:  # skipped: fixed-size elements in one seek, strings one length at a time
+            if element in _SCALARS:
+                self.f.seek(struct.calcsize("<" + _SCALARS[element]) * count, 1)
+            else:
+                for _ in range(count):
+                    self.value(element, False)
+            return None
+        return [self.value(element, True) for _ in range(count)]
+
+
 def gguf_header(path: Path) -> GGUFHeader:
-    """The metadata and tensor table of a GGUF file (memory-mapped; no tensor is dequantized). Errors are one line
-    naming the file: not GGUF, truncated, an architecture or a quant type transformers cannot read."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise GGUFError(f"{path}: reading GGUF files needs the gguf package (pip install gguf, or "
-                        "pip install 'ft[gguf]')") from None
+    """The metadata and tensor table of a GGUF file, read as the GGUF spec lays them out (magic, version, counts,
+    key/value pairs, tensor infos); no tensor data is read. Errors are one line naming the file: not GGUF,
+    truncated, an architecture or a quant type transformers cannot read."""
     if not path.is_file():
         raise GGUFError(f"model.name_or_path: {path} does not exist")
+    from gguf import GGMLQuantizationType
+
+    metadata: dict[str, Any] = {}
+    tensors: list[tuple[str, tuple[int, ...], int]] = []
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on a bad or truncated file
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {detail})") from None
-    fields = reader.fields
-    arch_field = fields.get("general.architecture")
-    if arch_field is None:
+        with open(path, "rb") as f:
+            cur = _Cursor(f)
+            if f.read(4) != b"GGUF":
+                raise ValueError("no GGUF magic at the start")
+            version = cur.take("I")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} (ft reads versions 2 and 3)")
+            tensor_count, kv_count = cur.take("Q"), cur.take("Q")
+            for _ in range(kv_count):
+                key = cur.string()
+                kind = cur.take("I")
+                keep = not key.startswith("tokenizer.ggml.") or key.endswith(("_id", ".model", ".pre"))
+                metadata[key] = cur.value(kind, keep)
+            for _ in range(tensor_count):
+                name = cur.string()
+                dims = tuple(cur.take("Q") for _ in range(cur.take("I")))
+                kind = cur.take("I")
+                cur.take("Q")  # data offset
+                tensors.append((name, dims, kind))
+    except _Truncated:
+        raise GGUFError(f"{path}: not a readable GGUF file (it ends inside its header: truncated?)") from None
+    except (ValueError, UnicodeError, struct.error) as e:
+        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
+    architecture = metadata.get("general.architecture")
+    if not isinstance(architecture, str):
         raise GGUFError(f"{path}: the GGUF metadata has no general.architecture")
-    architecture = str(arch_field.contents())
-    template_field = fields.get("tokenizer.chat_template")
+
+    def type_name(kind: int) -> str:
+        try:
+            return GGMLQuantizationType(kind).name
+        except ValueError:
+            return f"type {kind}"
+
+    template = metadata.get("tokenizer.chat_template")
     header = GGUFHeader(
-        path=path, architecture=architecture,
-        tensor_types={t.name: t.tensor_type.name for t in reader.tensors},
+        path=path, architecture=architecture, tensor_types={n: type_name(k) for n, _, k in tensors},
         # GGUF lists dimensions innermost first; PyTorch's order is the reverse.
-        shapes={t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors},
-        chat_template=str(template_field.contents()) if template_field is not None else None)
+        shapes={n: tuple(reversed(d)) for n, d, _ in tensors},
+        chat_template=template if isinstance(template, str) else None, metadata=metadata)
     _check_readable(header)
     return header
 
@@ -166,41 +237,37 @@ def _gguf_version() -> str:
 
 
 def gguf_facts(path: Path) -> dict[str, Any]:
-    """What training, planning and preflight need from a GGUF's metadata: architecture, tensor types, chat template
-    and the transformers config it describes. Reading the metadata of a 262k-token vocabulary takes tens of
-    seconds, so the facts are remembered per file (sha256) and transformers version."""
-    if not path.is_file():
-        raise GGUFError(f"{path} does not exist")
-    sha256 = file_sha256(path)
-    memo = _cache_root() / "facts" / f"{sha256[:16]}-transformers-{_transformers_version()}.json"
+    """What training and preflight need from a GGUF's header: architecture, tensor types (counted), chat template,
+    and the limits preflight checks (context length, attention heads) under config.json's names."""
+    header = gguf_header(path)  # one-line errors for what cannot be read
+    md, arch = header.metadata, header.architecture
+    limits = {"max_position_embeddings": md.get(f"{arch}.context_length"),
+              "num_attention_heads": md.get(f"{arch}.attention.head_count"),
+              "num_key_value_heads": md.get(f"{arch}.attention.head_count_kv")}
+    return {"architecture": arch, "tensor_types": header.type_counts(), "chat_template": header.chat_template,
+            "config": {k: v for k, v in limits.items() if isinstance(v, int)}}
+
+
+def hf_config_dict(path: Path) -> dict[str, Any]:
+    """The transformers config (as config.json would hold it) that a GGUF file describes, from its metadata only:
+    what `ft plan` builds on the meta device. transformers parses the whole metadata for it (tens of seconds with a
+    262k-token vocabulary), so it is remembered per file (sha256) and transformers version."""
+    gguf_header(path)  # one-line errors first
+    memo = _cache_root() / "facts" / f"{file_sha256(path)[:16]}-config-transformers-{_transformers_version()}.json"
     try:
         return json.loads(memo.read_text())
     except (OSError, ValueError):
         pass
     from transformers import AutoConfig
 
-    header = gguf_header(path)  # one-line errors first
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     config.pop("quantization_config", None)
-    facts = {"sha256": sha256, "architecture": header.architecture, "tensor_types": header.type_counts(),
-             "chat_template": header.chat_template, "hf_config": config}
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(memo, json.dumps(facts))
-    except OSError:
+        atomic_write_text(memo, json.dumps(config))
+    except OSError:  # a read-only cache only costs the parse next time
         pass
-    return facts
-
-
-def hf_config_dict(path: Path) -> dict[str, Any]:
-    """The transformers config (as config.json would hold it) that a GGUF file describes, from its metadata only:
-    what `ft plan` builds on the meta device."""
-    return copy.deepcopy(gguf_facts(path)["hf_config"])
-
-
-def cached_dir(path: Path, dtype: str) -> Path:
-    """Where the dequantized copy of `path` in `dtype` lives (whether or not it is built yet)."""
-    return _cache_root() / f"{file_sha256(path)[:16]}-{dtype}"
+    return config
 
 
 def _complete(directory: Path, sha256: str, dtype: str) -> bool:
@@ -211,7 +278,7 @@ def _complete(directory: Path, sha256: str, dtype: str) -> bool:
     return marker.get("sha256") == sha256 and marker.get("dtype") == dtype
 
 
-def dequantized_dir(path: Path, dtype: str, log=None) -> Path:
+def dequantized_dir(path: Path, dtype: str) -> Path:
     """The safetensors model directory of the GGUF `path` in `dtype`, built on first use (one process per machine
     builds it; the others wait on a lock and then find it complete)."""
     if not path.is_file():
@@ -228,9 +295,9 @@ def dequantized_dir(path: Path, dtype: str, log=None) -> Path:
             return target
         if target.exists():  # a copy without a matching marker: half-written or from another file; never used
             shutil.rmtree(target)
-        (log or print)(f"dequantizing {path.name} ({facts['architecture']}, "
-                       + ", ".join(f"{n} {t}" for t, n in facts["tensor_types"].items())
-                       + f") to {dtype} safetensors in {target} (once per file and dtype)")
+        print(f"dequantizing {path.name} ({facts['architecture']}, "
+              + ", ".join(f"{n} {t}" for t, n in facts["tensor_types"].items())
+              + f") to {dtype} safetensors in {target} (once per file and dtype)", flush=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             _dequantize_into(path, facts.get("chat_template"), dtype, staging)

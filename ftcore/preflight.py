@@ -75,12 +75,12 @@ def _error(field: str, message: str) -> ConfigError:
 def model_config_json(name: str) -> Optional[dict]:
     """The model's config.json, where it is on disk (a built-in model's ships in the repo; a GGUF's is read from
     its metadata); None for hub ids."""
-    from ftcore.gguf_base import GGUFError, gguf_file, hf_config_dict
+    from ftcore.gguf_base import GGUFError, gguf_facts, gguf_file
 
     try:
         gguf = packaged_gguf(name) if is_packaged_gguf(name) else None if is_builtin(name) else gguf_file(name)
-        if gguf is not None:
-            return hf_config_dict(gguf)
+        if gguf is not None:  # the limits preflight checks, from the header (no dequantization, no full parse)
+            return gguf_facts(gguf)["config"]
     except (GGUFError, ValueError, OSError):
         return None
     if is_builtin(name):

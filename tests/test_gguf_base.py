@@ -53,6 +53,25 @@ def test_a_gguf_base_dequantizes_once_to_the_same_weights_tokenizer_and_template
     assert resolve_model_path(str(f32_gguf.parent)) == str(built)
 
 
+def test_our_header_reader_agrees_with_ggufs_own_reader(f32_gguf, tmp_path, builtin_model_dir):
+    """ft reads GGUF headers itself (gguf's GGUFReader parses every vocabulary entry: tens of seconds at 262k)."""
+    from gguf import GGUFReader
+
+    from ftcore.gguf_base import gguf_header
+
+    quantized = write_llama_gguf(Path(builtin_model_dir), tmp_path / "q4k.gguf", "Q4_K")
+    for path in (f32_gguf, quantized):
+        ours, theirs = gguf_header(path), GGUFReader(str(path))
+        assert ours.tensor_types == {t.name: t.tensor_type.name for t in theirs.tensors}
+        assert ours.shapes == {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in theirs.tensors}
+        assert ours.metadata["llama.block_count"] == 4 and ours.metadata["tokenizer.ggml.bos_token_id"] == 1
+    assert gguf_header(f32_gguf).chat_template == TEMPLATE
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(f32_gguf.read_bytes()[:4096])
+    with pytest.raises(ValueError, match="it ends inside its header"):
+        gguf_header(truncated)
+
+
 def test_a_quantized_gguf_dequantizes_within_its_type_bound(tmp_path, builtin_model_dir):
     from ftcore.builtin import resolve_model_path
 

@@ -1,7 +1,8 @@
 """The real pretrained model, Gemma-3-270M (builtin:gemma-3-270m; the `gemma` extra, a dev dependency): LoRA under
-ZeRO-3 resumed exactly, exported equal to PEFT's merge_and_unload and answering as the adapter does; QLoRA under
+ZeRO-2 resumed exactly, exported equal to PEFT's merge_and_unload and answering as the adapter does; QLoRA under
 ZeRO-2 and full fine-tuning under ZeRO-3 train; what `ft plan` predicts per rank equals what DeepSpeed's engine
-held. Two processes each, a few steps of 2 x 32 tokens: the model is real, the runs are short. The dequantized
+held. Two processes each, a few steps of 2 x 32 tokens: the model is real, the runs are short (a ZeRO-3 step of
+this model gathers its 168M-parameter embedding over gloo: ~10 s on 2 CPU cores). The dequantized
 model is built once per cache (FT_CACHE_DIR) and shared by every run."""
 
 from __future__ import annotations
@@ -33,28 +34,28 @@ def gemma_dir() -> Path:
 
 def gemma_args(out: Path, *extra: str) -> list[str]:
     """examples/demo.yaml (Gemma-3-270M, LoRA, two-digit sums), cut to a few steps of 2 x 32 tokens."""
-    return ["examples/demo.yaml", "--set", f"output_dir={out}", "--set", "train.max_steps=4", "--set",
+    return ["examples/demo.yaml", "--set", f"output_dir={out}", "--set", "train.max_steps=3", "--set",
             "train.micro_batch_size=2", "--set", "data.max_seq_len=32", "--set", "train.eval_every=0", "--set",
-            "train.eval_generate=[]", "--set", "train.log_every=1", "--set", "checkpoint.every_steps=2", "--set",
-            "checkpoint.keep_last=2", "--set", "train.warmup_steps=1", "--set", "data.audit=true", *extra]
+            "train.eval_generate=[]", "--set", "data.eval=null", "--set", "train.log_every=1", "--set",
+            "checkpoint.every_steps=2", "--set", "checkpoint.keep_last=2", "--set", "train.warmup_steps=1",
+            "--set", "data.audit=true", *extra]
 
 
 def losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(path) if "loss" in r}
 
 
-def test_lora_zero3_resumes_exactly_exports_as_peft_merges_and_answers_alike(gemma_dir, tmp_path):
+def test_lora_zero2_resumes_exactly_exports_as_peft_merges_and_answers_alike(gemma_dir, tmp_path):
     out = tmp_path / "run"
-    args = gemma_args(out, "--set", "distributed.zero_stage=3")
+    args = gemma_args(out, "--set", "distributed.zero_stage=2")
     run_ft("launch", *args, "--nproc", "2")
     plan_matches_engine(args, out, 2)
     first = losses(out / "metrics.jsonl")
-    assert len(first) == 4 and all(v == v for v in first.values())
+    assert len(first) == 3 and all(v == v for v in first.values())
     uninterrupted = load_file(out / "final" / "adapter_model.safetensors")
-    # Resume from step 2 (as after a kill there): steps 3 and 4 again, bit for bit the same.
+    # Resume from step 2 (as after a kill there): step 3 again, bit for bit the same.
     run_ft("launch", *args, "--nproc", "2", "--resume", str(out / "checkpoints" / "step-000002"))
-    again = losses(out / "metrics.jsonl")
-    assert {s: again[s] for s in (3, 4)} == {s: first[s] for s in (3, 4)}
+    assert losses(out / "metrics.jsonl")[3] == first[3]
     resumed = load_file(out / "final" / "adapter_model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
@@ -79,25 +80,25 @@ def test_lora_zero3_resumes_exactly_exports_as_peft_merges_and_answers_alike(gem
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                                      {"role": "assistant", "content": str(a + b)}]}) + "\n"
-                            for a, b in ((47, 38), (19, 64), (23, 45), (81, 12))))
+                            for a, b in ((47, 38), (19, 64))))
     answers = {}
     for name, target in (("adapter", out / "final"), ("export", merged)):
         ft_in_process("eval", str(target), "--data", str(data), "--max-new-tokens", "4", "--out",
                       str(tmp_path / f"eval-{name}"))
         answers[name] = [r["prediction"] for r in read_jsonl(tmp_path / f"eval-{name}" / "predictions.jsonl")]
-    assert answers["adapter"] == answers["export"] and len(answers["adapter"]) == 4
+    assert answers["adapter"] == answers["export"] and len(answers["adapter"]) == 2
 
 
 @pytest.mark.parametrize("method,stage", [("qlora", 2), ("full", 3)])
 def test_qlora_zero2_and_full_zero3_train_the_real_model(gemma_dir, tmp_path, method, stage):
     out = tmp_path / method
     args = gemma_args(out, "--set", f"adapter.method={method}", "--set", f"distributed.zero_stage={stage}",
-                      "--set", "train.max_steps=2", "--set", "checkpoint.every_steps=100",
-                      "--set", f"train.lr={1e-5 if method == 'full' else 1e-3}")
+                      "--set", "train.max_steps=1", "--set", "train.warmup_steps=0", "--set",
+                      "checkpoint.every_steps=100", "--set", f"train.lr={1e-5 if method == 'full' else 1e-3}")
     run_ft("launch", *args, "--nproc", "2")
     plan_matches_engine(args, out, 2)
     seen = losses(out / "metrics.jsonl")
-    assert len(seen) == 2 and all(0 < v < 20 for v in seen.values()), seen
+    assert len(seen) == 1 and all(0 < v < 20 for v in seen.values()), seen
     final = out / "final"
     if method == "full":  # a whole HF model that loads and has the base's shapes
         from ftcore.model_files import check_model_dir

@@ -4,7 +4,8 @@
                          its trained tokens and the step's loss (a resumed run must continue it exactly)
     rank{R}_world.json   world size as accelerate and torch.distributed see it, local parameter elements (ZeRO-3:
                          a partition), packed 4-bit weights, optimizer groups with their rates
-    rank{R}_memory.json  bytes the engine holds after the first optimizer step (what `ft plan` predicts)
+    rank{R}_memory.json  bytes the engine holds after the first optimizer step (what `ft plan` predicts), and the
+                         process's RSS before the model was loaded, after that step, and at its peak so far
 
 Off (the default), every method returns at once."""
 
@@ -20,8 +21,11 @@ from ftcore.metrics import drop_partial_line
 class Audit:
     """The audit files of one rank; a no-op unless `enabled`."""
 
-    def __init__(self, output_dir: Path, rank: int, enabled: bool):
+    def __init__(self, output_dir: Path, rank: int, enabled: bool, rss_before_model_gib: float = 0.0):
         self.directory, self.rank, self.enabled = output_dir / "audit", rank, enabled
+        # This process's RSS before the model was loaded: what the model, engine and a step add is measured from
+        # here (ft plan's per-rank prediction, on a CPU run).
+        self.rss_before_model = rss_before_model_gib
 
     def start(self, accelerator: Any, engine: Any, total_params: int, group_names: list[list[str]]) -> None:
         """Record this rank's world and parameters; a killed attempt's half-written last line is dropped so
@@ -53,9 +57,16 @@ class Audit:
         inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
         moments = sum(t.nbytes for state in inner.state.values() for k, t in state.items()
                       if k in ("exp_avg", "exp_avg_sq"))
+        import resource
+
+        import psutil
+
         record = {"rank": self.rank, "param_bytes": param_bytes,
                   "optimizer_bytes": sum(t.nbytes for t in masters) + moments,
-                  "master_bytes": sum(t.nbytes for t in masters), "moment_bytes": moments}
+                  "master_bytes": sum(t.nbytes for t in masters), "moment_bytes": moments,
+                  "rss_before_model_gib": self.rss_before_model,
+                  "rss_after_first_step_gib": psutil.Process().memory_info().rss / 2**30,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
         (self.directory / f"rank{self.rank}_memory.json").write_text(json.dumps(record))
 
     def _write_world(self, accelerator: Any, engine: Any, total_params: int, group_names: list[list[str]]) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import psutil
 import torch
 
 from ftcore.builtin import resolve_model_path
@@ -83,6 +84,7 @@ class Recipe:
             self.runtime.log(f"base: {self.state.base_model['gguf']} (sha256 {self.state.base_model['sha256'][:16]}"
                              f"...), dequantized to {cfg.model.dtype} in {self.model_dir}")
         self._setup_data()
+        self.rss_before_model = psutil.Process().memory_info().rss / 2**30  # (data.audit records it)
         self._setup_model()
         self._setup_engine()
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, self.runtime)
@@ -167,7 +169,7 @@ class Recipe:
             # into flat buffers and back each step (ZeRO stages need their reduce epilogue, so only stage 0).
             self.engine.enable_backward_allreduce = False
         self._setup_objective()
-        self.audit = Audit(self.output_dir, rt.rank, cfg.data.audit)
+        self.audit = Audit(self.output_dir, rt.rank, cfg.data.audit, self.rss_before_model)
         self.audit.start(rt.accelerator, self.engine, self.total_params, group_names)
         if rt.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
