@@ -109,8 +109,9 @@ def test_base_kl_reference_copy_is_counted():
 ])
 def test_the_loss_memory_of_the_chosen_implementation_and_of_full(overrides, head_trainable):
     """Llama-2-7B, bf16, 2 x 4096 tokens: full holds the logits (2 B), their fp32 copy and gradient (8 B);
-    chunked holds one 2048-token chunk (2 + 4 B), the hidden states' gradient and the trained head's fp32
-    gradient; with base_kl the base's logits and probabilities join the chunk (2 + 8 B more)."""
+    chunked holds one chunk (2 + 4 B): as many tokens as fit 256 MiB of fp32 logits at a 32,000-row vocabulary,
+    2,097; the hidden states' gradient and the trained head's fp32 gradient; with base_kl the base's logits and
+    probabilities join the chunk (2 + 8 B more)."""
     base = ["train.micro_batch_size=2", "data.max_seq_len=4096", "adapter.r=16", *overrides]
     tokens, vocab, hidden = 2 * 4096, 32000, 4096
     for impl, kl in (("auto", 0.0), ("chunked", 0.0), ("chunked", 0.5), ("full", 0.0)):
@@ -123,7 +124,7 @@ def test_the_loss_memory_of_the_chosen_implementation_and_of_full(overrides, hea
             assert plan.loss["bytes"] == plan.loss["full_bytes"]
             continue
         per_logit = 6 + (10 if kl else 0)
-        assert plan.loss["bytes"] == 2048 * vocab * per_logit + tokens * hidden * 2 + head_trainable * 4
+        assert plan.loss["bytes"] == 2097 * vocab * per_logit + tokens * hidden * 2 + head_trainable * 4
         assert plan.loss["bytes"] < plan.loss["full_bytes"]
     proc = ft_in_process("plan", EXAMPLES["7b"], *(w for o in base for w in ("--set", o)), "--gpus-per-node", "1")
     assert "loss: auto (fused on CUDA with liger-kernel, else chunked)" in proc.stdout

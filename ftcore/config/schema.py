@@ -230,7 +230,8 @@ class TrainConfig(Section):
     train.base_kl). Default: sized by bytes for the model's vocabulary, see train.loss_chunk_mb."""
     loss_chunk_mb: float = Field(256, gt=0)
     """When train.loss_chunk_tokens is not set, each chunk holds as many tokens as fit this many MiB of fp32
-    logits: 2048 tokens for a 32k vocabulary, 256 for Gemma-3's 262k (a fixed token count would be 8x the bytes)."""
+    logits: 2048 tokens for a 32,768-row vocabulary (2097 for Llama-2's 32,000), 256 for Gemma-3's 262,144 (a
+    fixed 2048 would be 8x the bytes there)."""
     base_kl: float = Field(0.0, ge=0)
     """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
     take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
