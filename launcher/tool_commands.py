@@ -91,8 +91,8 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     """
     import json
 
-    from ftcore.builtin import builtin_config_path, is_builtin, is_packaged_gguf, packaged_gguf
-    from ftcore.gguf_base import GGUFError, gguf_file
+    from ftcore.builtin import builtin_config_path, gguf_path, is_builtin
+    from ftcore.gguf_base import GGUFError
     from ftcore.plan import PlanError, build_facts, make_plan
 
     # The plan needs the model's config.json and the shapes of the batch, not the data: data paths that do not
@@ -108,7 +108,7 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     name = cfg.model.name_or_path
     try:
         # A GGUF (or a built-in real model, which ships as one) is planned from its metadata: nothing dequantized.
-        gguf = packaged_gguf(name) if is_packaged_gguf(name) else None if is_builtin(name) else gguf_file(name)
+        gguf = gguf_path(name)
     except (GGUFError, ValueError) as e:
         fail(f"ft plan: {e}")
     model_dir = str(gguf) if gguf else str(builtin_config_path(name).parent) if is_builtin(name) else name
