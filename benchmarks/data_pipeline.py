@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.executable, failures say why
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the of and to in is for on that with as at by from this be are it an or was can not which have "
          "model data train token batch layer weight gradient learning rate loss value network output input "
@@ -107,11 +109,11 @@ print(json.dumps({{"open_s": opened, "records": stream.total_records, "tokens": 
 def trainer_tokens_per_s(steps: int) -> float:
     """Median tokens/s of a real single-process `ft train` of the demo config on this machine."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "launcher.cli", "train", "examples/chat-demo.yaml",
+        cmd = ft("train", "examples/chat-demo.yaml",
                "--set", f"output_dir={tmp}/run",
                "--set", f"train.max_steps={steps}", "--set", "distributed.zero_stage=0", "--set",
-               "checkpoint.every_steps=0", "--set", "train.eval_every=0", "--set", "data.eval=null"]
-        subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+               "checkpoint.every_steps=0", "--set", "train.eval_every=0", "--set", "data.eval=null")
+        run_checked(cmd)
         rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl") if '"tokens_per_s"' in line]
     return statistics.median(r["tokens_per_s"] for r in rows[2:])  # skip warm-up steps
 

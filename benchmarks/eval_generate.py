@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.executable, failures say why
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "builtin:repeat-words-eval"
@@ -24,11 +24,11 @@ DATA = "builtin:repeat-words-eval"
 
 def measure(target: str, nproc: int, copies: int, max_new_tokens: int, batch_size: int, workdir: Path) -> dict:
     out = workdir / f"np{nproc}"
-    argv = [sys.executable, "-m", "launcher.cli", "eval", target, *(["--data", DATA] * copies),
+    argv = ft("eval", target, *(["--data", DATA] * copies),
             "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size), "--nproc", str(nproc),
-            "--out", str(out)]
+            "--out", str(out))
     started = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True)
+    run_checked(argv)
     wall = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
     answers = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -27,6 +27,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.executable, failures say why
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MEASURE = """
@@ -144,13 +146,12 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(f"{{tiny}}/{{f}}", {str(ckpt_base)!r})
 """)
         run = tmp / "run"
-        subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "examples/chat-demo.yaml", "--nproc", "2",
+        run_checked(ft("launch", "examples/chat-demo.yaml", "--nproc", "2",
                         "--set", f"model.name_or_path={ckpt_base}", "--set", "adapter.method=full",
                         "--set", "distributed.zero_stage=3", "--set", f"output_dir={run}", "--set",
                         "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.micro_batch_size=1",
                         "--set", "data.max_seq_len=32", "--set", "train.eval_every=0", "--set", "data.eval=null",
-                        "--set", "checkpoint.every_steps=0"],
-                       cwd=ROOT, check=True, capture_output=True, text=True)
+                        "--set", "checkpoint.every_steps=0"))
         ckpt = run / "checkpoints" / "step-000001"
         fp32_mb = sum(f.stat().st_size for f in (ckpt / "engine").glob("*optim_states.pt")) / 2**20
         consolidate = measured(cli, ["ft", "export", "--checkpoint", str(ckpt), "--out", str(tmp / "cons"),

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from commands import CommandFailed, ft  # benchmarks/commands.py: ft by sys.executable, failures say why
+
 ROOT = Path(__file__).resolve().parents[1]
 STEP = 1024
 
@@ -62,12 +64,21 @@ def trial(model: Path, data: Path, out: Path, length: int, degree: int) -> dict:
             "train.max_steps=2", "--set", "train.warmup_steps=0", "--set", "checkpoint.every_steps=0", "--set",
             "model.dtype=float32", "--set", "adapter.dropout=0", "--set", "data.shuffle=false", "--set",
             f"distributed.sequence_parallel={degree}", "--set", f"output_dir={out}"]
-    command = ["ft", "train", *args] if degree == 1 else ["ft", "launch", *args, "--nproc", str(degree)]
-    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], capture_output=True).returncode; "
+    command = ft("train", *args) if degree == 1 else ft("launch", *args, "--nproc", str(degree))
+    # The run's own output goes to a log beside it; the wrapper prints only the exit code and the children's peak.
+    log = out.parent / f"{out.name}.log"
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), "
+               "stderr=subprocess.STDOUT).returncode; "
                "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=ROOT)
-    rc, peak_kib = (int(x) for x in proc.stdout.split())
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(log), *command], capture_output=True, text=True,
+                          cwd=ROOT)
+    words = proc.stdout.split()
+    if proc.returncode != 0 or len(words) != 2:
+        raise CommandFailed(f"the measuring wrapper failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    rc, peak_kib = (int(x) for x in words)
     result = {"seq_len": length, "peak_rss_gib": round(peak_kib / 2**20, 3), "ok": rc == 0}
+    if rc != 0:  # out of memory is an answer here (the longest length that fits), but say which failure it was
+        result["error"] = log.read_text(errors="replace").strip().splitlines()[-3:]
     metrics = out / "metrics.jsonl"
     if rc == 0 and metrics.is_file():  # the second step's speed (the first warms up)
         steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"lr"' in line]

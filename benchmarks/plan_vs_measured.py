@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.executable, failures say why
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -51,8 +52,7 @@ def main() -> None:
         for name, (method, stage) in LAYOUTS.items():
             out = Path(work) / name
             overrides = sets(out, method, stage, args)
-            subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "examples/demo.yaml", "--nproc", "2",
-                            *overrides], cwd=ROOT, check=True, capture_output=True)
+            run_checked(ft("launch", "examples/demo.yaml", "--nproc", "2", *overrides))
             cfg = load_config("examples/demo.yaml", [overrides[i + 1] for i in range(0, len(overrides), 2)])
             plan = make_plan(cfg, build_facts(cfg, model_dir), 2, 1, None)
             row = next(r for r in plan.rows if r.stage == stage and r.offload == "none")

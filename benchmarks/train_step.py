@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.executable, failures say why
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 5
@@ -23,12 +23,12 @@ WARMUP = 5
 
 def measure(nproc: int, steps: int, zero_stage: int, workdir: Path) -> dict:
     out = workdir / f"np{nproc}"
-    argv = [sys.executable, "-m", "launcher.cli", "launch", "examples/chat-demo.yaml", "--nproc", str(nproc),
+    argv = ft("launch", "examples/chat-demo.yaml", "--nproc", str(nproc),
             "--set", f"output_dir={out}", "--set", f"train.max_steps={steps}", "--set", "train.eval_every=0",
             "--set", "data.eval=null", "--set", "checkpoint.every_steps=0", "--set",
-            f"distributed.zero_stage={zero_stage}", "--resume", "none"]
+            f"distributed.zero_stage={zero_stage}", "--resume", "none")
     started = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True)
+    run_checked(argv)
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r][WARMUP:]

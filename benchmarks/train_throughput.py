@@ -25,11 +25,12 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.executable, failures say why
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
@@ -93,11 +94,11 @@ def run_ft(model: Path, data: Path, out: Path, steps: int, mbs: int, seq: int, p
     args = [w for k, v in sets.items() for w in ("--set", f"{k}={v}")]
     if nproc == 1:  # `ft train` in this process tree: a plain single process, as the Trainer runs
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        argv = [sys.executable, "-m", "launcher.cli", "train", *args, "--resume", "none"]
+        argv = ft("train", *args, "--resume", "none")
     else:
         env = dict(os.environ)
-        argv = [sys.executable, "-m", "launcher.cli", "launch", *args, "--nproc", str(nproc), "--resume", "none"]
-    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, env=env)
+        argv = ft("launch", *args, "--nproc", str(nproc), "--resume", "none")
+    run_checked(argv, env=env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r][WARMUP:]
     seconds = sum(r["step_time_s"] for r in rows)
@@ -174,7 +175,7 @@ def run_hf(model: Path, data: Path, out: Path, steps: int, mbs: int, seq: int, n
         env = dict(os.environ)
         argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                 str(_free_port()), *worker]
-    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, env=env)
+    run_checked(argv, env=env)
     ranks = [json.loads((out / f"timing{r}.json").read_text()) for r in range(nproc)]
     seconds = sum(max(r["times"][i] for r in ranks) for i in range(WARMUP, steps))
     tokens = sum(c[0] for r in ranks for c in r["counts"][WARMUP:steps])

@@ -122,7 +122,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
                       main_port=node.master_port, resume=resume, nnodes=node.nnodes, node_rank=node.node_rank,
                       master_addr=node.master_addr, cpus=node.cpus,
                       log_dir=str(attempt_dir / f"node{node.node_rank}") if tee else None,
-                      failure_dir=str(attempt_dir / "failures"))
+                      failure_dir=str(attempt_dir / "failures"), stop_grace_s=cfg.distributed.stop_grace_s)
     argv, env = build_command(spec, os.environ)
     if dry_run:
         typer.echo(_command_line(argv, env))

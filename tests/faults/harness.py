@@ -37,7 +37,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
 TIMEOUT_S = 15  # distributed.timeout_s in the hang scenario
-STOP_GRACE_S = 30  # torch elastic's SIGTERM -> SIGKILL grace when it stops a node's ranks
+STOP_GRACE_S = 3  # distributed.stop_grace_s there: torch elastic's SIGTERM -> SIGKILL grace (product default 30)
 
 
 def run_args(out: Path, *extra: str) -> list[str]:
@@ -347,7 +347,8 @@ def signal_campaigns(work: Path, trials: int, seed: int, reference: Path) -> dic
 def dead_or_hung_rank(work: Path, trial: int, hang: bool) -> dict:
     """SIGKILL (dead) or SIGSTOP (hung) rank 1 after step 3; the launcher must end everything in bounded time."""
     out = work / f"{'hang' if hang else 'dead'}-{trial}"
-    launch = Launch(run_args(out, "--set", f"distributed.timeout_s={TIMEOUT_S}", "--set", "train.max_steps=400",
+    launch = Launch(run_args(out, "--set", f"distributed.timeout_s={TIMEOUT_S}",
+                              "--set", f"distributed.stop_grace_s={STOP_GRACE_S}", "--set", "train.max_steps=400",
                               "--set", "checkpoint.every_steps=0", "--set", "train.eval_every=0"),
                     work / f"{'hang' if hang else 'dead'}-{trial}.log")
     wait_until(lambda: launch.proc.poll() is not None or launch.step() >= 3, 180)
@@ -405,22 +406,21 @@ def fill(directory: Path, leave_bytes: int) -> None:
 
 
 def disk_full_checkpoint(work: Path, reference: Path) -> dict:
-    """The disk fills after the step-4 checkpoint: the step-6 save must fail clearly, leaving step 4 intact and
-    named by `latest`; with space freed, the rerun resumes from step 4 and ends equal to the reference."""
+    """The disk holds room for two checkpoints and a half: the step-2 and step-4 saves fit, the step-6 save must
+    fail clearly, leaving step 4 intact and named by `latest`; with space freed, the rerun resumes from step 4 and
+    ends equal to the reference. The disk is filled before the run starts, sized by the reference's own
+    checkpoint (the same config writes the same files), so where the run is when space runs out does not depend
+    on how fast a filler races a running process on a busy machine."""
     mount = work / "small-checkpoint-disk"
     reason = mount_tmpfs(mount, 64)
     if reason:
         return {"skipped": reason}
     try:
         out = mount / "run"
+        one_checkpoint = sum(f.stat().st_size for f in (reference / "checkpoints" / "step-000010").rglob("*")
+                             if f.is_file())
+        fill(mount, int(2.5 * one_checkpoint))
         launch = Launch(run_args(out, "--set", "train.eval_every=0"), work / "disk-full-checkpoint.log")
-        reached = wait_until(lambda: launch.proc.poll() is not None or launch_step_floor(out) >= 4, 180, poll=0.002)
-        step4 = out / "checkpoints" / "step-000004"
-        if not reached or launch.proc.poll() is not None:
-            launch.kill_all()
-            return {"clean": False, "why": "the run ended before the disk could be filled"}
-        size = sum(f.stat().st_size for f in step4.rglob("*") if f.is_file())
-        fill(mount, size // 3)
         code = launch.wait()
         text = launch.text()
         latest = launch_step_floor(out)
