@@ -79,8 +79,10 @@ slurm-deps:
 		slurmctld slurmd slurm-client >/dev/null && echo "slurm-deps: installed Slurm (slurmctld, slurmd, slurm-client)"
 
 # Everything but the multi-process training runs.
+# The inner loop: every test that trains nothing (marker `trains`: it trains a model, or reads a run a fixture
+# trains; tests/conftest.py fails a test that starts `ft train`/`ft launch` without it, so the marker stays true).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not multiproc"
+	$(PY) -m pytest -q -m "not trains" --durations=10
 
 # GPU readiness. On a machine with the registries: `make wheelhouse` downloads every wheel ft needs beyond what a GPU
 # image usually has (torch, transformers, accelerate, peft stay the machine's own) into wheelhouse/, with the real

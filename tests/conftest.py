@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +20,37 @@ os.environ.setdefault("FT_CACHE_DIR", str(ROOT / ".pytest_cache" / "ft-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The test being run (set by the autouse fixture below): run_ft checks that a test which trains says so.
+_current_test: list = [None]
+
+
+@pytest.fixture(autouse=True)
+def _remember_the_current_test(request):
+    _current_test[0] = request.node
+    yield
+    _current_test[0] = None
+
+
+TRAINING_COMMANDS = ("train", "launch")
+
+
+def check_marked_trains(args: tuple[str, ...] | list[str], trains: bool = True) -> None:
+    """A test that starts a training command must carry the `trains` marker, so `-m "not trains"` (make
+    test-fast) is exactly the tests that train nothing. trains=False: the command is expected to fail before
+    anything trains (a one-line config or data error through the real CLI)."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    node = _current_test[0]
+    if (trains and command in TRAINING_COMMANDS and "--dry-run" not in args and node is not None
+            and node.get_closest_marker("trains") is None):
+        raise AssertionError(f"{node.nodeid} runs `ft {command}` but is not marked `trains` (pytest.mark.trains)")
+
+
 def run_ft(*args: str, timeout: int = 600, check: bool = True, env: Optional[dict] = None,
-           env_remove: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run the real `ft` CLI in a subprocess (what a user types), capturing output."""
+           env_remove: tuple[str, ...] = (), trains: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `ft` CLI in a subprocess (what a user types), capturing output. For tests of the process
+    itself (training, launch, signals, exit codes, entry points); a command that neither trains nor launches runs
+    in the test process with ft_in_process."""
+    check_marked_trains(args, trains)
     environment = {k: v for k, v in (env or os.environ).items() if k not in env_remove}
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=environment)
@@ -30,24 +60,50 @@ def run_ft(*args: str, timeout: int = 600, check: bool = True, env: Optional[dic
     return proc
 
 
+_SIGNALS_A_COMMAND_MAY_TAKE = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def ft_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The same `ft` command run inside the test process (typer's CliRunner), for commands that neither train nor
     launch: the exit code and both streams are captured as run_ft's are, but torch, transformers and peft are
     imported once per test session instead of once per call (~8 s each on a 2-core machine). An exception the
-    CLI does not turn into its one-line error shows up as a Traceback in stderr, as it would for a user. Tests
-    that check the real process (entry point, signals, environment) use run_ft."""
+    CLI does not turn into its one-line error shows up as a Traceback in stderr, as it would for a user. What a
+    command may change in the process (environment, signal handlers and mask) is put back; a command that got as
+    far as starting a process group or DeepSpeed's communication (the training runtime) fails the test: it belongs
+    in run_ft. Tests that
+    check the real process (entry point, signals, environment) use run_ft."""
     import traceback
 
+    import torch.distributed as dist
     from typer.testing import CliRunner
 
     from launcher.cli import app
 
     saved_env = dict(os.environ)
+    saved_deepspeed_backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+    saved_handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS_A_COMMAND_MAY_TAKE}
+    saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
         result = CliRunner().invoke(app, list(args), catch_exceptions=True)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+    deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+    started = (dist.is_available() and dist.is_initialized()) or (
+        deepspeed_comm is not None and getattr(deepspeed_comm, "cdb", None) is not saved_deepspeed_backend)
+    if started:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if deepspeed_comm is not None:
+            deepspeed_comm.cdb = saved_deepspeed_backend
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # so the next test is not failed by this one
+        raise AssertionError(f"ft {' '.join(args)} started a process group inside the test process: it trains, so "
+                             f"the test runs it with run_ft and is marked `trains`")
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
@@ -70,18 +126,75 @@ def tiny_run_args(output_dir: Path, *extra: str) -> list[str]:
             "--set", "train.warmup_steps=2", *extra]
 
 
-def cached_launches(base: Path, runs: dict[str, tuple], *common: str):
-    """get(name): the output dir of a 2-process `ft launch` of tiny_run_args + common + runs[name], started on
-    first use and shared by a module's tests; its output is kept in launch.log."""
-    cache: dict[str, Path] = {}
+def code_fingerprint() -> str:
+    """sha256 of the code a training run executes (ftcore/, launcher/, ds_configs/, examples/): a cached run is
+    only reused by the code that made it."""
+    if not _fingerprint:
+        digest = hashlib.sha256()
+        for folder in ("ftcore", "launcher", "ds_configs", "examples"):
+            for path in sorted((ROOT / folder).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+        _fingerprint.append(digest.hexdigest())
+    return _fingerprint[0]
+
+
+_fingerprint: list[str] = []
+
+
+class TrainingRuns:
+    """The test session's training runs, keyed by what makes a run what it is: the command and process count, the
+    run's resolved config (every field but output_dir, after YAML + --set), the code fingerprint, and a variant
+    label for the rare test that compares two runs of one config (e.g. a setting made explicit vs its default).
+    Each distinct run happens once per session, whichever modules ask for it; its output dir is shared and must
+    be treated as read-only (copy it to change it). Its console output is kept in launch.log."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.runs: dict[str, tuple[Path, str]] = {}
+
+    def key(self, command: str, args: tuple[str, ...], nproc: int, variant: str) -> str:
+        from ftcore.config import load_config
+
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        paths = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--set")]
+        resolved = load_config(paths[0] if paths else None, sets).model_dump(mode="json")
+        resolved.pop("output_dir", None)
+        identity = json.dumps({"command": command, "nproc": nproc, "config": resolved, "variant": variant,
+                               "code": code_fingerprint()}, sort_keys=True, default=str)
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+    def get(self, *args: str, nproc: int = 2, command: str = "launch", variant: str = "") -> tuple[Path, str]:
+        """(output dir, console output) of `ft COMMAND ARGS --set output_dir=<cached> [--nproc N]`."""
+        key = self.key(command, args, nproc, variant)
+        if key not in self.runs:
+            out = self.base / key
+            launch = ("--nproc", str(nproc)) if command == "launch" else ()
+            proc = run_ft(command, *args, "--set", f"output_dir={out}", *launch)
+            log = proc.stdout + proc.stderr
+            (out / "launch.log").write_text(log)
+            self.runs[key] = (out, log)
+        return self.runs[key]
+
+
+@pytest.fixture(scope="session")
+def training_runs(tmp_path_factory) -> TrainingRuns:
+    return TrainingRuns(tmp_path_factory.mktemp("training-runs"))
+
+
+def tiny_args(*extra: str) -> tuple[str, ...]:
+    """tiny_run_args without the output dir (TrainingRuns sets it)."""
+    args = tiny_run_args(Path("unset"), *extra)
+    return (args[0], *args[3:])
+
+
+def cached_launches(runs: TrainingRuns, named: dict[str, tuple], *common: str, variants: dict[str, str] = None):
+    """get(name): the output dir of a 2-process `ft launch` of tiny_run_args + common + named[name], from the
+    session's TrainingRuns (started on first use by whichever test asks first)."""
+    variants = variants or {}
 
     def get(name: str) -> Path:
-        if name not in cache:
-            out = base / name
-            proc = run_ft("launch", *tiny_run_args(out, *common, *runs[name]), "--nproc", "2")
-            (out / "launch.log").write_text(proc.stdout + proc.stderr)
-            cache[name] = out
-        return cache[name]
+        return runs.get(*tiny_args(*common, *named[name]), variant=variants.get(name, ""))[0]
 
     return get
 
@@ -120,11 +233,14 @@ def stoppable_run_args(output_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_run(tmp_path_factory) -> Path:
+def uninterrupted_run(training_runs) -> Path:
     """stoppable_run_args as one uninterrupted 2-process `ft launch`: what every interrupted run must equal."""
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run_ft("launch", *stoppable_run_args(out), "--nproc", "2")
-    return out
+    return training_runs.get(*stoppable_args())[0]
+
+
+def stoppable_args() -> tuple[str, ...]:
+    args = stoppable_run_args(Path("unset"))
+    return (args[0], *args[3:])
 
 
 def assert_same_final_adapter(a: Path, b: Path) -> None:

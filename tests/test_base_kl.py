@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import cached_launches, read_jsonl
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 STEPS = ("--set", "train.max_steps=12", "--set", "train.lr=3e-3", "--set", "train.warmup_steps=0",
          "--set", "checkpoint.every_steps=0", "--set", "train.eval_every=0")
@@ -18,8 +18,10 @@ RUNS = {"plain": (), "beta0": ("--set", "train.base_kl=0.0"), "beta1": ("--set",
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return cached_launches(tmp_path_factory.mktemp("kl"), RUNS, *STEPS)
+def runs(training_runs):
+    # beta0 is the default made explicit: the same resolved config as plain, run apart so the test compares two
+    # runs, not one run with itself.
+    return cached_launches(training_runs, RUNS, *STEPS, variants={"beta0": "base_kl set explicitly"})
 
 
 def steps(out):

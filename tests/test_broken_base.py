@@ -75,7 +75,8 @@ def test_config_and_weights_disagree(bases, tmp_path):
     assert MISMATCH in line
     run_dir = tmp_path / "run"
     line = one_line_error(run_ft("train", "--set", f"model.name_or_path={base}", "--set", f"output_dir={run_dir}",
-                                 "--set", "train.max_steps=1", "--set", "distributed.zero_stage=0", check=False))
+                                 "--set", "train.max_steps=1", "--set", "distributed.zero_stage=0", check=False,
+                                 trains=False))
     assert line.startswith(f"error: model.name_or_path: {base}: {MISMATCH}")
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists()
 
@@ -90,7 +91,8 @@ def test_a_missing_shard(bases, tmp_path):
     assert one_line_error(ft_in_process("generate", "--model", str(base), "--prompt", "hi", check=False)) == \
         f"error: {expected}"
     line = one_line_error(run_ft("train", "--set", f"model.name_or_path={base}", "--set",
-                                 f"output_dir={tmp_path / 'run'}", "--set", "distributed.zero_stage=0", check=False))
+                                 f"output_dir={tmp_path / 'run'}", "--set", "distributed.zero_stage=0", check=False,
+                                 trains=False))
     assert line == f"error: model.name_or_path: {expected}"
 
 

@@ -213,6 +213,7 @@ def assert_chunked_run_equals_full_run(tmp_path, command: tuple[str, ...], *sett
             assert runs["chunked"][key] == pytest.approx(want, rel=1e-5), key
 
 
+@pytest.mark.trains
 def test_a_chunked_run_trains_like_a_full_one(tmp_path):
     assert_chunked_run_equals_full_run(tmp_path, ("train",))
 
@@ -265,6 +266,7 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 @pytest.mark.parametrize("layout", [
     ("distributed.zero_stage=3", "adapter.method=lora", "data.packing=true", "train.base_kl=0.2"),
     ("distributed.zero_stage=3", "adapter.method=full", "data.packing=false"),
@@ -286,6 +288,7 @@ def test_two_process_chunked_runs_equal_full_ones(tmp_path, layout):
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_a_tied_head_trains_under_zero3_like_a_full_loss(tmp_path, builtin_model_dir):
     """Gemma ties its head to the input embedding: under ZeRO-3 full fine-tuning the one partitioned weight gets
     the chunked loss's gradient and the embedding's, landing once."""

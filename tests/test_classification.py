@@ -17,7 +17,7 @@ from ftcore.builtin import BUILTIN_DATA
 from ftcore.config import ConfigError, DataConfig, DataSource, load_config
 from ftcore.data.stream import DataError, discover_labels
 from ftcore.metrics import classification_scores
-from tests.conftest import read_jsonl, run_ft
+from tests.conftest import ft_in_process, read_jsonl, run_ft
 
 EXAMPLE = "examples/classify-licenses.yaml"
 EVAL_FILE = BUILTIN_DATA["license-sentences-eval"]
@@ -57,6 +57,7 @@ def lora_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_classifier_learns_above_the_majority_class(lora_run):
     report = last_eval(lora_run)
     labels = [p["label"] for p in report["predictions"]]
@@ -69,6 +70,7 @@ def test_classifier_learns_above_the_majority_class(lora_run):
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_metrics_equal_an_independent_computation_from_the_saved_predictions(lora_run):
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
@@ -87,11 +89,12 @@ def test_metrics_equal_an_independent_computation_from_the_saved_predictions(lor
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_lora_export_is_a_classifier_that_reproduces_the_predictions(lora_run, tmp_path):
     adapter_config = json.loads((lora_run / "final" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
     merged = tmp_path / "merged"
-    run_ft("export", "--adapter", str(lora_run / "final"), "--out", str(merged))
+    ft_in_process("export", "--adapter", str(lora_run / "final"), "--out", str(merged))
     config = json.loads((merged / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["id2label"] == {"0": "apache-2.0", "1": "gfdl-1.3", "2": "gpl-3.0", "3": "mpl-2.0"}
@@ -100,7 +103,8 @@ def test_lora_export_is_a_classifier_that_reproduces_the_predictions(lora_run, t
     assert predict(merged, ids) == [p["prediction"] for p in report["predictions"]]
     # The same from the last checkpoint (consolidated from the ZeRO-2 partitions of both ranks).
     from_checkpoint = tmp_path / "from-checkpoint"
-    run_ft("export", "--checkpoint", str(lora_run / "checkpoints" / "step-000120"), "--out", str(from_checkpoint))
+    ft_in_process("export", "--checkpoint", str(lora_run / "checkpoints" / "step-000120"), "--out",
+                  str(from_checkpoint))
     assert predict(from_checkpoint, ids) == [p["prediction"] for p in report["predictions"]]
 
 
@@ -112,6 +116,7 @@ METHODS = {
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_a_classifier_that_exports(method, tmp_path, builtin_model_dir):
     out = tmp_path / method
@@ -121,7 +126,7 @@ def test_every_method_trains_a_classifier_that_exports(method, tmp_path, builtin
     ids, trained = [p["id"] for p in report["predictions"]], [p["prediction"] for p in report["predictions"]]
     if method == "qlora":
         model_dir = tmp_path / "merged"  # merged onto the NF4 round trip of the base the run trained on
-        run_ft("export", "--adapter", str(out / "final"), "--out", str(model_dir))
+        ft_in_process("export", "--adapter", str(out / "final"), "--out", str(model_dir))
     else:
         model_dir = out / "final"  # already a Hugging Face classifier
         from safetensors.torch import load_file
@@ -175,9 +180,11 @@ def test_label_set_is_found_in_the_data_or_taken_from_the_config(tmp_path):
 ])
 def test_bad_label_names_the_line(tmp_path, record, message):
     path = write(tmp_path / "data.jsonl", [{"text": "fine", "label": "ham"}, record])
+    # The data error is found once the training runtime has started: a real process, which trains nothing.
     proc = run_ft("train", "--set", "task=classification", "--set", f"data.train=[{{path: {path}, format: "
                   "classification}]", "--set", "data.labels=[ham, spam]", "--set", "train.max_steps=2",
-                  "--set", "train.micro_batch_size=2", "--set", f"output_dir={tmp_path / 'out'}", check=False)
+                  "--set", "train.micro_batch_size=2", "--set", f"output_dir={tmp_path / 'out'}", check=False,
+                  trains=False)
     assert proc.returncode != 0
     assert f"{path}:2: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ftcore.config import Config, ConfigError, dump_config, load_config
-from tests.conftest import run_ft
+from tests.conftest import ft_in_process, run_ft
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -57,22 +57,22 @@ def test_cli_config_errors(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     assert "model.dtype" in proc.stderr and "fp8" in proc.stderr
 
-    proc = run_ft("launch", "--set", "model.name_or_path=/no/such/model", "--nproc", "2", check=False)
+    proc = ft_in_process("launch", "--set", "model.name_or_path=/no/such/model", "--nproc", "2", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("config error: model.name_or_path: /no/such/model does not exist or is not a "
                                    "directory")
 
     empty = tmp_path / "empty_model"
     empty.mkdir()
-    proc = run_ft("train", "--set", f"model.name_or_path={empty}", check=False)
+    proc = ft_in_process("train", "--set", f"model.name_or_path={empty}", check=False)
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
 
-    proc = run_ft("launch", "--set", "data.train.0.path=/no/data.jsonl", "--dry-run", check=False)
+    proc = ft_in_process("launch", "--set", "data.train.0.path=/no/data.jsonl", "--dry-run", check=False)
     assert proc.returncode == 2 and "data.train.0.path: /no/data.jsonl: does not exist" in proc.stderr
 
 
 def test_cli_prints_resolved_config():
-    proc = run_ft("config", "examples/chat-demo.yaml", "--set", "train.lr=0.5")
+    proc = ft_in_process("config", "examples/chat-demo.yaml", "--set", "train.lr=0.5")
     cfg = load_config("examples/chat-demo.yaml", ["train.lr=0.5"])
     assert proc.stdout == dump_config(cfg)
 

@@ -2,13 +2,13 @@
 
 import json
 
-from tests.conftest import run_ft
+from tests.conftest import ft_in_process, run_ft
 
 GOOD = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]}
 
 
 def test_inspect_marks_trained_tokens_and_reports_statistics():
-    proc = run_ft("data", "inspect", "examples/chat-demo.yaml", "-n", "1", "--scan", "50")
+    proc = ft_in_process("data", "inspect", "examples/chat-demo.yaml", "-n", "1", "--scan", "50")
     out = proc.stdout
     assert "legend: «trained tokens» masked tokens" in out
     # The assistant answer and its EOS are trained, the question is not.
@@ -22,12 +22,12 @@ def test_inspect_marks_trained_tokens_and_reports_statistics():
 def test_inspect_reports_skipped_records(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{broken\n" + json.dumps(GOOD) + "\n")
-    proc = run_ft("data", "inspect", "--set", f"data.train=[{{path: {path}}}]", "--set", "data.on_error=skip",
-                  "-n", "1", "--scan", "4")
+    proc = ft_in_process("data", "inspect", "--set", f"data.train=[{{path: {path}}}]", "--set", "data.on_error=skip",
+                         "-n", "1", "--scan", "4")
     assert "skipped (malformed): " in proc.stdout and "d.jsonl:2: invalid JSON" in proc.stdout
 
-    proc = run_ft("data", "inspect", "--set", f"data.train=[{{path: {path}}}]", "--set", "data.shuffle=false",
-                  "-n", "1", "--scan", "4", check=False)
+    proc = ft_in_process("data", "inspect", "--set", f"data.train=[{{path: {path}}}]", "--set", "data.shuffle=false",
+                         "-n", "1", "--scan", "4", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "d.jsonl:2: invalid JSON: Expecting property name enclosed in double quotes" in proc.stderr
@@ -39,7 +39,8 @@ def test_training_on_data_with_nothing_to_learn_stops_before_the_model_loads(tmp
                                                      {"role": "assistant", "content": "x"}]}) + "\n"
                             for _ in range(5)))
     proc = run_ft("train", "--set", f"data.train=[{{path: {path}}}]", "--set", "data.max_seq_len=32",
-                  "--set", f"output_dir={tmp_path}/run", "--set", "distributed.zero_stage=0", check=False)
+                  "--set", f"output_dir={tmp_path}/run", "--set", "distributed.zero_stage=0", check=False,
+                  trains=False)
     assert proc.returncode == 1
     assert "gave nothing to train on" in proc.stderr and "no trained token left: 5" in proc.stderr
     assert "Loading weights" not in proc.stdout + proc.stderr

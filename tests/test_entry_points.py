@@ -15,7 +15,7 @@ import pytest
 from ftcore.dist_env import free_port
 from tests.conftest import ROOT, read_jsonl, run_ft
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 HF_ZERO2 = "examples/deepspeed/zero2_hf_trainer.json"
 HF_ZERO3 = "examples/deepspeed/zero3_hf_trainer.json"

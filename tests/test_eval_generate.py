@@ -11,7 +11,7 @@ import pytest
 
 from ftcore.config import ConfigError, load_config
 from ftcore.scoring import accuracy, contains, exact_match, mean_scores, rouge_l
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 
 
 def test_metrics_against_hand_computed_values():
@@ -108,7 +108,7 @@ EVAL = ("--data", "builtin:chat-demo-eval", "--max-new-tokens", "12", "--metric"
 
 @pytest.mark.multiproc
 def test_eval_on_two_ranks_and_on_two_zero3_ranks_equals_one_rank(tmp_path):
-    run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "one"))
+    ft_in_process("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "one"))
     run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "two"), "--nproc", "2")
     run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "zero3"), "--nproc", "2", "--zero3")
     one, summary = eval_rows(tmp_path / "one")
@@ -120,6 +120,7 @@ def test_eval_on_two_ranks_and_on_two_zero3_ranks_equals_one_rank(tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_training_eval_generate_equals_ft_eval_and_an_export_equals_base_plus_adapter(tmp_path):
     out = tmp_path / "run"
     run_ft("train", *tiny_run_args(out, "--set", "train.eval_generate=[exact_match,rouge_l]",
@@ -127,12 +128,12 @@ def test_training_eval_generate_equals_ft_eval_and_an_export_equals_base_plus_ad
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_gen_rouge_l" in r]
     assert [r["step"] for r in evals] == [4, 8] and all(r["eval_gen_samples"] == 40 for r in evals)
     during = read_jsonl(out / "eval" / "generate-step000008.jsonl")
-    run_ft("eval", str(out / "final"), *EVAL, "--out", str(tmp_path / "adapter"))
+    ft_in_process("eval", str(out / "final"), *EVAL, "--out", str(tmp_path / "adapter"))
     adapter, summary = eval_rows(tmp_path / "adapter")
     assert same_answers(adapter, during)
     assert summary["metrics"]["rouge_l"] == pytest.approx(evals[-1]["eval_gen_rouge_l"])
-    run_ft("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
-    run_ft("eval", str(tmp_path / "merged"), *EVAL, "--out", str(tmp_path / "export"))
+    ft_in_process("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
+    ft_in_process("eval", str(tmp_path / "merged"), *EVAL, "--out", str(tmp_path / "export"))
     assert same_answers(eval_rows(tmp_path / "export")[0], adapter)
-    plot = run_ft("plot", str(out))
+    plot = ft_in_process("plot", str(out))
     assert "metrics.png" in plot.stdout

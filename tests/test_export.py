@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from ftcore.export.export import ExportError, export_adapter
 from ftcore.export.output import check_disk_space
-from tests.conftest import run_ft
+from tests.conftest import ft_in_process
 
 ARCHS = {
     "llama": lambda: LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -133,10 +133,10 @@ def test_adapter_from_training_exports_via_cli(tmp_path, builtin_model_dir):
     model.save_pretrained(tmp_path / "final")
     (tmp_path / "final" / "ft_config.yaml").write_text("model:\n  name_or_path: builtin:tiny-llama\n"
                                                       "adapter:\n  method: lora\n")
-    proc = run_ft("export", "--adapter", str(tmp_path / "final"), "--out", str(tmp_path / "merged"))
+    proc = ft_in_process("export", "--adapter", str(tmp_path / "final"), "--out", str(tmp_path / "merged"))
     assert "verification: passed" in proc.stdout and "max abs diff" in proc.stdout
     assert (tmp_path / "merged" / "tokenizer.json").is_file()  # tokenizer files come along
-    proc = run_ft("export", "--adapter", str(tmp_path / "final"), "--out", str(tmp_path / "merged"), check=False)
+    proc = ft_in_process("export", "--adapter", str(tmp_path / "final"), "--out", str(tmp_path / "merged"), check=False)
     assert proc.returncode == 1 and "merged: already exists (use --force to replace it)" in proc.stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.families import FAMILIES, MOE_FAMILIES, build_family
 
-pytestmark = pytest.mark.multiproc  # real training runs (in one child process)
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]  # real training runs (in one child process)
 
 
 def _drive(out, *args) -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import cached_launches, plan_matches_engine, read_jsonl, tiny_run_args
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 FREEZE = ("--set", "adapter.method=freeze", "--set", "adapter.trainable=[lm_head, 'layers\\.[23]\\.']",
           "--set", "train.layer_lr_decay=0.5", "--set", "train.lr=1e-3", "--set", "train.weight_decay=0.01")
@@ -24,8 +24,8 @@ RUNS = {"zero2": FREEZE, "zero3": (*FREEZE, "--set", "distributed.zero_stage=3",
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return cached_launches(tmp_path_factory.mktemp("freeze"), RUNS)
+def runs(training_runs):
+    return cached_launches(training_runs, RUNS)
 
 
 def chosen(name: str, name_rule: str) -> bool:

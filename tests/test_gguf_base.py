@@ -114,6 +114,7 @@ def test_ft_plan_reads_a_gguf_without_dequantizing_it(f32_gguf, builtin_model_di
     assert not list((tmp_path / "empty-cache" / "gguf").glob("*-float32"))  # nothing was dequantized
 
 
+@pytest.mark.trains
 def test_train_export_eval_generate_on_a_gguf_base_and_refuse_a_changed_file(tmp_path, builtin_model_dir):
     from ftcore.gguf_base import file_sha256
 

@@ -199,6 +199,7 @@ def kto_args(out, data, *extra: str, eval_data=None) -> list[str]:
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_zero3_qlora_kto_accumulates_like_two_ranks_and_resumes_exactly(tmp_path):
     """The reference point is the step's and its mismatched rows follow stream order: 2 ranks x 1 micro batch =
     1 rank x 2 accumulated (loss, kl, rewards);
@@ -221,6 +222,7 @@ def test_zero3_qlora_kto_accumulates_like_two_ranks_and_resumes_exactly(tmp_path
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.trains
 def test_kto_learns_the_repeat_task(tmp_path):
     """Unpaired answers, half desirable: after 90 steps >= 0.9 of 100 held-out samples sit on their label's side
     of the reference point (none at step 1: every reward is 0 = z); the desirable rewards end above the
@@ -241,6 +243,7 @@ def test_kto_learns_the_repeat_task(tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_full_kto_under_zero3_reads_a_partitioned_reference(tmp_path):
     """Full fine-tuning under ZeRO-3: the frozen reference is partitioned like the model (each of 2 ranks holds
     half of it) and the run's losses equal ZeRO-2's with a whole reference copy (rel 1e-5)."""

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_args, tiny_run_args
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 # builtin:tiny-llama (ftcore/assets/tiny-llama/config.json) with LoRA r=16 on its 7 linear layers per block.
 H, KV, INTER, L, V, R = 128, 64, 344, 4, 32000, 16
@@ -20,10 +20,8 @@ LORA = L * R * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + INTER) + (INTER + H)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("metrics") / "run"
-    proc = run_ft("launch", *tiny_run_args(out, "--set", "train.peak_tflops=0.5"), "--nproc", "2")
-    return out, proc.stdout + proc.stderr
+def run(training_runs):
+    return training_runs.get(*tiny_args("--set", "train.peak_tflops=0.5"))
 
 
 def test_step_metrics_and_mfu(run):
@@ -81,7 +79,7 @@ def test_ft_plot_draws_the_run(run, tmp_path):
 
     out, _ = run
     png = tmp_path / "run.png"
-    proc = run_ft("plot", str(out), "--out", str(png))
+    proc = ft_in_process("plot", str(out), "--out", str(png))
     assert f"wrote {png} (8 steps, 2 evals)" in proc.stdout
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 500 and image.shape[1] > 500
@@ -89,7 +87,7 @@ def test_ft_plot_draws_the_run(run, tmp_path):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert series["loss"] == [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     assert series["eval_loss"] == [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    bad = run_ft("plot", str(tmp_path / "nothing"), check=False)
+    bad = ft_in_process("plot", str(tmp_path / "nothing"), check=False)
     assert bad.returncode == 1 and "metrics.jsonl does not exist" in bad.stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 from ftcore.dist_env import free_port
 from tests.conftest import ROOT, assert_same_final_adapter, read_jsonl, run_ft, tiny_run_args
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 
 def test_two_nodes_by_hand_equal_one_two_process_launch(tmp_path):

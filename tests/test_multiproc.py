@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import plan_matches_engine, read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ft_in_process, plan_matches_engine, read_jsonl, run_ft, tiny_args, tiny_run_args
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 PROBE = torch.tensor([[1, 523, 28766, 1838, 28766, 28767, 13, 3195, 349, 272, 5565, 302, 4843, 28804, 13]])
 
@@ -25,17 +25,12 @@ def launch(out: Path, *extra: str, nproc: int = 2):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The runs several tests look at, started once."""
-    base = tmp_path_factory.mktemp("runs")
-    cache = {}
+def runs(training_runs):
+    """The runs several tests look at: (output dir, console output), from the session's TrainingRuns (each
+    distinct config runs once per session). Read-only: a test that changes one works on a copy."""
 
     def get(name: str, *extra: str) -> tuple[Path, str]:
-        if name not in cache:
-            out = base / name
-            proc = launch(out, *extra)
-            cache[name] = (out, proc.stdout + proc.stderr)
-        return cache[name]
+        return training_runs.get(*tiny_args(*(extra or EXPORT_RUNS.get(name, ()))))
 
     return get
 
@@ -278,8 +273,8 @@ def test_checkpoint_export_is_bit_exact_against_zero_to_fp32(runs, name, tmp_pat
         assert torch.equal(tensor, reference[key]), key
 
     export = tmp_path / "exported"
-    proc = run_ft("export", "--checkpoint", str(ckpt), "--out", str(export), "--dtype", "float32",
-                  "--shard-size", "8MB")
+    proc = ft_in_process("export", "--checkpoint", str(ckpt), "--out", str(export), "--dtype", "float32",
+                         "--shard-size", "8MB")
     assert "verification: passed" in proc.stdout
     index = json.loads((export / "model.safetensors.index.json").read_text())
     state = {}
@@ -305,7 +300,7 @@ def test_checkpoint_export_with_a_missing_rank_fails_clearly(runs, tmp_path):
     shutil.copytree(out / "checkpoints" / "step-000008", ckpt)
     (ckpt / "engine" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     (ckpt / "ft_config.yaml").write_text((out / "config.yaml").read_text())
-    proc = run_ft("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), check=False)
+    proc = ft_in_process("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 1
     assert "written by 2 ranks, but the optimizer state of rank(s) 1 is missing" in proc.stderr
     assert not (tmp_path / "x").exists()

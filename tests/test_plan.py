@@ -10,7 +10,7 @@ import pytest
 
 from ftcore.config import load_config
 from ftcore.plan import build_facts, make_plan
-from tests.conftest import ft_in_process, run_ft
+from tests.conftest import ft_in_process
 
 EXAMPLES = {"7b": "examples/llama-2-7b-lora.yaml", "13b": "examples/llama-2-13b-lora.yaml",
             "70b": "examples/llama-2-70b-qlora.yaml"}
@@ -72,7 +72,7 @@ def test_qlora_70b_plan_partitions_the_4bit_base():
 
 
 def test_ft_plan_cli_prints_the_table_and_a_recommendation():
-    proc = run_ft("plan", EXAMPLES["70b"], "--gpus-per-node", "2", "--gpu-mem-gb", "40")
+    proc = ft_in_process("plan", EXAMPLES["70b"], "--gpus-per-node", "2", "--gpu-mem-gb", "40")
     assert "69.18 B parameters, 207.1 M trainable, 68.45 B in 4-bit NF4" in proc.stdout
     assert "ZeRO-3 offload all: qlora + parameter offload is not supported" in proc.stdout
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("recommended:")][0]

@@ -17,7 +17,7 @@ from tests.conftest import ROOT, assert_same_final_adapter, read_jsonl, run_ft, 
 from tests.conftest import STOPPABLE_STEPS as STEPS
 from tests.conftest import stoppable_run_args as args
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 
 def start(command: str, out: Path, *extra: str) -> subprocess.Popen:

@@ -113,7 +113,8 @@ def test_a_malformed_record_names_its_file_and_line(tmp_path):
                     + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     proc = run_ft("train", *tiny_run_args(tmp_path / "out", "--set", "task=preference", "--set",
                                           f"data.train=[{{path: {data}, format: preference}}]",
-                                          "--set", "data.eval=null", "--set", "train.eval_every=0"), check=False)
+                                          "--set", "data.eval=null", "--set", "train.eval_every=0"), check=False,
+                  trains=False)
     assert proc.returncode != 0
     assert f"{data}:2: preference field 'rejected' is missing" in proc.stdout + proc.stderr
 
@@ -220,6 +221,7 @@ def preference_args(out, data, *extra: str, eval_data=None) -> list[str]:
                          *evaluation, *extra)
 
 
+@pytest.mark.trains
 def test_dpo_learns_the_repeat_task(tmp_path):
     """Reward accuracy on 50 held-out pairs (data.eval) >= 0.9 after 40 steps; 0 before (the adapter starts as
     the reference, so every reward is 0 and no pair is won)."""
@@ -240,7 +242,7 @@ def test_dpo_learns_the_repeat_task(tmp_path):
     assert evals[-1]["eval_reward_margin"] > 0 and steps[-1]["loss"] < steps[0]["loss"]
     assert steps[0]["reward_accuracy"] == 0.0  # the adapter starts as the reference: every reward 0, no pair won
     # The result exports like any LoRA run: merged, verified against base + adapter.
-    proc = run_ft("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
+    proc = ft_in_process("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
     assert "verification: passed" in proc.stdout
 
 
@@ -249,6 +251,7 @@ def test_dpo_learns_the_repeat_task(tmp_path):
     ("adapter.method=freeze", "adapter.top_layers=1", "preference.loss=ipo", "distributed.zero_stage=0"),
     ("adapter.method=full", "preference.loss=simpo", "preference.beta=2.0", "distributed.zero_stage=3"),
 ], ids=["full-dpo-reference_copy-zero2", "freeze-ipo-zero0", "full-simpo-zero3"])
+@pytest.mark.trains
 def test_full_and_freeze_preference_runs_train(tmp_path, settings):
     """The weights themselves train: DPO/IPO read a frozen reference copy; SimPO needs none (so ZeRO-3 full)."""
     data = repeat_task(tmp_path / "pairs.jsonl", 100, seed=3)
@@ -283,6 +286,7 @@ def zero3_qlora_resume_and_accumulation(tmp_path, args_of, data, held_out) -> tu
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_zero3_qlora_dpo_accumulates_like_two_ranks_and_resumes_exactly(tmp_path):
     """2 ranks x 1 micro batch = 1 rank x 2 accumulated (the mean over the step's pairs); a ZeRO-3 QLoRA run
     stopped at step 4 and resumed gives the uninterrupted run's losses bit for bit; the eval over 9 held-out pairs

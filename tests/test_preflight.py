@@ -10,7 +10,7 @@ import pytest
 
 from ftcore.config import ConfigError, load_config
 from ftcore.preflight import check_device
-from tests.conftest import run_ft, tiny_run_args
+from tests.conftest import ft_in_process, run_ft, tiny_run_args
 
 CASES = [
     (["adapter.method=qlora", "distributed.zero_stage=3", "adapter.quant_storage=uint8"],
@@ -32,7 +32,7 @@ CASES = [
 @pytest.mark.parametrize("overrides,message", CASES)
 def test_preflight_errors_fire_before_launch(overrides, message):
     args = [w for o in overrides for w in ("--set", o)]
-    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", "2", "--dry-run", *args, check=False)
+    proc = ft_in_process("launch", "examples/chat-demo.yaml", "--nproc", "2", "--dry-run", *args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -40,8 +40,8 @@ def test_preflight_errors_fire_before_launch(overrides, message):
 
 def test_ft_slurm_checks_the_batch_for_its_world():
     common = ("slurm", "examples/chat-demo.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run")
-    assert run_ft(*common, "--set", "train.effective_batch_size=256").returncode == 0  # 8 x 1 x 32
-    proc = run_ft(*common, "--set", "train.effective_batch_size=512", check=False)
+    assert ft_in_process(*common, "--set", "train.effective_batch_size=256").returncode == 0  # 8 x 1 x 32
+    proc = ft_in_process(*common, "--set", "train.effective_batch_size=512", check=False)
     assert proc.returncode == 2
     assert "micro_batch_size 8 x grad_accum_steps 1 x 32 processes = 256; set train.grad_accum_steps=2" in proc.stderr
 
@@ -59,11 +59,13 @@ def test_device_checks(dtype, cuda, bf16, message):
 
 def test_float16_on_cpu_fails_in_the_recipe_before_the_model_loads(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = run_ft("train", *tiny_run_args(tmp_path / "run", "--set", "model.dtype=float16"), check=False, env=env)
+    proc = run_ft("train", *tiny_run_args(tmp_path / "run", "--set", "model.dtype=float16"), check=False, env=env,
+                  trains=False)
     assert proc.returncode == 1 and "model.dtype: float16 training needs a CUDA GPU" in proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.trains
 def test_non_finite_training_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     out = tmp_path / "run"

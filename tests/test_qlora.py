@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import plan_matches_engine, read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ft_in_process, plan_matches_engine, read_jsonl, tiny_args, tiny_run_args
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 QLORA = ("--set", "adapter.method=qlora", "--set", "train.max_steps=12", "--set", "checkpoint.every_steps=6")
 RUNS = {
@@ -28,17 +28,10 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("qlora")
-    cache: dict[str, Path] = {}
-
+def runs(training_runs):
     def get(name: str) -> Path:
-        if name not in cache:
-            extra, nproc = RUNS[name]
-            out = base / name
-            run_ft("launch", *tiny_run_args(out, *QLORA, *extra), "--nproc", str(nproc))
-            cache[name] = out
-        return cache[name]
+        extra, nproc = RUNS[name]
+        return training_runs.get(*tiny_args(*QLORA, *extra), nproc=nproc)[0]
 
     return get
 
@@ -95,7 +88,7 @@ def test_saved_adapter_equals_the_one_in_the_checkpoint(runs, name):
 
 def test_qlora_adapter_exports_onto_the_dequantized_base(runs, tmp_path):
     out = runs("zero3")
-    proc = run_ft("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
+    proc = ft_in_process("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
     assert "merge base: quantized" in proc.stdout and "verification: passed" in proc.stdout
 
 

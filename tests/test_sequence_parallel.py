@@ -60,6 +60,7 @@ def test_a_shard_holds_its_part_of_every_row_with_labels_shifted_before_the_spli
 
 # ------------------------------------------------------------------------------------------------ runs
 @pytest.mark.multiproc
+@pytest.mark.trains
 @pytest.mark.parametrize("layout", [
     ("distributed.zero_stage=2", "model.gradient_checkpointing=true"),
     ("distributed.zero_stage=3", "adapter.method=full"),
@@ -77,6 +78,7 @@ def test_two_ranks_splitting_each_sample_train_what_one_rank_trains(tmp_path, la
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_sequence_groups_beside_data_parallelism_train_what_data_parallelism_trains(tmp_path):
     """4 ranks = 2 sequence groups of 2 (each its own share of the data) vs 2 data-parallel ranks."""
     want = run(tmp_path / "dp", "distributed.zero_stage=2", nproc=2)
@@ -86,6 +88,7 @@ def test_sequence_groups_beside_data_parallelism_train_what_data_parallelism_tra
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_a_sequence_parallel_run_resumes_exactly(tmp_path):
     """Stopped at step 3 and resumed (the data state saved once per sequence group): the uninterrupted run's
     losses bit for bit."""
@@ -130,6 +133,7 @@ def test_what_the_world_or_the_model_rule_out_is_refused_before_launch(overrides
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
 def test_preference_objectives_split_their_sequences_too(tmp_path, objective):
     """DPO pairs (chosen and rejected rows split alike) and KTO (its mismatched rows too, the reference point
@@ -186,6 +190,7 @@ def test_packed_rows_become_one_varlen_row_with_per_sample_positions():
 
 @pytest.mark.gpu
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_packing_under_sequence_parallelism_on_gpus(tmp_path):
     """Packed samples stay apart under Ulysses with flash-attention: N=2 on 2 GPUs equals 1 GPU."""
     import importlib.util

@@ -2,8 +2,9 @@
 
 import pytest
 
-from tests.conftest import read_jsonl, run_ft, tiny_run_args
+from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 
+pytestmark = pytest.mark.trains
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -35,8 +36,8 @@ def test_resuming_under_a_different_config_is_refused(run_dir):
 
 
 def test_generate_from_the_adapter(run_dir):
-    proc = run_ft("generate", "--model", str(run_dir / "final"), "--prompt", "What is 2 plus 3?",
-                  "--max-new-tokens", "5")
+    proc = ft_in_process("generate", "--model", str(run_dir / "final"), "--prompt", "What is 2 plus 3?",
+                         "--max-new-tokens", "5")
     assert proc.stdout.startswith("user: What is 2 plus 3?\nassistant:")
 
 

@@ -23,7 +23,7 @@ from tests.conftest import assert_same_final_adapter, read_jsonl, run_ft
 from tests.conftest import stoppable_run_args as run_args
 from tests.slurm_cluster import ClusterUnavailable, LocalSlurm
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slurm]
+pytestmark = [pytest.mark.multiproc, pytest.mark.trains, pytest.mark.slurm]
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,7 @@ def kill_after_step(proc: subprocess.Popen, out: Path, step: int, timeout_s: flo
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_mlflow_one_run_across_kill9_resume_and_world_size_change(mlflow_server, tmp_path):
     """kill -9 mid-run, resume to a time slice's end, then finish on 2 processes: one MLflow run holds every step
     of metrics.jsonl once, with the same numbers; the params, attempts, artifacts and final status are there."""
@@ -235,6 +236,7 @@ def test_mlflow_one_run_across_kill9_resume_and_world_size_change(mlflow_server,
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_mlflow_server_gone_mid_run_never_stops_training(mlflow_server, tmp_path):
     """The server is killed after step 3: training finishes, one warning line, metrics.jsonl complete, the end
     line says what was not delivered; with the server back (another port), rerunning the command delivers it."""
@@ -314,6 +316,7 @@ def wandb_history(run_dir: Path) -> tuple[str, dict[int, dict[str, float]]]:
 
 
 @pytest.mark.multiproc
+@pytest.mark.trains
 def test_wandb_offline_resumed_run_writes_to_the_same_run_id(tmp_path):
     out = tmp_path / "run"
     args = tiny_run_args(out, "--set", "train.report_to=[wandb]", "--set", "tracking.wandb.mode=offline",

@@ -280,12 +280,30 @@ def snapshot(path: Path) -> object:
     return sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file())
 
 
-def run_case(name: str, setup: Callable, work: Path, prepared: dict, debug: bool = False) -> dict:
+def found_by_the_training_runtime(name: str, argv: list[str]) -> bool:
+    """The error comes from the training runtime (a launch's ranks; data, model and checkpoint errors found once
+    `ft train` has started its process group and DeepSpeed): a real process either way. Config and export errors
+    are found before anything starts."""
+    return argv[:1] == ["launch"] or name.split(":")[0] in ("data", "model", "checkpoint")
+
+
+def run_case(name: str, setup: Callable, work: Path, prepared: dict, debug: bool = False,
+             in_process: bool = False) -> dict:
+    """in_process: run the command in this process (tests: the same CLI code and output, without ~8 s of imports
+    per case); a case whose error the training runtime finds runs as a real process either way. Default: a real
+    `ft` process, as a user types it (benchmarks/faults.py, and the tests that prove the real CLI gives the same
+    line)."""
     work.mkdir(parents=True, exist_ok=True)
     argv, expect, destination = setup(work, prepared)
     before = snapshot(destination)
     args = (["--debug"] if debug else []) + argv
-    proc = subprocess.run(ft_command(*args), cwd=ROOT, capture_output=True, text=True, env=environment(), timeout=300)
+    if in_process and not found_by_the_training_runtime(name, argv):
+        from tests.conftest import ft_in_process
+
+        proc = ft_in_process(*args, check=False)
+    else:
+        proc = subprocess.run(ft_command(*args), cwd=ROOT, capture_output=True, text=True, env=environment(),
+                              timeout=300)
     output = proc.stdout + proc.stderr
     lines = [line for line in output.splitlines() if expect in line]
     staging = [p for p in destination.parent.glob(f".{destination.name}.tmp-*")] if destination.parent.exists() else []

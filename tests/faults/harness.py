@@ -70,6 +70,9 @@ class Launch:
     started: float = field(init=False)
 
     def __post_init__(self) -> None:
+        from tests.conftest import check_marked_trains
+
+        check_marked_trains(self.args)
         self.handle = open(self.log, "w")
         self.proc = subprocess.Popen(ft_command(*self.args), cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
                                      env=environment(), start_new_session=True)
