@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo demo-tiny test test-fast lint slurm-deps clean gpu-check wheelhouse
+.PHONY: venv demo demo-tiny test test-fast lint slurm-deps ds-ops clean gpu-check wheelhouse
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -57,8 +57,33 @@ print("held-out score before -> after fine-tuning: " + ", ".join(f"{k} {b[k]:.2f
 endef
 export SCORE_LINE
 
-test: $(STAMP) slurm-deps lint
+# DeepSpeed builds its C++ ops on first use (DS_BUILD_OPS=0 above). The tests use two on this machine: the shm
+# communication op of DeepSpeed's CPU accelerator (every run) and CPU Adam (optimizer offload), about a minute of
+# compiling each on 2 cores. `make test` builds them while apt installs Slurm, where the cores are otherwise idle,
+# instead of inside the first tests that need them.
+test: $(STAMP)
+	$(MAKE) --no-print-directory -j3 slurm-deps ds-ops lint
 	$(PY) -m pytest -q --durations=15
+
+# Build DeepSpeed's JIT ops this machine's runs load (into torch's extension cache, where the runs look for them).
+ds-ops: $(STAMP)
+	@$(PY) -c "$$BUILD_DS_OPS"
+
+define BUILD_DS_OPS
+import time
+from concurrent.futures import ThreadPoolExecutor
+from deepspeed.accelerator import get_accelerator
+def build(name):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is None or not builder.is_compatible(verbose=False):
+        return f"{name}: not used on this accelerator"
+    started = time.perf_counter()
+    builder.load(verbose=False)
+    return f"{name}: ready ({time.perf_counter() - started:.0f} s)"
+with ThreadPoolExecutor(2) as pool:
+    print("ds-ops: " + "; ".join(pool.map(build, ["ShareMemCommBuilder", "CPUAdamBuilder"])))
+endef
+export BUILD_DS_OPS
 
 # ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, likely bugs, and a docstring on every
 # public module, class and function of ftcore/ and launcher/. Part of `make test`, so CI runs it.

@@ -122,7 +122,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
                       main_port=node.master_port, resume=resume, nnodes=node.nnodes, node_rank=node.node_rank,
                       master_addr=node.master_addr, cpus=node.cpus,
                       log_dir=str(attempt_dir / f"node{node.node_rank}") if tee else None,
-                      failure_dir=str(attempt_dir / "failures"), stop_grace_s=cfg.distributed.stop_grace_s)
+                      failure_dir=str(attempt_dir / "failures"))
     argv, env = build_command(spec, os.environ)
     if dry_run:
         typer.echo(_command_line(argv, env))
@@ -131,7 +131,8 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
 
     # A built-in model is built, a GGUF dequantized, once here: not raced by every rank.
     resolve_model_path(cfg.model.name_or_path, cfg.model.dtype)
-    ctx = NodeContext(node_rank=node.node_rank, nproc=nproc, attempt_dir=attempt_dir, tee=tee)
+    ctx = NodeContext(node_rank=node.node_rank, nproc=nproc, attempt_dir=attempt_dir, tee=tee,
+                      stop_grace_s=cfg.distributed.stop_grace_s)
     if node.nnodes > 1:
         say(ctx, f"node {node.node_rank} of {node.nnodes}, {nproc} processes, rendezvous at "
                  f"{node.master_addr}:{node.master_port}")

@@ -36,6 +36,7 @@ class NodeContext:
     nproc: int
     attempt_dir: Path     # output_dir/logs/<attempt>: per-rank logs (node<k>/...) and failure records
     tee: bool             # per-rank log files exist (output not going to a terminal)
+    stop_grace_s: float = 30.0  # distributed.stop_grace_s: after a rank failed, how long the others may take
 
 
 def say(ctx: NodeContext, message: str) -> None:
@@ -81,6 +82,44 @@ class StopForwarder:
                       f"{'es' if len(ranks) != 1 else ''} to checkpoint at the next step boundary and stop")
 
 
+class FailureWatchdog:
+    """Ends a failed run in bounded time. Once any rank of the run has recorded a failure (write_failure_record:
+    under output_dir, so on Slurm every node sees it), this node's ranks still running after
+    distributed.stop_grace_s are killed. torch elastic stops the survivors of a failed rank with SIGTERM and 30 s
+    of grace fixed in its code, and a hung rank (a stuck driver, a stopped process) does not answer SIGTERM."""
+
+    POLL_S = 0.2
+
+    def __init__(self, ctx: NodeContext):
+        self.ctx = ctx
+        self.failures = ctx.attempt_dir / "failures"
+        self.killed: list[int] = []
+
+    def start(self) -> None:
+        """Watch for failure records on a thread of its own."""
+        threading.Thread(target=self._loop, name="ft-failure-watchdog", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not any(self.failures.glob("rank*.json")):
+            time.sleep(self.POLL_S)
+        time.sleep(self.ctx.stop_grace_s)
+        self.kill_survivors()
+
+    def kill_survivors(self) -> None:
+        """SIGKILL this node's ranks that are still running."""
+        import psutil
+
+        for proc in psutil.Process().children():  # this node's ranks
+            try:
+                proc.kill()
+                self.killed.append(proc.pid)
+            except psutil.Error:
+                pass
+        if self.killed:
+            say(self.ctx, f"a rank failed and {len(self.killed)} process(es) of this node were still running "
+                          f"{self.ctx.stop_grace_s:g} s later (distributed.stop_grace_s): killed them")
+
+
 def run_node(argv: Sequence[str], env: Mapping[str, str], ctx: NodeContext) -> int:
     """Run an `accelerate launch` argv ([python, -m, accelerate.commands.launch, ...]) in this process."""
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -94,6 +133,7 @@ def run_node(argv: Sequence[str], env: Mapping[str, str], ctx: NodeContext) -> i
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     forwarder = StopForwarder(ctx)
     forwarder.start()
+    FailureWatchdog(ctx).start()
     args = launch_command_parser().parse_args(list(argv[3:]))
     try:
         launch_command(args)

@@ -40,7 +40,6 @@ class LaunchSpec(RunConfigArgs):
     cpus: Optional[int] = None          # cores this node may use (default: all of the machine's)
     log_dir: Optional[str] = None       # per-rank log files here, console lines prefixed "[nodeK rankR]"
     failure_dir: Optional[str] = None   # where failing ranks record when and why (launcher/supervise.py)
-    stop_grace_s: int = 30              # after a rank failed: SIGTERM -> SIGKILL of the others (distributed.*)
 
 
 def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = sys.executable
@@ -79,8 +78,6 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
     # The agent (ft launch) takes TERM itself and asks the ranks to checkpoint (launcher/supervise.py); torch
     # elastic's own TERM handling would kill them after 30 s, mid-checkpoint.
     env["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
-    # How long torch elastic waits for the surviving ranks to exit after one failed (then SIGKILL).
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(spec.stop_grace_s)
     return argv, env
 
 

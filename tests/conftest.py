@@ -63,7 +63,7 @@ def run_ft(*args: str, timeout: int = 600, check: bool = True, env: Optional[dic
 _SIGNALS_A_COMMAND_MAY_TAKE = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def ft_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def ft_in_process(*args: str, check: bool = True, env_remove: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """The same `ft` command run inside the test process (typer's CliRunner), for commands that neither train nor
     launch: the exit code and both streams are captured as run_ft's are, but torch, transformers and peft are
     imported once per test session instead of once per call (~8 s each on a 2-core machine). An exception the
@@ -84,6 +84,8 @@ def ft_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess
     saved_handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS_A_COMMAND_MAY_TAKE}
     saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
+        for name in env_remove:
+            os.environ.pop(name, None)
         result = CliRunner().invoke(app, list(args), catch_exceptions=True)
     finally:
         os.environ.clear()

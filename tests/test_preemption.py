@@ -86,7 +86,7 @@ def test_a_failing_rank_is_named_with_the_tail_of_its_log(tmp_path):
     out = tmp_path / "run"
     proc = run_ft("launch", *tiny_run_args(out, "--set", f"data.train=[{{path: {data}, format: chat}}]",
                                            "--set", "data.shuffle=false", "--set", "train.max_steps=30",
-                                           "--set", "data.packing=false"),
+                                           "--set", "data.packing=false", "--set", "distributed.stop_grace_s=3"),
                   "--nproc", "2", check=False)
     assert proc.returncode == 1
     report = [line for line in proc.stderr.splitlines() if "failed first" in line]

@@ -14,7 +14,7 @@ import torch
 from ftcore.config import ConfigError, load_config
 from ftcore.data.batch import collate
 from ftcore.data.formats import IGNORE_INDEX, Tokenized
-from tests.conftest import read_jsonl, run_ft
+from tests.conftest import ft_in_process, read_jsonl, run_ft
 
 BASE = ("examples/chat-demo.yaml", "--set", "train.max_steps=6", "--set", "train.warmup_steps=1", "--set",
         "train.micro_batch_size=2", "--set", "data.max_seq_len=64", "--set", "train.log_every=1", "--set",
@@ -127,7 +127,8 @@ def test_what_ulysses_cannot_do_is_refused_at_load(overrides, message):
 ])
 def test_what_the_world_or_the_model_rule_out_is_refused_before_launch(overrides, nproc, message):
     args = [w for o in overrides for w in ("--set", o)]
-    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", str(nproc), "--dry-run", *args, check=False)
+    proc = ft_in_process("launch", "examples/chat-demo.yaml", "--nproc", str(nproc), "--dry-run", *args,
+                         check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -21,7 +21,7 @@ from launcher.slurm import (
     render_sbatch,
     rendezvous_from_slurm,
 )
-from tests.conftest import run_ft
+from tests.conftest import ft_in_process
 
 HOSTLISTS = [
     ("gpu[01-04,07],cpu3", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu3"]),
@@ -201,8 +201,8 @@ def test_template_is_usable_by_hand():
 
 
 def test_ft_slurm_dry_run_prints_the_script():
-    proc = run_ft("slurm", "examples/chat-demo.yaml", "--nodes", "2", "--gpus-per-node", "4", "--partition", "debug",
-                  "--time", "01:00:00", "--set", "train.max_steps=10", "--dry-run")
+    proc = ft_in_process("slurm", "examples/chat-demo.yaml", "--nodes", "2", "--gpus-per-node", "4", "--partition",
+                         "debug", "--time", "01:00:00", "--set", "train.max_steps=10", "--dry-run")
     found = directives(proc.stdout)
     assert {"--nodes=2", "--gpus-per-node=4", "--partition=debug", "--time=01:00:00",
             "--job-name=chat-demo"} <= set(found)
@@ -212,21 +212,22 @@ def test_ft_slurm_dry_run_prints_the_script():
 
 
 def test_ft_launch_refuses_bad_node_arguments():
-    outside = run_ft("launch", "examples/chat-demo.yaml", "--slurm", "--dry-run", check=False,
-                     env_remove=("SLURM_JOB_ID", "SLURM_JOBID"))
+    outside = ft_in_process("launch", "examples/chat-demo.yaml", "--slurm", "--dry-run", check=False,
+                            env_remove=("SLURM_JOB_ID", "SLURM_JOBID"))
     assert outside.returncode == 2 and "ft launch --slurm: SLURM_JOB_ID is not set" in outside.stderr
-    missing = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "1", "--dry-run", check=False)
+    missing = ft_in_process("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "1", "--dry-run",
+                            check=False)
     assert missing.returncode == 2 and "--nnodes > 1 needs --master-addr" in missing.stderr
-    bad_rank = run_ft("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "2", "--dry-run",
-                      check=False)
+    bad_rank = ft_in_process("launch", "examples/chat-demo.yaml", "--nnodes", "2", "--node-rank", "2", "--dry-run",
+                             check=False)
     assert bad_rank.returncode == 2 and "--node-rank must be in 0..1" in bad_rank.stderr
-    both = run_ft("launch", "examples/chat-demo.yaml", "--slurm", "--nnodes", "2", "--dry-run", check=False)
+    both = ft_in_process("launch", "examples/chat-demo.yaml", "--slurm", "--nnodes", "2", "--dry-run", check=False)
     assert both.returncode == 2 and "--slurm takes --nnodes and --node-rank from the allocation" in both.stderr
 
 
 def test_ft_launch_multi_node_dry_run():
-    proc = run_ft("launch", "examples/chat-demo.yaml", "--nproc", "4", "--nnodes", "3", "--node-rank", "2",
-                  "--master-addr", "10.1.2.3", "--master-port", "29555", "--dry-run")
+    proc = ft_in_process("launch", "examples/chat-demo.yaml", "--nproc", "4", "--nnodes", "3", "--node-rank", "2",
+                         "--master-addr", "10.1.2.3", "--master-port", "29555", "--dry-run")
     words = shlex.split(proc.stdout.strip())
     flag = lambda name: words[words.index(name) + 1]  # noqa: E731
     assert (flag("--num_processes"), flag("--num_machines"), flag("--machine_rank")) == ("12", "3", "2")

@@ -255,7 +255,14 @@ def test_mlflow_server_gone_mid_run_never_stops_training(mlflow_server, tmp_path
     while not opened_and_past_step_3():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
-    mlflow_server.stop()
+    # The run is paused while the server goes away (stopping it takes a moment): otherwise, on a busy machine,
+    # the run could finish and deliver everything before the server is gone, and the test would race it.
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl") if "lr" in r) < 10
+        mlflow_server.stop()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text[-3000:]
     assert text.count("mlflow: not reachable") == 1, text[-3000:]

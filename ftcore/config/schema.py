@@ -306,10 +306,10 @@ class DistributedConfig(Section):
     launcher stops every rank (about timeout_s + stop_grace_s after a peer hangs). Must exceed the longest checkpoint
     save."""
     stop_grace_s: int = Field(30, ge=1)
-    """When one rank has failed, how long the node's launcher (torch elastic's agent) lets the others exit after
-    SIGTERM before it sends SIGKILL: a hung rank may not answer SIGTERM at all, so this bounds how long a failed
-    run takes to end. (A stop signal to `ft launch` is not this: the ranks checkpoint first, however long that
-    takes.)"""
+    """When a rank has failed (it recorded why), how long each node's `ft launch` lets its other ranks end before
+    it kills them: a hung rank may not answer SIGTERM at all (torch elastic's own grace is a fixed 30 s), so this
+    bounds how long a failed run takes to end. (A stop signal to `ft launch` is not this: the ranks checkpoint
+    first, however long that takes.)"""
     sequence_parallel: int = Field(1, ge=1)
     """Ulysses sequence parallelism (DeepSpeed's UlyssesSPAttentionHF, arXiv 2506.13996): each sample's tokens are
     split over this many consecutive ranks, whose attention exchanges heads for sequence (all-to-all), so a rank
