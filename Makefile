@@ -63,7 +63,11 @@ export SCORE_LINE
 # instead of inside the first tests that need them.
 test: $(STAMP)
 	$(MAKE) --no-print-directory -j3 slurm-deps ds-ops lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
+
+# pytest-xdist workers for `make test`; each module runs whole on one worker (its module fixtures once), and the
+# session's training runs are shared by all (tests/conftest.py TrainingRuns).
+TEST_WORKERS ?= 2
 
 # Build DeepSpeed's JIT ops this machine's runs load (into torch's extension cache, where the runs look for them).
 ds-ops: $(STAMP)
@@ -107,7 +111,7 @@ slurm-deps:
 # The inner loop: every test that trains nothing (marker `trains`: it trains a model, or reads a run a fixture
 # trains; tests/conftest.py fails a test that starts `ft train`/`ft launch` without it, so the marker stays true).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not trains" --durations=10
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not trains" --durations=10
 
 # GPU readiness. On a machine with the registries: `make wheelhouse` downloads every wheel ft needs beyond what a GPU
 # image usually has (torch, transformers, accelerate, peft stay the machine's own) into wheelhouse/, with the real

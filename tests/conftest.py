@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,12 +149,14 @@ class TrainingRuns:
     """The test session's training runs, keyed by what makes a run what it is: the command and process count, the
     run's resolved config (every field but output_dir, after YAML + --set), the code fingerprint, and a variant
     label for the rare test that compares two runs of one config (e.g. a setting made explicit vs its default).
-    Each distinct run happens once per session, whichever modules ask for it; its output dir is shared and must
-    be treated as read-only (copy it to change it). Its console output is kept in launch.log."""
+    Each distinct run happens once per session, whichever modules (and, under pytest-xdist, whichever workers) ask
+    for it: the first takes the key's file lock and runs it, the others wait and reuse it. Its output dir is shared
+    and must be treated as read-only (copy it to change it); its console output is kept in launch.log. The base
+    dir belongs to this pytest run, so nothing is reused from an earlier one."""
 
     def __init__(self, base: Path):
         self.base = base
-        self.runs: dict[str, tuple[Path, str]] = {}
+        self.base.mkdir(parents=True, exist_ok=True)
 
     def key(self, command: str, args: tuple[str, ...], nproc: int, variant: str) -> str:
         from ftcore.config import load_config
@@ -168,20 +171,27 @@ class TrainingRuns:
 
     def get(self, *args: str, nproc: int = 2, command: str = "launch", variant: str = "") -> tuple[Path, str]:
         """(output dir, console output) of `ft COMMAND ARGS --set output_dir=<cached> [--nproc N]`."""
+        from filelock import FileLock
+
         key = self.key(command, args, nproc, variant)
-        if key not in self.runs:
-            out = self.base / key
-            launch = ("--nproc", str(nproc)) if command == "launch" else ()
-            proc = run_ft(command, *args, "--set", f"output_dir={out}", *launch)
-            log = proc.stdout + proc.stderr
-            (out / "launch.log").write_text(log)
-            self.runs[key] = (out, log)
-        return self.runs[key]
+        out, done = self.base / key, self.base / f"{key}.done"
+        with FileLock(str(self.base / f"{key}.lock")):
+            if not done.is_file():
+                shutil.rmtree(out, ignore_errors=True)  # a run that failed in another worker is run again
+                launch = ("--nproc", str(nproc)) if command == "launch" else ()
+                proc = run_ft(command, *args, "--set", f"output_dir={out}", *launch)
+                (out / "launch.log").write_text(proc.stdout + proc.stderr)
+                done.touch()
+            else:
+                check_marked_trains((command,))  # reading a run counts as training it, for the marker
+        return out, (out / "launch.log").read_text()
 
 
 @pytest.fixture(scope="session")
-def training_runs(tmp_path_factory) -> TrainingRuns:
-    return TrainingRuns(tmp_path_factory.mktemp("training-runs"))
+def training_runs(tmp_path_factory, worker_id) -> TrainingRuns:
+    # Under pytest-xdist every worker has its own basetemp under one for the whole run: share that one.
+    root = tmp_path_factory.getbasetemp()
+    return TrainingRuns((root.parent if worker_id != "master" else root) / "training-runs")
 
 
 def tiny_args(*extra: str) -> tuple[str, ...]:
