@@ -110,7 +110,7 @@ slurm-deps:
 # Everything but the multi-process training runs.
 # The inner loop: every test that trains nothing (marker `trains`: it trains a model, or reads a run a fixture
 # trains; tests/conftest.py fails a test that starts `ft train`/`ft launch` without it, so the marker stays true).
-test-fast: $(STAMP)
+test-fast: $(STAMP) ds-ops
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not trains" --durations=10
 
 # GPU readiness. On a machine with the registries: `make wheelhouse` downloads every wheel ft needs beyond what a GPU

@@ -264,3 +264,17 @@ def assert_same_final_adapter(a: Path, b: Path) -> None:
     assert x.keys() == y.keys() and x
     for name in x:
         assert torch.equal(x[name], y[name]), name
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest modules first (by their training tests, a real-model test counting 3): under pytest-xdist's
+    loadscope each module runs whole on one worker, and a heavy module started last would leave the other worker
+    idle at the end. Deterministic (every worker must collect the same order); within a module the order is
+    kept."""
+    weight: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        cost = 3 if item.get_closest_marker("realmodel") else 1 if item.get_closest_marker("trains") else 0
+        weight[module] = weight.get(module, 0) + cost
+    first_seen = {module: i for i, module in reversed(list(enumerate(item.nodeid.split("::")[0] for item in items)))}
+    items.sort(key=lambda item: (-weight[item.nodeid.split("::")[0]], first_seen[item.nodeid.split("::")[0]]))
