@@ -188,10 +188,10 @@ class TrainingRuns:
 
 
 @pytest.fixture(scope="session")
-def training_runs(tmp_path_factory, worker_id) -> TrainingRuns:
+def training_runs(tmp_path_factory) -> TrainingRuns:
     # Under pytest-xdist every worker has its own basetemp under one for the whole run: share that one.
     root = tmp_path_factory.getbasetemp()
-    return TrainingRuns((root.parent if worker_id != "master" else root) / "training-runs")
+    return TrainingRuns((root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "training-runs")
 
 
 def tiny_args(*extra: str) -> tuple[str, ...]:
