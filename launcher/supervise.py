@@ -93,7 +93,6 @@ class FailureWatchdog:
     def __init__(self, ctx: NodeContext):
         self.ctx = ctx
         self.failures = ctx.attempt_dir / "failures"
-        self.killed: list[int] = []
 
     def start(self) -> None:
         """Watch for failure records on a thread of its own."""
@@ -109,14 +108,15 @@ class FailureWatchdog:
         """SIGKILL this node's ranks that are still running."""
         import psutil
 
+        killed = 0
         for proc in psutil.Process().children():  # this node's ranks
             try:
                 proc.kill()
-                self.killed.append(proc.pid)
+                killed += 1
             except psutil.Error:
                 pass
-        if self.killed:
-            say(self.ctx, f"a rank failed and {len(self.killed)} process(es) of this node were still running "
+        if killed:
+            say(self.ctx, f"a rank failed and {killed} process(es) of this node were still running "
                           f"{self.ctx.stop_grace_s:g} s later (distributed.stop_grace_s): killed them")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,8 +72,7 @@ def ft_in_process(*args: str, check: bool = True, env_remove: tuple[str, ...] = 
     CLI does not turn into its one-line error shows up as a Traceback in stderr, as it would for a user. What a
     command may change in the process (environment, signal handlers and mask) is put back; a command that got as
     far as starting a process group or DeepSpeed's communication (the training runtime) fails the test: it belongs
-    in run_ft. Tests that
-    check the real process (entry point, signals, environment) use run_ft."""
+    in run_ft. Tests that check the real process (entry point, signals, environment) use run_ft."""
     import traceback
 
     import torch.distributed as dist
@@ -129,20 +129,30 @@ def tiny_run_args(output_dir: Path, *extra: str) -> list[str]:
             "--set", "train.warmup_steps=2", *extra]
 
 
+@functools.cache
 def code_fingerprint() -> str:
     """sha256 of the code a training run executes (ftcore/, launcher/, ds_configs/, examples/): a cached run is
     only reused by the code that made it."""
-    if not _fingerprint:
-        digest = hashlib.sha256()
-        for folder in ("ftcore", "launcher", "ds_configs", "examples"):
-            for path in sorted((ROOT / folder).rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts:
-                    digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-        _fingerprint.append(digest.hexdigest())
-    return _fingerprint[0]
+    digest = hashlib.sha256()
+    for folder in ("ftcore", "launcher", "ds_configs", "examples"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
-_fingerprint: list[str] = []
+def config_of(args):
+    """The resolved config of `ft train/launch ARGS` (a YAML path, if any, first; then --set overrides)."""
+    from ftcore.config import load_config
+
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    paths = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--set")]
+    return load_config(paths[0] if paths else None, sets)
+
+
+def without_output_dir(args: list[str]) -> tuple[str, ...]:
+    """tiny_run_args-style args ([YAML, --set, output_dir=..., ...]) without the output dir (TrainingRuns sets it)."""
+    return (args[0], *args[3:])
 
 
 class TrainingRuns:
@@ -159,11 +169,7 @@ class TrainingRuns:
         self.base.mkdir(parents=True, exist_ok=True)
 
     def key(self, command: str, args: tuple[str, ...], nproc: int, variant: str) -> str:
-        from ftcore.config import load_config
-
-        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-        paths = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--set")]
-        resolved = load_config(paths[0] if paths else None, sets).model_dump(mode="json")
+        resolved = config_of(args).model_dump(mode="json")
         resolved.pop("output_dir", None)
         identity = json.dumps({"command": command, "nproc": nproc, "config": resolved, "variant": variant,
                                "code": code_fingerprint()}, sort_keys=True, default=str)
@@ -196,8 +202,7 @@ def training_runs(tmp_path_factory) -> TrainingRuns:
 
 def tiny_args(*extra: str) -> tuple[str, ...]:
     """tiny_run_args without the output dir (TrainingRuns sets it)."""
-    args = tiny_run_args(Path("unset"), *extra)
-    return (args[0], *args[3:])
+    return without_output_dir(tiny_run_args(Path("unset"), *extra))
 
 
 def cached_launches(runs: TrainingRuns, named: dict[str, tuple], *common: str, variants: dict[str, str] = None):
@@ -222,11 +227,9 @@ def plan_matches_engine(args: list[str], out: Path, world: int) -> None:
     """What `ft plan` predicts per rank (parameter storage, optimizer states) equals what DeepSpeed's engine held
     in the run started with `args` (recorded after its first step with data.audit)."""
     from ftcore.builtin import resolve_model_path
-    from ftcore.config import load_config
     from ftcore.plan import build_facts, engine_state_bytes
 
-    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    cfg = load_config(args[0], sets)
+    cfg = config_of(args)
     facts = build_facts(cfg, resolve_model_path(cfg.model.name_or_path))
     predicted = engine_state_bytes(cfg, facts, cfg.distributed.zero_stage, world)
     for rank in range(world):
@@ -251,8 +254,7 @@ def uninterrupted_run(training_runs) -> Path:
 
 
 def stoppable_args() -> tuple[str, ...]:
-    args = stoppable_run_args(Path("unset"))
-    return (args[0], *args[3:])
+    return without_output_dir(stoppable_run_args(Path("unset")))
 
 
 def assert_same_final_adapter(a: Path, b: Path) -> None:
