@@ -1,9 +1,13 @@
 """The workstation launcher is a pure (argv, env) builder; --dry-run prints exactly that."""
 
 import shlex
+import subprocess
+import sys
+
+import pytest
 
 from launcher.workstation import LaunchSpec, build_command
-from tests.conftest import run_ft
+from tests.conftest import ROOT, run_ft
 
 
 def test_build_command_is_pure_and_complete():
@@ -38,3 +42,32 @@ def test_dry_run_prints_the_command_without_running():
     assert words[words.index("--zero_stage") + 1] == "3"
     assert words[words.index("train") + 1:] == ["examples/chat-demo.yaml", "--set", "distributed.zero_stage=3",
                                                "--resume", "auto"]
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+import torch  # a process that imported torch: what exit_without_finalizing is for
+from launcher.cli import exit_without_finalizing
+
+out = sys.argv[1]
+def late_writer():  # a non-daemon thread: the interpreter waits for it, so must we
+    time.sleep(0.3)
+    open(out + ".thread", "w").write("done")
+threading.Thread(target=late_writer).start()
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+print("buffered stdout line", end="")
+exit_without_finalizing(eval(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("code, status, stderr", [(None, 0, ""), (75, 75, ""), ("a message", 1, "a message")])
+def test_exit_without_finalizing_keeps_status_threads_atexit_and_output(tmp_path, code, status, stderr):
+    """`ft` skips only the interpreter's module teardown: the exit status is what the command chose (75 for a
+    checkpointed stop), non-daemon threads finish, atexit handlers (trackers, logging) run, buffered output
+    arrives."""
+    out = tmp_path / "probe"
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(out), repr(code)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "buffered stdout line" and proc.stderr.strip() == stderr
+    assert (out.parent / "probe.thread").read_text() == "done" and (out.parent / "probe.atexit").read_text() == "ran"
