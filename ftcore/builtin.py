@@ -34,8 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from ftcore.cache import cache_dir
 from ftcore.config import BUILTIN_PREFIX
 from ftcore.data.chat_template import FALLBACK_CHAT_TEMPLATE
+from ftcore.gguf_base import GGUFError, dequantized_dir, file_sha256, gguf_file
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama" / "config.json"}
@@ -62,11 +64,6 @@ BUILTIN_DATA = {
 }
 ALL_MODELS = {**BUILTIN_MODELS, **PACKAGED_GGUF}
 INIT_SEED = 0
-
-
-def cache_dir() -> Path:
-    """Where built-in models are materialised: $FT_CACHE_DIR, else ~/.cache/ft."""
-    return Path(os.environ.get("FT_CACHE_DIR", Path.home() / ".cache" / "ft"))
 
 
 def is_builtin(name: str) -> bool:
@@ -133,9 +130,25 @@ def packaged_gguf(name: str) -> Optional[Path]:
 def gguf_path(name: str) -> Optional[Path]:
     """The GGUF file behind a model name: a built-in real model's (assembled on first use), a .gguf path or a
     directory holding one; None for any other model (an unknown built-in name is an error listing them)."""
-    from ftcore.gguf_base import gguf_file
-
     return packaged_gguf(name) if is_builtin(name) else gguf_file(name)
+
+
+def base_record(name: str) -> Optional[dict]:
+    """What a run records of a GGUF base (None for any other base): the file and its sha256."""
+    path = gguf_path(name)
+    if path is None:
+        return None
+    return {"name_or_path": name, "gguf": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def check_same_base(recorded: Optional[dict], name: str, what: str) -> Optional[dict]:
+    """The current record of `name`, after checking it is the GGUF `recorded` (by sha256) that was trained on."""
+    current = base_record(name)
+    if recorded and current and recorded.get("sha256") != current["sha256"]:
+        raise GGUFError(f"{what}: the base GGUF {current['gguf']} has sha256 {current['sha256'][:16]}..., but the run "
+                        f"trained on {recorded.get('sha256', '?')[:16]}... ({recorded.get('gguf')}); the file changed "
+                        "since training: restore it or pass the base it trained on")
+    return current
 
 
 def package_size(package: Any) -> int:
@@ -160,8 +173,6 @@ def _fingerprint(config_path: Path) -> str:
 def resolve_model_path(name: str, dtype: str = "float32") -> str:
     """A local directory for `name`: built-in models are materialised on first use, GGUF files (and built-in real
     models, which ship as GGUF) are dequantized once to `dtype` (ftcore/gguf_base.py); others pass through."""
-    from ftcore.gguf_base import dequantized_dir
-
     gguf = gguf_path(name)  # (an unknown built-in name: the error lists every built-in model)
     if gguf is not None:
         return str(dequantized_dir(gguf, dtype))

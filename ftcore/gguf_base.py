@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ftcore.cache import cache_dir
 from ftcore.durable import atomic_write_text, fsync_tree
 
 GGUF_SUFFIX = ".gguf"
@@ -38,8 +39,6 @@ class GGUFError(ValueError):
 
 
 def _cache_root() -> Path:
-    from ftcore.builtin import cache_dir
-
     return cache_dir() / "gguf"
 
 
@@ -333,26 +332,6 @@ def _dequantize_into(path: Path, chat_template: Optional[str], dtype: str, out: 
     tokenizer.save_pretrained(out)
     if not any(out.glob("*.safetensors")):
         raise GGUFError(f"dequantizing {path}: no weights were written to {out}")
-
-
-def base_record(name: str) -> Optional[dict]:
-    """What a run records of a GGUF base (None for any other base): the file and its sha256."""
-    from ftcore.builtin import gguf_path
-
-    path = gguf_path(name)
-    if path is None:
-        return None
-    return {"name_or_path": name, "gguf": str(path.resolve()), "sha256": file_sha256(path)}
-
-
-def check_same_base(recorded: Optional[dict], name: str, what: str) -> Optional[dict]:
-    """The current record of `name`, after checking it is the GGUF `recorded` (by sha256) that was trained on."""
-    current = base_record(name)
-    if recorded and current and recorded.get("sha256") != current["sha256"]:
-        raise GGUFError(f"{what}: the base GGUF {current['gguf']} has sha256 {current['sha256'][:16]}..., but the run "
-                        f"trained on {recorded.get('sha256', '?')[:16]}... ({recorded.get('gguf')}); the file changed "
-                        "since training: restore it or pass the base it trained on")
-    return current
 
 
 def write_base_record(directory: Path, record: Optional[dict]) -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from ftcore.config import ConfigError, load_config
 from ftcore.metrics import set_aside_rows_after
-from ftcore.tracking import flat_params, metric_name, tracked_metrics
+from ftcore.tracking import metric_name, tracked_metrics
+from ftcore.tracking.tracker import flat_params
 from tests.conftest import ROOT, read_jsonl, run_ft, tiny_run_args
 
 # What replayed steps reproduce exactly (same world size, exact resume); speed and memory are the attempt's own.

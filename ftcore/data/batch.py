@@ -34,7 +34,7 @@ class Batch:
     examples: int = 0  # task preference: the examples the loss averages over (pairs, or KTO samples)
     # sequence_shard: labels are already shifted (label t is the token after t) and the model gets no mask
     shifted: bool = False
-    kto: Any = None  # format kto: ftcore.data.preference.KTOBatch (desirable flags, the mismatched rows)
+    kto: Optional[KTOBatch] = None  # format kto: the desirable flags and the mismatched rows
 
     @property
     def trained_tokens(self) -> int:
@@ -119,8 +119,6 @@ class Batch:
                 positions[row, width:] = self.position_ids[source, -1] + 1 + torch.arange(wide - width)
         kto = self.kto
         if kto is not None:
-            from ftcore.data.preference import KTOBatch
-
             desirable = torch.zeros(rows, dtype=torch.bool)
             desirable[:count] = kto.desirable
             kto = KTOBatch(desirable, kto.mismatched.sequence_shard(part, parts, rows))
@@ -194,10 +192,16 @@ def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classificati
             batch = collate([filler, filler] if preference else [filler], pad_id, [])
             batch.examples = 1
             if kto:
-                from ftcore.data.preference import KTOBatch
-
                 batch.kto = KTOBatch(torch.tensor([True]), collate([filler], pad_id, []))
             return batch
         return collate([filler], pad_id, [], classification)
 
     return batches + [one() for _ in range(count - len(batches))]
+
+
+@dataclass
+class KTOBatch:
+    """What a KTO batch holds beside its rows: desirable[i] for row i, and the mismatched rows."""
+
+    desirable: torch.Tensor
+    mismatched: Batch

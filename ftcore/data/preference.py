@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ftcore.data.batch import Batch, collate
+from ftcore.data.batch import Batch, KTOBatch, collate
 from ftcore.data.chat_template import assistant_char_spans
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, _bos_eos, parse_turns
 
@@ -214,14 +214,6 @@ def collate_kto(samples: list[KTOSample], partners: list[KTOSample], pad_id: int
     batch.kto = KTOBatch(torch.tensor([s.desirable for s in samples]), mismatched)
     batch.examples = len(samples)
     return batch
-
-
-@dataclass
-class KTOBatch:
-    """What a KTO batch holds beside its rows: desirable[i] for row i, and the mismatched rows."""
-
-    desirable: torch.Tensor
-    mismatched: Batch
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int, sample_ids: list[str]) -> Batch:

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ftcore.builtin import check_same_base
 from ftcore.config import Config, ConfigError, run_config_beside
 from ftcore.dtypes import DTYPES
 from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
@@ -29,11 +30,11 @@ from ftcore.export.classifier import build_classifier, head_outputs, is_classifi
 from ftcore.export.lora import Adapter, AdapterError, build_adapter, load_adapter
 from ftcore.export.merge import MergePlan, check_adapter_fits, output_config, plan_merge
 from ftcore.export.options import ExportError, ExportOptions, ExportReport
-from ftcore.export.output import Entry, write_export
-from ftcore.export.st_io import SafetensorsError
+from ftcore.export.output import write_export
+from ftcore.export.st_io import Entry, SafetensorsError
 from ftcore.export.verify import verify_against_adapter, verify_full
 from ftcore.export.zero import ConsolidationError, ZeroCheckpoint, lora_state_to_adapter
-from ftcore.gguf_base import GGUFError, check_same_base, read_base_record
+from ftcore.gguf_base import GGUFError, read_base_record
 
 CONSOLIDATION_BATCH_BYTES = 256 << 20  # bitsandbytes' default, used by transformers' 4-bit loading
 

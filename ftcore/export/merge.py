@@ -14,7 +14,7 @@ from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding
 from ftcore.export.classifier import Classifier
 from ftcore.export.lora import Adapter, expected_shape
 from ftcore.export.options import ExportError
-from ftcore.export.output import Entry
+from ftcore.export.st_io import Entry
 from ftcore.nf4 import nf4_round_trip
 
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
@@ -16,22 +15,13 @@ import torch
 
 from ftcore.durable import fsync_tree, replace_dir
 from ftcore.export.options import ExportError, ExportOptions, ExportReport
-from ftcore.export.st_io import ShardWriter
+from ftcore.export.st_io import Entry, ShardWriter
 
 if TYPE_CHECKING:
     from ftcore.export.merge import MergePlan
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
-
-
-@dataclass
-class Entry:
-    """One output tensor: its name, shape and dtype on disk."""
-
-    name: str
-    shape: tuple
-    dtype: torch.dtype
 
 
 def plan_shards(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:

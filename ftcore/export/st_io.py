@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -127,6 +128,15 @@ def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
     if got != info.nbytes:
         raise SafetensorsError(f"{info.path}: truncated while reading {info.name}")
     return out
+
+
+@dataclass
+class Entry:
+    """One tensor of a planned output shard: its name, shape and dtype on disk."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
 
 
 class ShardWriter:

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ftcore.durable import atomic_write_text
+from ftcore.tracking.mlflow_run import MlflowRun
+from ftcore.tracking.tracker import Tracker
+from ftcore.tracking.wandb_run import WandbRun
 
 LEDGER = "trackers.json"
 BATCH_ROWS = 40  # rows per delivery call (MLflow takes at most 1000 metrics per request)
@@ -51,18 +54,6 @@ def tracked_metrics(row: dict) -> dict[str, float]:
     """The numbers of a metrics.jsonl row, by tracker name (None, lists and flags are not metrics)."""
     return {metric_name(k): float(v) for k, v in row.items()
             if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
-    """The resolved config as dotted parameters (lists as JSON): train.lr -> '0.0002'."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_params(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
 
 
 def one_line(error: BaseException) -> str:
@@ -98,30 +89,6 @@ class Ledger:
             self.entries = {}
             if self.path.exists():
                 atomic_write_text(self.path, "{}")
-
-
-class Tracker:
-    """What the feed needs of a tracker run (MlflowRun, WandbRun)."""
-
-    name = ""
-
-    def open(self, run_id: Optional[str], delivered: dict[str, int]) -> tuple[str, dict[str, int]]:
-        """Create the run (run_id None) or reopen it; returns its id and the last step it holds per metric
-        (`delivered` is trackers.json's account, for trackers that cannot be asked)."""
-        raise NotImplementedError
-
-    def log(self, rows: list[tuple[int, float, dict[str, float]]]) -> None:
-        """Deliver (step, unix time, metrics) rows, in step order."""
-        raise NotImplementedError
-
-    def finish(self, summary: Optional[dict], artifacts: list[Path], status: str) -> None:
-        """End this attempt: the summary and artifacts (at the end of a training run), then the run's status:
-        FINISHED, FAILED, or KILLED (stopped to be resumed: preemption, a time slice)."""
-        raise NotImplementedError
-
-    def where(self) -> str:
-        """Where the run is, for the log: server and run id, or the offline directory."""
-        raise NotImplementedError
 
 
 class Feed(threading.Thread):
@@ -284,12 +251,8 @@ def build_trackers(names: list[str], cfg: Any, run_name: str, output_dir: Path, 
     """The tracker objects of train.report_to (tensorboard is written in-process by MetricsSink)."""
     trackers: list[Tracker] = []
     if "mlflow" in names:
-        from ftcore.tracking.mlflow_run import MlflowRun
-
         trackers.append(MlflowRun(cfg, run_name, output_dir, attempt))
     if "wandb" in names:
-        from ftcore.tracking.wandb_run import WandbRun
-
         trackers.append(WandbRun(cfg, run_name, output_dir, attempt))
     return trackers
 

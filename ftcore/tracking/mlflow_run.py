@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ftcore.tracking import Tracker, flat_params
+from ftcore.tracking.tracker import Tracker, flat_params
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a parameter's value
 MAX_METRICS_PER_CALL = 1000

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from ftcore.tracking import Tracker
+from ftcore.tracking.tracker import Tracker
 
 
 class WandbRun(Tracker):

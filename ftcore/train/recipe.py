@@ -15,7 +15,7 @@ from typing import Optional
 import psutil
 import torch
 
-from ftcore.builtin import resolve_model_path
+from ftcore.builtin import base_record, resolve_model_path
 from ftcore.checkpoint import CheckpointError, CheckpointManager
 from ftcore.config import Config, dump_config
 from ftcore.data.batch import Batch, pad_eval_batches
@@ -23,7 +23,7 @@ from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_bat
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.dtypes import DTYPES
 from ftcore.generation_eval import read_prompts
-from ftcore.gguf_base import base_record, write_base_record
+from ftcore.gguf_base import write_base_record
 from ftcore.metrics import FlopCounter, peak_flops_per_device
 from ftcore.model import (
     attention_width,

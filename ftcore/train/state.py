@@ -21,7 +21,7 @@ class RunState:
     tokens_seen: int = 0
     trained_tokens_seen: int = 0
     trackers: dict[str, str] = field(default_factory=dict)  # tracker -> run id (rank 0 knows them)
-    base_model: Optional[dict] = None  # a GGUF base: its file and sha256 (ftcore.gguf_base.base_record)
+    base_model: Optional[dict] = None  # a GGUF base: its file and sha256 (ftcore.builtin.base_record)
 
     def advance(self, tokens: int, trained_tokens: int) -> None:
         """One optimizer step over `tokens` (of which `trained_tokens` trained), summed over all ranks."""

@@ -1,0 +1,133 @@
+"""The import contract: first-party modules form layers, launcher -> tools -> train -> model/data -> config/io, and
+a module imports only from its own layer or the ones below; no two modules import each other, directly or round a
+cycle. Every import counts, at the top of a file, inside a function or under TYPE_CHECKING: an import moved into a
+function still ties the two modules together, it only hides the cycle until the function runs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+# Highest layer first. A module belongs to the first layer with a prefix that names it or a package above it (the
+# longest prefix wins, so a module can sit below its package's layer).
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("launcher", ("launcher",)),
+    ("tools", ("ftcore.export", "ftcore.plan", "ftcore.generate", "ftcore.eval_command")),
+    ("train", ("ftcore.train",)),
+    ("model/data", ("ftcore.data", "ftcore.model", "ftcore.model_files", "ftcore.builtin", "ftcore.gguf_base",
+                    "ftcore.preflight", "ftcore.checkpoint", "ftcore.resume", "ftcore.ds_config",
+                    "ftcore.launch_settings", "ftcore.metrics", "ftcore.tracking", "ftcore.generation_eval",
+                    "ftcore.scoring", "ftcore.nf4", "ftcore.assets")),
+    # ftcore.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);
+    # ftcore.export.st_io is the safetensors reader/writer the model files and the export both use.
+    ("config/io", ("ftcore", "ftcore.config", "ftcore.durable", "ftcore.dtypes", "ftcore.quiet", "ftcore.dist_env",
+                   "ftcore.preemption", "ftcore.plot", "ftcore.cache", "ftcore.export.st_io")),
+]
+RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}  # 0 = highest
+
+
+def first_party_modules() -> dict[str, Path]:
+    modules = {}
+    for package in ("ftcore", "launcher"):
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def layer_of(module: str) -> str:
+    best = max(((prefix, name) for name, prefixes in LAYERS for prefix in prefixes
+                if module == prefix or module.startswith(prefix + ".")), key=lambda pair: len(pair[0]))
+    return best[1]
+
+
+def imported_modules(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The first-party modules `module` imports anywhere in its file (a name imported from a package counts as
+    its submodule when it is one)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = first_party_modules()
+    return {module: imported_modules(module, path, modules) for module, path in modules.items()}
+
+
+def test_every_module_has_a_layer():
+    for module in first_party_modules():
+        assert layer_of(module), f"{module}: add it to a layer in tests/test_layering.py"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
+                  for module, targets in graph.items() for target in targets
+                  if RANK[layer_of(target)] < RANK[layer_of(module)])
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components: each component of more than one module is a cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = upward_imports(import_graph())
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_contract_sees_an_upward_import_and_the_cycle_it_closes():
+    """The checks can fail: the model module importing the recipe (which imports it) is both."""
+    graph = import_graph()
+    graph["ftcore.model"] = graph["ftcore.model"] | {"ftcore.train.recipe"}
+    assert upward_imports(graph) == ["ftcore.model (model/data) imports ftcore.train.recipe (train)"]
+    assert any({"ftcore.model", "ftcore.train.recipe"} <= set(cycle) for cycle in import_cycles(graph))
