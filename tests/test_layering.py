@@ -131,3 +131,64 @@ def test_the_contract_sees_an_upward_import_and_the_cycle_it_closes():
     graph["ftcore.model"] = graph["ftcore.model"] | {"ftcore.train.recipe"}
     assert upward_imports(graph) == ["ftcore.model (model/data) imports ftcore.train.recipe (train)"]
     assert any({"ftcore.model", "ftcore.train.recipe"} <= set(cycle) for cycle in import_cycles(graph))
+
+
+def top_level_imports(path: Path) -> list[str]:
+    """What a file imports when it is imported: its top-level statements, not functions or TYPE_CHECKING."""
+    names = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def torch_free_modules() -> set[str]:
+    """First-party modules whose import does not import torch, directly or through what they import at the top."""
+    modules = first_party_modules()
+    edges: dict[str, set[str]] = {}
+    direct_torch = set()
+    for module, path in modules.items():
+        names = top_level_imports(path)
+        direct_torch.update([module] if any(n == "torch" or n.startswith("torch.") for n in names) else [])
+        targets = set()
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
+        parent = module.rpartition(".")[0]  # importing a submodule runs its package's __init__ first
+        if parent in modules:
+            targets.add(parent)
+        edges[module] = targets
+    heavy = set(direct_torch)
+    while True:
+        more = {m for m, targets in edges.items() if m not in heavy and targets & heavy}
+        if not more:
+            return set(modules) - heavy
+        heavy |= more
+
+
+def test_first_party_imports_sit_at_the_top_unless_the_module_stays_torch_free():
+    """An import inside a function hides a dependency; the one reason kept is a module that must import without
+    torch (the CLI's commands, config, preflight, plan, GGUF reading), whose heavy work imports on use."""
+    modules = first_party_modules()
+    light = torch_free_modules()
+    hidden = []
+    for module, path in modules.items():
+        if module in light:
+            continue
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{path.relative_to(ROOT)}:{node.lineno} ({function.name}) imports {node.module}"
+                           for node in ast.walk(function) if isinstance(node, ast.ImportFrom)
+                           and (node.module or "").split(".")[0] in ("ftcore", "launcher")]
+    assert not hidden, "move to the top of the file:\n" + "\n".join(hidden)
+
+
+def test_the_command_line_and_the_config_import_without_torch():
+    light = torch_free_modules()
+    for module in ("launcher.cli", "launcher.app", "launcher.run_commands", "launcher.tool_commands",
+                   "ftcore.config", "ftcore.preflight", "ftcore.plan", "ftcore.gguf_base", "ftcore.builtin"):
+        assert module in light, f"{module} imports torch when imported"
