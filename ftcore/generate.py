@@ -6,17 +6,15 @@ from pathlib import Path
 
 import torch
 
-from ftcore.builtin import resolve_model_path
+from ftcore.builtin import is_builtin, resolve_model_path
 from ftcore.data.chat_template import render
+from ftcore.gguf_base import gguf_file
 from ftcore.model_files import BaseModelError, check_model_dir
 
 
 def load_for_inference(model_dir: str) -> tuple[torch.nn.Module, object]:
     """A final/ dir (PEFT adapter or full model) and its tokenizer, ready to generate on this machine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftcore.builtin import is_builtin
-    from ftcore.gguf_base import gguf_file
 
     if is_builtin(model_dir) or gguf_file(model_dir) is not None:  # a base model: built in, or a GGUF file
         model_dir = resolve_model_path(model_dir)

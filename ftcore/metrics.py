@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ftcore.durable import atomic_write_text
+from ftcore.model import logical_numel
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s per GPU, from the vendors' data sheets. More specific
 # names first: the first substring found in torch.cuda.get_device_name() wins.
@@ -51,8 +52,6 @@ class FlopCounter:
     """Model FLOPs of a training step from the model's own modules (4-bit and ZeRO-3 weights at their real size)."""
 
     def __init__(self, model: torch.nn.Module, num_layers: int, attention_width: int):
-        from ftcore.model import logical_numel
-
         self.trained_matrix = self.frozen_matrix = 0
         for module in model.modules():
             if not isinstance(module, torch.nn.Linear):

@@ -14,6 +14,8 @@ import torch
 
 from ftcore.config import AdapterConfig, Config, ModelConfig
 from ftcore.dtypes import DTYPES
+from ftcore.model_files import BaseModelError, check_model_dir
+from ftcore.nf4 import nf4_quantization_config
 from ftcore.preflight import flash_attn_available
 
 
@@ -72,8 +74,6 @@ def quant_storage_dtype(adapter_cfg: AdapterConfig, model_dtype: str, zero_stage
 
 def qlora_quantization_config(adapter_cfg: AdapterConfig, model_dtype: str, zero_stage: int) -> Any:
     """QLoRA's recipe: NF4 with double quantization, computing in the model's dtype."""
-    from ftcore.nf4 import nf4_quantization_config
-
     return nf4_quantization_config(DTYPES[model_dtype], quant_storage_dtype(adapter_cfg, model_dtype, zero_stage))
 
 
@@ -95,7 +95,6 @@ def load_model(cfg: Config, model_dir: str, device: torch.device,
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ftcore.model_files import BaseModelError, check_model_dir
 
     if Path(model_dir).is_dir():  # (a hub id is left to transformers)
         try:

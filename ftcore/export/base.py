@@ -12,6 +12,8 @@ import torch
 from ftcore.dtypes import DTYPES
 from ftcore.export.options import ExportError
 from ftcore.export.st_io import SafetensorsError, read_model_headers, read_tensor
+from ftcore.model import quantized_module_names
+from ftcore.model_files import BaseModelError, check_model_dir
 
 
 class BaseModel:
@@ -19,8 +21,6 @@ class BaseModel:
 
     def __init__(self, directory: Path):
         self.dir = directory
-        from ftcore.model_files import BaseModelError, check_model_dir
-
         try:  # config.json and the weights agree, every shard is there (one line naming what is wrong)
             check_model_dir(directory)
         except BaseModelError as e:
@@ -76,7 +76,6 @@ def quantized_weight_names(base: BaseModel) -> tuple[set[str], set[str]]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from ftcore.model import quantized_module_names
 
     config = AutoConfig.from_pretrained(base.dir)
     with init_empty_weights():

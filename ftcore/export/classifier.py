@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftcore.config import Config
+from ftcore.data.batch import pad_token_id
 from ftcore.export.base import BaseModel
 from ftcore.export.lora import Adapter
 from ftcore.export.options import ExportError
@@ -42,7 +43,6 @@ def build_classifier(base: BaseModel, run_config: Optional[Config], num_labels: 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    from ftcore.data.batch import pad_token_id
 
     labels = (run_config.data.labels if run_config else None) or [f"LABEL_{i}" for i in range(num_labels)]
     if len(labels) != num_labels:

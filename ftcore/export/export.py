@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ftcore.builtin import check_same_base
+from ftcore.builtin import check_same_base, resolve_model_path
 from ftcore.config import Config, ConfigError, run_config_beside
 from ftcore.dtypes import DTYPES
 from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
@@ -169,8 +169,6 @@ def _resolve_base(name: Optional[str], what: str, run_config: Optional[Config], 
     try:
         current = check_same_base(recorded, name, what)
         if name.startswith("builtin:") or current:
-            from ftcore.builtin import resolve_model_path
-
             dtype = run_config.model.dtype if run_config else "float32"
             name = resolve_model_path(name, dtype)
             if current:

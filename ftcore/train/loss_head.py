@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ftcore.data.formats import IGNORE_INDEX
+from ftcore.preflight import liger_available
 from ftcore.train.chunked_loss import HeadTensors, LogitTransform, low_rank_projection, raw_logits
 from ftcore.train.errors import TrainError
 
@@ -189,8 +190,6 @@ def why_not_fused(cuda: bool, has_head_lora: bool, transform: LogitTransform, ba
     """None when liger-kernel's fused loss can compute this run's loss; otherwise why not."""
     if not cuda:
         return "the fused kernel needs a CUDA GPU"
-    from ftcore.preflight import liger_available
-
     if not liger_available():
         return "liger-kernel is not installed (pip install '.[fused]')"
     if has_head_lora:

@@ -15,6 +15,17 @@ from typing import Any, Iterable, Optional
 import torch
 
 from ftcore.config import Config
+from ftcore.train.chunked_loss import HeadTensors, chunked_linear_cross_entropy, shifted_labels
+from ftcore.train.errors import TrainError
+from ftcore.train.loss_head import (
+    DecoderOutput,
+    TrainedHeadUnderZero3,
+    base_model_output,
+    fused_cross_entropy,
+    gathered,
+    head_parts,
+    head_tensors,
+)
 
 
 @dataclass
@@ -72,8 +83,6 @@ class ChunkedCausalLMLoss(Objective):
         """(CE + base_kl * KL) / normaliser + the router loss."""
         total, ce, kl, out = self._sums(model, inputs, self.base_kl)
         if self.zero3_head is None:
-            from ftcore.train.loss_head import TrainedHeadUnderZero3
-
             self.zero3_head = TrainedHeadUnderZero3(self.unwrap(model).get_output_embeddings())
         router = self._router_loss(model, out)
         loss = self.zero3_head.wrap(total) / normaliser + router
@@ -89,16 +98,6 @@ class ChunkedCausalLMLoss(Objective):
         return LossOutput(loss, out, {"loss": loss.detach()})
 
     def _sums(self, model: Any, inputs: dict, base_kl: float):
-        from ftcore.train.chunked_loss import chunked_linear_cross_entropy, shifted_labels
-        from ftcore.train.loss_head import (
-            DecoderOutput,
-            base_model_output,
-            fused_cross_entropy,
-            gathered,
-            head_parts,
-            head_tensors,
-        )
-
         inner = self.unwrap(model)
         without_labels = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         base_hidden = base_module = None
@@ -115,8 +114,6 @@ class ChunkedCausalLMLoss(Objective):
                 return ce, ce.detach(), None, out
             base_head = None
             if base_kl:
-                from ftcore.train.chunked_loss import HeadTensors
-
                 base_linear = head_parts(base_module, "base model's head")[0]
                 base_head = HeadTensors(base_linear.weight.detach(),
                                         None if base_linear.bias is None else base_linear.bias.detach())
@@ -134,8 +131,6 @@ class ChunkedCausalLMLoss(Objective):
         inner = self.unwrap(model)
         coefficient = getattr(inner, "router_aux_loss_coef", getattr(inner, "aux_loss_coef", None))
         if coefficient is None:
-            from ftcore.train.errors import TrainError
-
             raise TrainError(f"train.loss_impl: {type(inner).__name__} returns a router loss whose weight ft "
                              "does not know; use train.loss_impl=full")
         return coefficient * aux

@@ -21,6 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from ftcore.config import PreferenceConfig
+from ftcore.train.chunked_loss import HeadTensors, chunked_linear_cross_entropy, chunked_token_logprobs, shifted_labels
+from ftcore.train.loss_head import (
+    DecoderOutput,
+    TrainedHeadUnderZero3,
+    base_model_output,
+    gathered,
+    head_parts,
+    head_tensors,
+)
 from ftcore.train.objective import LossOutput, Objective
 
 NEEDS_REFERENCE = ("dpo", "ipo", "hinge", "kto")
@@ -86,13 +95,6 @@ class _ResponseLogpObjective(Objective):
         """(loss to backpropagate, model output, each row's summed response log-probs, what loss_of returned
         beside the loss): loss_of maps the rows' log-prob sums (a leaf tensor) to (summed loss / normaliser,
         extras); its gradient reaches the weights by the chain rule through the chunked head."""
-        from ftcore.train.chunked_loss import (
-            HeadTensors,
-            chunked_linear_cross_entropy,
-            chunked_token_logprobs,
-        )
-        from ftcore.train.loss_head import DecoderOutput, TrainedHeadUnderZero3, gathered, head_tensors
-
         inner = self.unwrap(model)
         if self.zero3_head is None:
             self.zero3_head = TrainedHeadUnderZero3(inner.get_output_embeddings())
@@ -124,9 +126,6 @@ class _ResponseLogpObjective(Objective):
 
     def _reference_logps(self, model: Any, inputs: dict) -> torch.Tensor:
         """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
-        from ftcore.train.chunked_loss import HeadTensors, chunked_token_logprobs
-        from ftcore.train.loss_head import base_model_output, gathered, head_parts
-
         hidden, head = base_model_output(model, self.unwrap(model), self.reference, _model_inputs(inputs))
         with torch.no_grad(), gathered(head):
             linear = head_parts(head, "reference's head")[0]
@@ -136,9 +135,6 @@ class _ResponseLogpObjective(Objective):
 
     def _policy_logps(self, model: Any, inputs: dict) -> torch.Tensor:
         """Summed response log-probs of the policy, without gradients."""
-        from ftcore.train.chunked_loss import chunked_token_logprobs
-        from ftcore.train.loss_head import DecoderOutput, gathered, head_tensors
-
         inner = self.unwrap(model)
         with torch.no_grad(), DecoderOutput(inner).capture() as decoder:
             model(**_model_inputs(inputs), logits_to_keep=1)
@@ -157,8 +153,6 @@ def _model_inputs(inputs: dict) -> dict:
 
 def _targets(inputs: dict) -> torch.Tensor:
     """Each position's target token (-100: none): the labels shifted, or a sequence shard's already shifted."""
-    from ftcore.train.chunked_loss import shifted_labels
-
     return inputs["shift_labels"] if "shift_labels" in inputs else shifted_labels(inputs["labels"])
 
 

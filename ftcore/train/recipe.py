@@ -44,8 +44,10 @@ from ftcore.train.loss_head import choose_loss_impl
 from ftcore.train.objective import build_objective
 from ftcore.train.optim import attach_schedule, build_optimizer, restore_rates
 from ftcore.train.outputs import save_final
+from ftcore.train.preference import NEEDS_REFERENCE, KTOLoss, PreferenceLoss
 from ftcore.train.reporting import Reporter
 from ftcore.train.runtime import Runtime, start_runtime
+from ftcore.train.sequence_parallel import start_sequence_parallel
 from ftcore.train.state import RunState
 
 
@@ -132,16 +134,12 @@ class Recipe:
         rt.log(f"model: {architecture}, attention {self.attn_implementation}{chosen}")
         self.sequence = None  # the ranks sharing this rank's samples (sequence parallelism)
         if rt.sequence_parallel > 1:
-            from ftcore.train.sequence_parallel import start_sequence_parallel
-
             self.sequence = start_sequence_parallel(self.model, self.attn_implementation, rt.sequence_parallel,
                                                     self._rows(), rt.backend)
             rt.log(f"sequence parallel: {rt.sequence_parallel} ranks split each sample's tokens (Ulysses), "
                    f"{rt.data_world} data-parallel group{'s' * (rt.data_world > 1)}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.reference = self.reference_engine = None
-        from ftcore.train.preference import NEEDS_REFERENCE
-
         needs_reference = cfg.train.base_kl or (cfg.task == "preference" and cfg.preference.loss in NEEDS_REFERENCE)
         if needs_reference and not self.is_lora:
             # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy
@@ -186,8 +184,6 @@ class Recipe:
         if cfg.classification:
             impl, transform, self.loss_words = "full", None, "full"
         elif cfg.task == "preference":
-            from ftcore.train.preference import KTOLoss, PreferenceLoss
-
             _, transform, words = choose_loss_impl("chunked", self.chunk_tokens, 0.0, self.engine,
                                                    unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
             p = cfg.preference

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 
 from ftcore.config import Config
 from ftcore.metrics import MetricsSink, memory_now, write_summary
+from ftcore.plot import PlotError, plot_run
 from ftcore.tracking import Feed, start_feeds, wait_until_opened
 from ftcore.train.runtime import Runtime
 
@@ -199,8 +200,6 @@ class Reporter:
             return
         artifacts = []
         if self.last_summary is not None:
-            from ftcore.plot import PlotError, plot_run
-
             try:
                 plot_run(self.output_dir, self.output_dir / "metrics.png")
             except PlotError:
