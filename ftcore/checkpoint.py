@@ -42,6 +42,7 @@ import torch
 
 from ftcore.config import CheckpointConfig
 from ftcore.durable import atomic_write_text, discard_dir, fsync_dir, fsync_file, remove_leftovers, replace_dir
+from ftcore.run_dir import RunDir
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step-\d+")
@@ -146,7 +147,7 @@ class CheckpointManager:
 
     def __init__(self, output_dir: str | Path, cfg: Optional[CheckpointConfig] = None,
                  runtime: Optional[Collectives] = None):
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = RunDir(output_dir).checkpoints
         self.keep_last = (cfg or CheckpointConfig()).keep_last
         self.collectives = runtime or OneProcess()
         self.rank, self.world_size = self.collectives.rank, self.collectives.world_size

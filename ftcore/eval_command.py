@@ -24,7 +24,11 @@ from ftcore.builtin import is_builtin, resolve_model_path
 from ftcore.config import Config, DataConfig, DataSource, load_config, run_config_beside
 from ftcore.durable import atomic_write_text
 from ftcore.gguf_base import GGUFError, gguf_file
+from ftcore.run_dir import RunDir
 from ftcore.scoring import METRICS
+
+# What `ft eval` writes into its --out dir (a dir of its own, not a run dir).
+EVAL_PREDICTIONS, EVAL_SUMMARY = "predictions.jsonl", "summary.json"
 
 
 class EvalError(ValueError):
@@ -35,7 +39,7 @@ def resolve_target(target: str, sets: list[str]) -> tuple[str, Optional[Config],
     """(what kind of target, its run config if known, the model dir or checkpoint dir)."""
     if target.endswith((".yaml", ".yml")):
         cfg = load_config(target, sets)
-        final = Path(cfg.output_dir) / "final"
+        final = RunDir(cfg.output_dir).final
         if not final.is_dir():
             raise EvalError(f"{target}: {final} does not exist yet (train first, or pass a checkpoint dir)")
         return "model", cfg, str(final)
@@ -80,7 +84,7 @@ def eval_data(cfg: Optional[Config], data: list[str], fmt: Optional[str]) -> Dat
 def default_out(target: str, cfg: Optional[Config], model_dir: str) -> Path:
     """Where results go when --out is not given: output_dir/eval for a config, else eval-NAME beside the model."""
     if target.endswith((".yaml", ".yml")) and cfg is not None:
-        return Path(cfg.output_dir) / "eval"
+        return RunDir(cfg.output_dir).eval_predictions
     if is_builtin(target):
         return Path("outputs") / f"eval-{target.split(':', 1)[1]}"
     gguf = _gguf(target)
@@ -146,8 +150,8 @@ def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str
                "max_new_tokens": max_new_tokens, **{k: v for k, v in counts.items() if k != "records"}}
     if rank == 0:
         out_dir = Path(out) if out else default_out(target, cfg, where)
-        write_predictions(out_dir / "predictions.jsonl", rows)
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+        write_predictions(out_dir / EVAL_PREDICTIONS, rows)
+        atomic_write_text(out_dir / EVAL_SUMMARY, json.dumps(summary, indent=1))
         summary["out"] = str(out_dir)
     return summary
 

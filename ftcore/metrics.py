@@ -23,6 +23,7 @@ import torch
 
 from ftcore.durable import atomic_write_text
 from ftcore.model import logical_numel
+from ftcore.run_dir import RunDir
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s per GPU, from the vendors' data sheets. More specific
 # names first: the first substring found in torch.cuda.get_device_name() wins.
@@ -115,17 +116,18 @@ class MetricsSink:
                 "gpu_max_reserved_gib": "memory/gpu_max_reserved_gib", "host_rss_gib": "memory/host_rss_gib"}
 
     def __init__(self, output_dir: Path, report_to: list[str], resume_step: int):
-        self.jsonl = output_dir / "metrics.jsonl"
+        run = RunDir(output_dir)
+        self.jsonl = run.metrics
         drop_partial_line(self.jsonl)  # a process killed mid-write leaves half a line; appending must not glue on
         # metrics.jsonl is the timeline this run's weights went through: the rows an interrupted attempt wrote
         # after the checkpoint this attempt starts from are trained again, so they move aside (kept).
-        set_aside_rows_after(self.jsonl, resume_step, output_dir / "metrics.superseded.jsonl")
+        set_aside_rows_after(self.jsonl, resume_step, run.metrics_superseded)
         self.tb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a preempted attempt wrote after its checkpoint are dropped on resume.
-            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=resume_step if resume_step else None)
+            self.tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step if resume_step else None)
 
     def record(self, metrics: dict) -> None:
         """Append one step's or eval's metrics, with the time it was recorded (and to TensorBoard when on)."""

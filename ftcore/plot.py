@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ftcore.run_dir import RunDir
+
 
 class PlotError(ValueError):
     """A run directory with nothing to plot, as one line."""
@@ -14,7 +16,7 @@ class PlotError(ValueError):
 
 def read_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """(step, value) pairs per metric; a resumed run's repeated steps keep their last value."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise PlotError(f"{path} does not exist: is {run_dir} a run directory (output_dir)?")
     series: dict[str, dict[int, float]] = {}

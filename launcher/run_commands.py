@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from ftcore.config import ConfigError, dump_config
+from ftcore.run_dir import RunDir
 from launcher.app import CONFIG_ARG, RESUME_OPT, SET_OPT, app, check_batch, fail, load_run_config
 
 
@@ -113,7 +114,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     except TopologyError as e:
         fail(str(e))
     check_batch(cfg, nproc * node.nnodes)
-    attempt_dir = Path(cfg.output_dir).resolve() / "logs" / node.attempt
+    attempt_dir = RunDir(Path(cfg.output_dir).resolve()).attempt(node.attempt)
     # On a terminal the ranks keep it (live progress bar); otherwise (Slurm, nohup, CI) every rank's output goes
     # to its own log file too and each console line is prefixed with node and rank.
     tee = not sys.stdout.isatty()
@@ -210,7 +211,7 @@ def slurm_submit(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     cfg = load_run_config(config, sets, check_paths=True)
     check_batch(cfg, nodes * (nproc_per_node or max(gpus_per_node, 1)))
     output_dir = Path(cfg.output_dir).resolve()
-    log_dir = output_dir / "logs"
+    log_dir = RunDir(output_dir).logs
     try:
         options = SbatchOptions(
             config_path=config, overrides=tuple(sets), nodes=nodes, gpus_per_node=gpus_per_node,

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from ftcore.config import ConfigError
+from ftcore.run_dir import RunDir
 from launcher.app import CONFIG_ARG, SET_OPT, app, fail, load_run_config
 
 
@@ -135,7 +136,7 @@ def plot(run_dir: str = typer.Argument(..., help="A run's output_dir (holds metr
 
     from ftcore.plot import PlotError, plot_run
 
-    target = Path(out) if out else Path(run_dir) / "metrics.png"
+    target = Path(out) if out else RunDir(run_dir).metrics_plot
     try:
         series = plot_run(Path(run_dir), target)
     except (PlotError, OSError) as e:

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # ftcore.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);
     # ftcore.export.st_io is the safetensors reader/writer the model files and the export both use.
     ("config/io", ("ftcore", "ftcore.config", "ftcore.durable", "ftcore.dtypes", "ftcore.quiet", "ftcore.dist_env",
-                   "ftcore.preemption", "ftcore.plot", "ftcore.cache", "ftcore.export.st_io")),
+                   "ftcore.preemption", "ftcore.plot", "ftcore.cache", "ftcore.run_dir", "ftcore.export.st_io")),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}  # 0 = highest
 
@@ -192,3 +192,20 @@ def test_the_command_line_and_the_config_import_without_torch():
     for module in ("launcher.cli", "launcher.app", "launcher.run_commands", "launcher.tool_commands",
                    "ftcore.config", "ftcore.preflight", "ftcore.plan", "ftcore.gguf_base", "ftcore.builtin"):
         assert module in light, f"{module} imports torch when imported"
+
+
+def test_a_run_directory_file_is_named_only_by_run_dir():
+    """ftcore/run_dir.py spells the run directory's layout; elsewhere a path into a run asks RunDir for it."""
+    import re
+
+    from ftcore.run_dir import RunDir
+
+    run = RunDir("/run")
+    names = sorted({getattr(run, attr).name for attr in dir(RunDir)
+                    if isinstance(getattr(RunDir, attr), property)})
+    joined = re.compile(r"/\s*[\"'](" + "|".join(re.escape(n) for n in names) + r")[\"']")
+    spelled = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+               for module, path in first_party_modules().items() if module != "ftcore.run_dir"
+               for number, line in enumerate(path.read_text().splitlines(), start=1) if joined.search(line)]
+    assert not spelled, "use RunDir:\n" + "\n".join(spelled)
+    assert {"checkpoints", "final", "metrics.jsonl", "config.yaml", "logs"} <= set(names)

@@ -65,7 +65,8 @@ def test_the_first_step_waits_for_the_tracker_run_to_open_but_not_for_a_tracker_
     that hangs holds it for open_timeout_s, with one line; neither stops the run."""
     import threading
 
-    from ftcore.tracking import LEDGER, Feed, Ledger, Tracker, wait_until_opened
+    from ftcore.run_dir import RunDir
+    from ftcore.tracking import Feed, Ledger, Tracker, wait_until_opened
 
     release = threading.Event()
 
@@ -104,7 +105,7 @@ def test_the_first_step_waits_for_the_tracker_run_to_open_but_not_for_a_tracker_
     started = time.monotonic()
     wait_until_opened(feeds(Opens, Fails), 30, lines.append)
     assert time.monotonic() - started < 10
-    assert json.loads((tmp_path / LEDGER).read_text())["opens"]["run_id"] == "run-1"
+    assert json.loads(RunDir(tmp_path).trackers.read_text())["opens"]["run_id"] == "run-1"
     assert any(line.startswith("fails: not reachable (refused)") for line in lines)
     started = time.monotonic()
     wait_until_opened(feeds(Hangs), 0.5, lines.append)

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ftcore.config.schema import Config, ConfigError, DataConfig, DataSource, _FieldError
+from ftcore.run_dir import RunDir
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -191,7 +192,7 @@ def _merge(base: Any, over: Any) -> Any:
 def run_config_beside(directory: Path) -> Optional[Config]:
     """The ft config saved beside an adapter, export or checkpoint (ft_config.yaml, or the run's config.yaml two
     levels above a step dir), as the typed Config; None where ft wrote none. ConfigError when it does not load."""
-    for candidate in (directory / "ft_config.yaml", directory.parent.parent / "config.yaml"):
+    for candidate in (directory / "ft_config.yaml", RunDir(directory.parent.parent).config):
         if candidate.is_file():
             return load_config(candidate)
     return None

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ftcore.durable import atomic_write_text
+from ftcore.run_dir import RunDir
 from ftcore.tracking.mlflow_run import MlflowRun
 from ftcore.tracking.tracker import Tracker
 from ftcore.tracking.wandb_run import WandbRun
 
-LEDGER = "trackers.json"
 BATCH_ROWS = 40  # rows per delivery call (MLflow takes at most 1000 metrics per request)
 
 # metrics.jsonl keys -> tracker names, grouped as TensorBoard's tags are (train/, eval/, perf/, memory/, data/).
@@ -66,7 +66,7 @@ class Ledger:
     """output_dir/trackers.json: each tracker's run id, where it is, and the last step it holds per metric."""
 
     def __init__(self, output_dir: Path):
-        self.path = output_dir / LEDGER
+        self.path = RunDir(output_dir).trackers
         self.lock = threading.Lock()
         try:
             self.entries: dict[str, dict] = json.loads(self.path.read_text())
@@ -272,7 +272,7 @@ def start_feeds(cfg: Any, output_dir: Path, run_ids: dict[str, str], new_timelin
     feeds = []
     for tracker in build_trackers(names, cfg, run_name, output_dir, attempt):
         run_id = run_ids.get(tracker.name) or ledger.entry(tracker.name).get("run_id")
-        feed = Feed(tracker, output_dir / "metrics.jsonl", ledger, run_id, log, on_open)
+        feed = Feed(tracker, RunDir(output_dir).metrics, ledger, run_id, log, on_open)
         feed.start()
         feeds.append(feed)
     return feeds

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.metrics import drop_partial_line
+from ftcore.run_dir import RunDir
 
 
 class Audit:
     """The audit files of one rank; a no-op unless `enabled`."""
 
     def __init__(self, output_dir: Path, rank: int, enabled: bool, rss_before_model_gib: float = 0.0):
-        self.directory, self.rank, self.enabled = output_dir / "audit", rank, enabled
+        self.directory, self.rank, self.enabled = RunDir(output_dir).audit, rank, enabled
         # This process's RSS before the model was loaded: what the model, engine and a step add is measured from
         # here (ft plan's per-rank prediction, on a CPU run).
         self.rss_before_model = rss_before_model_gib

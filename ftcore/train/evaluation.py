@@ -8,7 +8,6 @@ the pairs' (KTO: samples') mean loss, reward accuracy and margin, rewards and lo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -17,6 +16,7 @@ from ftcore.config import Config
 from ftcore.data.batch import Batch
 from ftcore.generation_eval import evaluate_by_generation, write_predictions
 from ftcore.metrics import classification_scores, write_summary
+from ftcore.run_dir import RunDir
 from ftcore.train.objective import Objective
 from ftcore.train.runtime import Runtime
 
@@ -93,12 +93,12 @@ class Evaluator:
                                              synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,
                                              device=rt.device)  # (leaves the model in train mode)
         if rt.is_main:
-            write_predictions(Path(self.cfg.output_dir) / "eval" / f"generate-step{step:06d}.jsonl", rows)
+            write_predictions(RunDir(self.cfg.output_dir).eval_predictions / f"generate-step{step:06d}.jsonl", rows)
         return {**{f"eval_gen_{name}": value for name, value in means.items()}, "eval_gen_samples": len(rows)}
 
     def _save_predictions(self, step: int, predictions: list[tuple[str, int, int]], scores: dict) -> None:
         labels = self.cfg.data.labels
-        directory = Path(self.cfg.output_dir) / "eval"
+        directory = RunDir(self.cfg.output_dir).eval_predictions
         directory.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "labels": labels, **scores,
                   "predictions": [{"id": sample_id, "label": labels[label], "prediction": labels[p]}

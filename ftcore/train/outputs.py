@@ -14,6 +14,7 @@ import torch
 from ftcore.config import Config, dump_config
 from ftcore.durable import fsync_tree, remove_leftovers, replace_dir
 from ftcore.gguf_base import read_base_record, write_base_record
+from ftcore.run_dir import RunDir
 from ftcore.train.errors import TrainError
 from ftcore.train.runtime import Runtime
 
@@ -21,10 +22,10 @@ from ftcore.train.runtime import Runtime
 def save_final(cfg: Config, runtime: Runtime, engine: Any, tokenizer: Any, *, is_lora: bool, total_params: int,
                adapter_shapes: dict[str, tuple[int, ...]]) -> Path:
     """Collective: write output_dir/final/ (see the module docstring). Returns its path."""
-    output_dir = Path(cfg.output_dir)
-    final, tmp = output_dir / "final", output_dir / "final.tmp"
+    run = RunDir(cfg.output_dir)
+    final, tmp = run.final, run.final_staging
     if runtime.is_main:
-        remove_leftovers(output_dir, "final.tmp")
+        remove_leftovers(run.root, tmp.name)
         tmp.mkdir(parents=True)
     runtime.barrier()
     unwrapped = runtime.accelerator.unwrap_model(engine)
@@ -42,7 +43,7 @@ def save_final(cfg: Config, runtime: Runtime, engine: Any, tokenizer: Any, *, is
     if runtime.is_main:
         tokenizer.save_pretrained(tmp)
         (tmp / "ft_config.yaml").write_text(dump_config(cfg))
-        write_base_record(tmp, read_base_record(output_dir))  # a GGUF base's file and sha256, for ft export
+        write_base_record(tmp, read_base_record(run.root))  # a GGUF base's file and sha256, for ft export
         fsync_tree(tmp)
         replace_dir(tmp, final)  # a rerun's final/ replaces the old one without a moment of a partial copy
         runtime.log(f"final {'adapter' if is_lora else 'model'} saved: {final}")

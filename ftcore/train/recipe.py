@@ -37,6 +37,7 @@ from ftcore.model import (
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.resume import check_resumable
+from ftcore.run_dir import RunDir
 from ftcore.train.audit import Audit
 from ftcore.train.errors import TrainError
 from ftcore.train.evaluation import Evaluator
@@ -171,8 +172,8 @@ class Recipe:
         self.audit.start(rt.accelerator, self.engine, self.total_params, group_names)
         if rt.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "ds_config.json").write_text(json.dumps(rt.ds_config, indent=2))
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            RunDir(self.output_dir).ds_config.write_text(json.dumps(rt.ds_config, indent=2))
+            RunDir(self.output_dir).config.write_text(dump_config(cfg))
 
     def _setup_objective(self) -> None:
         """The loss, once the engine exists: auto/chunked/fused first check on a probe that the chunked head's
@@ -283,7 +284,7 @@ class Recipe:
         if saved_at != state.step or self.checkpoints.latest() is None:
             self.save_checkpoint()
         # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
-        if state.step >= cfg.train.max_steps and (trained or not (self.output_dir / "final").is_dir()):
+        if state.step >= cfg.train.max_steps and (trained or not RunDir(self.output_dir).final.is_dir()):
             save_final(cfg, rt, self.engine, self.tokenizer, is_lora=self.is_lora, total_params=self.total_params,
                        adapter_shapes=self.adapter_shapes)
         if trained:

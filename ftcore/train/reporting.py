@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 from ftcore.config import Config
 from ftcore.metrics import MetricsSink, memory_now, write_summary
 from ftcore.plot import PlotError, plot_run
+from ftcore.run_dir import RunDir
 from ftcore.tracking import Feed, start_feeds, wait_until_opened
 from ftcore.train.runtime import Runtime
 
@@ -84,9 +85,10 @@ class Reporter:
         for feed in self.feeds:
             feed.notify()
         if "eval_accuracy" in metrics:
+            predictions = RunDir(self.output_dir).eval_predictions
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} accuracy "
                              f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
-                             f"({metrics['eval_samples']} samples; predictions in {self.output_dir / 'eval'})")
+                             f"({metrics['eval_samples']} samples; predictions in {predictions})")
         elif "eval_reward_accuracy" in metrics:
             # KTO: counted in samples, with its reference point; a margin needs both kinds of samples.
             margin = metrics.get("eval_reward_margin")
@@ -142,7 +144,7 @@ class Reporter:
         total = {k: sum(r[k] for r in reports) for k in keys}
         total["packing_efficiency"] = total["tokens"] / total["row_tokens"] if total["row_tokens"] else None
         total["error_examples"] = [e for r in reports for e in r["error_examples"]][:5]
-        (self.output_dir / "data_report.json").write_text(json.dumps(total, indent=1))
+        RunDir(self.output_dir).data_report.write_text(json.dumps(total, indent=1))
         line = (f"data: {total['samples']:,} samples, {total['trained_tokens']:,} trained of {total['tokens']:,} "
                 f"tokens; truncated {total['truncated']}, dropped (too long) {total['dropped_too_long']}, split "
                 f"{total['split_records']}, skipped (malformed) {total['skipped_errors']}, skipped (nothing to "
@@ -158,7 +160,7 @@ class Reporter:
         if not self.runtime.is_main:
             return
         summary = self.last_summary = self._summary_record(last_step, wall_time)
-        write_summary(self.output_dir / "summary.json", summary)
+        write_summary(RunDir(self.output_dir).summary, summary)
         t, cuda = self.totals, self.runtime.cuda
         mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
         memory = (f"peak GPU {summary['peak_gpu_allocated_gib']:.1f} GiB allocated / "
@@ -167,13 +169,13 @@ class Reporter:
                          f"in {wall_time:.1f} s; {summary['mean_tokens_per_s']:,.0f} tokens/s "
                          f"({summary['mean_trained_tokens_per_s']:,.0f} trained){mfu}; {memory}peak host RSS "
                          f"{summary['peak_host_rss_gib']:.1f} GiB")
-        out = self.output_dir
-        tensorboard = f" | TensorBoard {out / 'tb'}" if "tensorboard" in self.cfg.train.report_to else ""
-        self.runtime.log(f"outputs: {out / 'final'} | checkpoints {out / 'checkpoints'} | metrics "
-                         f"{out / 'metrics.jsonl'}{tensorboard} | summary {out / 'summary.json'}")
+        out = RunDir(self.output_dir)
+        tensorboard = f" | TensorBoard {out.tensorboard}" if "tensorboard" in self.cfg.train.report_to else ""
+        self.runtime.log(f"outputs: {out.final} | checkpoints {out.checkpoints} | metrics "
+                         f"{out.metrics}{tensorboard} | summary {out.summary}")
 
     def _summary_record(self, last_step: int, wall_time: float) -> dict:
-        t, cuda, world, out = self.totals, self.runtime.cuda, self.runtime.world_size, self.output_dir
+        t, cuda, world, out = self.totals, self.runtime.cuda, self.runtime.world_size, RunDir(self.output_dir)
         return {
             "steps_trained": t["steps"], "last_step": last_step, "tokens": t["tokens"],
             "trained_tokens": t["trained_tokens"], "wall_time_s": wall_time, "step_time_s": t["step_time_s"],
@@ -184,9 +186,9 @@ class Reporter:
             "peak_gpu_allocated_gib": t["memory"][0] if cuda else None,
             "peak_gpu_reserved_gib": t["memory"][1] if cuda else None,
             "peak_host_rss_gib": t["memory"][2], "world_size": world,
-            "outputs": {"final": str(out / "final"), "checkpoints": str(out / "checkpoints"),
-                        "metrics": str(out / "metrics.jsonl"),
-                        "tensorboard": str(out / "tb") if "tensorboard" in self.cfg.train.report_to else None,
+            "outputs": {"final": str(out.final), "checkpoints": str(out.checkpoints),
+                        "metrics": str(out.metrics),
+                        "tensorboard": str(out.tensorboard) if "tensorboard" in self.cfg.train.report_to else None,
                         "trackers": {feed.tracker.name: feed.tracker.where() for feed in self.feeds}},
         }
 
@@ -201,10 +203,11 @@ class Reporter:
         artifacts = []
         if self.last_summary is not None:
             try:
-                plot_run(self.output_dir, self.output_dir / "metrics.png")
+                plot_run(self.output_dir, RunDir(self.output_dir).metrics_plot)
             except PlotError:
                 pass
-            artifacts = [self.output_dir / name for name in ("summary.json", "metrics.png", "config.yaml")]
+            run = RunDir(self.output_dir)
+            artifacts = [run.summary, run.metrics_plot, run.config]
         deadline = time.monotonic() + self.cfg.tracking.finish_timeout_s
         for feed in self.feeds:
             left = feed.finish(self.last_summary, artifacts, status, max(deadline - time.monotonic(), 0.0))
