@@ -95,7 +95,6 @@ def load_model(cfg: Config, model_dir: str, device: torch.device,
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-
     if Path(model_dir).is_dir():  # (a hub id is left to transformers)
         try:
             check_model_dir(model_dir)

@@ -76,7 +76,6 @@ def quantized_weight_names(base: BaseModel) -> tuple[set[str], set[str]]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-
     config = AutoConfig.from_pretrained(base.dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)

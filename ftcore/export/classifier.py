@@ -43,7 +43,6 @@ def build_classifier(base: BaseModel, run_config: Optional[Config], num_labels: 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-
     labels = (run_config.data.labels if run_config else None) or [f"LABEL_{i}" for i in range(num_labels)]
     if len(labels) != num_labels:
         raise ExportError(f"the classification head has {num_labels} outputs but the run's data.labels lists "
