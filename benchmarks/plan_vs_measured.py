@@ -43,7 +43,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from ftcore.builtin import resolve_model_path
     from ftcore.config import load_config
-    from ftcore.plan import build_facts, make_plan
+    from ftcore.tools.plan import build_facts, make_plan
 
     model_dir = resolve_model_path("builtin:gemma-3-270m")
     result = {"model": "builtin:gemma-3-270m (fp32)", "processes": 2, "micro_batch": args.micro_batch,

@@ -20,7 +20,7 @@ def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT 
 
     Example: ft generate --model outputs/demo/final --prompt "What is the capital of France?"
     """
-    from ftcore.generate import generate as run_generate
+    from ftcore.tools.generate import generate as run_generate
 
     try:
         for p, answer in zip(prompt, run_generate(model, prompt, max_new_tokens)):
@@ -94,11 +94,11 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
 
     from ftcore.builtin import builtin_config_path, gguf_path, is_builtin
     from ftcore.gguf_base import GGUFError
-    from ftcore.plan import PlanError, build_facts, make_plan
 
     # The plan needs the model's config.json and the shapes of the batch, not the data: data paths that do not
     # exist yet (the usual case when planning) are not checked.
     from ftcore.preflight import check_combinations, check_model_path
+    from ftcore.tools.plan import PlanError, build_facts, make_plan
 
     cfg = load_run_config(config, sets)
     try:
@@ -134,7 +134,7 @@ def plot(run_dir: str = typer.Argument(..., help="A run's output_dir (holds metr
     """
     from pathlib import Path
 
-    from ftcore.plot import PlotError, plot_run
+    from ftcore.tools.plot import PlotError, plot_run
 
     target = Path(out) if out else RunDir(run_dir).metrics_plot
     try:
@@ -220,7 +220,7 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
         except (GGUFError, ValueError, OSError) as e:
             fail(str(e), code=1)
         raise typer.Exit(subprocess.run(argv, env=env).returncode)
-    from ftcore.eval_command import EvalError, run_eval
+    from ftcore.evaluation.command import EvalError, run_eval
 
     try:
         summary = run_eval(target, data, fmt, metric, out, batch_size, max_new_tokens, zero3, sets)

@@ -1,5 +1,5 @@
 """What the read-only commands print: `ft plan`'s table and recommendation, `ft data inspect`'s samples (trained
-tokens marked) and statistics. Pure presentation: the numbers come from ftcore.plan and ftcore.data.inspect."""
+tokens marked) and statistics. Pure presentation: the numbers come from ftcore.tools.plan and ftcore.data.inspect."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.text import Text
 
 from ftcore.config import Config
 from ftcore.data.inspect import InspectResult, length_histogram
-from ftcore.plan import CUDA_OVERHEAD_BYTES, GIB, Plan
+from ftcore.tools.plan import CUDA_OVERHEAD_BYTES, GIB, Plan
 
 PLAN_COLUMNS = ("ZeRO", "offload", "weights", "4-bit base", "trainable", "grads", "optimizer", "model states",
                 "act. ckpt", "act. full", "total ckpt", "total full", "host RAM/node", "longest seq")

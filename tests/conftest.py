@@ -227,7 +227,7 @@ def plan_matches_engine(args: list[str], out: Path, world: int) -> None:
     """What `ft plan` predicts per rank (parameter storage, optimizer states) equals what DeepSpeed's engine held
     in the run started with `args` (recorded after its first step with data.audit)."""
     from ftcore.builtin import resolve_model_path
-    from ftcore.plan import build_facts, engine_state_bytes
+    from ftcore.tools.plan import build_facts, engine_state_bytes
 
     cfg = config_of(args)
     facts = build_facts(cfg, resolve_model_path(cfg.model.name_or_path))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftcore.config import ConfigError, load_config
-from ftcore.scoring import accuracy, contains, exact_match, mean_scores, rouge_l
+from ftcore.evaluation.scoring import accuracy, contains, exact_match, mean_scores, rouge_l
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 
 

@@ -272,7 +272,7 @@ def test_ft_data_inspect_marks_each_sample_desirable_or_not(tmp_path):
 
 
 def test_ft_plan_counts_one_row_per_kto_sample_and_a_partitioned_reference():
-    from ftcore.plan import build_facts, make_plan
+    from ftcore.tools.plan import build_facts, make_plan
 
     base = ["task=preference", "data.eval=null", "train.eval_every=0", "adapter.method=full",
             "train.micro_batch_size=2"]

@@ -14,16 +14,16 @@ from tests.conftest import ROOT
 # longest prefix wins, so a module can sit below its package's layer).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("launcher", ("launcher",)),
-    ("tools", ("ftcore.export", "ftcore.plan", "ftcore.generate", "ftcore.eval_command")),
+    ("tools", ("ftcore.export", "ftcore.tools.plan", "ftcore.tools.generate", "ftcore.evaluation.command")),
     ("train", ("ftcore.train",)),
     ("model/data", ("ftcore.data", "ftcore.model", "ftcore.model_files", "ftcore.builtin", "ftcore.gguf_base",
                     "ftcore.preflight", "ftcore.checkpoint", "ftcore.resume", "ftcore.ds_config",
-                    "ftcore.launch_settings", "ftcore.metrics", "ftcore.tracking", "ftcore.generation_eval",
-                    "ftcore.scoring", "ftcore.nf4", "ftcore.assets")),
-    # ftcore.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);
+                    "ftcore.launch_settings", "ftcore.metrics", "ftcore.tracking", "ftcore.evaluation.generation",
+                    "ftcore.evaluation.scoring", "ftcore.nf4", "ftcore.assets")),
+    # ftcore.tools.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);
     # ftcore.export.st_io is the safetensors reader/writer the model files and the export both use.
     ("config/io", ("ftcore", "ftcore.config", "ftcore.durable", "ftcore.dtypes", "ftcore.quiet", "ftcore.dist_env",
-                   "ftcore.preemption", "ftcore.plot", "ftcore.cache", "ftcore.run_dir", "ftcore.export.st_io")),
+                   "ftcore.preemption", "ftcore.tools.plot", "ftcore.cache", "ftcore.run_dir", "ftcore.export.st_io")),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}  # 0 = highest
 
@@ -190,7 +190,7 @@ def test_first_party_imports_sit_at_the_top_unless_the_module_stays_torch_free()
 def test_the_command_line_and_the_config_import_without_torch():
     light = torch_free_modules()
     for module in ("launcher.cli", "launcher.app", "launcher.run_commands", "launcher.tool_commands",
-                   "ftcore.config", "ftcore.preflight", "ftcore.plan", "ftcore.gguf_base", "ftcore.builtin"):
+                   "ftcore.config", "ftcore.preflight", "ftcore.tools.plan", "ftcore.gguf_base", "ftcore.builtin"):
         assert module in light, f"{module} imports torch when imported"
 
 

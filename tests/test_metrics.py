@@ -75,7 +75,7 @@ def test_summary_adds_up(run):
 def test_ft_plot_draws_the_run(run, tmp_path):
     import matplotlib.image
 
-    from ftcore.plot import read_series
+    from ftcore.tools.plot import read_series
 
     out, _ = run
     png = tmp_path / "run.png"

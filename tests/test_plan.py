@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ftcore.config import load_config
-from ftcore.plan import build_facts, make_plan
+from ftcore.tools.plan import build_facts, make_plan
 from tests.conftest import ft_in_process
 
 EXAMPLES = {"7b": "examples/llama-2-7b-lora.yaml", "13b": "examples/llama-2-13b-lora.yaml",

@@ -318,7 +318,7 @@ def test_ft_data_inspect_shows_each_pair_with_its_masks(tmp_path):
 
 
 def test_ft_plan_counts_both_responses_and_the_reference_copy():
-    from ftcore.plan import build_facts, make_plan
+    from ftcore.tools.plan import build_facts, make_plan
 
     base = ["task=preference", "data.train=[{path: x.jsonl, format: preference}]", "data.eval=null",
             "train.eval_every=0", "distributed.zero_stage=2"]

@@ -47,7 +47,7 @@ def plan_total_matches_memory(args: list[str], out: Path, tolerance: float) -> N
     `tolerance` (on a CPU the process also holds allocator slack, which a GPU's allocator keeps elsewhere)."""
     from ftcore.builtin import resolve_model_path
     from ftcore.config import load_config
-    from ftcore.plan import build_facts, make_plan
+    from ftcore.tools.plan import build_facts, make_plan
 
     cfg = load_config(args[0], [args[i + 1] for i, a in enumerate(args) if a == "--set"])
     row = next(r for r in make_plan(cfg, build_facts(cfg, resolve_model_path(cfg.model.name_or_path)), 2, 1,

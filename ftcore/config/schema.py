@@ -202,8 +202,9 @@ class TrainConfig(Section):
     """Evaluate every N steps (0 = only at the end). Needs data.eval."""
     eval_generate: list[Literal["exact_match", "accuracy", "contains", "rouge_l"]] = Field(default_factory=list)
     """At each eval, also answer data.eval's prompts by greedy generation and score the answers with these metrics
-    (ftcore/scoring.py; logged as eval_gen_<metric>, every answer in output_dir/eval/generate-stepN.jsonl), as
-    `ft eval` does. Chat/alpaca/prompt_completion eval data; task causal_lm."""
+    (ftcore/evaluation/scoring.py; logged as eval_gen_<metric>, every answer in
+    output_dir/eval/generate-stepN.jsonl), as `ft eval` does. Chat/alpaca/prompt_completion eval data; task
+    causal_lm."""
     eval_max_new_tokens: int = Field(64, gt=0)
     """Longest answer train.eval_generate generates, in tokens."""
     log_every: int = Field(1, gt=0)

@@ -1,6 +1,6 @@
 """Evaluation on data.eval: every rank scores its share of the eval set (padded to the same number of batches, so
 no rank waits alone in a collective), the sums are all-reduced. Causal LM: loss per trained token and perplexity.
-With train.eval_generate the prompts are also answered by generation and scored (ftcore/generation_eval.py).
+With train.eval_generate the prompts are also answered by generation and scored (ftcore/evaluation/generation.py).
 Classification: loss per sample, accuracy, macro-F1 and the confusion matrix, made from every sample's
 prediction, which is written to output_dir/eval/step{N}.json (so anyone can recompute the scores). Preference:
 the pairs' (KTO: samples') mean loss, reward accuracy and margin, rewards and log-probs."""
@@ -14,7 +14,7 @@ import torch
 
 from ftcore.config import Config
 from ftcore.data.batch import Batch
-from ftcore.generation_eval import evaluate_by_generation, write_predictions
+from ftcore.evaluation.generation import evaluate_by_generation, write_predictions
 from ftcore.metrics import classification_scores, write_summary
 from ftcore.run_dir import RunDir
 from ftcore.train.objective import Objective

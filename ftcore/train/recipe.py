@@ -22,7 +22,7 @@ from ftcore.data.batch import Batch, pad_eval_batches
 from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.dtypes import DTYPES
-from ftcore.generation_eval import read_prompts
+from ftcore.evaluation.generation import read_prompts
 from ftcore.gguf_base import write_base_record
 from ftcore.metrics import FlopCounter, peak_flops_per_device
 from ftcore.model import (

@@ -15,8 +15,8 @@ from typing import Callable, Iterator, Optional
 
 from ftcore.config import Config
 from ftcore.metrics import MetricsSink, memory_now, write_summary
-from ftcore.plot import PlotError, plot_run
 from ftcore.run_dir import RunDir
+from ftcore.tools.plot import PlotError, plot_run
 from ftcore.tracking import Feed, start_feeds, wait_until_opened
 from ftcore.train.runtime import Runtime
 

@@ -4,7 +4,7 @@ TARGET is a run's config (its output_dir/final/ and data.eval), a final/ adapter
 export, a training checkpoint step dir (consolidated to a temporary export first, without verification), or a
 built-in model. The prompts are rendered as the run's training rendered them, with the tokenizer and chat template
 saved beside the model. Under torchrun / `ft launch` / `ft eval --nproc N` the set is split over the ranks
-(ftcore/generation_eval.py); `--zero3` partitions the model over them with DeepSpeed ZeRO-3 first.
+(ftcore/evaluation/generation.py); `--zero3` partitions the model over them with DeepSpeed ZeRO-3 first.
 
 Outputs (rank 0): OUT/predictions.jsonl (one row per record, in input order: where, reference, prediction, the
 scores) and OUT/summary.json (each metric's mean, samples, samples/s, world size), both written atomically.
@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 from ftcore.builtin import is_builtin, resolve_model_path
 from ftcore.config import Config, DataConfig, DataSource, load_config, run_config_beside
 from ftcore.durable import atomic_write_text
+from ftcore.evaluation.scoring import METRICS
 from ftcore.gguf_base import GGUFError, gguf_file
 from ftcore.run_dir import RunDir
-from ftcore.scoring import METRICS
 
 # What `ft eval` writes into its --out dir (a dir of its own, not a run dir).
 EVAL_PREDICTIONS, EVAL_SUMMARY = "predictions.jsonl", "summary.json"
@@ -101,8 +101,8 @@ def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str
     import torch
     import torch.distributed as dist
 
-    from ftcore.generate import load_for_inference
-    from ftcore.generation_eval import evaluate_by_generation, read_prompts, write_predictions
+    from ftcore.evaluation.generation import evaluate_by_generation, read_prompts, write_predictions
+    from ftcore.tools.generate import load_for_inference
 
     bad = [m for m in metrics if m not in METRICS]
     if bad:

@@ -1,6 +1,6 @@
 """Evaluation by generation (`ft eval`, train.eval_generate): each held-out record's prompt -- rendered as training
 rendered it, with the same chat template -- is answered by batched greedy generation and the answer scored against
-the record's reference (ftcore/scoring.py).
+the record's reference (ftcore/evaluation/scoring.py).
 
 Distributed: rank r answers records r, r + world, ...; every rank runs the same number of generation batches
 (a rank that has run out answers a filler batch and drops it), because under ZeRO-3 each forward step gathers the
@@ -23,7 +23,7 @@ from ftcore.data.batch import pad_token_id
 from ftcore.data.formats import RecordError, prompt_and_reference
 from ftcore.data.stream import DataError, SourceGroup, parse_record
 from ftcore.durable import atomic_write_text
-from ftcore.scoring import mean_scores, score
+from ftcore.evaluation.scoring import mean_scores, score
 
 
 @dataclass
