@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ftcore.durable import atomic_write_text
-from ftcore.model import logical_numel
+from ftcore.model_geometry import logical_numel
 from ftcore.run_dir import RunDir
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s per GPU, from the vendors' data sheets. More specific

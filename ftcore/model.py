@@ -6,7 +6,6 @@ Knows nothing of data. Receives only its own config sections.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Optional
 
@@ -15,12 +14,14 @@ import torch
 from ftcore.config import AdapterConfig, Config, ModelConfig
 from ftcore.dtypes import DTYPES
 from ftcore.model_files import BaseModelError, check_model_dir
+from ftcore.model_geometry import (
+    ModelError,
+    block_depths,
+    classification_head_names,
+    moe_parts,
+)
 from ftcore.nf4 import nf4_quantization_config
 from ftcore.preflight import flash_attn_available
-
-
-class ModelError(ValueError):
-    """A model problem phrased as one line naming the config field or directory."""
 
 
 def model_class_for(model_dir: str, classification: bool = False) -> Optional[type]:
@@ -183,45 +184,6 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-_BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def block_depths(model: torch.nn.Module) -> tuple[dict[str, int], int]:
-    """Each parameter's depth: its transformer block's index; -1 below the blocks (embeddings), num_blocks above
-    them (final norm, output head). Returns (depths, num_blocks)."""
-    names = [n for n, _ in model.named_parameters()]
-    found = {n: int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
-    if not found:
-        raise ModelError("cannot find the transformer blocks in the parameter names (expected '.layers.N.')")
-    num_blocks = max(found.values()) + 1
-    first = min(i for i, n in enumerate(names) if n in found)
-    depths = {n: found.get(n, -1 if i < first else num_blocks) for i, n in enumerate(names)}
-    return depths, num_blocks
-
-
-def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dict[str, int]], num_blocks: int,
-                       layer_lr_decay: Optional[float]) -> list[tuple[float, bool, list[str]]]:
-    """The recipe's AdamW groups from (name, ndim, trainable): (lr factor, is_matrix, names). Matrices (>= 2-D, the
-    weight-decayed ones) first, then biases and norms; within each, higher learning rates first. With
-    train.layer_lr_decay, block i of L trains at decay^(L-1-i), embeddings at decay^L, the final norm and head at 1.
-    `ft plan` uses the same grouping (DeepSpeed pads each group)."""
-    groups: dict[tuple[float, bool], list[str]] = {}
-    for name, ndim, trainable in params:
-        if not trainable:  # frozen weights get no optimizer state
-            continue
-        scale = 1.0 if layer_lr_decay is None else layer_lr_decay ** max(0, num_blocks - 1 - depths[name])
-        groups.setdefault((scale, ndim >= 2), []).append(name)
-    ordered = sorted(groups.items(), key=lambda item: (not item[0][1], -item[0][0]))
-    return [(scale, is_matrix, names) for (scale, is_matrix), names in ordered]
-
-
-def classification_head_names(model: torch.nn.Module) -> tuple[str, ...]:
-    """Parameters of a sequence classifier's new head (`score` in Llama-like models, `classifier` in others)."""
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-    return tuple(n for n, _ in model.named_parameters() if n.split(".")[0] in SEQ_CLS_HEAD_NAMES)
-
-
 def apply_freeze(model: torch.nn.Module, adapter_cfg: AdapterConfig, head: tuple[str, ...] = ()) -> None:
     """adapter.method=freeze: only the parameters chosen by adapter.trainable / adapter.top_layers train, plus
     `head` (a new classification head cannot stay at its random initialisation)."""
@@ -260,21 +222,6 @@ def apply_lora(model: torch.nn.Module, adapter_cfg: AdapterConfig, seed: int,
         raise ModelError(f"adapter.target_modules: {str(e).splitlines()[0]}") from None
 
 
-def moe_parts(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """(router module names, fused expert parameter names) of a mixture-of-experts model: an MoE block is a module
-    with an `experts` child; its router is the sibling named gate/router; the experts' weights are the >= 3-D
-    parameters under `experts` (transformers 5 fuses them: [experts, out, in])."""
-    routers, experts = [], []
-    for name, module in model.named_modules():
-        children = dict(module.named_children())
-        if "experts" not in children:
-            continue
-        routers += [f"{name}.{child}" for child in ("gate", "router") if child in children]
-        experts += [f"{name}.experts.{p}" for p, param in children["experts"].named_parameters(recurse=False)
-                    if param.dim() >= 3]
-    return routers, experts
-
-
 def lora_targets(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> tuple[Any, list[str]]:
     """(target_modules, target_parameters) for peft. all-linear = every Linear/Conv1D except the output head and,
     in MoE models, the router (adapter.moe_router); fused expert weights only with adapter.moe_experts."""
@@ -300,18 +247,6 @@ def lora_targets(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> tuple[An
     return sorted(modules), sorted(set(parameters))
 
 
-def quantized_module_names(model: torch.nn.Module) -> set[str]:
-    """Modules transformers' bitsandbytes 4-bit loading quantizes, by its own rules (default skips: output head,
-    tied weights, last module; plus the model's keep-in-fp32 modules)."""
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    return {name for name, module in model.named_modules()
-            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)}
-
-
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
     """bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16 CPUs) replaces a 4-bit layer's weight
     data in place with a repacked layout. That would swap out a ZeRO-3 partition and the tensors checkpoints and
@@ -321,45 +256,3 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def logical_numel(p: torch.nn.Parameter) -> int:
-    """Elements of the weight a parameter stands for: a ZeRO-3 partition at its full size, a packed 4-bit weight
-    at its unquantized shape."""
-    quant_state = getattr(p, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return math.prod(quant_state.shape)
-    return getattr(p, "ds_numel", p.numel())
-
-
-def head_dim(config: Any) -> int:
-    """Width of one attention head: the config's head_dim where the family sets it (Gemma, Qwen3), else
-    hidden_size / num_attention_heads. The one place ft derives it (FLOP counting, ft plan)."""
-    heads = getattr(config, "num_attention_heads", 1)
-    return getattr(config, "head_dim", None) or config.hidden_size // heads
-
-
-def attention_width(config: Any) -> int:
-    """num_attention_heads * head_dim: the width of the attention's query (and output) projection."""
-    return getattr(config, "num_attention_heads", 1) * head_dim(config)
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) in logical elements (see logical_numel)."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = logical_numel(p)
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
-
-
-def expected_lora_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shape every LoRA tensor must have in the saved adapter (keys as peft saves them, without adapter name)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, module in model.named_modules():
-        lora_a: Optional[Any] = getattr(module, "lora_A", None)
-        if lora_a is None or "default" not in lora_a:
-            continue
-        a, b = module.lora_A["default"], module.lora_B["default"]
-        shapes[f"{name}.lora_A.weight"] = (a.out_features, a.in_features)
-        shapes[f"{name}.lora_B.weight"] = (b.out_features, b.in_features)
-    return shapes

@@ -16,8 +16,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("launcher", ("launcher",)),
     ("tools", ("ftcore.export", "ftcore.tools.plan", "ftcore.tools.generate", "ftcore.evaluation.command")),
     ("train", ("ftcore.train",)),
-    ("model/data", ("ftcore.data", "ftcore.model", "ftcore.model_files", "ftcore.builtin", "ftcore.gguf_base",
-                    "ftcore.preflight", "ftcore.checkpoint", "ftcore.resume", "ftcore.ds_config",
+    ("model/data", ("ftcore.data", "ftcore.model", "ftcore.model_files", "ftcore.model_geometry", "ftcore.builtin",
+                    "ftcore.gguf_base", "ftcore.preflight", "ftcore.checkpoint", "ftcore.resume", "ftcore.ds_config",
                     "ftcore.launch_settings", "ftcore.metrics", "ftcore.tracking", "ftcore.evaluation.generation",
                     "ftcore.evaluation.scoring", "ftcore.nf4", "ftcore.assets")),
     # ftcore.tools.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);

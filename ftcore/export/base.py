@@ -12,8 +12,8 @@ import torch
 from ftcore.dtypes import DTYPES
 from ftcore.export.options import ExportError
 from ftcore.export.st_io import SafetensorsError, read_model_headers, read_tensor
-from ftcore.model import quantized_module_names
 from ftcore.model_files import BaseModelError, check_model_dir
+from ftcore.model_geometry import quantized_module_names
 
 
 class BaseModel:

@@ -109,14 +109,8 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
 
     from ftcore.dtypes import DTYPES
     from ftcore.gguf_base import gguf_file, hf_config_dict
-    from ftcore.model import (
-        apply_freeze,
-        apply_lora,
-        block_depths,
-        classification_head_names,
-        head_dim,
-        quantized_module_names,
-    )
+    from ftcore.model import apply_freeze, apply_lora
+    from ftcore.model_geometry import block_depths, classification_head_names, head_dim, quantized_module_names
 
     classification = cfg.classification
     # the head's size hardly matters; the label set may only be known from the data
@@ -170,8 +164,8 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
 
 
 def optimizer_groups(facts: ModelFacts) -> list[list[ParamInfo]]:
-    """The recipe's AdamW groups (ftcore.model.optimizer_grouping), as parameter infos."""
-    from ftcore.model import optimizer_grouping
+    """The recipe's AdamW groups (ftcore.train.optim.optimizer_grouping), as parameter infos."""
+    from ftcore.train.optim import optimizer_grouping
 
     by_name = {p.name: p for p in facts.params}
     described = [(p.name, p.ndim, p.trainable) for p in facts.params]

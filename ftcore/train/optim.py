@@ -1,14 +1,30 @@
 """The optimizer and its schedule: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), parameter groups
-by decay and layer-wise rate (ftcore/model.py's optimizer_grouping), cosine schedule with linear warmup."""
+by decay and layer-wise rate (optimizer_grouping below), cosine schedule with linear warmup."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ftcore.config import Config
-from ftcore.model import block_depths, optimizer_grouping
+from ftcore.model_geometry import block_depths
+
+
+def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dict[str, int]], num_blocks: int,
+                       layer_lr_decay: Optional[float]) -> list[tuple[float, bool, list[str]]]:
+    """The recipe's AdamW groups from (name, ndim, trainable): (lr factor, is_matrix, names). Matrices (>= 2-D, the
+    weight-decayed ones) first, then biases and norms; within each, higher learning rates first. With
+    train.layer_lr_decay, block i of L trains at decay^(L-1-i), embeddings at decay^L, the final norm and head at 1.
+    `ft plan` uses the same grouping (DeepSpeed pads each group)."""
+    groups: dict[tuple[float, bool], list[str]] = {}
+    for name, ndim, trainable in params:
+        if not trainable:  # frozen weights get no optimizer state
+            continue
+        scale = 1.0 if layer_lr_decay is None else layer_lr_decay ** max(0, num_blocks - 1 - depths[name])
+        groups.setdefault((scale, ndim >= 2), []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][1], -item[0][0]))
+    return [(scale, is_matrix, names) for (scale, is_matrix), names in ordered]
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, list[list[str]]]:

@@ -25,15 +25,8 @@ from ftcore.dtypes import DTYPES
 from ftcore.evaluation.generation import read_prompts
 from ftcore.gguf_base import write_base_record
 from ftcore.metrics import FlopCounter, peak_flops_per_device
-from ftcore.model import (
-    attention_width,
-    classification_head_kwargs,
-    count_parameters,
-    expected_lora_shapes,
-    load_model,
-    load_reference,
-    load_tokenizer,
-)
+from ftcore.model import classification_head_kwargs, load_model, load_reference, load_tokenizer
+from ftcore.model_geometry import attention_width, count_parameters, expected_lora_shapes
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.resume import check_resumable
