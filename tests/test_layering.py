@@ -43,6 +43,13 @@ def layer_of(module: str) -> str:
     return best[1]
 
 
+def owning_module(name: str, modules: dict[str, Path]) -> str:
+    """The first-party module an imported name is or lives in ("" for a third-party name)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name
+
+
 def imported_modules(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The first-party modules `module` imports anywhere in its file (a name imported from a package counts as
     its submodule when it is one)."""
@@ -59,12 +66,8 @@ def imported_modules(module: str, path: Path, modules: dict[str, Path]) -> set[s
             names = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue
-        for name in names:
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name and name != module:
-                found.add(name)
-    return found
+        found |= {owning_module(name, modules) for name in names}
+    return found - {"", module}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -152,12 +155,7 @@ def torch_free_modules() -> set[str]:
     for module, path in modules.items():
         names = top_level_imports(path)
         direct_torch.update([module] if any(n == "torch" or n.startswith("torch.") for n in names) else [])
-        targets = set()
-        for name in names:
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name and name != module:
-                targets.add(name)
+        targets = {owning_module(name, modules) for name in names} - {"", module}
         parent = module.rpartition(".")[0]  # importing a submodule runs its package's __init__ first
         if parent in modules:
             targets.add(parent)

@@ -51,6 +51,7 @@ class Recipe:
     def __init__(self, cfg: Config, resume: str = "auto"):
         self.cfg, self.resume_arg = cfg, resume
         self.output_dir = Path(cfg.output_dir)
+        self.run_dir = RunDir(self.output_dir)
         self.reporter: Optional[Reporter] = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -165,8 +166,8 @@ class Recipe:
         self.audit.start(rt.accelerator, self.engine, self.total_params, group_names)
         if rt.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            RunDir(self.output_dir).ds_config.write_text(json.dumps(rt.ds_config, indent=2))
-            RunDir(self.output_dir).config.write_text(dump_config(cfg))
+            self.run_dir.ds_config.write_text(json.dumps(rt.ds_config, indent=2))
+            self.run_dir.config.write_text(dump_config(cfg))
 
     def _setup_objective(self) -> None:
         """The loss, once the engine exists: auto/chunked/fused first check on a probe that the chunked head's
@@ -277,7 +278,7 @@ class Recipe:
         if saved_at != state.step or self.checkpoints.latest() is None:
             self.save_checkpoint()
         # A rerun of a finished run only writes final/ if an earlier attempt died before writing it.
-        if state.step >= cfg.train.max_steps and (trained or not RunDir(self.output_dir).final.is_dir()):
+        if state.step >= cfg.train.max_steps and (trained or not self.run_dir.final.is_dir()):
             save_final(cfg, rt, self.engine, self.tokenizer, is_lora=self.is_lora, total_params=self.total_params,
                        adapter_shapes=self.adapter_shapes)
         if trained:

@@ -30,6 +30,7 @@ class Reporter:
         a tracker opens; `new_timeline`: --resume none / PATH, which starts new tracker runs."""
         self.cfg, self.runtime, self.peak_flops = cfg, runtime, peak_flops
         self.output_dir = Path(cfg.output_dir)
+        self.run_dir = RunDir(self.output_dir)
         self.sink = MetricsSink(self.output_dir, cfg.train.report_to, start_step) if runtime.is_main else None
         self.feeds: list[Feed] = []
         self.last_summary: Optional[dict] = None
@@ -85,7 +86,7 @@ class Reporter:
         for feed in self.feeds:
             feed.notify()
         if "eval_accuracy" in metrics:
-            predictions = RunDir(self.output_dir).eval_predictions
+            predictions = self.run_dir.eval_predictions
             self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} accuracy "
                              f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
                              f"({metrics['eval_samples']} samples; predictions in {predictions})")
@@ -144,7 +145,7 @@ class Reporter:
         total = {k: sum(r[k] for r in reports) for k in keys}
         total["packing_efficiency"] = total["tokens"] / total["row_tokens"] if total["row_tokens"] else None
         total["error_examples"] = [e for r in reports for e in r["error_examples"]][:5]
-        RunDir(self.output_dir).data_report.write_text(json.dumps(total, indent=1))
+        self.run_dir.data_report.write_text(json.dumps(total, indent=1))
         line = (f"data: {total['samples']:,} samples, {total['trained_tokens']:,} trained of {total['tokens']:,} "
                 f"tokens; truncated {total['truncated']}, dropped (too long) {total['dropped_too_long']}, split "
                 f"{total['split_records']}, skipped (malformed) {total['skipped_errors']}, skipped (nothing to "
@@ -160,7 +161,7 @@ class Reporter:
         if not self.runtime.is_main:
             return
         summary = self.last_summary = self._summary_record(last_step, wall_time)
-        write_summary(RunDir(self.output_dir).summary, summary)
+        write_summary(self.run_dir.summary, summary)
         t, cuda = self.totals, self.runtime.cuda
         mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
         memory = (f"peak GPU {summary['peak_gpu_allocated_gib']:.1f} GiB allocated / "
@@ -169,13 +170,13 @@ class Reporter:
                          f"in {wall_time:.1f} s; {summary['mean_tokens_per_s']:,.0f} tokens/s "
                          f"({summary['mean_trained_tokens_per_s']:,.0f} trained){mfu}; {memory}peak host RSS "
                          f"{summary['peak_host_rss_gib']:.1f} GiB")
-        out = RunDir(self.output_dir)
+        out = self.run_dir
         tensorboard = f" | TensorBoard {out.tensorboard}" if "tensorboard" in self.cfg.train.report_to else ""
         self.runtime.log(f"outputs: {out.final} | checkpoints {out.checkpoints} | metrics "
                          f"{out.metrics}{tensorboard} | summary {out.summary}")
 
     def _summary_record(self, last_step: int, wall_time: float) -> dict:
-        t, cuda, world, out = self.totals, self.runtime.cuda, self.runtime.world_size, RunDir(self.output_dir)
+        t, cuda, world, out = self.totals, self.runtime.cuda, self.runtime.world_size, self.run_dir
         return {
             "steps_trained": t["steps"], "last_step": last_step, "tokens": t["tokens"],
             "trained_tokens": t["trained_tokens"], "wall_time_s": wall_time, "step_time_s": t["step_time_s"],
@@ -203,11 +204,10 @@ class Reporter:
         artifacts = []
         if self.last_summary is not None:
             try:
-                plot_run(self.output_dir, RunDir(self.output_dir).metrics_plot)
+                plot_run(self.output_dir, self.run_dir.metrics_plot)
             except PlotError:
                 pass
-            run = RunDir(self.output_dir)
-            artifacts = [run.summary, run.metrics_plot, run.config]
+            artifacts = [self.run_dir.summary, self.run_dir.metrics_plot, self.run_dir.config]
         deadline = time.monotonic() + self.cfg.tracking.finish_timeout_s
         for feed in self.feeds:
             left = feed.finish(self.last_summary, artifacts, status, max(deadline - time.monotonic(), 0.0))
