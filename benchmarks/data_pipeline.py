@@ -68,11 +68,12 @@ from ftcore.builtin import resolve_model_path
 from ftcore.config import load_config
 from ftcore.data.stream import TrainStream
 from ftcore.model import load_tokenizer
+from ftcore.tasks import task_for
 tok = load_tokenizer(resolve_model_path("builtin:tiny-llama"))
 cfg = load_config(None, ["data.train=[{{path: {str(corpus)!r}}}]", "data.packing=true",
                          "data.max_seq_len={max_seq_len}"])
 t0 = time.perf_counter()
-stream = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=8)
+stream = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=8, task=task_for(cfg))
 opened = time.perf_counter() - t0
 stream.prime()
 c0, t1 = dict(stream.counters), time.perf_counter()
@@ -88,7 +89,7 @@ def first_batch_after_resume(fraction):
     # re-read by position, like a real resume), loaded into a fresh stream: time to its first batch.
     state = stream.state_dict()
     state["cursor"]["taken"] = int(fraction * stream.total_records)
-    fresh = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=8)
+    fresh = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=8, task=task_for(cfg))
     t = time.perf_counter()
     fresh.load_state_dict(state)
     fresh.next_batch()

@@ -31,8 +31,8 @@ def worker(impl: str, tokens: int, steps: int, chunk: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from ftcore.train.chunked_loss import LogitTransform
-    from ftcore.train.objective import CausalLMLoss, ChunkedCausalLMLoss
+    from ftcore.losses.chunked import LogitTransform
+    from ftcore.losses.objective import CausalLMLoss, ChunkedCausalLMLoss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=2,

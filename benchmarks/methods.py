@@ -55,6 +55,7 @@ def kl_to_base(adapter_dir: Path) -> tuple[float, float]:
     from ftcore.config import load_config
     from ftcore.data.stream import eval_batches
     from ftcore.model import load_tokenizer
+    from ftcore.tasks import task_for
 
     cfg = load_config(ROOT / "examples/chat-demo.yaml")
     model_dir = resolve_model_path(cfg.model.name_or_path)
@@ -63,7 +64,7 @@ def kl_to_base(adapter_dir: Path) -> tuple[float, float]:
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
     kl = loss = tokens = 0.0
     with torch.no_grad():
-        for batch in eval_batches(cfg.data, tokenizer, 0, 1, 8):
+        for batch in eval_batches(cfg.data, tokenizer, 0, 1, 8, task_for(cfg)):
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             trained = batch.labels[:, 1:] != -100
             base_log = torch.log_softmax(base(**inputs).logits[:, :-1][trained].float(), -1)

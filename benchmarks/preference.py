@@ -31,9 +31,9 @@ def worker(mode: str, steps: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from ftcore.config import PreferenceConfig
-    from ftcore.train.chunked_loss import LogitTransform
-    from ftcore.train.objective import ChunkedCausalLMLoss
-    from ftcore.train.preference import PreferenceLoss
+    from ftcore.losses.chunked import LogitTransform
+    from ftcore.losses.objective import ChunkedCausalLMLoss
+    from ftcore.losses.preference import PreferenceLoss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,

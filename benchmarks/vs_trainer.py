@@ -61,15 +61,17 @@ def worker_trainer(out: Path, args: argparse.Namespace) -> None:
     from ftcore.config import load_config
     from ftcore.data.stream import TrainStream, eval_batches
     from ftcore.model import apply_lora, load_tokenizer
+    from ftcore.tasks import task_for
 
     sets = ft_sets(out, args)
     cfg = load_config(CONFIG, [sets[i + 1] for i in range(0, len(sets), 2)])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     model_dir = resolve_model_path(cfg.model.name_or_path, cfg.model.dtype)
     tokenizer = load_tokenizer(model_dir)
-    stream = TrainStream(cfg.data, tokenizer, cfg.train.seed, rank, world, cfg.train.micro_batch_size)
+    stream = TrainStream(cfg.data, tokenizer, cfg.train.seed, rank, world, cfg.train.micro_batch_size,
+                         task_for(cfg))
     batches = [stream.next_batch() for _ in range(args.steps)]
-    evals = eval_batches(cfg.data, tokenizer, rank, world, cfg.train.micro_batch_size)
+    evals = eval_batches(cfg.data, tokenizer, rank, world, cfg.train.micro_batch_size, task_for(cfg))
 
     class Batches(Dataset):
         def __init__(self, items):

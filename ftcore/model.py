@@ -86,11 +86,11 @@ def classification_head_kwargs(labels: list[str], pad_token_id: int) -> dict:
 
 
 def load_model(cfg: Config, model_dir: str, device: torch.device,
-               classification: Optional[dict] = None) -> torch.nn.Module:
+               new_head: Optional[dict] = None) -> torch.nn.Module:
     """The run's base model (+ adapter) on `device` (this rank's), ready for accelerate/DeepSpeed: reads
     cfg.model, cfg.adapter, cfg.train.seed and cfg.distributed.zero_stage. Under ZeRO-3 the caller must hold an
     HfDeepSpeedConfig alive before this, so transformers loads straight into partitioned parameters.
-    classification: classification_head_kwargs(...) -> AutoModelForSequenceClassification with a new head (seeded
+    new_head: classification_head_kwargs(...) -> AutoModelForSequenceClassification with a new head (seeded
     identically on every rank), which always trains."""
     from pathlib import Path
 
@@ -104,14 +104,14 @@ def load_model(cfg: Config, model_dir: str, device: torch.device,
     model_cfg, adapter_cfg, seed, zero_stage = cfg.model, cfg.adapter, cfg.train.seed, cfg.distributed.zero_stage
     cuda = device.type == "cuda"
     attn = resolve_attn_implementation(model_cfg.attn_implementation, cuda,
-                                       model_class_for(model_dir, classification is not None))
-    extra: dict[str, Any] = dict(classification or {})
-    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+                                       model_class_for(model_dir, new_head is not None))
+    extra: dict[str, Any] = dict(new_head or {})
+    auto_class = AutoModelForSequenceClassification if new_head else AutoModelForCausalLM
     if adapter_cfg.method == "qlora":
         extra["quantization_config"] = qlora_quantization_config(adapter_cfg, model_cfg.dtype, zero_stage)
         if cuda and zero_stage != 3:
             extra["device_map"] = {"": device}  # bitsandbytes quantizes on the GPU it loads to: this rank's
-    if classification:
+    if new_head:
         torch.manual_seed(seed)  # the head is new: the same initial weights on every rank
     try:
         model = auto_class.from_pretrained(model_dir, dtype=DTYPES[model_cfg.dtype], attn_implementation=attn,
@@ -124,7 +124,7 @@ def load_model(cfg: Config, model_dir: str, device: torch.device,
         # would silently be LoRA on a full-precision base.
         raise ModelError(f"adapter.method: qlora, but bitsandbytes quantized none of {type(model).__name__}'s "
                          "layers (transformers converts plain nn.Linear layers only); use adapter.method=lora")
-    return _prepare_for_training(model, model_cfg, adapter_cfg, seed, classification is not None)
+    return _prepare_for_training(model, model_cfg, adapter_cfg, seed, new_head is not None)
 
 
 def load_reference(model_dir: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,

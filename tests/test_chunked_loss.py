@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ftcore.config import ConfigError, load_config
+from ftcore.errors import TrainError
+from ftcore.losses.chunked import HeadTensors, LogitTransform, chunked_linear_cross_entropy, shifted_labels
+from ftcore.losses.head import choose_loss_impl
+from ftcore.losses.objective import causal_lm_objective
 from ftcore.model import load_model
-from ftcore.train.chunked_loss import HeadTensors, LogitTransform, chunked_linear_cross_entropy, shifted_labels
-from ftcore.train.errors import TrainError
-from ftcore.train.loss_head import choose_loss_impl
-from ftcore.train.objective import build_objective
 from tests.conftest import read_jsonl, run_ft, tiny_run_args
 from tests.families import FAMILIES, MOE_FAMILIES, build_family, family_config
 
@@ -77,7 +77,7 @@ def test_the_kernel_equals_the_loss_of_the_whole_logits(lora, transform, base_kl
 
 
 def _objectives_agree(cfg, model, reference=None, chunk_tokens=16) -> None:
-    """build_objective's full and chunked objectives give `model` the same loss, reported terms and gradient of
+    """causal_lm_objective's full and chunked objectives give `model` the same loss, reported terms and gradient of
     every trained parameter (rtol 1e-5, atol 1e-6), on a batch with a prompt and padding."""
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -93,7 +93,7 @@ def _objectives_agree(cfg, model, reference=None, chunk_tokens=16) -> None:
     assert impl == "chunked", words
     results = {}
     for impl in ("full", "chunked"):
-        objective = build_objective(cfg, lambda m: m, reference, impl, transform, chunk_tokens)
+        objective = causal_lm_objective(cfg.train, lambda m: m, reference, impl, transform, chunk_tokens)
         torch.manual_seed(2)  # the same dropout masks (GPT-2's blocks) in both forwards
         result = objective(model, inputs, normaliser=57)
         results[impl] = (result.terms, torch.autograd.grad(result.loss, trained))
@@ -163,7 +163,7 @@ def test_every_family_gets_its_own_loss_in_chunks(builtin_model_dir, family):
     results = {}
     for impl in ("full", "chunked"):
         torch.manual_seed(2)  # the same dropout masks (GPT-2's blocks) in both forwards
-        loss = build_objective(cfg, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
+        loss = causal_lm_objective(cfg.train, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
         results[impl] = (loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
     torch.testing.assert_close(results["chunked"][0], results["full"][0], rtol=1e-5, atol=0)
     for want, got in zip(results["full"][1], results["chunked"][1]):
@@ -258,7 +258,7 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
     trained = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for impl in ("chunked", "fused"):
-        loss = build_objective(cfg, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
+        loss = causal_lm_objective(cfg.train, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
         results[impl] = (loss.detach(), torch.autograd.grad(loss, trained))
     torch.testing.assert_close(results["fused"][0], results["chunked"][0], rtol=1e-4, atol=0)
     for want, got in zip(results["chunked"][1], results["fused"][1]):

@@ -10,6 +10,7 @@ from ftcore.data.batch import pad_eval_batches
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
 from ftcore.data.formats import tokenize_record as _tokenize
 from ftcore.data.stream import DataError, TrainStream, eval_batches, restore_states
+from ftcore.tasks import task_for
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def stream(tmp_path, tok, rank, world, records=None, **over):
     path = write_jsonl(tmp_path / "d.jsonl", records if records is not None else chat_records(50))
     cfg = load_config(None, [f"data.train=[{{path: {path}, format: chat}}]",
                              *[f"{k}={v}" for k, v in over.items()]])
-    return TrainStream(cfg.data, tok, seed=3, rank=rank, world_size=world, micro_batch_size=2)
+    return TrainStream(cfg.data, tok, seed=3, rank=rank, world_size=world, micro_batch_size=2, task=task_for(cfg))
 
 
 def test_ranks_read_disjoint_equal_shares(tmp_path, tok):
@@ -112,26 +113,26 @@ def test_bad_records_name_file_and_line(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(chat_records(1)[0]) + "\n\n{not json\n")
     cfg = load_config(None, [f"data.train=[{{path: {path}, format: chat}}]", "data.shuffle=false"])
-    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
+    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1, task=task_for(cfg))
     s.next_batch()
     with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON: Expecting property name"):
         s.next_batch()
     write_jsonl(path, [{"messages": [{"role": "user", "content": "only a question"}]}])
-    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
+    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1, task=task_for(cfg))
     with pytest.raises(DataError, match=r"d\.jsonl:1: chat record has no assistant turn"):
         s.next_batch()
     with pytest.raises(DataError, match="format 'text'"):
         load = load_config(None, [f"data.train=[{{path: {path}, format: text}}]", "data.train_on=assistant"])
-        TrainStream(load.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1)
+        TrainStream(load.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=1, task=task_for(load))
 
 
 def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path, tok):
     path = write_jsonl(tmp_path / "e.jsonl", chat_records(5))
     cfg = load_config(None, [f"data.eval=[{{path: {path}, format: chat}}]"])
-    shares = [eval_batches(cfg.data, tok, rank, 2, micro_batch_size=2) for rank in range(2)]
+    shares = [eval_batches(cfg.data, tok, rank, 2, micro_batch_size=2, task=task_for(cfg)) for rank in range(2)]
     assert [len(s) for s in shares] == [2, 1]  # 3 and 2 samples
     # The recipe pads every rank to the most batches any rank has, with rows that carry no loss.
-    shares = [pad_eval_batches(s, 2, tok.pad_token_id) for s in shares]
+    shares = [pad_eval_batches(s, 2, lambda: task_for(cfg).filler_batch(tok.pad_token_id)) for s in shares]
     assert len(shares[0]) == len(shares[1]) == 2 and shares[1][1].trained_tokens == 0
     ids = [i for share in shares for b in share for i in b.sample_ids]
     assert sorted(i.rsplit("/", 1)[-1] for i in ids) == sorted(f"e.jsonl:{n}" for n in range(1, 6))

@@ -11,6 +11,7 @@ from ftcore.config import load_config
 from ftcore.data import sources
 from ftcore.data.sources import DelimitedSource, SourceError, expand, open_file
 from ftcore.data.stream import DataError, SourceGroup
+from ftcore.tasks import task_for
 
 
 def records(n, start=0):
@@ -47,7 +48,7 @@ def test_a_broken_line_in_a_text_format_jsonl_is_an_error_not_text(tmp_path):
     path.write_text('{"text": "fine"}\nthis is not json\n')
     cfg = load_config(None, [f"data.train=[{{path: '{path}', format: text}}]", "data.shuffle=false"])
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=2)
+    s = TrainStream(cfg.data, tok, seed=0, rank=0, world_size=1, micro_batch_size=2, task=task_for(cfg))
     with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
         s.next_batch()
 

@@ -11,6 +11,7 @@ from ftcore.data import sources
 from ftcore.data.formats import IGNORE_INDEX
 from ftcore.data.order import WINDOW_BLOCKS
 from ftcore.data.stream import DataError, TrainStream, restore_states
+from ftcore.tasks import task_for
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def write_jsonl(path, recs):
 
 def make_stream(tok, sources_yaml, rank=0, world=1, mbs=2, seed=3, **over):
     cfg = load_config(None, [f"data.train={sources_yaml}", *[f"data.{k}={v}" for k, v in over.items()]])
-    return TrainStream(cfg.data, tok, seed=seed, rank=rank, world_size=world, micro_batch_size=mbs)
+    return TrainStream(cfg.data, tok, seed=seed, rank=rank, world_size=world, micro_batch_size=mbs,
+                       task=task_for(cfg))
 
 
 def ids_of(batches):

@@ -16,9 +16,10 @@ import torch
 
 from ftcore.config import ConfigError, FieldNames, load_config
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
-from ftcore.data.preference import collate_kto, tokenize_kto
-from ftcore.train.chunked_loss import LogitTransform
-from ftcore.train.preference import KTOLoss
+from ftcore.data.preference import tokenize_kto
+from ftcore.losses.chunked import LogitTransform
+from ftcore.losses.preference import KTOLoss
+from ftcore.tasks.kto import collate_kto
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 from tests.test_preference import (
     WORDS,
@@ -81,8 +82,8 @@ def test_mismatched_rows_join_each_prompt_with_the_next_samples_completion(token
                for i, w in enumerate(["red", "blue green", "cat dog sun"])]
     samples = [tokenize_kto(r, SPEC, tokenizer, 64) for r in records]
     batch = collate_kto(samples, rotated(samples), tokenizer.pad_token_id, [], 64, tokenizer.bos_token_id)
-    assert batch.examples == 3 and batch.kto.desirable.tolist() == [True, False, True]
-    rows = batch.kto.mismatched
+    assert batch.examples == 3 and batch.extra.desirable.tolist() == [True, False, True]
+    rows = batch.extra.mismatched
     for row, (mine, theirs) in enumerate(zip(samples, rotated(samples))):
         ids = rows.input_ids[row][rows.attention_mask[row].bool()].tolist()
         assert ids == mine.prompt + theirs.completion_ids

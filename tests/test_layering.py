@@ -1,7 +1,7 @@
-"""The import contract: first-party modules form layers, launcher -> tools -> train -> model/data -> config/io, and
-a module imports only from its own layer or the ones below; no two modules import each other, directly or round a
-cycle. Every import counts, at the top of a file, inside a function or under TYPE_CHECKING: an import moved into a
-function still ties the two modules together, it only hides the cycle until the function runs."""
+"""The import contract: first-party modules form layers, launcher -> tools -> train -> tasks -> losses -> model/data
+-> config/io, and a module imports only from its own layer or the ones below; no two modules import each other,
+directly or round a cycle. Every import counts, at the top of a file, inside a function or under TYPE_CHECKING: an
+import moved into a function still ties the two modules together, it only hides the cycle until the function runs."""
 
 from __future__ import annotations
 
@@ -16,15 +16,24 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("launcher", ("launcher",)),
     ("tools", ("ftcore.export", "ftcore.tools.plan", "ftcore.tools.generate", "ftcore.evaluation.command")),
     ("train", ("ftcore.train",)),
+    # One module per task (ftcore/tasks/); the recipe, evaluation, plan and export ask the run's task.
+    ("tasks", ("ftcore.tasks",)),
+    # The objectives the tasks build, and the chunked head that computes them.
+    ("losses", ("ftcore.losses",)),
     ("model/data", ("ftcore.data", "ftcore.model", "ftcore.model_files", "ftcore.model_geometry", "ftcore.builtin",
                     "ftcore.gguf_base", "ftcore.preflight", "ftcore.checkpoint", "ftcore.resume", "ftcore.ds_config",
                     "ftcore.launch_settings", "ftcore.metrics", "ftcore.tracking", "ftcore.evaluation.generation",
                     "ftcore.evaluation.scoring", "ftcore.nf4", "ftcore.assets")),
     # ftcore.tools.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);
-    # ftcore.export.st_io is the safetensors reader/writer the model files and the export both use.
+    # ftcore.export.st_io is the safetensors reader/writer the model files and the export both use; the tasks'
+    # registry (ftcore/tasks/__init__.py) imports nothing first-party, so config validation can ask the run's task;
+    # ftcore.errors is the run's error type, raised from the losses up.
     ("config/io", ("ftcore", "ftcore.config", "ftcore.durable", "ftcore.dtypes", "ftcore.quiet", "ftcore.dist_env",
-                   "ftcore.preemption", "ftcore.tools.plot", "ftcore.cache", "ftcore.run_dir", "ftcore.export.st_io")),
+                   "ftcore.preemption", "ftcore.tools.plot", "ftcore.cache", "ftcore.run_dir", "ftcore.export.st_io",
+                   "ftcore.errors")),
 ]
+# A package's own __init__ that sits in another layer than its modules.
+PACKAGE_LAYERS = {"ftcore.tasks": "config/io"}
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}  # 0 = highest
 
 
@@ -38,6 +47,8 @@ def first_party_modules() -> dict[str, Path]:
 
 
 def layer_of(module: str) -> str:
+    if module in PACKAGE_LAYERS:
+        return PACKAGE_LAYERS[module]
     best = max(((prefix, name) for name, prefixes in LAYERS for prefix in prefixes
                 if module == prefix or module.startswith(prefix + ".")), key=lambda pair: len(pair[0]))
     return best[1]

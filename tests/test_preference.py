@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from ftcore.config import ConfigError, FieldNames, load_config
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec
 from ftcore.data.preference import collate_pairs, tokenize_pair
+from ftcore.losses.chunked import LogitTransform
+from ftcore.losses.preference import PreferenceLoss
 from ftcore.model import load_model
-from ftcore.train.chunked_loss import LogitTransform
-from ftcore.train.preference import PreferenceLoss
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]

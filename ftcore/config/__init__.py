@@ -19,6 +19,7 @@ from ftcore.config.schema import (
                                   DataConfig,
                                   DataSource,
                                   DistributedConfig,
+                                  FieldError,
                                   FieldNames,
                                   ModelConfig,
                                   PreferenceConfig,
@@ -27,6 +28,6 @@ from ftcore.config.schema import (
 )
 
 __all__ = ["BUILTIN_PREFIX", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource",
-           "DistributedConfig", "FieldNames", "ModelConfig", "PreferenceConfig", "Section", "TrainConfig",
+           "DistributedConfig", "FieldError", "FieldNames", "ModelConfig", "PreferenceConfig", "Section", "TrainConfig",
            "dump_config", "field_docs", "format_validation_error", "load_config", "parse_override",
            "run_config_beside"]

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ftcore.config.schema import Config, ConfigError, DataConfig, DataSource, _FieldError
+from ftcore.config.schema import Config, ConfigError, DataConfig, DataSource, FieldError
 from ftcore.run_dir import RunDir
 
 
@@ -110,7 +110,7 @@ def format_validation_error(exc: ValidationError, source: str, yaml_root: Option
     for err in exc.errors():
         loc = tuple(err["loc"])
         ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _FieldError):  # cross-field check: it names its own field
+        if isinstance(ctx_error, FieldError):  # cross-field check: it names its own field
             field, text = ctx_error.field, ctx_error.message
             loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
         else:

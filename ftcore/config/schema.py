@@ -15,6 +15,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from ftcore.tasks import load_task, task_for
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -164,22 +166,6 @@ class DataConfig(Section):
                 raise _field_error("data.overflow", f"'split' applies to format text only; {bad[0]} is not text "
                                    "(use truncate or drop)")
         return self
-
-    @property
-    def classification(self) -> bool:
-        """Sources of format classification ({text, label} records); Config's validator ties this to task
-        classification, so it says the same as Config.classification to code that only has the data section."""
-        return self.train[0].format == "classification"
-
-    @property
-    def preference(self) -> bool:
-        """Sources of format preference (tied to task preference by Config's validator)."""
-        return self.train[0].format == "preference"
-
-    @property
-    def kto(self) -> bool:
-        """Sources of format kto (tied to preference.loss=kto by Config's validator)."""
-        return self.train[0].format == "kto"
 
 
 class TrainConfig(Section):
@@ -367,11 +353,13 @@ class CheckpointConfig(Section):
 
 class Config(Section):
     """A whole run's configuration: the one typed tree every part reads its section of."""
-    task: Literal["causal_lm", "classification", "preference"] = "causal_lm"
-    """causal_lm = next-token training of a causal LM; classification = a sequence-classification head on it
-    (AutoModelForSequenceClassification), cross-entropy on data.labels, eval accuracy / macro-F1 / confusion matrix;
-    preference = preference training of a causal LM, chosen vs rejected (format preference) or desirable vs
-    undesirable completions (format kto, preference.loss=kto); the preference section."""
+    task: str = "causal_lm"
+    """What is trained (ftcore/tasks/, one module per task): causal_lm = next-token training of a causal LM;
+    classification = a sequence-classification head on it (AutoModelForSequenceClassification), cross-entropy on
+    data.labels, eval accuracy / macro-F1 / confusion matrix; preference = preference training of a causal LM,
+    chosen vs rejected (format preference) or desirable vs undesirable completions (format kto,
+    preference.loss=kto); the preference section. A task defined outside ft is named by its import path,
+    `package.module:Class` (a subclass of ftcore.tasks.base.Task)."""
     output_dir: str = "outputs/run"
     """Run directory: checkpoints/, final/, logs. A rerun with the same output_dir resumes."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -383,6 +371,12 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     _explicit: dict = PrivateAttr(default_factory=dict)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        load_task(value)  # built in, or importable as package.module:Class (UnknownTask says which and why)
+        return value
 
     def explicit_fields(self) -> dict[str, str]:
         """Dotted fields the YAML file or --set gave -> where ("cfg.yaml:12", "--set"); defaults and
@@ -410,7 +404,7 @@ class Config(Section):
             raise _field_error("train.stop_at_step", f"{t.stop_at_step} exceeds train.max_steps={t.max_steps}")
         if t.eval_every and not self.data.eval:
             raise _field_error("train.eval_every", "is set but data.eval has no sources")
-        self._check_task()
+        task_for(self).check_config(self)  # the task's own fields and data formats (ftcore/tasks/)
         self._check_eval_generate()
         self._check_adapter()
         self._check_sequence_parallel()
@@ -450,9 +444,6 @@ class Config(Section):
         if n == 1:
             return
         why = f"does not apply with distributed.sequence_parallel={n}"
-        if self.task == "classification":
-            raise _field_error("task", f"classification {why} (a classification head reads each sample's last "
-                               "token; use distributed.sequence_parallel=1)")
         if self.data.max_seq_len % n:
             raise _field_error("data.max_seq_len", f"{self.data.max_seq_len} is not a multiple of "
                                f"distributed.sequence_parallel={n} (each rank holds max_seq_len / {n} tokens)")
@@ -470,9 +461,6 @@ class Config(Section):
     def _check_chunked_loss(self) -> None:
         """What an explicit train.loss_impl=chunked/fused does not cover, refused by name (auto picks around it)."""
         impl = self.train.loss_impl
-        if self.task == "classification":
-            raise _field_error("train.loss_impl", f"{impl} applies to task causal_lm (a classification head's "
-                               "logits are one row per sample); use auto or full")
         if impl == "fused" and self.train.base_kl:
             raise _field_error("train.loss_impl", "fused does not compute train.base_kl's KL term; use chunked "
                                "(or auto)")
@@ -482,8 +470,6 @@ class Config(Section):
     def _check_eval_generate(self) -> None:
         if not self.train.eval_generate:
             return
-        if self.task != "causal_lm":
-            raise _field_error("train.eval_generate", f"scores generated answers of task causal_lm, not {self.task}")
         if not self.data.eval:
             raise _field_error("train.eval_generate", "needs data.eval (the prompts and their reference answers)")
         for i, source in enumerate(self.data.eval):
@@ -494,57 +480,6 @@ class Config(Section):
             raise _field_error("train.eval_generate", "does not run under distributed.sequence_parallel (each "
                                "generated token would need the whole sequence group); use ft eval after training")
 
-    def _check_task(self) -> None:
-        data = self.data
-        sources = [("data.train", i, s) for i, s in enumerate(data.train)]
-        sources += [("data.eval", i, s) for i, s in enumerate(data.eval or [])]
-        if self.task == "classification":
-            for where, i, s in sources:
-                if s.format != "classification":
-                    raise _field_error(f"{where}.{i}.format", f"task classification reads format classification "
-                                       f"({{text, label}} records); {s.path} is {s.format}")
-            for name, bad in (("data.packing", data.packing), ("data.train_on", data.train_on is not None)):
-                if bad:
-                    raise _field_error(name, "does not apply to task classification (one label per sample trains)")
-            if self.train.base_kl:
-                raise _field_error("train.base_kl", "applies to task causal_lm (a classification head has no base "
-                                   "model predictions to stay close to)")
-            if data.labels is not None and (len(data.labels) < 2 or len(set(data.labels)) != len(data.labels)):
-                raise _field_error("data.labels", f"needs at least two distinct class names (got {data.labels})")
-        elif self.task == "preference":
-            self._check_preference(sources)
-        else:
-            for where, i, s in sources:
-                if s.format in ("classification", "preference", "kto"):
-                    needs = "task: preference and preference.loss: kto" if s.format == "kto" else f"task: {s.format}"
-                    raise _field_error(f"{where}.{i}.format", f"format {s.format} needs {needs}")
-            if data.labels is not None:
-                raise _field_error("data.labels", "applies to task classification only")
-
-    def _check_preference(self, sources: list) -> None:
-        """task preference: its data, and what this release does not cover, refused by name."""
-        data, t = self.data, self.train
-        kto = self.preference.loss == "kto"
-        wanted = "kto" if kto else "preference"
-        for where, i, s in sources:
-            if s.format != wanted:
-                shape = "{prompt, completion, label}" if kto else "{prompt, chosen, rejected}"
-                raise _field_error(f"{where}.{i}.format", f"preference.loss={self.preference.loss} reads format "
-                                   f"{wanted} ({shape} records); {s.path} is {s.format}")
-        refused = [("data.packing", data.packing, "pairs are right-padded, chosen and rejected in one batch"),
-                   ("data.train_on", data.train_on is not None, "the responses train, the prompt never"),
-                   ("train.base_kl", t.base_kl > 0, "the preference loss has its own reference term"),
-                   ("train.loss_impl", t.loss_impl in ("full", "fused"), "every preference log-prob goes through "
-                    "the chunked loss (no [tokens x vocab] logits); use auto or chunked")]
-        for name, bad, why in refused:
-            if bad:
-                raise _field_error(name, f"does not apply to task preference: {why}")
-
-    @property
-    def classification(self) -> bool:
-        """task: classification (the one place ft asks which task a run is)."""
-        return self.task == "classification"
-
     def effective_batch_size(self, world_size: int) -> int:
         """Samples per optimizer step: micro batch x accumulation x data-parallel groups (world size / sequence
         parallel degree)."""
@@ -552,14 +487,17 @@ class Config(Section):
         return self.train.micro_batch_size * self.train.grad_accum_steps * groups
 
 
-class _FieldError(ValueError):
+class FieldError(ValueError):
+    """A cross-field check's finding: the dotted field it names and why (printed as "field: message", with the
+    YAML line or --set that gave the field)."""
+
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
 
 
-def _field_error(field: str, message: str) -> _FieldError:
-    return _FieldError(field, message)
+def _field_error(field: str, message: str) -> FieldError:
+    return FieldError(field, message)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ segment), with the sample ids and stream positions the audit records, and what t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -31,10 +31,11 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None  # packed rows only: restarts at 0 for every sample
     seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
     positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
-    examples: int = 0  # task preference: the examples the loss averages over (pairs, or KTO samples)
+    examples: int = 0  # the examples a per-example loss averages over (preference pairs, KTO samples)
     # sequence_shard: labels are already shifted (label t is the token after t) and the model gets no mask
     shifted: bool = False
-    kto: Optional[KTOBatch] = None  # format kto: the desirable flags and the mismatched rows
+    blocks: int = 1  # rows come in this many blocks of `examples` rows each (pairs: the chosen, then the rejected)
+    extra: Optional[BatchExtra] = None  # what a task's objective reads beside the rows (KTO: its mismatched rows)
 
     @property
     def trained_tokens(self) -> int:
@@ -61,9 +62,8 @@ class Batch:
                     "shift_labels": self.labels.to(device), "use_cache": False} if self.shifted else
                    {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
                     "labels": self.labels.to(device), "use_cache": False})
-            if self.kto is not None:  # read (and removed) by the KTO objective, never passed to the model
-                out["kto_desirable"] = self.kto.desirable.to(device)
-                out["kto_mismatched"] = self.kto.mismatched.model_inputs(device)
+            if self.extra is not None:  # read (and removed) by the task's objective, never passed to the model
+                out.update(self.extra.model_inputs(device))
             return out
         extra = packed_attention_inputs(self.seq_lens, self.input_ids.shape[1], attn_implementation, dtype)
         ids, labels, positions = self.input_ids, self.labels, self.position_ids
@@ -81,7 +81,8 @@ class Batch:
         the next; rows are padded to `rows` (a pair batch keeps its chosen half, then its rejected half) and the
         width to a multiple of `parts` (padding never trains), as Ulysses needs the same shapes on every rank;
         position ids stay global (packed rows: per sample). Without a mask: Ulysses attends causally (right
-        padding is never attended to by a real token). A KTO batch's mismatched rows are split alike.
+        padding is never attended to by a real token). The task's extra rows (KTO's mismatched rows) are split
+        alike.
 
         one_row (packing, which sequence parallelism allows with flash_attention_2 only): the rows are first
         joined into one varlen row, as the flash-attention path without sequence parallelism takes packed rows,
@@ -98,10 +99,10 @@ class Batch:
         count, width = self.input_ids.shape
         rows = max(rows, count)
         wide = -(-width // parts) * parts
-        if self.kto is None and self.examples and count == 2 * self.examples:  # pairs: pad each half
-            half = rows // 2
-            order = list(range(self.examples)) + [-1] * (half - self.examples)
-            order += [self.examples + i for i in range(self.examples)] + [-1] * (half - self.examples)
+        if self.blocks > 1:  # pad each block to its share of the rows (pairs: chosen and rejected halves)
+            share = rows // self.blocks
+            order = [i for b in range(self.blocks)
+                     for i in [b * self.examples + j for j in range(self.examples)] + [-1] * (share - self.examples)]
         else:
             order = list(range(count)) + [-1] * (rows - count)
         ids = torch.zeros((rows, wide), dtype=torch.long)
@@ -117,20 +118,16 @@ class Batch:
             if self.position_ids is not None:  # (flattened) packed: per-sample positions, the padding counting on
                 positions[row, :width] = self.position_ids[source]
                 positions[row, width:] = self.position_ids[source, -1] + 1 + torch.arange(wide - width)
-        kto = self.kto
-        if kto is not None:
-            desirable = torch.zeros(rows, dtype=torch.bool)
-            desirable[:count] = kto.desirable
-            kto = KTOBatch(desirable, kto.mismatched.sequence_shard(part, parts, rows))
+        extra = self.extra.sequence_shard(part, parts, rows, count) if self.extra is not None else None
         span = slice(part * wide // parts, (part + 1) * wide // parts)
         return Batch(ids[:, span].contiguous(), mask[:, span].contiguous(), labels[:, span].contiguous(),
                      sample_ids=list(self.sample_ids), position_ids=positions[:, span].contiguous(),
-                     positions=list(self.positions), examples=self.examples, kto=kto, shifted=True)
+                     positions=list(self.positions), examples=self.examples, shifted=True, blocks=self.blocks,
+                     extra=extra)
 
 
-def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classification: bool = False) -> Batch:
-    """Right-pad to the longest sample in the batch; padding never carries loss or attention. Classification:
-    labels is one class id per row (the model reads its prediction at the last real token)."""
+def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str]) -> Batch:
+    """Right-pad to the longest sample in the batch; padding never carries loss or attention."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -140,8 +137,6 @@ def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str], classi
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
-    if classification:
-        labels = labels[:, 0].clone()
     return Batch(ids, mask, labels, sample_ids)
 
 
@@ -180,28 +175,32 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad_eval_batches(batches: list[Batch], count: int, pad_id: int, classification: bool = False,
-                     preference: bool = False, kto: bool = False) -> list[Batch]:
-    """Add batches whose labels are all ignored, so every rank runs `count` forward passes (each one is a
-    collective under ZeRO-3). A preference filler is a pair of such samples (it counts as no pair), a KTO filler
-    one such sample with one such mismatched row (it counts as no sample)."""
-    filler = Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
-
-    def one() -> Batch:
-        if preference or kto:
-            batch = collate([filler, filler] if preference else [filler], pad_id, [])
-            batch.examples = 1
-            if kto:
-                batch.kto = KTOBatch(torch.tensor([True]), collate([filler], pad_id, []))
-            return batch
-        return collate([filler], pad_id, [], classification)
-
-    return batches + [one() for _ in range(count - len(batches))]
+def pad_eval_batches(batches: list[Batch], count: int, filler: Any) -> list[Batch]:
+    """Add `filler()` batches (the task's: labels all ignored, counting as no example), so every rank runs `count`
+    forward passes (each one is a collective under ZeRO-3)."""
+    return batches + [filler() for _ in range(count - len(batches))]
 
 
-@dataclass
-class KTOBatch:
-    """What a KTO batch holds beside its rows: desirable[i] for row i, and the mismatched rows."""
+def filler_sample(pad_id: int) -> Tokenized:
+    """A sample of padding with nothing to train on, for filler batches."""
+    return Tokenized([pad_id] * 8, [IGNORE_INDEX] * 8)
 
-    desirable: torch.Tensor
-    mismatched: Batch
+
+@dataclass(frozen=True)
+class Collation:
+    """What a task's collate needs beside the samples: the id rows are padded with, data.max_seq_len and the
+    tokenizer's BOS id."""
+
+    pad_id: int
+    max_seq_len: int
+    bos_id: Optional[int] = None
+
+
+class BatchExtra(Protocol):
+    """A task's tensors beside a batch's rows (KTO: the desirable flags and the mismatched rows)."""
+
+    def model_inputs(self, device: Any) -> dict:
+        """Its entries of the objective's inputs, on `device` (the objective removes them before the forward)."""
+
+    def sequence_shard(self, part: int, parts: int, rows: int, count: int) -> "BatchExtra":
+        """Rank `part` of `parts` of a sequence group: its share, the batch's `count` rows padded to `rows`."""

@@ -186,15 +186,21 @@ def prompt_and_reference(record: Any, spec: RecordSpec, tokenizer: Any) -> tuple
     return tokenizer(text, add_special_tokens=False)["input_ids"], messages[last]["content"]
 
 
+def tokenize_labelled_text(record: Any, spec: RecordSpec, tokenizer: Any) -> Tokenized:
+    """A {text, label} record (format classification): the text tokenized as `tokenizer(text)` does at inference
+    (exactly what a user's tokenizer gives the exported model), and [class id] as its labels."""
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    f = spec.fields
+    ids = tokenizer(_field(record, f.text, "classification"))["input_ids"]
+    return Tokenized(ids, [class_id(record.get(f.label, _MISSING), f.label, spec.labels or [])])
+
+
 def tokenize_record(record: Any, spec: RecordSpec, tokenizer: Any) -> Tokenized:
     """One record of `spec`'s format tokenized with its loss mask; RecordError names what is wrong."""
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     fmt, train_on, f = spec.format, spec.train_on, spec.fields
-    if fmt == "classification":
-        text = _field(record, f.text, "classification")
-        ids = tokenizer(text)["input_ids"]  # exactly what a user's tokenizer(text) gives the exported model
-        return Tokenized(ids, [class_id(record.get(f.label, _MISSING), f.label, spec.labels or [])])
     if fmt == "text":
         ids = _bos_eos(tokenizer, tokenizer(_field(record, f.text, "text"), add_special_tokens=False)["input_ids"])
         return _finish(ids, list(ids))

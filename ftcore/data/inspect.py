@@ -1,8 +1,8 @@
 """`ft data inspect`: what the model will see, before spending GPU hours on it.
 
 Reads the training stream exactly as rank 0 of a 1-process run would (same order, masks, overflow handling),
-shows a few samples with trained tokens marked (a preference pair as its chosen and its rejected sample), and
-summarises a scan of the first samples.
+shows a few samples with trained tokens marked, as the run's task shows a sample, and summarises a scan of the
+first samples.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 from ftcore.config import Config
 from ftcore.data.formats import IGNORE_INDEX
 from ftcore.data.packing import BestFitPacker
-from ftcore.data.stream import TrainStream, discover_labels
+from ftcore.data.stream import TrainStream
+from ftcore.tasks import task_for
 
 
 @dataclass
@@ -62,30 +63,20 @@ def simulate_packing(lengths: list[int], capacity: int, buffer: int) -> tuple[fl
 
 
 def inspect_data(cfg: Config, tokenizer: Any, show: int, scan: int) -> InspectResult:
-    """Read `scan` samples as training would (packing off), keeping `show` of them for display."""
+    """Read `scan` samples as training would (packing off), keeping `show` of them for display; each as the run's
+    task shows it (a preference pair as its chosen and its rejected row, a class with its text)."""
+    task = task_for(cfg)
     data = cfg.data.model_copy(update={"packing": False})
-    if cfg.classification:
-        data = data.model_copy(update={"labels": discover_labels(data)})
-    stream = TrainStream(data, tokenizer, cfg.train.seed, rank=0, world_size=1, micro_batch_size=1)
+    task.prepare_data(data)
+    stream = TrainStream(data, tokenizer, cfg.train.seed, rank=0, world_size=1, micro_batch_size=1, task=task)
     shown, lengths, trained = [], [], []
     for i in range(max(scan, show)):
         batch = stream.next_batch()
-        # A preference batch holds the pair: its chosen row, then its rejected row, shown one after the other.
-        names = ["chosen", "rejected"] if stream.preference else [None]
-        for row, name in enumerate(names):
-            ids, sample_id = batch.input_ids[row][batch.attention_mask[row].bool()].tolist(), batch.sample_ids[0]
-            if stream.classification:  # one label per sample, no token is a target
-                sample_id += f" (label {data.labels[int(batch.labels[0])]})"
-                labels = [IGNORE_INDEX] * len(ids)
-                trained.append(1)
-            else:
-                labels = batch.labels[row][: len(ids)].tolist()
-                trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
+        for suffix, ids, labels, targets in task.describe(batch, data):
             lengths.append(len(ids))
-            if stream.kto:
-                name = "desirable" if bool(batch.kto.desirable[0]) else "undesirable"
+            trained.append(targets)
             if i < show:
-                shown.append((f"{sample_id} ({name})" if name else sample_id, token_pieces(tokenizer, ids, labels)))
+                shown.append((batch.sample_ids[0] + suffix, token_pieces(tokenizer, ids, labels)))
     efficiency, rows = simulate_packing(lengths, cfg.data.max_seq_len, cfg.data.packing_buffer)
     return InspectResult(shown, lengths, trained, dict(stream.counters), list(stream.maker.error_examples),
                          efficiency, rows, [(g.spec_text, len(g), len(g.files)) for g in stream.groups])

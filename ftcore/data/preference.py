@@ -15,11 +15,11 @@ L - longer response, but never below min(prompt, L // 2) tokens; then each respo
 what is left. Both responses always follow the same prompt tokens. A KTO sample is truncated by the same rule
 with its one completion.
 
-A KTO batch also holds, for its reference point (the KL term of arXiv 2402.01306), mismatched rows: each sample's
-prompt followed by another sample's completion (token-level concatenation, truncated by the same rule), which the
-loss scores without training on them. The other sample is the next one in stream order (training: the record at
-the next stream position, whichever rank trains it; eval: the next sample of the whole eval set), so the rows do
-not depend on how samples are dealt to ranks and micro batches."""
+A KTO batch (ftcore/tasks/kto.py) also holds, for its reference point (the KL term of arXiv 2402.01306),
+mismatched rows: each sample's prompt followed by another sample's completion (token-level concatenation, truncated
+by the same rule), which the loss scores without training on them. The other sample is the next one in stream
+order (training: the record at the next stream position, whichever rank trains it; eval: the next sample of the
+whole eval set), so the rows do not depend on how samples are dealt to ranks and micro batches."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ftcore.data.batch import Batch, KTOBatch, collate
+from ftcore.data.batch import Batch, collate
 from ftcore.data.chat_template import assistant_char_spans
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, _bos_eos, parse_turns
 
@@ -45,6 +45,11 @@ class Pair:
     def trained_tokens(self) -> int:
         """Response tokens of both samples."""
         return self.chosen.trained_tokens + self.rejected.trained_tokens
+
+    @property
+    def trainable(self) -> bool:
+        """Both responses kept a token to train on (truncation may leave one without)."""
+        return self.chosen.trained_tokens > 0 and self.rejected.trained_tokens > 0
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
@@ -137,6 +142,11 @@ class KTOSample:
         """Completion tokens that train."""
         return self.sample.trained_tokens
 
+    @property
+    def trainable(self) -> bool:
+        """The completion kept a token to train on."""
+        return self.sample.trained_tokens > 0
+
     def __len__(self) -> int:
         return len(self.sample)
 
@@ -205,21 +215,10 @@ def tokenize_kto(record: Any, spec: RecordSpec, tokenizer: Any, max_seq_len: int
     return KTOSample(kept, ids, labels, label, sample, truncated)
 
 
-def collate_kto(samples: list[KTOSample], partners: list[KTOSample], pad_id: int, sample_ids: list[str],
-                limit: int, bos: Any) -> Batch:
-    """The samples' rows, right-padded, with `kto`: which are desirable, and the mismatched rows (sample i's
-    prompt, partners[i]'s completion) as their own padded batch."""
-    batch = collate([s.sample for s in samples], pad_id, sample_ids)
-    mismatched = collate([s.with_completion_of(p, limit, bos) for s, p in zip(samples, partners)], pad_id, [])
-    batch.kto = KTOBatch(torch.tensor([s.desirable for s in samples]), mismatched)
-    batch.examples = len(samples)
-    return batch
-
-
 def collate_pairs(pairs: list[Pair], pad_id: int, sample_ids: list[str]) -> Batch:
     """Rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded: one forward for both responses."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, sample_ids)
-    batch.examples = len(pairs)
+    batch.examples, batch.blocks = len(pairs), 2
     return batch
 
 

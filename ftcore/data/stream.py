@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
 from ftcore.builtin import resolve_data_path
 from ftcore.config import DataConfig, DataSource
-from ftcore.data.batch import Batch, Piece, collate, collate_packed, pad_token_id
-from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on, tokenize_record
+from ftcore.data.batch import Batch, Collation, Piece, collate_packed, pad_token_id
+from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on
 from ftcore.data.order import WINDOW_BLOCKS, Mixture, RankCursor, SourceOrder, reshard
 from ftcore.data.packing import BestFitPacker
-from ftcore.data.preference import collate_kto, collate_pairs, tokenize_kto, tokenize_pair
 from ftcore.data.sources import FileSource, RawRecord, expand, open_file
 
 STATE_VERSION = 2
@@ -35,7 +34,21 @@ MAX_BARREN_RUN = 10_000
 COUNTER_KEYS = ("records", "samples", "truncated", "dropped_too_long", "split_records", "split_pieces",
                 "skipped_errors", "skipped_no_trained_tokens", "tokens", "trained_tokens", "row_tokens")
 
-__all__ = ["Batch", "DataError", "SourceGroup", "TrainStream", "eval_batches", "reshard"]
+__all__ = ["Batch", "DataError", "SampleTask", "SourceGroup", "TrainStream", "eval_batches", "reshard"]
+
+
+class SampleTask(Protocol):
+    """What the stream asks the run's task (ftcore/tasks/): how a record tokenizes and samples collate."""
+
+    truncates_itself: bool  # its samples are cut to data.max_seq_len by its own rule (not data.overflow)
+    reads_next_sample: bool  # collate takes each sample's successor in stream order too
+
+    def tokenize(self, record: Any, spec: RecordSpec, tokenizer: Any, max_seq_len: int) -> Any:
+        """One parsed record -> its sample (RecordError when it is malformed)."""
+
+    def collate(self, samples: list, sample_ids: list[str], collation: Collation,
+                next_samples: Optional[list] = None) -> Batch:
+        """Samples (with their successors when reads_next_sample) -> one unpacked micro batch."""
 
 
 class DataError(ValueError):
@@ -143,8 +156,8 @@ def discover_labels(data_cfg: DataConfig) -> list[str]:
 class SampleMaker:
     """Raw record -> the pieces to train on, applying data.overflow and data.on_error, with counters."""
 
-    def __init__(self, data_cfg: DataConfig, tokenizer: Any):
-        self.cfg, self.tokenizer = data_cfg, tokenizer
+    def __init__(self, data_cfg: DataConfig, tokenizer: Any, task: SampleTask):
+        self.cfg, self.tokenizer, self.task = data_cfg, tokenizer, task
         self.counters = {k: 0 for k in COUNTER_KEYS}
         self.error_examples: list[str] = []
 
@@ -154,21 +167,7 @@ class SampleMaker:
         c = self.counters if count else {k: 0 for k in COUNTER_KEYS}
         c["records"] += 1
         try:
-            if spec.format == "preference":  # a pair, truncated by its own rule (ftcore/data/preference.py)
-                pair = tokenize_pair(parse_record(raw, spec), spec, self.tokenizer, self.cfg.max_seq_len)
-                c["truncated"] += int(pair.truncated)
-                if pair.chosen.trained_tokens == 0 or pair.rejected.trained_tokens == 0:
-                    c["skipped_no_trained_tokens"] += 1
-                    return [None]
-                return [pair]
-            if spec.format == "kto":  # one completion, truncated by the pairs' rule
-                kto = tokenize_kto(parse_record(raw, spec), spec, self.tokenizer, self.cfg.max_seq_len)
-                c["truncated"] += int(kto.truncated)
-                if kto.trained_tokens == 0:
-                    c["skipped_no_trained_tokens"] += 1
-                    return [None]
-                return [kto]
-            sample = tokenize_record(parse_record(raw, spec), spec, self.tokenizer)
+            sample = self.task.tokenize(parse_record(raw, spec), spec, self.tokenizer, self.cfg.max_seq_len)
         except RecordError as e:
             if self.cfg.on_error == "raise":
                 raise DataError(f"{raw.where}: {e} (data.on_error=skip skips such records)") from None
@@ -176,6 +175,12 @@ class SampleMaker:
             if count and len(self.error_examples) < MAX_ERROR_EXAMPLES:
                 self.error_examples.append(f"{raw.where}: {e}")
             return []
+        if self.task.truncates_itself:  # e.g. a pair, cut by its own rule (ftcore/data/preference.py)
+            c["truncated"] += int(sample.truncated)
+            if not sample.trainable:
+                c["skipped_no_trained_tokens"] += 1
+                return [None]
+            return [sample]
         limit = self.cfg.max_seq_len
         pieces: list[Tokenized] = [sample]
         if len(sample) > limit:
@@ -218,20 +223,19 @@ class TrainStream:
     """This rank's endless stream of training batches, with state_dict / load_state_dict for exact resume."""
 
     def __init__(self, data_cfg: DataConfig, tokenizer: Any, seed: int, rank: int, world_size: int,
-                 micro_batch_size: int):
-        self.cfg, self.tokenizer, self.seed = data_cfg, tokenizer, seed
+                 micro_batch_size: int, task: SampleTask):
+        self.cfg, self.tokenizer, self.seed, self.task = data_cfg, tokenizer, seed, task
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.groups = [SourceGroup(spec, data_cfg, i, seed) for i, spec in enumerate(data_cfg.train)]
         self.mixture = Mixture([g.weight for g in self.groups], seed)
         self.cursor = RankCursor(rank, world_size)
-        self.maker = SampleMaker(data_cfg, tokenizer)
+        self.maker = SampleMaker(data_cfg, tokenizer, task)
         self.pad_id = pad_token_id(tokenizer)
+        self.collation = Collation(self.pad_id, data_cfg.max_seq_len, tokenizer.bos_token_id)
         self.packer: Optional[BestFitPacker[Piece]] = BestFitPacker(data_cfg.max_seq_len) if data_cfg.packing \
             else None
         self.fifo: deque[Piece] = deque()
         self.barren_limit = min(MAX_BARREN_RUN, sum(len(g) for g in self.groups))
-        self.classification = data_cfg.classification
-        self.preference, self.kto = data_cfg.preference, data_cfg.kto
 
     @property
     def counters(self) -> dict:
@@ -298,15 +302,9 @@ class TrainStream:
         if self.packer is None:
             self._fill(self.micro_batch_size)
             pieces = [self.fifo.popleft() for _ in range(self.micro_batch_size)]
-            if self.preference:
-                batch = collate_pairs([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces])
-            elif self.kto:
-                batch = collate_kto([p.sample for p in pieces], [self._kto_partner(p.tag[0]) for p in pieces],
-                                    self.pad_id, [p.sample_id for p in pieces], self.cfg.max_seq_len,
-                                    self.tokenizer.bos_token_id)
-            else:
-                batch = collate([p.sample for p in pieces], self.pad_id, [p.sample_id for p in pieces],
-                                self.classification)
+            after = [self._next_sample(p.tag[0]) for p in pieces] if self.task.reads_next_sample else None
+            batch = self.task.collate([p.sample for p in pieces], [p.sample_id for p in pieces], self.collation,
+                                      after)
             batch.positions = [p.tag[0] for p in pieces]
             self._emitted(pieces, batch.input_ids.numel())
             return batch
@@ -318,10 +316,10 @@ class TrainStream:
         self._emitted([p for row in rows for p in row], batch.input_ids.numel())
         return batch
 
-    def _kto_partner(self, position: int) -> Any:
-        """The sample whose completion a KTO sample's mismatched row takes: the one at the next stream position
-        that yields one (read here, whichever rank trains it), so the step's mismatched rows, and with them KTO's
-        reference point, are the same at any world size and accumulation."""
+    def _next_sample(self, position: int) -> Any:
+        """The sample after `position` in stream order: the one at the next stream position that yields one (read
+        here, whichever rank trains it), so what a task makes of it (KTO: the mismatched rows, and with them its
+        reference point) is the same at any world size and accumulation."""
         for after in range(1, self.barren_limit + 1):
             pieces = self._pieces_at(position + after, -1, count=False)
             if pieces:
@@ -382,37 +380,38 @@ def restore_states(states: list[dict], world_size: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: int,
-                 micro_batch_size: int) -> list[Batch]:
+def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: int, micro_batch_size: int,
+                 task: SampleTask) -> list[Batch]:
     """This rank's share of the eval set, in file order (records i with i % world == rank), unpacked.
     Ranks may end up with different batch counts (skipped records); pad_eval_batches evens them out."""
-    maker = SampleMaker(data_cfg, tokenizer)
+    maker = SampleMaker(data_cfg, tokenizer, task)
     mine: list[tuple[Tokenized, str]] = []
-    # KTO's mismatched rows pair each sample with the next one of the whole set, so every rank reads every
-    # record (the reference point is then the same at any world size): `everything`, with the partner of each.
+    # A task that reads each sample's successor gets the next one of the whole set, so every rank reads every
+    # record (what the task makes of it is then the same at any world size): `everything`, with the successor of
+    # each of `mine` by its place in it.
+    successors = task.reads_next_sample
     everything: list[Any] = []
-    partners: list[Any] = []  # kto: the partner of each sample of `mine`, by its place in `everything`
+    after: list[int] = []
     index = 0
     for i, spec in enumerate(data_cfg.eval or []):
         group = SourceGroup(spec, data_cfg, i, 0)
         for raw in group.all_records():
-            if index % world_size == rank or data_cfg.kto:
+            if index % world_size == rank or successors:
                 made = maker.make(raw, group.spec)
                 kept = [(s, f"{raw.where}#{j}" if len(made) > 1 else raw.where)
                         for j, s in enumerate(made) if s is not None]
                 if index % world_size == rank:
                     mine += kept
-                    partners += range(len(everything) + 1, len(everything) + 1 + len(kept))
-                if data_cfg.kto:
+                    after += range(len(everything) + 1, len(everything) + 1 + len(kept))
+                if successors:
                     everything += [s for s, _ in kept]
             index += 1
-    pad = pad_token_id(tokenizer)
-    classification = data_cfg.classification
-    chunks = [mine[b:b + micro_batch_size] for b in range(0, len(mine), micro_batch_size)]
-    if data_cfg.kto:
-        partner = [everything[k % len(everything)] for k in partners]  # the last sample's is the first
-        return [collate_kto([s for s, _ in c], partner[b:b + len(c)], pad, [w for _, w in c], data_cfg.max_seq_len,
-                            tokenizer.bos_token_id) for b, c in zip(range(0, len(mine), micro_batch_size), chunks)]
-    if data_cfg.preference:
-        return [collate_pairs([s for s, _ in c], pad, [w for _, w in c]) for c in chunks]
-    return [collate([s for s, _ in c], pad, [w for _, w in c], classification) for c in chunks]
+    collation = Collation(pad_token_id(tokenizer), data_cfg.max_seq_len, tokenizer.bos_token_id)
+    batches = []
+    for start in range(0, len(mine), micro_batch_size):
+        chunk = mine[start:start + micro_batch_size]
+        # (the last sample's successor is the first)
+        next_samples = [everything[k % len(everything)] for k in after[start:start + len(chunk)]] if successors \
+            else None
+        batches.append(task.collate([s for s, _ in chunk], [w for _, w in chunk], collation, next_samples))
+    return batches

@@ -14,6 +14,7 @@ from ftcore.data.batch import pad_token_id
 from ftcore.export.base import BaseModel
 from ftcore.export.lora import Adapter
 from ftcore.export.options import ExportError
+from ftcore.tasks import task_for
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Classifier:
 
 
 def is_classification(run_config: Optional[Config], adapter: Optional[Adapter] = None) -> bool:
-    """The run's task says classification, or the adapter is a PEFT SEQ_CLS one."""
-    return (run_config is not None and run_config.classification) or (
+    """The run's task trains a sequence-classification head, or the adapter is a PEFT SEQ_CLS one."""
+    return (run_config is not None and task_for(run_config).head == "sequence_classification") or (
         adapter is not None and adapter.config.get("task_type") == "SEQ_CLS")
 
 

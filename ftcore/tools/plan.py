@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from ftcore.config import Config
+from ftcore.tasks import task_for
 
 GIB = 1024 ** 3
 CUDA_OVERHEAD_BYTES = 1 * GIB
@@ -112,9 +113,9 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     from ftcore.model import apply_freeze, apply_lora
     from ftcore.model_geometry import block_depths, classification_head_names, head_dim, quantized_module_names
 
-    classification = cfg.classification
-    # the head's size hardly matters; the label set may only be known from the data
-    extra = {"num_labels": len(cfg.data.labels or [0, 1])} if classification else {}
+    task = task_for(cfg)
+    classification = task.head == "sequence_classification"  # the model's head, as the task builds it
+    extra = task.head_settings(cfg.data, None) or {}
     gguf = gguf_file(model_dir)
     if gguf is not None:  # the GGUF's metadata, read without dequantizing a tensor
         config_dict = hf_config_dict(gguf)
@@ -264,16 +265,14 @@ class Plan:
 def micro_batch_tokens(cfg: Config) -> int:
     """Token slots of one micro batch on one GPU: micro_batch_size rows of max_seq_len (two rows per pair for
     preference), split over distributed.sequence_parallel ranks."""
-    rows = cfg.train.micro_batch_size * (2 if cfg.data.preference else 1)
+    rows = cfg.train.micro_batch_size * task_for(cfg).rows_per_example
     return rows * -(-cfg.data.max_seq_len // cfg.distributed.sequence_parallel)
 
 
 def needs_reference_copy(cfg: Config) -> bool:
-    """A frozen copy of the model sits beside it: base_kl or a reference-based preference loss, full/freeze."""
-    from ftcore.train.preference import NEEDS_REFERENCE
-
-    wants = cfg.train.base_kl or (cfg.task == "preference" and cfg.preference.loss in NEEDS_REFERENCE)
-    return bool(wants) and cfg.adapter.method in ("full", "freeze")
+    """A frozen copy of the model sits beside it: the task reads a reference (base_kl, a reference-based
+    preference loss) and the weights themselves train (full/freeze)."""
+    return task_for(cfg).needs_reference(cfg) and cfg.adapter.method in ("full", "freeze")
 
 
 def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
@@ -287,7 +286,7 @@ def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
     tokens = micro_batch_tokens(cfg)
     full = tokens * facts.vocab * (b + 8)
     impl = cfg.train.loss_impl
-    if cfg.classification:
+    if task_for(cfg).head == "sequence_classification":
         return {"impl": "full", "bytes": 0.0, "full_bytes": 0.0}  # one row of class logits per sample
     if impl == "full":
         return {"impl": "full", "bytes": float(full), "full_bytes": float(full)}

@@ -27,8 +27,9 @@ Commands
     already-started processes:  ft train examples/demo.yaml          (plain python, torchrun, accelerate launch)
     override any field:         ft launch cfg.yaml --nproc 8 --set train.lr=1e-4 --set distributed.zero_stage=3
 
-Files: recipe.py (the recipe, top to bottom), runtime.py, objective.py, evaluation.py, reporting.py, audit.py,
-outputs.py, state.py, optim.py, errors.py.
+Files: recipe.py (the recipe, top to bottom), runtime.py, evaluation.py, reporting.py, audit.py, outputs.py,
+state.py, optim.py, sequence_parallel.py. What is trained is the run's task (ftcore/tasks/), whose objective
+comes from ftcore/losses/; TrainError is ftcore/errors.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ftcore.config import Config
-from ftcore.train.errors import TrainError
+from ftcore.errors import TrainError
 from ftcore.train.recipe import Recipe
 
 __all__ = ["Recipe", "TrainError", "run"]

@@ -13,9 +13,9 @@ import torch
 
 from ftcore.config import Config, dump_config
 from ftcore.durable import fsync_tree, remove_leftovers, replace_dir
+from ftcore.errors import TrainError
 from ftcore.gguf_base import read_base_record, write_base_record
 from ftcore.run_dir import RunDir
-from ftcore.train.errors import TrainError
 from ftcore.train.runtime import Runtime
 
 

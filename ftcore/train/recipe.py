@@ -19,26 +19,25 @@ from ftcore.builtin import base_record, resolve_model_path
 from ftcore.checkpoint import CheckpointError, CheckpointManager
 from ftcore.config import Config, dump_config
 from ftcore.data.batch import Batch, pad_eval_batches
-from ftcore.data.stream import DataError, TrainStream, discover_labels, eval_batches, restore_states
+from ftcore.data.stream import DataError, TrainStream, eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.dtypes import DTYPES
+from ftcore.errors import TrainError
 from ftcore.evaluation.generation import read_prompts
 from ftcore.gguf_base import write_base_record
 from ftcore.metrics import FlopCounter, peak_flops_per_device
-from ftcore.model import classification_head_kwargs, load_model, load_reference, load_tokenizer
+from ftcore.model import load_model, load_reference, load_tokenizer
 from ftcore.model_geometry import attention_width, count_parameters, expected_lora_shapes
 from ftcore.preemption import Preempted, stop_signal
 from ftcore.preflight import check_device, check_inputs
 from ftcore.resume import check_resumable
 from ftcore.run_dir import RunDir
+from ftcore.tasks import task_for
+from ftcore.tasks.base import ObjectiveSetup
 from ftcore.train.audit import Audit
-from ftcore.train.errors import TrainError
 from ftcore.train.evaluation import Evaluator
-from ftcore.train.loss_head import choose_loss_impl
-from ftcore.train.objective import build_objective
 from ftcore.train.optim import attach_schedule, build_optimizer, restore_rates
 from ftcore.train.outputs import save_final
-from ftcore.train.preference import NEEDS_REFERENCE, KTOLoss, PreferenceLoss
 from ftcore.train.reporting import Reporter
 from ftcore.train.runtime import Runtime, start_runtime
 from ftcore.train.sequence_parallel import start_sequence_parallel
@@ -50,6 +49,7 @@ class Recipe:
 
     def __init__(self, cfg: Config, resume: str = "auto"):
         self.cfg, self.resume_arg = cfg, resume
+        self.task = task_for(cfg)  # what is trained: every task-specific answer comes from it
         self.output_dir = Path(cfg.output_dir)
         self.run_dir = RunDir(self.output_dir)
         self.reporter: Optional[Reporter] = None
@@ -91,15 +91,12 @@ class Recipe:
     def _setup_data(self) -> None:
         cfg, rt = self.cfg, self.runtime
         self.tokenizer = load_tokenizer(self.model_dir)
-        if cfg.classification:
-            # Recorded in the run's config (and so in checkpoints, final/ and the export's id2label).
-            found = cfg.data.labels is None
-            cfg.data.labels = discover_labels(cfg.data)
-            rt.log(f"classes ({len(cfg.data.labels)}{', found in the data' if found else ''}): "
-                   + ", ".join(f"{i}={name}" for i, name in enumerate(cfg.data.labels)))
+        settled = self.task.prepare_data(cfg.data)  # (in the run's config, so in checkpoints and final/ too)
+        if settled:
+            rt.log(settled)
         # Under sequence parallelism the ranks of a sequence group read the same samples and split their tokens.
         self.train_stream = TrainStream(cfg.data, self.tokenizer, cfg.train.seed, rt.data_rank, rt.data_world,
-                                        cfg.train.micro_batch_size)
+                                        cfg.train.micro_batch_size, self.task)
         # Reads the first batch now: data with nothing to train on fails here, before the model is loaded.
         self.train_stream.prime()
         rt.log("data.train: " + ", ".join(f"{g.spec_text} ({len(g):,} records in {len(g.files)} file"
@@ -107,18 +104,19 @@ class Recipe:
                                           for g in self.train_stream.groups))
         self.eval_set: list[Batch] = []
         if cfg.data.eval:
-            mine = eval_batches(cfg.data, self.tokenizer, rt.data_rank, rt.data_world, cfg.train.micro_batch_size)
+            mine = eval_batches(cfg.data, self.tokenizer, rt.data_rank, rt.data_world, cfg.train.micro_batch_size,
+                                self.task)
             most = int(rt.all_reduce([len(mine)], "max")[0])
-            self.eval_set = [self._local(b) for b in pad_eval_batches(
-                mine, most, self.train_stream.pad_id, cfg.classification, cfg.data.preference, cfg.data.kto)]
+            pad_id = self.train_stream.pad_id
+            self.eval_set = [self._local(b) for b in
+                             pad_eval_batches(mine, most, lambda: self.task.filler_batch(pad_id))]
         self.eval_prompts = (read_prompts(cfg.data, self.tokenizer, cfg.train.eval_max_new_tokens)[0]
                              if cfg.train.eval_generate else [])
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime
-        head = (classification_head_kwargs(cfg.data.labels, self.train_stream.pad_id)
-                if cfg.classification else None)
-        self.model = load_model(cfg, self.model_dir, rt.device, classification=head)
+        head = self.task.head_settings(cfg.data, self.train_stream.pad_id)
+        self.model = load_model(cfg, self.model_dir, rt.device, new_head=head)
         self.trainable, self.total_params = count_parameters(self.model)
         if self.trainable == 0:
             raise TrainError("no parameter requires grad: check adapter.target_modules")
@@ -135,8 +133,7 @@ class Recipe:
                    f"{rt.data_world} data-parallel group{'s' * (rt.data_world > 1)}")
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.reference = self.reference_engine = None
-        needs_reference = cfg.train.base_kl or (cfg.task == "preference" and cfg.preference.loss in NEEDS_REFERENCE)
-        if needs_reference and not self.is_lora:
+        if self.task.needs_reference(cfg) and not self.is_lora:
             # Full/freeze fine-tuning changes the weights themselves: the base needs its own frozen copy
             # (partitioned under ZeRO-3, as the model is).
             self.reference, self.reference_engine = load_reference(
@@ -176,28 +173,11 @@ class Recipe:
         unwrap = rt.accelerator.unwrap_model
         # Sized by bytes for this vocabulary (train.loss_chunk_mb) unless train.loss_chunk_tokens says otherwise.
         self.chunk_tokens = cfg.train.chunk_tokens(self.model.config.get_text_config().vocab_size)
-        if cfg.classification:
-            impl, transform, self.loss_words = "full", None, "full"
-        elif cfg.task == "preference":
-            _, transform, words = choose_loss_impl("chunked", self.chunk_tokens, 0.0, self.engine,
-                                                   unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
-            p = cfg.preference
-            self.loss_words = f"{p.loss} (beta {p.beta:g}), log-probs {words}"
-            if p.loss == "kto":
-                self.objective = KTOLoss(p, unwrap, self.chunk_tokens, transform, self.reference,
-                                         rt.all_reduce, self.sequence)
-            else:
-                self.objective = PreferenceLoss(p, unwrap, self.chunk_tokens, transform, self.reference,
-                                                self.sequence)
-            self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs)
-            return
-        else:
-            impl, transform, self.loss_words = choose_loss_impl(
-                cfg.train.loss_impl, self.chunk_tokens, cfg.train.base_kl, self.engine,
-                unwrap(self.engine), rt.cuda, probe_rows=self._probe_rows())
-        self.objective = build_objective(cfg, unwrap, self.reference, impl, transform, self.chunk_tokens)
+        self.objective, self.loss_words = self.task.build_objective(ObjectiveSetup(
+            cfg, self.engine, unwrap, self.reference, self.chunk_tokens, rt.cuda, self._probe_rows(), rt.all_reduce,
+            self.sequence))
         generation = (self.tokenizer, self.eval_prompts, unwrap) if self.eval_prompts else None
-        self.evaluator = Evaluator(cfg, rt, self.objective, self.eval_set, self._inputs, generation)
+        self.evaluator = Evaluator(cfg, rt, self.task, self.objective, self.eval_set, self._inputs, generation)
 
     def _resume(self) -> None:
         """Continue from a checkpoint (ftcore/resume.py says whether it may), or start fresh."""
@@ -250,7 +230,7 @@ class Recipe:
         then the last eval, data report, checkpoint, final/ and summary."""
         cfg, rt, state = self.cfg, self.runtime, self.state
         last = cfg.train.stop_at_step or cfg.train.max_steps
-        self.reporter = Reporter(cfg, rt, self.peak_flops, state.step, tracker_runs=state.trackers,
+        self.reporter = Reporter(cfg, rt, self.task, self.peak_flops, state.step, tracker_runs=state.trackers,
                                  new_timeline=self.resume_arg != "auto")
         self.reporter.announce(self.trainable, self.total_params, self.loss_words, state.step, last)
         loop_started = time.perf_counter()
@@ -295,11 +275,9 @@ class Recipe:
         local_flops = sum(self.flops.step_flops(b.real_tokens, b.sample_lengths()) for b in whole) / sp
         global_trained, global_tokens, global_flops, global_examples = rt.all_reduce(
             [local_trained, local_tokens, local_flops, sum(b.examples for b in batches)])
-        # The mean over trained tokens (causal LM) or over examples (preference: pairs, KTO samples) of the whole
-        # effective batch.
-        # (The ranks of a sequence group hold the same examples: counted once.)
-        normaliser = max(int(global_examples / rt.sequence_parallel if self.cfg.task == "preference"
-                             else global_trained), 1)
+        # The task's mean over the whole effective batch: per trained token (causal LM), per example (preference
+        # pairs, KTO samples). (The ranks of a sequence group hold the same examples: counted once.)
+        normaliser = self.task.normaliser(global_examples / rt.sequence_parallel, global_trained)
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
         # gradient of the true per-token mean over the effective batch.
@@ -370,11 +348,12 @@ class Recipe:
         return batch.model_inputs(self.runtime.device, self.attn_implementation, self.compute_dtype)
 
     def _rows(self) -> int:
-        """Rows of every forward: the micro batch's samples, two per preference pair; one under sequence
-        parallelism with packing (Batch.sequence_shard makes the packed rows one varlen row)."""
+        """Rows of every forward: the micro batch's examples times the task's rows per example (a preference pair
+        is two); one under sequence parallelism with packing (Batch.sequence_shard makes the packed rows one
+        varlen row)."""
         if self.cfg.data.packing and self.runtime.sequence_parallel > 1:
             return 1
-        return self.cfg.train.micro_batch_size * (2 if self.cfg.data.preference else 1)
+        return self.cfg.train.micro_batch_size * self.task.rows_per_example
 
     def _probe_rows(self) -> int:
         """Rows of the loss probe's forward: one, or under sequence parallelism the rows every forward has."""

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 from ftcore.config import Config
 from ftcore.metrics import MetricsSink, memory_now, write_summary
 from ftcore.run_dir import RunDir
+from ftcore.tasks.base import Task
 from ftcore.tools.plot import PlotError, plot_run
 from ftcore.tracking import Feed, start_feeds, wait_until_opened
 from ftcore.train.runtime import Runtime
@@ -24,11 +25,12 @@ from ftcore.train.runtime import Runtime
 class Reporter:
     """Metrics and messages of one run (torchtitan's MetricsProcessor, in ft's words)."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, peak_flops: Optional[float], start_step: int,
+    def __init__(self, cfg: Config, runtime: Runtime, task: Task, peak_flops: Optional[float], start_step: int,
                  tracker_runs: Optional[dict[str, str]] = None, new_timeline: bool = False):
-        """`tracker_runs`: the run ids of MLflow/W&B runs to continue (from the checkpoint), updated in place when
-        a tracker opens; `new_timeline`: --resume none / PATH, which starts new tracker runs."""
-        self.cfg, self.runtime, self.peak_flops = cfg, runtime, peak_flops
+        """`task`: the run's (it words its eval lines); `tracker_runs`: the run ids of MLflow/W&B runs to continue
+        (from the checkpoint), updated in place when a tracker opens; `new_timeline`: --resume none / PATH, which
+        starts new tracker runs."""
+        self.cfg, self.runtime, self.task, self.peak_flops = cfg, runtime, task, peak_flops
         self.output_dir = Path(cfg.output_dir)
         self.run_dir = RunDir(self.output_dir)
         self.sink = MetricsSink(self.output_dir, cfg.train.report_to, start_step) if runtime.is_main else None
@@ -85,26 +87,12 @@ class Reporter:
         self.sink.record(metrics)
         for feed in self.feeds:
             feed.notify()
-        if "eval_accuracy" in metrics:
-            predictions = self.run_dir.eval_predictions
-            self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} accuracy "
-                             f"{metrics['eval_accuracy']:.4f} macro-F1 {metrics['eval_macro_f1']:.4f} "
-                             f"({metrics['eval_samples']} samples; predictions in {predictions})")
-        elif "eval_reward_accuracy" in metrics:
-            # KTO: counted in samples, with its reference point; a margin needs both kinds of samples.
-            margin = metrics.get("eval_reward_margin")
-            count = (f"({metrics['eval_pairs']} pairs)" if "eval_pairs" in metrics else
-                     f"kl {metrics['eval_kl']:.4f} ({metrics['eval_samples']} samples)")
-            self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} reward accuracy "
-                             f"{metrics['eval_reward_accuracy']:.4f} "
-                             + (f"margin {margin:.4f} " if margin is not None else "") + count)
-        elif "eval_loss" in metrics:
+        if "eval_loss" in metrics:  # an eval: the task says what its line shows
             generated = "".join(f" {k[9:]} {v:.4f}" for k, v in metrics.items()
                                 if k.startswith("eval_gen_") and k != "eval_gen_samples")
             if generated:
                 generated = f";{generated} (generated, {metrics['eval_gen_samples']} samples)"
-            self.runtime.log(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f} "
-                             f"ppl {metrics['eval_ppl']:.2f}{generated}")
+            self.runtime.log(f"step {metrics['step']}: {self.task.eval_line(metrics, self.run_dir)}{generated}")
 
     @contextlib.contextmanager
     def progress(self, step: int, last: int) -> Iterator[Callable[[dict], None]]:

@@ -15,9 +15,9 @@ from rich.console import Console
 
 from ftcore.config import Config
 from ftcore.ds_config import build_ds_config
+from ftcore.errors import TrainError
 from ftcore.launch_settings import LaunchSettingsError, prepare_accelerate_env
 from ftcore.preflight import model_config_json
-from ftcore.train.errors import TrainError
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ftcore.train.errors import TrainError
+from ftcore.errors import TrainError
 
 SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 

@@ -11,7 +11,7 @@ ZeRO-3 they are gathered once per micro batch, and their gradients reach DeepSpe
 head module's own would.
 
 What touches the model (its head's tensors, ZeRO-3 gathering, hidden-state capture, the choice of loss) is in
-ftcore/train/loss_head.py.
+ftcore/losses/head.py.
 
 Numerics: logits are computed in the model's dtype like the model's head does and upcast to fp32 for the
 log-softmax, exactly as transformers' ForCausalLMLoss does; sums are fp32. The result equals the plain loss to

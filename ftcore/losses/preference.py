@@ -2,7 +2,7 @@
 
 Each pair's loss is a function of four sequence log-probabilities (the policy's and the reference's, summed over
 each response's tokens) and the response lengths, as its paper defines it (preference_losses). Every log-prob
-comes from the chunked head (ftcore/train/chunked_loss.py), never from [tokens x vocab] logits: one model forward
+comes from the chunked head (ftcore/losses/chunked.py), never from [tokens x vocab] logits: one model forward
 over the rows [chosen..., rejected...], then two passes of the head over the response tokens in chunks: the first
 (no gradient) gives the sequence log-probs, from which the loss and its derivative by each sequence log-prob
 follow on small tensors; the second forms the gradient, each token's cross-entropy weighted by minus its
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ftcore.config import PreferenceConfig
-from ftcore.train.chunked_loss import HeadTensors, chunked_linear_cross_entropy, chunked_token_logprobs, shifted_labels
-from ftcore.train.loss_head import (
+from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy, chunked_token_logprobs, shifted_labels
+from ftcore.losses.head import (
     DecoderOutput,
     TrainedHeadUnderZero3,
     base_model_output,
@@ -30,7 +30,7 @@ from ftcore.train.loss_head import (
     head_parts,
     head_tensors,
 )
-from ftcore.train.objective import LossOutput, Objective
+from ftcore.losses.objective import LossOutput, Objective
 
 NEEDS_REFERENCE = ("dpo", "ipo", "hinge", "kto")
 

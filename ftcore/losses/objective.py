@@ -1,7 +1,7 @@
 """What the recipe minimises: a small object per objective, called once per micro batch. The recipe sums the
 reported terms over the step, all-reduces them, and backpropagates `loss`; it knows nothing else about the
-objective, so a new one (a preference loss, a chunked loss) is a new class here and one line in
-build_objective.
+objective. The run's task builds it (ftcore/tasks/: build_objective), so a new objective is a new class here (or
+in a module beside this one) that a task builds.
 
 Every objective returns its micro batch's loss already divided by the normaliser it is given: the number of
 trained tokens (causal LM) or samples (classification) in the whole optimizer step, over all ranks. Evaluation
@@ -14,10 +14,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ftcore.config import Config
-from ftcore.train.chunked_loss import HeadTensors, chunked_linear_cross_entropy, shifted_labels
-from ftcore.train.errors import TrainError
-from ftcore.train.loss_head import (
+from ftcore.config import TrainConfig
+from ftcore.errors import TrainError
+from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy, shifted_labels
+from ftcore.losses.head import (
     DecoderOutput,
     TrainedHeadUnderZero3,
     base_model_output,
@@ -40,7 +40,8 @@ class LossOutput:
 
 class Objective:
     """The interface: __call__ for training, eval_loss for evaluation (the task loss only); start_step and report
-    for an objective with a quantity of the whole step (KTO's reference point)."""
+    for an objective with a quantity of the whole step (KTO's reference point); eval_report for one whose task
+    evaluates by its summed terms (ftcore.tasks.base.summed_eval_terms)."""
 
     def start_step(self, model: Any, micro_inputs: Iterable[dict]) -> None:
         """Called on every rank with the step's micro batches (or the eval set's) before any of them runs."""
@@ -57,6 +58,10 @@ class Objective:
         """The summed task loss of an eval batch (no regulariser)."""
         return self(model, inputs, 1)
 
+    def eval_report(self, totals: dict[str, float]) -> dict[str, float]:
+        """The eval set's terms, summed over batches and ranks -> the eval metrics (without the eval_ prefix)."""
+        return totals
+
 
 class CausalLMLoss(Objective):
     """Cross-entropy per trained token, computed by the model (labels -100 are not trained)."""
@@ -70,7 +75,7 @@ class CausalLMLoss(Objective):
 class ChunkedCausalLMLoss(Objective):
     """The same cross-entropy per trained token (+ train.base_kl's KL to the base model, + a mixture-of-experts
     model's router loss, as the model's own loss adds it), through the output head in chunks
-    (train.loss_impl=chunked): the [tokens x vocab] logits never exist at once (ftcore/train/chunked_loss.py).
+    (train.loss_impl=chunked): the [tokens x vocab] logits never exist at once (ftcore/losses/chunked.py).
     With `fused`, liger-kernel's fused linear cross-entropy computes the cross-entropy instead (CUDA)."""
 
     def __init__(self, unwrap: Any, chunk_tokens: int, transform: Any, base_kl: float = 0.0,
@@ -183,17 +188,14 @@ class WithBaseKL(Objective):
         return (base_log.exp() * (base_log - fine_log)).sum()
 
 
-def build_objective(cfg: Config, unwrap: Any, reference: Optional[torch.nn.Module], loss_impl: str = "full",
-                    transform: Any = None, chunk_tokens: int = 256) -> Objective:
-    """The run's objective from its config and the loss implementation choose_loss_impl settled on: the task's
-    loss, with the base-KL term when train.base_kl is set; `chunk_tokens` per chunk of the chunked loss."""
-    if cfg.classification:
-        task: Objective = ClassificationLoss()
-    elif loss_impl in ("chunked", "fused"):
-        return ChunkedCausalLMLoss(unwrap, chunk_tokens, transform, cfg.train.base_kl, reference,
+def causal_lm_objective(train: TrainConfig, unwrap: Any, reference: Optional[torch.nn.Module],
+                        loss_impl: str = "full", transform: Any = None, chunk_tokens: int = 256) -> Objective:
+    """The causal LM's objective from the train section and the loss implementation choose_loss_impl settled on:
+    cross-entropy per trained token, with the base-KL term when train.base_kl is set; `chunk_tokens` per chunk of
+    the chunked loss."""
+    if loss_impl in ("chunked", "fused"):
+        return ChunkedCausalLMLoss(unwrap, chunk_tokens, transform, train.base_kl, reference,
                                    fused=loss_impl == "fused")
-    else:
-        task = CausalLMLoss()
-    if cfg.train.base_kl:
-        return WithBaseKL(task, cfg.train.base_kl, unwrap, reference)
-    return task
+    if train.base_kl:
+        return WithBaseKL(CausalLMLoss(), train.base_kl, unwrap, reference)
+    return CausalLMLoss()

@@ -1,4 +1,5 @@
-"""The training run's own error type (its message is the one line the CLI prints)."""
+"""The training run's own error type (its message is the one line the CLI prints), raised from the losses up to
+the recipe."""
 
 from __future__ import annotations
 

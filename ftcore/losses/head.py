@@ -1,4 +1,4 @@
-"""The model-facing side of the chunked loss (ftcore/train/chunked_loss.py is the kernel): the output head's tensors
+"""The model-facing side of the chunked loss (ftcore/losses/chunked.py is the kernel): the output head's tensors
 as the kernel takes them (a plain linear layer or LoRA on one), ZeRO-3's gathering of the head for one micro batch
 and the landing of its gradients on partitioned parameters, the decoder's hidden states captured from the model's
 own forward, the base model's forward (a reference copy, or the adapter disabled), the probe that checks the
@@ -12,9 +12,9 @@ from typing import Any, Optional
 import torch
 
 from ftcore.data.formats import IGNORE_INDEX
+from ftcore.errors import TrainError
+from ftcore.losses.chunked import HeadTensors, LogitTransform, low_rank_projection, raw_logits
 from ftcore.preflight import liger_available
-from ftcore.train.chunked_loss import HeadTensors, LogitTransform, low_rank_projection, raw_logits
-from ftcore.train.errors import TrainError
 
 
 def head_parts(module: torch.nn.Module, what: str = "output head") -> tuple[torch.nn.Linear, Optional[tuple]]:
