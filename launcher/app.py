@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import typer
 
@@ -40,16 +40,22 @@ def _options(debug: bool = typer.Option(False, "--debug", help="On an error, pri
         os.environ["FT_DEBUG"] = "1"
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print `message` as the command's one error line (with the traceback under --debug) and exit with `code`."""
+def error_line(error: Union[str, BaseException]) -> str:
+    """The one line a failure prints: "config error: ..." for a ConfigError (by its type), "error: ..." else."""
+    label = "config error" if isinstance(error, ConfigError) else "error"
+    return f"{label}: {error}"
+
+
+def fail(error: Union[str, BaseException], code: int = 2) -> None:
+    """Print `error` as the command's one error line (error_line; with the traceback under --debug) and exit with
+    `code`."""
     if os.environ.get("FT_DEBUG") == "1" and sys.exc_info()[0] is not None:
         import traceback
 
         traceback.print_exc()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-    label = "" if message.startswith("config error:") else "error: "
-    print(f"{prefix}{label}{message}", file=sys.stderr, flush=True)
+    print(f"{prefix}{error_line(error)}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -70,7 +76,7 @@ def load_run_config(config: Optional[str], sets: List[str], check_paths: bool = 
             check_inputs(cfg)
         return cfg
     except ConfigError as e:
-        fail(str(e))
+        fail(e)
 
 
 def check_batch(cfg, world_size: int) -> None:
@@ -81,6 +87,6 @@ def check_batch(cfg, world_size: int) -> None:
         check_sequence_parallel(cfg, world_size)
         check_batch(cfg, world_size)
     except ConfigError as e:
-        fail(str(e))
+        fail(e)
 
 

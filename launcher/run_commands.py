@@ -12,7 +12,7 @@ import typer
 
 from ftcore.config import ConfigError, dump_config
 from ftcore.run_dir import RunDir
-from launcher.app import CONFIG_ARG, RESUME_OPT, SET_OPT, app, check_batch, fail, load_run_config
+from launcher.app import CONFIG_ARG, RESUME_OPT, SET_OPT, app, check_batch, error_line, fail, load_run_config
 
 
 @app.command()
@@ -59,8 +59,8 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
         except Preempted:
             raise typer.Exit(PREEMPTED_EXIT_STATUS) from None  # rank 0 has logged where the checkpoint is
         except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
-            write_failure_record(str(e))
-            fail(str(e), code=1)
+            write_failure_record(error_line(e) if isinstance(e, ConfigError) else str(e))
+            fail(e, code=1)
         finally:
             ignore_stop_signals()  # the outcome is decided: a signal during teardown must not change it
     except (typer.Exit, KeyboardInterrupt):
@@ -112,7 +112,7 @@ def launch(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
     try:
         node = resolve_topology(os.environ, slurm, nnodes, node_rank, master_addr, master_port)
     except TopologyError as e:
-        fail(str(e))
+        fail(e)
     check_batch(cfg, nproc * node.nnodes)
     attempt_dir = RunDir(Path(cfg.output_dir).resolve()).attempt(node.attempt)
     # On a terminal the ranks keep it (live progress bar); otherwise (Slurm, nohup, CI) every rank's output goes

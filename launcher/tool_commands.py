@@ -26,7 +26,7 @@ def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT 
         for p, answer in zip(prompt, run_generate(model, prompt, max_new_tokens)):
             typer.echo(f"user: {p}\nassistant: {answer}")
     except (OSError, ValueError) as e:
-        fail(str(e), code=1)
+        fail(e, code=1)
 
 
 @app.command()
@@ -71,8 +71,8 @@ def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT L
             report = export_adapter(Path(adapter), base, **args)
         else:
             report = export_checkpoint(Path(checkpoint), base, **args)
-    except (ExportError, OSError) as e:
-        fail(str(e), code=1)
+    except (ExportError, ConfigError, OSError) as e:
+        fail(e, code=1)
     typer.echo(f"exported {report.tensors} tensors ({report.bytes / 1e6:.1f} MB; {report.merged} LoRA-merged, "
                f"{report.replaced} replaced; merge base: {report.merge_base}; verification: {report.verified}) "
                f"to {report.out}")
@@ -105,7 +105,7 @@ def plan_memory(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
         check_model_path(cfg.model.name_or_path)
         check_combinations(cfg)
     except ConfigError as e:
-        fail(str(e))
+        fail(e)
     name = cfg.model.name_or_path
     try:
         # A GGUF (or a built-in real model, which ships as one) is planned from its metadata: nothing dequantized.
@@ -168,7 +168,7 @@ def data_inspect(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT,
         tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path, cfg.model.dtype))
         result = inspect_data(cfg, tokenizer, show, scan)
     except (DataError, OSError, ValueError) as e:
-        fail(str(e), code=1)
+        fail(e, code=1)
     from launcher.views import print_inspection
 
     print_inspection(cfg, result)
@@ -218,14 +218,14 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
 
                 resolve_model_path(target)
         except (GGUFError, ValueError, OSError) as e:
-            fail(str(e), code=1)
+            fail(e, code=1)
         raise typer.Exit(subprocess.run(argv, env=env).returncode)
     from ftcore.evaluation.command import EvalError, run_eval
 
     try:
         summary = run_eval(target, data, fmt, metric, out, batch_size, max_new_tokens, zero3, sets)
     except (ConfigError, EvalError, OSError, ValueError) as e:
-        fail(str(e), code=1)
+        fail(e, code=1)
     if "out" in summary:  # rank 0
         from launcher.views import print_eval_summary
 

@@ -98,3 +98,19 @@ def test_checkpoint_from_before_a_new_field_resumes_unless_the_field_changes():
     assert fingerprint_diff(older, current) == []
     changed = config_fingerprint(load_config(None, ["train.base_kl=0.5"]))
     assert fingerprint_diff(older, changed) == ["train.base_kl: checkpoint 0.0, this run 0.5"]
+
+
+@pytest.mark.parametrize("sets, field", [(["train.lr=-1"], "train.lr"),
+                                         (["distributed.offload=all"], "distributed.offload"),
+                                         (["task=preference"], "data.train.0.format"),
+                                         (["data.train=[{path: x.jsonl, format: kto}]"], "data.train.0.format")])
+def test_a_config_error_is_typed_and_names_its_field(sets, field):
+    """The field at fault travels with the error (not in a message prefix), and the command line labels the line
+    by the error's type."""
+    from launcher.app import error_line
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, sets)
+    assert error.value.field == field and f": {field}: " in str(error.value)
+    assert error_line(error.value) == f"config error: {error.value}"
+    assert error_line(ValueError("disk full")) == "error: disk full"

@@ -105,7 +105,8 @@ def _section_keys(loc: tuple) -> list[str]:
 
 def format_validation_error(exc: ValidationError, source: str, yaml_root: Optional[yaml.Node],
                             overridden: dict[tuple, str]) -> str:
-    """A pydantic validation error as one line per field, each naming the YAML line or --set that gave it."""
+    """A pydantic validation error as one line, a part per field, each naming the YAML line or --set that gave
+    it."""
     parts = []
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -128,7 +129,18 @@ def format_validation_error(exc: ValidationError, source: str, yaml_root: Option
             if line is not None:
                 where = f"{source}:{line}"
         parts.append(f"{where}: {field}: {text}")
-    return "config error: " + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def first_field(exc: ValidationError) -> Optional[str]:
+    """The dotted field of a validation error's first finding (a cross-field check names its own)."""
+    for err in exc.errors():
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, FieldError):
+            return ctx_error.field
+        if err["loc"]:
+            return ".".join(str(p) for p in err["loc"])
+    return None
 
 
 def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:
@@ -153,16 +165,16 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError(f"config error: cannot read {path}: {e.strerror}") from None
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         try:
             yaml_root = yaml.compose(text)
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"config error: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
     explicit = {dotted: f"{source}:{_yaml_line(yaml_root, tuple(dotted.split('.')))}" for dotted in _leaf_paths(tree)}
     tree = _merge(Config().model_dump(mode="json"), tree)  # so --set can reach into default lists too
     overridden: dict[tuple, str] = {}
@@ -177,7 +189,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, yaml_root, overridden)) from None
+        raise ConfigError(format_validation_error(e, source, yaml_root, overridden), first_field(e)) from None
     cfg._explicit = explicit
     return cfg
 

@@ -21,7 +21,13 @@ BUILTIN_PREFIX = "builtin:"
 
 
 class ConfigError(ValueError):
-    """A config problem, already phrased as one line that names the field (and file/line when known)."""
+    """A config problem as one line naming the field (and the YAML line or --set that gave it, when known). The
+    command line prints it labelled "config error:" by its type; `field` is the dotted field at fault (the first
+    one, when several are), None when the problem is the file or the command itself."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
 
 
 class Section(BaseModel):

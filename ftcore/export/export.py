@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftcore.builtin import check_same_base, resolve_model_path
-from ftcore.config import Config, ConfigError, run_config_beside
+from ftcore.config import Config, run_config_beside
 from ftcore.dtypes import DTYPES
 from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
 from ftcore.export.classifier import build_classifier, head_outputs, is_classification
@@ -147,10 +147,7 @@ def _consolidation_budget(opts: ExportOptions) -> int:
 def _run_config(directory: Path) -> Optional[Config]:
     """The ft config saved beside an adapter or checkpoint (ft_config.yaml, or the run's config.yaml two levels
     above a step dir), as the typed Config; None for an adapter ft did not train."""
-    try:
-        return run_config_beside(directory)
-    except ConfigError as e:
-        raise ExportError(str(e)) from None
+    return run_config_beside(directory)  # (a ConfigError names the file and field; the command prints it)
 
 
 def _checkpoint_base_record(checkpoint: Path) -> Optional[dict]:
