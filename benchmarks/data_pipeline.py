@@ -113,7 +113,7 @@ def trainer_tokens_per_s(steps: int) -> float:
         cmd = ft("train", "examples/chat-demo.yaml",
                "--set", f"output_dir={tmp}/run",
                "--set", f"train.max_steps={steps}", "--set", "distributed.zero_stage=0", "--set",
-               "checkpoint.every_steps=0", "--set", "train.eval_every=0", "--set", "data.eval=null")
+               "checkpoint.every_steps=0", "--set", "evaluation.every=0", "--set", "data.eval=null")
         run_checked(cmd)
         rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl") if '"tokens_per_s"' in line]
     return statistics.median(r["tokens_per_s"] for r in rows[2:])  # skip warm-up steps

@@ -149,8 +149,8 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         run_checked(ft("launch", "examples/chat-demo.yaml", "--nproc", "2",
                         "--set", f"model.name_or_path={ckpt_base}", "--set", "adapter.method=full",
                         "--set", "distributed.zero_stage=3", "--set", f"output_dir={run}", "--set",
-                        "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.micro_batch_size=1",
-                        "--set", "data.max_seq_len=32", "--set", "train.eval_every=0", "--set", "data.eval=null",
+                        "train.max_steps=1", "--set", "optimizer.warmup_steps=0", "--set", "train.micro_batch_size=1",
+                        "--set", "data.max_seq_len=32", "--set", "evaluation.every=0", "--set", "data.eval=null",
                         "--set", "checkpoint.every_steps=0"))
         ckpt = run / "checkpoints" / "step-000001"
         fp32_mb = sum(f.stat().st_size for f in (ckpt / "engine").glob("*optim_states.pt")) / 2**20

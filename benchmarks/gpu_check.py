@@ -53,8 +53,8 @@ def gpu_tests() -> dict:
 
 def lora_step(nproc: int, work: Path) -> dict:
     out = work / f"gemma-bf16-{nproc}"
-    sets = {"output_dir": out, "model.dtype": "bfloat16", "train.max_steps": 2, "train.eval_every": 0,
-            "train.eval_generate": "[]", "train.log_every": 1, "checkpoint.every_steps": 100,
+    sets = {"output_dir": out, "model.dtype": "bfloat16", "train.max_steps": 2, "evaluation.every": 0,
+            "evaluation.generate": "[]", "logging.every": 1, "checkpoint.every_steps": 100,
             "data.max_seq_len": 64, "train.micro_batch_size": 8}
     argv = [sys.executable, "-m", "launcher.cli", "launch", "examples/demo.yaml", "--nproc", str(nproc),
             *(w for k, v in sets.items() for w in ("--set", f"{k}={v}"))]

@@ -59,9 +59,9 @@ def write_documents(path: Path, words: int) -> Path:
 def trial(model: Path, data: Path, out: Path, length: int, degree: int) -> dict:
     """One run at `length` tokens per sample; its biggest rank's peak RSS and tokens/s."""
     args = ["examples/chat-demo.yaml", "--set", f"model.name_or_path={model}", "--set",
-            f"data.train=[{{path: {data}, format: text}}]", "--set", "data.eval=null", "--set", "train.eval_every=0",
+            f"data.train=[{{path: {data}, format: text}}]", "--set", "data.eval=null", "--set", "evaluation.every=0",
             "--set", f"data.max_seq_len={length}", "--set", "train.micro_batch_size=1", "--set",
-            "train.max_steps=2", "--set", "train.warmup_steps=0", "--set", "checkpoint.every_steps=0", "--set",
+            "train.max_steps=2", "--set", "optimizer.warmup_steps=0", "--set", "checkpoint.every_steps=0", "--set",
             "model.dtype=float32", "--set", "adapter.dropout=0", "--set", "data.shuffle=false", "--set",
             f"distributed.sequence_parallel={degree}", "--set", f"output_dir={out}"]
     command = ft("train", *args) if degree == 1 else ft("launch", *args, "--nproc", str(degree))

@@ -1,4 +1,4 @@
-"""Loss memory benchmark: peak RSS and tokens/s of a training step with train.loss_impl full vs chunked. Prints JSON.
+"""Loss memory benchmark: peak RSS and tokens/s of a training step with loss.impl full vs chunked. Prints JSON.
 
     python benchmarks/loss_memory.py                 # 4,096 and 16,384 tokens per micro batch
     python benchmarks/loss_memory.py --tokens 4096   # one size
@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, action="append", help="tokens per micro batch (multiple of 4096)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
-    parser.add_argument("--chunk", type=int, default=2048, help="train.loss_chunk_tokens")
+    parser.add_argument("--chunk", type=int, default=2048, help="loss.chunk_tokens")
     parser.add_argument("--worker", choices=["full", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -4,7 +4,7 @@
 
 - classification: `examples/classify-licenses.yaml` (LoRA, 120 steps, 2 processes): eval accuracy, macro-F1 and
   the majority-class accuracy it should beat, from the run's own eval report.
-- base_kl: `examples/lora-base-kl.yaml` (train.base_kl 1.0) run again with 0.0 and 10.0 (same seed, same data):
+- base_kl: `examples/lora-base-kl.yaml` (loss.base_kl 1.0) run again with 0.0 and 10.0 (same seed, same data):
   the KL(base || fine-tuned) per trained token on the chat-demo eval set (the answers' tokens), and the eval loss.
 
 Prints one JSON object.
@@ -80,7 +80,7 @@ def base_kl(work: Path, nproc: int) -> dict:
     result = {}
     for beta in (1.0, 0.0, 10.0):
         out = work / f"base-kl-{beta:g}"
-        seconds = launch("examples/lora-base-kl.yaml", out, nproc, f"train.base_kl={beta}")
+        seconds = launch("examples/lora-base-kl.yaml", out, nproc, f"loss.base_kl={beta}")
         kl, loss = kl_to_base(out / "final")
         result[f"beta_{beta:g}"] = {"kl_to_base_per_token": kl, "eval_loss": loss, "wall_s": round(seconds, 1)}
     for beta in ("1", "10"):

@@ -28,10 +28,10 @@ LAYOUTS = {"lora-zero2": ("lora", 2), "lora-zero3": ("lora", 3), "full-zero3": (
 
 def sets(out: Path, method: str, stage: int, args: argparse.Namespace) -> list[str]:
     values = {"output_dir": out, "adapter.method": method, "distributed.zero_stage": stage, "train.max_steps": 2,
-              "train.micro_batch_size": args.micro_batch, "data.max_seq_len": args.seq, "train.eval_every": 0,
-              "train.eval_generate": "[]", "data.eval": "null", "train.warmup_steps": 0,
+              "train.micro_batch_size": args.micro_batch, "data.max_seq_len": args.seq, "evaluation.every": 0,
+              "evaluation.generate": "[]", "data.eval": "null", "optimizer.warmup_steps": 0,
               "checkpoint.every_steps": 100, "data.audit": "true",
-              "train.lr": 1e-5 if method == "full" else 1e-3}
+              "optimizer.lr": 1e-5 if method == "full" else 1e-3}
     return [w for k, v in values.items() for w in ("--set", f"{k}={v}")]
 
 

@@ -24,7 +24,7 @@ WARMUP = 5
 def measure(nproc: int, steps: int, zero_stage: int, workdir: Path) -> dict:
     out = workdir / f"np{nproc}"
     argv = ft("launch", "examples/chat-demo.yaml", "--nproc", str(nproc),
-            "--set", f"output_dir={out}", "--set", f"train.max_steps={steps}", "--set", "train.eval_every=0",
+            "--set", f"output_dir={out}", "--set", f"train.max_steps={steps}", "--set", "evaluation.every=0",
             "--set", "data.eval=null", "--set", "checkpoint.every_steps=0", "--set",
             f"distributed.zero_stage={zero_stage}", "--resume", "none")
     started = time.perf_counter()

@@ -85,11 +85,11 @@ def write_data(path: Path, words: list[str], lengths: list[int], seed: int) -> N
 # ------------------------------------------------------------------------------------------------ ft side
 def run_ft(model: Path, data: Path, out: Path, steps: int, mbs: int, seq: int, packing: bool, nproc: int,
            zero_stage: int | None = None) -> dict:
-    sets = {"model.name_or_path": model, "adapter.method": "full", "train.lr": 1e-4, "train.warmup_steps": 0,
+    sets = {"model.name_or_path": model, "adapter.method": "full", "optimizer.lr": 1e-4, "optimizer.warmup_steps": 0,
             "train.max_steps": steps, "train.micro_batch_size": mbs, "train.grad_accum_steps": 1,
             "data.train": f"[{{path: {data}, format: text}}]", "data.eval": "null", "data.max_seq_len": seq,
-            "data.packing": str(packing).lower(), "data.overflow": "truncate", "train.eval_every": 0,
-            "checkpoint.every_steps": 0, "train.report_to": "none", "output_dir": out, "train.log_every": 1000,
+            "data.packing": str(packing).lower(), "data.overflow": "truncate", "evaluation.every": 0,
+            "checkpoint.every_steps": 0, "logging.report_to": "none", "output_dir": out, "logging.every": 1000,
             "distributed.zero_stage": zero_stage if zero_stage is not None else (0 if nproc == 1 else 2)}
     args = [w for k, v in sets.items() for w in ("--set", f"{k}={v}")]
     if nproc == 1:  # `ft train` in this process tree: a plain single process, as the Trainer runs

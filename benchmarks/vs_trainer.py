@@ -31,8 +31,8 @@ CONFIG = "examples/demo.yaml"
 
 def ft_sets(out: Path, args: argparse.Namespace) -> list[str]:
     sets = {"output_dir": str(out), "train.max_steps": args.steps, "train.micro_batch_size": args.micro_batch,
-            "data.max_seq_len": args.seq, "train.lr": args.lr, "train.warmup_steps": args.warmup,
-            "train.eval_every": args.steps, "train.eval_generate": "[]", "train.log_every": 1,
+            "data.max_seq_len": args.seq, "optimizer.lr": args.lr, "optimizer.warmup_steps": args.warmup,
+            "evaluation.every": args.steps, "evaluation.generate": "[]", "logging.every": 1,
             "checkpoint.every_steps": 10 * args.steps, "distributed.zero_stage": 2, "model.dtype": "float32"}
     return [w for k, v in sets.items() for w in ("--set", f"{k}={v}")]
 

@@ -13,7 +13,7 @@ import json
 from importlib import resources
 from typing import Any, Optional
 
-from ftcore.config import DistributedConfig, TrainConfig
+from ftcore.config import DistributedConfig, OptimizerConfig, TrainConfig
 
 
 def template_name(zero_stage: int, offload: str) -> str:
@@ -34,14 +34,15 @@ def load_template(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _fills(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool, world_size: Optional[int] = None,
-           hidden_size: Optional[int] = None) -> dict[str, Any]:
+def _fills(train: TrainConfig, optimizer: OptimizerConfig, dist: DistributedConfig, dtype: str, cuda: bool,
+           world_size: Optional[int] = None, hidden_size: Optional[int] = None) -> dict[str, Any]:
     """Dotted path -> value for every "auto" a template (or a user's HF-Trainer-style JSON) may contain."""
     fills: dict[str, Any] = {
-        "optimizer.params.lr": train.lr, "optimizer.params.weight_decay": train.weight_decay,
+        "optimizer.params.lr": optimizer.lr, "optimizer.params.weight_decay": optimizer.weight_decay,
         "optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8,
-        "scheduler.params.warmup_min_lr": 0.0, "scheduler.params.warmup_max_lr": train.lr,
-        "scheduler.params.warmup_num_steps": train.warmup_steps, "scheduler.params.total_num_steps": train.max_steps,
+        "scheduler.params.warmup_min_lr": 0.0, "scheduler.params.warmup_max_lr": optimizer.lr,
+        "scheduler.params.warmup_num_steps": optimizer.warmup_steps,
+        "scheduler.params.total_num_steps": train.max_steps,
     }
     if world_size is not None:
         fills["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * world_size
@@ -51,7 +52,7 @@ def _fills(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool, 
     return fills | {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
-        "gradient_clipping": train.max_grad_norm,
+        "gradient_clipping": optimizer.max_grad_norm,
         "bf16.enabled": dtype == "bfloat16",
         "fp16.enabled": dtype == "float16",
         "zero_optimization.stage3_param_persistence_threshold": dist.zero3_param_persistence_threshold,
@@ -79,11 +80,11 @@ def fill_template(template: dict, fills: dict[str, Any], name: str = "ds_configs
     return out
 
 
-def build_ds_config(train: TrainConfig, dist: DistributedConfig, dtype: str, cuda: bool,
+def build_ds_config(train: TrainConfig, optimizer: OptimizerConfig, dist: DistributedConfig, dtype: str, cuda: bool,
                     world_size: Optional[int] = None, hidden_size: Optional[int] = None) -> dict:
     """The effective DeepSpeed config for a run (train_batch_size is left for DeepSpeed to derive from world size).
     With distributed.deepspeed_config, the user's JSON is the base instead of ds_configs/ (see from_user_json)."""
-    fills = _fills(train, dist, dtype, cuda, world_size, hidden_size)
+    fills = _fills(train, optimizer, dist, dtype, cuda, world_size, hidden_size)
     if dist.deepspeed_config is not None:
         return from_user_json(dist.deepspeed_config, fills, train, dist, dtype, cuda)
     name = template_name(dist.zero_stage, dist.offload)

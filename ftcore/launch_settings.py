@@ -138,7 +138,7 @@ def accelerate_choices(env: Mapping[str, str]) -> list[Choice]:
                               origin("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS")))
     clipping = env.get("ACCELERATE_GRADIENT_CLIPPING", "auto").lower()
     if clipping not in ("auto", "none", ""):
-        choices.append(Choice("train.max_grad_norm", float(clipping),
+        choices.append(Choice("optimizer.max_grad_norm", float(clipping),
                               origin("gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING")))
     offload = _accelerate_offload(env)
     if offload is not None:
@@ -177,12 +177,12 @@ JSON_FIELDS = {
     "zero_optimization.stage": "distributed.zero_stage",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps",
-    "gradient_clipping": "train.max_grad_norm",
+    "gradient_clipping": "optimizer.max_grad_norm",
     "zero_optimization.stage3_param_persistence_threshold": "distributed.zero3_param_persistence_threshold",
-    "optimizer.params.lr": "train.lr",
-    "optimizer.params.weight_decay": "train.weight_decay",
-    "scheduler.params.warmup_max_lr": "train.lr",
-    "scheduler.params.warmup_num_steps": "train.warmup_steps",
+    "optimizer.params.lr": "optimizer.lr",
+    "optimizer.params.weight_decay": "optimizer.weight_decay",
+    "scheduler.params.warmup_max_lr": "optimizer.lr",
+    "scheduler.params.warmup_num_steps": "optimizer.warmup_steps",
     "scheduler.params.total_num_steps": "train.max_steps",
 }
 OPTIMIZER_TYPES = ("adam", "adamw")
@@ -195,9 +195,9 @@ def deepspeed_json_choices(config: dict, path: str) -> list[Choice]:
     for key, field in JSON_FIELDS.items():
         value = _get(config, key)
         if value is not None and value != "auto":
-            if field in ("train.lr", "train.weight_decay", "train.max_grad_norm"):
+            if field in ("optimizer.lr", "optimizer.weight_decay", "optimizer.max_grad_norm"):
                 value = float(value)
-            elif field != "train.lr":
+            elif field != "optimizer.lr":
                 value = int(value)
             choices.append(Choice(field, value, f"{path}: {key}={_get(config, key)!r}"))
     bf16, fp16 = _get(config, "bf16.enabled"), _get(config, "fp16.enabled")
@@ -220,7 +220,8 @@ def deepspeed_json_choices(config: dict, path: str) -> list[Choice]:
         kind = str(optimizer.get("type", "")).lower()
         if kind not in OPTIMIZER_TYPES:
             raise LaunchSettingsError(f"{path}: optimizer.type={optimizer.get('type')!r}: ft trains with AdamW "
-                                      "(train.lr, train.weight_decay); use type AdamW or remove the optimizer section")
+                                      "(the ft config's optimizer.lr, optimizer.weight_decay); use type AdamW or "
+                                      "remove the optimizer section")
         for key, default in ADAMW_DEFAULTS.items():
             value = _get(optimizer, f"params.{key}")
             if value not in (None, "auto") and value != default:

@@ -7,8 +7,8 @@ Model FLOPs (PaLM's convention, MFU not HFU: recomputation from checkpointing is
     input and for the weight); a frozen matrix needs only the input gradient: 2n forward + 2n backward.
     Attention scores and their weighted sum cost 4 * d_attn * n FLOPs forward for a token in a sample of n
     tokens, per layer, and twice that backward: 12 * layers * d_attn * n^2 per sample.
-Peak FLOPs: dense bf16/fp16 tensor-core peak of the GPU, looked up by name in PEAK_TFLOPS, or `train.peak_tflops`.
-On CPU (no table entry) MFU is omitted unless `train.peak_tflops` is given.
+Peak FLOPs: dense bf16/fp16 tensor-core peak of the GPU, looked up by name in PEAK_TFLOPS, or `logging.peak_tflops`.
+On CPU (no table entry) MFU is omitted unless `logging.peak_tflops` is given.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PEAK_TFLOPS = [
 
 
 def peak_flops_per_device(device_name: Optional[str], override_tflops: Optional[float]) -> Optional[float]:
-    """Peak FLOP/s of one device: train.peak_tflops, else the known peak of a GPU by name, else None."""
+    """Peak FLOP/s of one device: logging.peak_tflops, else the known peak of a GPU by name, else None."""
     if override_tflops:
         return override_tflops * 1e12
     if not device_name:

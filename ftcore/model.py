@@ -129,7 +129,7 @@ def load_model(cfg: Config, model_dir: str, device: torch.device,
 
 def load_reference(model_dir: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
                    ds_config: Optional[dict]) -> tuple[torch.nn.Module, Any]:
-    """A frozen copy of the base model (the reference of train.base_kl and of dpo/ipo/hinge/kto with full/freeze
+    """A frozen copy of the base model (the reference of loss.base_kl and of dpo/ipo/hinge/kto with full/freeze
     fine-tuning) and what keeps it: ds_config given (ZeRO-3, an HfDeepSpeedConfig alive), it loads partitioned
     like the model and a DeepSpeed engine without optimizer gathers each layer in its forward, so no rank holds
     more than its share of it; otherwise whole on `device`. Returns (the module to call, its engine or None)."""

@@ -21,7 +21,7 @@ def flash_attn_available() -> bool:
 
 
 def liger_available() -> bool:
-    """liger-kernel (the `fused` extra: train.loss_impl=fused) is installed."""
+    """liger-kernel (the `fused` extra: loss.impl=fused) is installed."""
     return importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -107,12 +107,12 @@ def check_combinations(cfg: Config) -> None:
     if m.attn_implementation == "flash_attention_2" and not flash_attn_available():
         raise _error("model.attn_implementation", "flash_attention_2 needs flash-attn, which is not installed "
                      "(pip install '.[flash]' on a CUDA machine); use auto or sdpa")
-    if cfg.train.loss_impl == "fused" and not liger_available():
-        raise _error("train.loss_impl", "fused needs liger-kernel, which is not installed (pip install "
+    if cfg.loss.impl == "fused" and not liger_available():
+        raise _error("loss.impl", "fused needs liger-kernel, which is not installed (pip install "
                      "'.[fused]' on a CUDA machine); use auto or chunked")
     for tracker in ("mlflow", "wandb"):
-        if tracker in cfg.train.report_to and importlib.util.find_spec(tracker) is None:
-            raise _error("train.report_to", f"{tracker} needs the {tracker} package, which is not installed (pip "
+        if tracker in cfg.logging.report_to and importlib.util.find_spec(tracker) is None:
+            raise _error("logging.report_to", f"{tracker} needs the {tracker} package, which is not installed (pip "
                          f"install '.[{tracker}]')")
     model_config = model_config_json(m.name_or_path)
     limit = (model_config or {}).get("max_position_embeddings")
@@ -179,7 +179,7 @@ def check_device(cfg: Config, cuda: bool, bf16_supported: bool, device_name: str
     if dtype == "float16" and not cuda:
         raise _error("model.dtype", "float16 training needs a CUDA GPU (DeepSpeed's fp16 loss scaling); on CPU use "
                      "bfloat16 or float32")
-    if cfg.train.loss_impl == "fused" and not cuda:
-        raise _error("train.loss_impl", "fused (liger-kernel's Triton kernel) needs a CUDA GPU; use auto or chunked")
+    if cfg.loss.impl == "fused" and not cuda:
+        raise _error("loss.impl", "fused (liger-kernel's Triton kernel) needs a CUDA GPU; use auto or chunked")
     if cfg.model.attn_implementation == "flash_attention_2" and not cuda:
         raise _error("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use auto or sdpa")

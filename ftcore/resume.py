@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftcore.checkpoint import CheckpointError
-from ftcore.config import Config
+from ftcore.config import MOVED_FIELDS, Config
 
 FINGERPRINT_FIELDS = (
     "task", "model.name_or_path", "model.dtype", "adapter", "data.train", "data.labels", "data.max_seq_len",
     "data.train_on", "data.overflow", "data.packing", "data.packing_buffer", "data.on_error", "data.shuffle",
-    "train.max_steps", "train.lr", "train.weight_decay", "train.warmup_steps", "train.seed", "train.layer_lr_decay",
-    "train.base_kl", "distributed.zero_stage",
+    "train.max_steps", "optimizer.lr", "optimizer.weight_decay", "optimizer.warmup_steps", "train.seed",
+    "optimizer.layer_lr_decay", "loss.base_kl", "distributed.zero_stage",
 )
 
 
@@ -39,8 +39,12 @@ def fingerprint_diff(saved: dict, current: dict) -> list[str]:
     """Fields that differ. A field the checkpoint does not record (it was added to ft after that checkpoint was
     written) counts as its default, so a run upgraded mid-way resumes unless it changes that field."""
     defaults = config_fingerprint(Config())
-    return [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, this run {current[k]!r}" for k in current
-            if saved.get(k, defaults[k]) != current[k]]
+    old_names = {new: old for old, new in MOVED_FIELDS.items()}  # a checkpoint from before a field moved
+
+    def recorded(k: str) -> Any:
+        return saved.get(k, saved.get(old_names.get(k, k), defaults[k]))
+
+    return [f"{k}: checkpoint {recorded(k)!r}, this run {current[k]!r}" for k in current if recorded(k) != current[k]]
 
 
 def check_resumable(path: Path, saved_state: dict, cfg: Config, world_size: int,

@@ -8,7 +8,7 @@ for the path instead of spelling the name.
         final/              the adapter or full model, written as final.tmp/ and renamed when complete
         metrics.jsonl       one object per step and eval (rank 0); metrics.png is drawn from it; rows past a resumed
                             checkpoint move to metrics.superseded.jsonl
-        eval/               train.eval_generate's predictions per step
+        eval/               evaluation.generate's predictions per step
         tb/                 TensorBoard event files
         summary.json        the run's totals, written at the end
         data_report.json    what the data pipeline kept, truncated and skipped
@@ -90,7 +90,7 @@ class RunDir:
 
     @property
     def eval_predictions(self) -> Path:
-        """eval/: every prediction of train.eval_generate, per step."""
+        """eval/: every prediction of evaluation.generate, per step."""
         return self.root / "eval"
 
     @property

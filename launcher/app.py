@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune LLMs with LoRA or full fine-tuning on accelerate + DeepSpeed.")
 
 CONFIG_ARG = typer.Argument(None, help="YAML config (optional: defaults are the built-in demo).")
-SET_OPT = typer.Option([], "--set", help="Override a field: --set train.lr=1e-4 (repeatable; wins over YAML).")
+SET_OPT = typer.Option([], "--set", help="Override a field: --set optimizer.lr=1e-4 (repeatable; wins over YAML).")
 RESUME_OPT = typer.Option("auto", "--resume",
                           help="auto: newest complete checkpoint in output_dir; none: start fresh; or a step dir.")
 
@@ -72,6 +72,10 @@ def load_run_config(config: Optional[str], sets: List[str], check_paths: bool = 
         if announce and process_rank() == 0:
             for line in lines:
                 print(line, flush=True)
+        if process_rank() == 0:
+            for old, new, where in cfg.renamed_fields():
+                print(f"note: {where}: {old} is now {new} (the old name is read until the next release)",
+                      file=sys.stderr, flush=True)
         if check_paths:
             check_inputs(cfg)
         return cfg

@@ -1,7 +1,7 @@
 """`ft`: the command line. Each subcommand parses, validates, then dispatches; none imports torch unless it runs
 training or generation.
 
-    ft config examples/demo.yaml --set train.lr=1e-4       print the resolved config
+    ft config examples/demo.yaml --set optimizer.lr=1e-4       print the resolved config
     ft launch examples/demo.yaml --nproc 2                 train on this machine in 2 processes (DeepSpeed)
     ft launch examples/demo.yaml --nproc 2 --dry-run       print the launch command and exit
     ft slurm examples/demo.yaml --nodes 2 --gpus-per-node 8   submit a multi-node job (sbatch slurm/ft.sbatch)

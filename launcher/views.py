@@ -42,7 +42,7 @@ def print_plan(cfg: Config, plan: Plan, nodes: int, gpus_per_node: int, gpu_mem_
     if loss["full_bytes"]:
         console.print(f"loss: {loss['impl']}, {gib(loss['bytes'])} GiB per GPU in the activations"
                       + ("" if loss["impl"] == "full" else
-                         f" (train.loss_impl=full would hold {gib(loss['full_bytes'])} GiB of logits)"))
+                         f" (loss.impl=full would hold {gib(loss['full_bytes'])} GiB of logits)"))
     for row in plan.rows:
         if not row.supported:
             console.print(f"ZeRO-{row.stage} offload {row.offload}: {row.note}")

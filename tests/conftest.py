@@ -124,9 +124,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def tiny_run_args(output_dir: Path, *extra: str) -> list[str]:
     """A small, fast training config on the built-in model/data (fp32: resumed losses must be exact)."""
     return ["examples/chat-demo.yaml", "--set", f"output_dir={output_dir}", "--set", "train.max_steps=8",
-            "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64", "--set", "train.log_every=1",
-            "--set", "train.eval_every=4", "--set", "checkpoint.every_steps=4", "--set", "data.audit=true",
-            "--set", "train.warmup_steps=2", *extra]
+            "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64", "--set", "logging.every=1",
+            "--set", "evaluation.every=4", "--set", "checkpoint.every_steps=4", "--set", "data.audit=true",
+            "--set", "optimizer.warmup_steps=2", *extra]
 
 
 @functools.cache
@@ -244,7 +244,7 @@ STOPPABLE_STEPS = 24
 
 def stoppable_run_args(output_dir: Path) -> list[str]:
     return tiny_run_args(output_dir, "--set", f"train.max_steps={STOPPABLE_STEPS}", "--set",
-                         "checkpoint.every_steps=100", "--set", "train.eval_every=0")
+                         "checkpoint.every_steps=100", "--set", "evaluation.every=0")
 
 
 @pytest.fixture(scope="session")

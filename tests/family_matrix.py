@@ -30,8 +30,8 @@ def train(model_dir: Path, out: Path, method: str, dtype: str = "float32") -> li
     cfg = load_config(None, [f"output_dir={out}", f"model.name_or_path={model_dir}", f"model.dtype={dtype}",
                              f"adapter.method={method}", "adapter.r=4", "adapter.alpha=8", "adapter.dropout=0.0",
                              "data.max_seq_len=48", "train.micro_batch_size=2", "train.max_steps=2",
-                             "train.lr=1e-2", "distributed.zero_stage=0", "data.audit=true",
-                             "train.report_to=none"])
+                             "optimizer.lr=1e-2", "distributed.zero_stage=0", "data.audit=true",
+                             "logging.report_to=none"])
     reset_between_runs()
     recipe = Recipe(cfg, resume="none")  # ftcore.train.run, less its destroy_process_group (see above)
     try:

@@ -1,4 +1,4 @@
-"""train.base_kl: beta * KL(base || fine-tuned) on the trained tokens, logged apart from the task loss. LoRA takes
+"""loss.base_kl: beta * KL(base || fine-tuned) on the trained tokens, logged apart from the task loss. LoRA takes
 the base from the same weights with the adapter disabled; full fine-tuning keeps a frozen reference copy."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from tests.conftest import cached_launches, read_jsonl
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
-STEPS = ("--set", "train.max_steps=12", "--set", "train.lr=3e-3", "--set", "train.warmup_steps=0",
-         "--set", "checkpoint.every_steps=0", "--set", "train.eval_every=0")
-RUNS = {"plain": (), "beta0": ("--set", "train.base_kl=0.0"), "beta1": ("--set", "train.base_kl=1.0"),
-        "beta20": ("--set", "train.base_kl=20.0"),
-        "full_beta1": ("--set", "train.base_kl=1.0", "--set", "adapter.method=full", "--set", "train.lr=1e-3")}
+STEPS = ("--set", "train.max_steps=12", "--set", "optimizer.lr=3e-3", "--set", "optimizer.warmup_steps=0",
+         "--set", "checkpoint.every_steps=0", "--set", "evaluation.every=0")
+RUNS = {"plain": (), "beta0": ("--set", "loss.base_kl=0.0"), "beta1": ("--set", "loss.base_kl=1.0"),
+        "beta20": ("--set", "loss.base_kl=20.0"),
+        "full_beta1": ("--set", "loss.base_kl=1.0", "--set", "adapter.method=full", "--set", "optimizer.lr=1e-3")}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""train.loss_impl=chunked: the same loss and gradients as the model's own loss, from logits that never exist
+"""loss.impl=chunked: the same loss and gradients as the model's own loss, from logits that never exist
 whole; the same training run; and what it does not cover yet refused by name.
 
 Tolerance: fp32 throughout; the chunked sum adds the token losses in a different order, so loss and gradients
@@ -89,11 +89,11 @@ def _objectives_agree(cfg, model, reference=None, chunk_tokens=16) -> None:
     labels[1, 33:] = -100
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "use_cache": False}
     trained = [p for p in model.parameters() if p.requires_grad]
-    impl, transform, words = choose_loss_impl("auto", chunk_tokens, cfg.train.base_kl, model, model, cuda=False)
+    impl, transform, words = choose_loss_impl("auto", chunk_tokens, cfg.loss.base_kl, model, model, cuda=False)
     assert impl == "chunked", words
     results = {}
     for impl in ("full", "chunked"):
-        objective = causal_lm_objective(cfg.train, lambda m: m, reference, impl, transform, chunk_tokens)
+        objective = causal_lm_objective(cfg.loss, lambda m: m, reference, impl, transform, chunk_tokens)
         torch.manual_seed(2)  # the same dropout masks (GPT-2's blocks) in both forwards
         result = objective(model, inputs, normaliser=57)
         results[impl] = (result.terms, torch.autograd.grad(result.loss, trained))
@@ -112,8 +112,8 @@ def test_the_objective_equals_the_models_loss_on_a_real_model(builtin_model_dir,
     settings = {"lora": ["adapter.method=lora"], "qlora": ["adapter.method=qlora"],
                 "lora-on-head": ["adapter.method=lora", "adapter.target_modules=[q_proj, v_proj, lm_head]"],
                 "full": ["adapter.method=full"], "freeze": ["adapter.method=freeze", "adapter.top_layers=1"],
-                "lora+base_kl": ["adapter.method=lora", "train.base_kl=0.5"],
-                "full+base_kl": ["adapter.method=full", "train.base_kl=0.5"],
+                "lora+base_kl": ["adapter.method=lora", "loss.base_kl=0.5"],
+                "full+base_kl": ["adapter.method=full", "loss.base_kl=0.5"],
                 "gradient-checkpointing": ["adapter.method=lora", "model.gradient_checkpointing=true"]}[method]
     cfg = load_config(None, [*settings, "adapter.dropout=0", "model.attn_implementation=sdpa", "train.seed=0"])
     model = load_model(cfg, builtin_model_dir, torch.device("cpu"))
@@ -163,7 +163,7 @@ def test_every_family_gets_its_own_loss_in_chunks(builtin_model_dir, family):
     results = {}
     for impl in ("full", "chunked"):
         torch.manual_seed(2)  # the same dropout masks (GPT-2's blocks) in both forwards
-        loss = causal_lm_objective(cfg.train, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
+        loss = causal_lm_objective(cfg.loss, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
         results[impl] = (loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
     torch.testing.assert_close(results["chunked"][0], results["full"][0], rtol=1e-5, atol=0)
     for want, got in zip(results["full"][1], results["chunked"][1]):
@@ -184,8 +184,8 @@ def test_a_head_the_chunked_loss_cannot_reproduce_is_caught(builtin_model_dir):
     model.register_forward_hook(halve)
     impl, _, words = choose_loss_impl("auto", 16, 0.0, model, model, cuda=False)
     assert impl == "full" and words.startswith("full (auto: LlamaForCausalLM's logits differ from its decoder")
-    with pytest.raises(TrainError, match="train.loss_impl=chunked: LlamaForCausalLM's logits differ .* use "
-                                         "train.loss_impl=full"):
+    with pytest.raises(TrainError, match="loss.impl=chunked: LlamaForCausalLM's logits differ .* use "
+                                         "loss.impl=full"):
         choose_loss_impl("chunked", 16, 0.0, model, model, cuda=False)
 
 
@@ -195,8 +195,8 @@ def assert_chunked_run_equals_full_run(tmp_path, command: tuple[str, ...], *sett
     runs = {}
     for impl in ("full", "chunked"):
         out = tmp_path / impl
-        args = tiny_run_args(out, "--set", "train.max_steps=6", "--set", f"train.loss_impl={impl}",
-                             "--set", "train.loss_chunk_tokens=32", *(w for s in settings for w in ("--set", s)))
+        args = tiny_run_args(out, "--set", "train.max_steps=6", "--set", f"loss.impl={impl}",
+                             "--set", "loss.chunk_tokens=32", *(w for s in settings for w in ("--set", s)))
         proc = run_ft(command[0], *args, *command[1:])
         assert f"loss {impl}" in proc.stdout
         rows = read_jsonl(out / "metrics.jsonl")
@@ -221,18 +221,18 @@ def test_a_chunked_run_trains_like_a_full_one(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["task=classification", "data.train=[{path: x.jsonl, format: classification}]"],
      "chunked applies to task causal_lm"),
-    (["train.loss_impl=fused", "train.base_kl=0.1"], "fused does not compute train.base_kl"),
-    (["train.loss_impl=fused", "adapter.target_modules=[q_proj, lm_head]"], "fused does not cover LoRA on lm_head"),
+    (["loss.impl=fused", "loss.base_kl=0.1"], "fused does not compute loss.base_kl"),
+    (["loss.impl=fused", "adapter.target_modules=[q_proj, lm_head]"], "fused does not cover LoRA on lm_head"),
 ])
 def test_what_an_explicit_loss_impl_cannot_do_is_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["train.loss_impl=chunked", *overrides])
+        load_config(None, ["loss.impl=chunked", *overrides])
 
 
 def test_fused_is_refused_without_its_kernel_or_a_gpu():
     from ftcore.preflight import check_combinations, check_device
 
-    cfg = load_config(None, ["train.loss_impl=fused"])
+    cfg = load_config(None, ["loss.impl=fused"])
     if importlib.util.find_spec("liger_kernel") is None:
         with pytest.raises(ConfigError, match=r"fused needs liger-kernel, which is not installed \(pip install"):
             check_combinations(cfg)
@@ -258,7 +258,7 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
     trained = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for impl in ("chunked", "fused"):
-        loss = causal_lm_objective(cfg.train, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
+        loss = causal_lm_objective(cfg.loss, lambda m: m, None, impl, transform, 16)(model, inputs, normaliser=57).loss
         results[impl] = (loss.detach(), torch.autograd.grad(loss, trained))
     torch.testing.assert_close(results["fused"][0], results["chunked"][0], rtol=1e-4, atol=0)
     for want, got in zip(results["chunked"][1], results["fused"][1]):
@@ -268,10 +268,10 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
 @pytest.mark.multiproc
 @pytest.mark.trains
 @pytest.mark.parametrize("layout", [
-    ("distributed.zero_stage=3", "adapter.method=lora", "data.packing=true", "train.base_kl=0.2"),
+    ("distributed.zero_stage=3", "adapter.method=lora", "data.packing=true", "loss.base_kl=0.2"),
     ("distributed.zero_stage=3", "adapter.method=full", "data.packing=false"),
-    ("distributed.zero_stage=3", "adapter.method=full", "train.base_kl=0.2"),
-    ("distributed.zero_stage=0", "adapter.method=full", "data.packing=true", "train.base_kl=0.2"),
+    ("distributed.zero_stage=3", "adapter.method=full", "loss.base_kl=0.2"),
+    ("distributed.zero_stage=0", "adapter.method=full", "data.packing=true", "loss.base_kl=0.2"),
     ("distributed.zero_stage=2", "adapter.method=lora", "data.packing=false",
      "adapter.target_modules=[q_proj, v_proj, lm_head]", "model.gradient_checkpointing=true"),
     ("distributed.zero_stage=3", "adapter.method=lora", "adapter.target_modules=[q_proj, v_proj, lm_head]"),

@@ -109,7 +109,7 @@ def test_lora_export_is_a_classifier_that_reproduces_the_predictions(lora_run, t
 
 
 METHODS = {
-    "full": ("--set", "adapter.method=full", "--set", "train.lr=5e-4"),
+    "full": ("--set", "adapter.method=full", "--set", "optimizer.lr=5e-4"),
     "freeze": ("--set", "adapter.method=freeze", "--set", "adapter.trainable=['layers\\.3\\.']"),
     "qlora": ("--set", "adapter.method=qlora"),
 }
@@ -121,7 +121,7 @@ METHODS = {
 def test_every_method_trains_a_classifier_that_exports(method, tmp_path, builtin_model_dir):
     out = tmp_path / method
     run_ft("launch", EXAMPLE, "--nproc", "2", "--set", f"output_dir={out}", "--set", "train.max_steps=12",
-           "--set", "train.eval_every=0", "--set", "checkpoint.every_steps=0", *METHODS[method])
+           "--set", "evaluation.every=0", "--set", "checkpoint.every_steps=0", *METHODS[method])
     report = last_eval(out)
     ids, trained = [p["id"] for p in report["predictions"]], [p["prediction"] for p in report["predictions"]]
     if method == "qlora":
@@ -195,8 +195,8 @@ def test_bad_label_names_the_line(tmp_path, record, message):
     (["data.train=[{path: x.jsonl, format: classification}]"], "format classification needs task: classification"),
     (["task=classification", "data.train=[{path: x.jsonl, format: classification}]", "data.packing=true"],
      "data.packing: does not apply to task classification"),
-    (["task=classification", "data.train=[{path: x.jsonl, format: classification}]", "train.base_kl=0.1"],
-     "train.base_kl: applies to task causal_lm"),
+    (["task=classification", "data.train=[{path: x.jsonl, format: classification}]", "loss.base_kl=0.1"],
+     "loss.base_kl: applies to task causal_lm"),
     (["task=classification", "data.train=[{path: x.jsonl, format: classification}]", "data.labels=[a, a]"],
      "data.labels: needs at least two distinct class names"),
     (["data.labels=[a, b]"], "data.labels: applies to task classification only"),

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from ftcore.config import Config, ConfigError, dump_config, load_config
+from ftcore.resume import config_fingerprint, fingerprint_diff
 from tests.conftest import ft_in_process, run_ft
 
 
@@ -17,8 +18,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_yaml_and_set_precedence(tmp_path):
     path = write(tmp_path, "train:\n  lr: 0.001\n  max_steps: 7\nadapter:\n  r: 4\n")
-    cfg = load_config(path, ["train.lr=5e-4", "adapter.target_modules=[q_proj, v_proj]"])
-    assert cfg.train.lr == 5e-4  # --set beats YAML
+    cfg = load_config(path, ["optimizer.lr=5e-4", "adapter.target_modules=[q_proj, v_proj]"])
+    assert cfg.optimizer.lr == 5e-4  # --set beats YAML
     assert cfg.train.max_steps == 7  # YAML beats default
     assert cfg.adapter.r == 4
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
@@ -38,8 +39,10 @@ def test_resolved_config_round_trips(tmp_path):
     ("train:\n  micro_batch_size: many\n", [], "cfg.yaml:2: train.micro_batch_size: Input should be a valid integer"),
     ("", ["distributed.zero_stage=5"], "--set: distributed.zero_stage: Input should be 0, 1, 2 or 3"),
     ("", ["distributed.offload=all"], "distributed.offload: 'all' (parameter offload) needs distributed.zero_stage=3"),
-    ("", ["train.warmup_steps=500", "train.max_steps=10"], "train.warmup_steps: 500 exceeds train.max_steps=10"),
-    ("", ["bogus.key=1"], "bogus: unknown key; valid keys here: adapter, checkpoint, data, distributed, model"),
+    ("", ["optimizer.warmup_steps=500", "train.max_steps=10"],
+     "optimizer.warmup_steps: 500 exceeds train.max_steps=10"),
+    ("", ["bogus.key=1"],
+     "bogus: unknown key; valid keys here: adapter, checkpoint, data, distributed, evaluation, logging, loss, model"),
     ("model: [1, 2\n", [], "cfg.yaml:2: invalid YAML"),
 ])
 def test_errors_are_one_line_and_name_the_field(tmp_path, yaml_text, overrides, expected):
@@ -72,8 +75,8 @@ def test_cli_config_errors(tmp_path):
 
 
 def test_cli_prints_resolved_config():
-    proc = ft_in_process("config", "examples/chat-demo.yaml", "--set", "train.lr=0.5")
-    cfg = load_config("examples/chat-demo.yaml", ["train.lr=0.5"])
+    proc = ft_in_process("config", "examples/chat-demo.yaml", "--set", "optimizer.lr=0.5")
+    cfg = load_config("examples/chat-demo.yaml", ["optimizer.lr=0.5"])
     assert proc.stdout == dump_config(cfg)
 
 
@@ -83,7 +86,7 @@ def test_cli_prints_resolved_config():
     (["adapter.trainable=[lm_head]"], "adapter.trainable: applies to adapter.method=freeze only (this run is lora)"),
     (["adapter.method=freeze", "adapter.trainable=['layers\\.[']"], "adapter.trainable: 'layers\\\\.[' is not a "
                                                                     "regular expression"),
-    (["train.layer_lr_decay=1.5"], "train.layer_lr_decay"),
+    (["optimizer.layer_lr_decay=1.5"], "optimizer.layer_lr_decay"),
 ])
 def test_freeze_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -94,13 +97,13 @@ def test_checkpoint_from_before_a_new_field_resumes_unless_the_field_changes():
     from ftcore.resume import config_fingerprint, fingerprint_diff
 
     current = config_fingerprint(load_config(None, []))
-    older = {k: v for k, v in current.items() if k not in ("train.base_kl", "train.layer_lr_decay")}
+    older = {k: v for k, v in current.items() if k not in ("loss.base_kl", "optimizer.layer_lr_decay")}
     assert fingerprint_diff(older, current) == []
-    changed = config_fingerprint(load_config(None, ["train.base_kl=0.5"]))
-    assert fingerprint_diff(older, changed) == ["train.base_kl: checkpoint 0.0, this run 0.5"]
+    changed = config_fingerprint(load_config(None, ["loss.base_kl=0.5"]))
+    assert fingerprint_diff(older, changed) == ["loss.base_kl: checkpoint 0.0, this run 0.5"]
 
 
-@pytest.mark.parametrize("sets, field", [(["train.lr=-1"], "train.lr"),
+@pytest.mark.parametrize("sets, field", [(["optimizer.lr=-1"], "optimizer.lr"),
                                          (["distributed.offload=all"], "distributed.offload"),
                                          (["task=preference"], "data.train.0.format"),
                                          (["data.train=[{path: x.jsonl, format: kto}]"], "data.train.0.format")])
@@ -114,3 +117,38 @@ def test_a_config_error_is_typed_and_names_its_field(sets, field):
     assert error.value.field == field and f": {field}: " in str(error.value)
     assert error_line(error.value) == f"config error: {error.value}"
     assert error_line(ValueError("disk full")) == "error: disk full"
+
+
+def test_a_field_that_moved_out_of_train_still_loads_under_its_old_name_for_one_release(tmp_path):
+    """train's optimizer, loss, evaluation and logging fields moved to their own sections; the old names are read
+    (YAML and --set), the command line names each with the line that gave it, and both names at once is an error."""
+    from ftcore.config import MOVED_FIELDS
+
+    path = write(tmp_path, "train:\n  lr: 0.001\n  log_every: 5\n  report_to: none\n  max_steps: 7\n")
+    cfg = load_config(path, ["train.base_kl=0.25"])
+    assert (cfg.optimizer.lr, cfg.logging.every, cfg.logging.report_to, cfg.loss.base_kl) == (0.001, 5, [], 0.25)
+    assert cfg.renamed_fields() == [("train.lr", "optimizer.lr", f"{path}:2"),
+                                    ("train.log_every", "logging.every", f"{path}:3"),
+                                    ("train.report_to", "logging.report_to", f"{path}:4"),
+                                    ("train.base_kl", "loss.base_kl", "--set")]
+    assert cfg == load_config(None, ["optimizer.lr=0.001", "logging.every=5", "logging.report_to=none",
+                                     "train.max_steps=7", "loss.base_kl=0.25"])
+    proc = ft_in_process("config", str(path))
+    assert f"note: {path}:2: train.lr is now optimizer.lr (the old name is read until the next release)" in proc.stderr
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: optimizer.lr: Input should be greater than 0"):
+        load_config(write(tmp_path, "train:\n  lr: -1\n"))
+    with pytest.raises(ConfigError, match=r"train.lr and optimizer.lr are both set; .* keep optimizer.lr"):
+        load_config(write(tmp_path, "train:\n  lr: 0.1\noptimizer:\n  lr: 0.2\n"))
+    assert all(load_config(None, [f"{old}={value}"]) for old, value in
+               [(o, "1") for o in MOVED_FIELDS
+                if not o.endswith(("generate", "report_to", "loss_impl", "eval_every", "warmup_steps"))])
+
+
+def test_a_checkpoint_written_before_the_fields_moved_resumes():
+    """A checkpoint's fingerprint from before the split names train.lr; the same value under optimizer.lr matches."""
+    older = {**{k: v for k, v in config_fingerprint(Config()).items()
+                if k not in ("optimizer.lr", "loss.base_kl")}, "train.lr": 0.001, "train.base_kl": 0.5}
+    same, other = (config_fingerprint(load_config(None, [f"optimizer.lr={lr}", "loss.base_kl=0.5"]))
+                   for lr in (0.001, 0.002))
+    assert fingerprint_diff(older, same) == []
+    assert fingerprint_diff(older, other) == ["optimizer.lr: checkpoint 0.001, this run 0.002"]

@@ -24,8 +24,8 @@ def test_every_template_file_is_used_and_every_combination_has_one():
 def test_built_config_matches_typed_config(stage, offload, dtype):
     cfg = load_config(None, [f"distributed.zero_stage={stage}", f"distributed.offload={offload}",
                              f"model.dtype={dtype}", "train.micro_batch_size=3", "train.grad_accum_steps=5",
-                             "train.max_grad_norm=0.7", "distributed.zero3_param_persistence_threshold=0"])
-    ds = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda=False)
+                             "optimizer.max_grad_norm=0.7", "distributed.zero3_param_persistence_threshold=0"])
+    ds = build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda=False)
     assert "auto" not in json.dumps(ds)
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 5
@@ -47,7 +47,7 @@ def test_deepspeed_accepts_each_config(stage, offload):
 
     cfg = load_config(None, [f"distributed.zero_stage={stage}", f"distributed.offload={offload}",
                              "train.micro_batch_size=2", "train.grad_accum_steps=4"])
-    ds = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda=False)
+    ds = build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda=False)
     ds["train_batch_size"] = 2 * 4 * 1  # world of one: DeepSpeed checks the batch arithmetic
     parsed = DeepSpeedConfig(ds, world_size=1) if "world_size" in DeepSpeedConfig.__init__.__code__.co_varnames \
         else DeepSpeedConfig(ds)
@@ -64,4 +64,5 @@ def test_unknown_auto_is_an_error():
                             "bf16.enabled", "fp16.enabled")}
     with pytest.raises(ValueError, match="zero_optimization.reduce_bucket_size is 'auto'"):
         fill_template(template, fills, "zero2.json")
-    assert build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda=False)  # the real template fills
+    # the real template fills
+    assert build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda=False)

@@ -1,5 +1,5 @@
 """Evaluation by generation: the metrics against hand-computed values, prompts rendered as training renders them,
-`ft eval` on 1 rank = on 2 ranks = on 2 ZeRO-3 ranks, on an export = on base + adapter, and train.eval_generate's
+`ft eval` on 1 rank = on 2 ranks = on 2 ZeRO-3 ranks, on an export = on base + adapter, and evaluation.generate's
 answers = `ft eval`'s on the run's final/ model."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_the_demo_task_is_scored_on_prompts_never_seen_in_training():
     train, held_out = triples("builtin:repeat-words"), triples("builtin:repeat-words-eval")
     assert len(train) == 400 and len(held_out) == 50 and not set(train) & set(held_out)
     cfg = load_config("examples/demo-tiny.yaml", [])
-    assert [s.path for s in cfg.data.train] == ["builtin:repeat-words"] and cfg.train.eval_generate
+    assert [s.path for s in cfg.data.train] == ["builtin:repeat-words"] and cfg.evaluation.generate
 
 
 def test_the_real_model_demo_task_is_scored_on_sums_never_seen_in_training():
@@ -61,7 +61,7 @@ def test_the_real_model_demo_task_is_scored_on_sums_never_seen_in_training():
     assert not (set(train) | {(b, a) for a, b in train}) & set(held_out)
     cfg = load_config("examples/demo.yaml", [])
     assert cfg.model.name_or_path == "builtin:gemma-3-270m"
-    assert [s.path for s in cfg.data.train] == ["builtin:add-two-digits"] and cfg.train.eval_generate
+    assert [s.path for s in cfg.data.train] == ["builtin:add-two-digits"] and cfg.evaluation.generate
 
 
 def test_prompts_are_rendered_as_training_renders_them():
@@ -86,11 +86,11 @@ def test_prompts_are_rendered_as_training_renders_them():
 
 
 def test_eval_generate_config_is_checked():
-    with pytest.raises(ConfigError, match="train.eval_generate: needs data.eval"):
-        load_config(None, ["train.eval_generate=[exact_match]", "data.eval=null"])
-    with pytest.raises(ConfigError, match="train.eval_generate"):
-        load_config(None, ["train.eval_generate=[bleu]"])
-    assert load_config("examples/chat-demo.yaml", ["train.eval_generate=rouge_l"]).train.eval_generate == ["rouge_l"]
+    with pytest.raises(ConfigError, match="evaluation.generate: needs data.eval"):
+        load_config(None, ["evaluation.generate=[exact_match]", "data.eval=null"])
+    with pytest.raises(ConfigError, match="evaluation.generate"):
+        load_config(None, ["evaluation.generate=[bleu]"])
+    assert load_config("examples/chat-demo.yaml", ["evaluation.generate=rouge_l"]).evaluation.generate == ["rouge_l"]
 
 
 def eval_rows(out: Path) -> tuple[list[dict], dict]:
@@ -123,8 +123,8 @@ def test_eval_on_two_ranks_and_on_two_zero3_ranks_equals_one_rank(tmp_path):
 @pytest.mark.trains
 def test_training_eval_generate_equals_ft_eval_and_an_export_equals_base_plus_adapter(tmp_path):
     out = tmp_path / "run"
-    run_ft("train", *tiny_run_args(out, "--set", "train.eval_generate=[exact_match,rouge_l]",
-                                   "--set", "train.eval_max_new_tokens=12", "--set", "data.max_seq_len=256"))
+    run_ft("train", *tiny_run_args(out, "--set", "evaluation.generate=[exact_match,rouge_l]",
+                                   "--set", "evaluation.max_new_tokens=12", "--set", "data.max_seq_len=256"))
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_gen_rouge_l" in r]
     assert [r["step"] for r in evals] == [4, 8] and all(r["eval_gen_samples"] == 40 for r in evals)
     during = read_jsonl(out / "eval" / "generate-step000008.jsonl")

@@ -1,4 +1,4 @@
-"""adapter.method=freeze (layer-wise fine-tuning) and train.layer_lr_decay, with real DeepSpeed (2 processes):
+"""adapter.method=freeze (layer-wise fine-tuning) and optimizer.layer_lr_decay, with real DeepSpeed (2 processes):
 only the chosen weights change, the frozen ones stay bit-identical and hold no optimizer state, and every
 weight trains at the rate its depth gives it."""
 
@@ -16,7 +16,7 @@ from tests.conftest import cached_launches, plan_matches_engine, read_jsonl, tin
 pytestmark = [pytest.mark.multiproc, pytest.mark.trains]
 
 FREEZE = ("--set", "adapter.method=freeze", "--set", "adapter.trainable=[lm_head, 'layers\\.[23]\\.']",
-          "--set", "train.layer_lr_decay=0.5", "--set", "train.lr=1e-3", "--set", "train.weight_decay=0.01")
+          "--set", "optimizer.layer_lr_decay=0.5", "--set", "optimizer.lr=1e-3", "--set", "optimizer.weight_decay=0.01")
 RUNS = {"zero2": FREEZE, "zero3": (*FREEZE, "--set", "distributed.zero_stage=3",
                                    "--set", "distributed.zero3_param_persistence_threshold=0"),
         "top1_zero0": ("--set", "adapter.method=freeze", "--set", "adapter.top_layers=1", "--set",

@@ -122,7 +122,7 @@ def test_train_export_eval_generate_on_a_gguf_base_and_refuse_a_changed_file(tmp
     sha = file_sha256(path)
     out = tmp_path / "run"
     args = tiny_run_args(out, "--set", f"model.name_or_path={path}", "--set", "train.max_steps=4",
-                         "--set", "data.audit=false", "--set", "train.eval_every=0")
+                         "--set", "data.audit=false", "--set", "evaluation.every=0")
     run_ft("train", *args)
     for where in (out, out / "final"):
         assert json.loads((where / "base_model.json").read_text())["sha256"] == sha

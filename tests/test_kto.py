@@ -120,7 +120,7 @@ def test_malformed_kto_records_are_refused_with_the_reason(tokenizer, record, me
 def test_kto_configs_that_cannot_work_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["task=preference", "preference.loss=kto", "data.train=[{path: x.jsonl, format: kto}]",
-                           "data.eval=null", "train.eval_every=0", "train.micro_batch_size=2", *overrides])
+                           "data.eval=null", "evaluation.every=0", "train.micro_batch_size=2", *overrides])
 
 
 # ------------------------------------------------------------------------------------------ the objective
@@ -140,7 +140,7 @@ def test_kto_equals_its_papers_formula(builtin_model_dir, tokenizer, method, oth
     loss and the gradient of every trained parameter of each micro batch equal the formula applied to log-probs
     from the whole logits."""
     cfg = load_config(None, ["task=preference", "preference.loss=kto", "data.train=[{path: x.jsonl, format: kto}]",
-                             "data.eval=null", "train.eval_every=0", "train.micro_batch_size=2",
+                             "data.eval=null", "evaluation.every=0", "train.micro_batch_size=2",
                              f"adapter.method={method}", "adapter.dropout=0", "model.attn_implementation=sdpa",
                              "preference.beta=0.7", "preference.kto_desirable_weight=1.3",
                              "preference.kto_undesirable_weight=0.6"])
@@ -193,7 +193,7 @@ def test_kto_equals_its_papers_formula(builtin_model_dir, tokenizer, method, oth
 # ---------------------------------------------------------------------------------------------------- runs
 def kto_args(out, data, *extra: str, eval_data=None) -> list[str]:
     evaluation = (("--set", f"data.eval=[{{path: {eval_data}, format: kto}}]") if eval_data else
-                  ("--set", "data.eval=null", "--set", "train.eval_every=0"))
+                  ("--set", "data.eval=null", "--set", "evaluation.every=0"))
     return tiny_run_args(out, "--set", "task=preference", "--set", "preference.loss=kto", "--set",
                          f"data.train=[{{path: {data}, format: kto}}]", "--set", "train.micro_batch_size=2",
                          *evaluation, *extra)
@@ -231,8 +231,8 @@ def test_kto_learns_the_repeat_task(tmp_path):
     data = kto_task(tmp_path / "kto.jsonl", 800, seed=0)
     held_out = kto_task(tmp_path / "held_out.jsonl", 100, seed=99)
     out = tmp_path / "kto"
-    run_ft("train", *kto_args(out, data, "--set", "train.eval_every=45", "--set", "train.max_steps=90", "--set",
-                              "train.lr=2e-3", "--set", "train.micro_batch_size=8", "--set",
+    run_ft("train", *kto_args(out, data, "--set", "evaluation.every=45", "--set", "train.max_steps=90", "--set",
+                              "optimizer.lr=2e-3", "--set", "train.micro_batch_size=8", "--set",
                               "checkpoint.every_steps=0", "--set", "preference.beta=2.0", eval_data=held_out))
     rows = read_jsonl(out / "metrics.jsonl")
     steps = [r for r in rows if "lr" in r]
@@ -254,7 +254,7 @@ def test_full_kto_under_zero3_reads_a_partitioned_reference(tmp_path):
         out = tmp_path / f"zero{stage}"
         proc = run_ft("launch", *kto_args(out, data, "--set", "adapter.method=full", "--set", "model.dtype=float32",
                                           "--set", f"distributed.zero_stage={stage}", "--set", "train.max_steps=5",
-                                          "--set", "checkpoint.every_steps=0", "--set", "train.lr=5e-4"),
+                                          "--set", "checkpoint.every_steps=0", "--set", "optimizer.lr=5e-4"),
                       "--nproc", "2")
         held, total = (int(n.replace(",", "")) for n in re.search(
             r"reference: a frozen copy of the base model, ([\d,]+) of its ([\d,]+) parameters", proc.stdout).groups())
@@ -267,7 +267,7 @@ def test_ft_data_inspect_marks_each_sample_desirable_or_not(tmp_path):
     data = kto_task(tmp_path / "kto.jsonl", 4, seed=2)
     proc = ft_in_process("data", "inspect", "examples/chat-demo.yaml", "--set", "task=preference", "--set",
                          "preference.loss=kto", "--set", f"data.train=[{{path: {data}, format: kto}}]", "--set",
-                         "data.eval=null", "--set", "train.eval_every=0", "--set", "train.micro_batch_size=2",
+                         "data.eval=null", "--set", "evaluation.every=0", "--set", "train.micro_batch_size=2",
                          "--set", "data.shuffle=false", "--show", "2")
     assert f"{data}:1 (desirable)" in proc.stdout and f"{data}:2 (undesirable)" in proc.stdout
 
@@ -275,7 +275,7 @@ def test_ft_data_inspect_marks_each_sample_desirable_or_not(tmp_path):
 def test_ft_plan_counts_one_row_per_kto_sample_and_a_partitioned_reference():
     from ftcore.tools.plan import build_facts, make_plan
 
-    base = ["task=preference", "data.eval=null", "train.eval_every=0", "adapter.method=full",
+    base = ["task=preference", "data.eval=null", "evaluation.every=0", "adapter.method=full",
             "train.micro_batch_size=2"]
     rows = {}
     for name, extra in (("dpo", ["data.train=[{path: x.jsonl, format: preference}]"]),

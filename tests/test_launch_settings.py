@@ -88,13 +88,14 @@ def test_hf_trainer_jsons_work_unchanged(path, stage, offload):
     cfg = load_config(None, [f"distributed.deepspeed_config={path}", "train.micro_batch_size=4",
                              "train.grad_accum_steps=2"], derived)
     assert (cfg.distributed.zero_stage, cfg.distributed.offload) == (stage, offload)
-    ds = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda=False, world_size=2, hidden_size=64)
+    ds = build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda=False, world_size=2,
+                         hidden_size=64)
     original = json.loads(open(path).read())
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
-    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == cfg.train.max_grad_norm
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == cfg.optimizer.max_grad_norm
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == stage and ds["zero_optimization"]["reduce_bucket_size"] == 4096
-    # The user's tuning knobs stay; the optimizer and schedule are the recipe's own (train.lr, warmup, cosine).
+    # The user's tuning knobs stay; the optimizer and schedule are the recipe's own (optimizer.lr, warmup, cosine).
     assert ds["zero_optimization"]["contiguous_gradients"] == original["zero_optimization"]["contiguous_gradients"]
     assert "optimizer" not in ds and "scheduler" not in ds
     assert "auto" not in json.dumps(ds)
@@ -112,7 +113,7 @@ def test_a_json_value_is_taken_for_an_unset_field_and_refused_against_a_set_one(
     cfg = load_config(None, [f"distributed.deepspeed_config={path}"])
     derived, _ = launcher_settings(cfg, {})
     assert {k: v for k, (v, _) in derived.items()} == {"distributed.zero_stage": 1, "train.micro_batch_size": 8,
-                                                       "model.dtype": "bfloat16", "train.lr": 1e-5}
+                                                       "model.dtype": "bfloat16", "optimizer.lr": 1e-5}
     cfg = load_config(None, [f"distributed.deepspeed_config={path}", "train.micro_batch_size=2"])
     with pytest.raises(LaunchSettingsError) as e:
         launcher_settings(cfg, {})
@@ -141,7 +142,7 @@ def test_a_json_train_batch_size_that_contradicts_the_effective_batch(tmp_path):
     cfg = load_config(None, [f"distributed.deepspeed_config={path}"])
     with pytest.raises(LaunchSettingsError, match=r"train_batch_size=64, but train.micro_batch_size 1 x "
                                                   r"train.grad_accum_steps 1 x processes makes 2"):
-        build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda=False, world_size=2)
+        build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda=False, world_size=2)
 
 
 def test_a_broken_json_names_the_file_and_line(tmp_path):

@@ -11,7 +11,8 @@ from tests.conftest import ROOT, run_ft
 
 
 def test_build_command_is_pure_and_complete():
-    spec = LaunchSpec(config_path="examples/chat-demo.yaml", overrides=("train.lr=1e-4", "output_dir=/x y"), nproc=4,
+    spec = LaunchSpec(config_path="examples/chat-demo.yaml", overrides=("optimizer.lr=1e-4", "output_dir=/x y"),
+                      nproc=4,
                       zero_stage=3, mixed_precision="bf16", main_port=29511)
     argv, env = build_command(spec, {"PATH": "/bin"}, python="/py")
     assert argv == build_command(spec, {"PATH": "/bin"}, python="/py")[0]
@@ -26,7 +27,7 @@ def test_build_command_is_pure_and_complete():
     assert flags["--zero_stage"] == "3" and flags["--mixed_precision"] == "bf16"
     assert "--use_deepspeed" in argv
     tail = argv[argv.index("--module") + 1:]
-    assert tail == ["launcher.cli", "train", "examples/chat-demo.yaml", "--set", "train.lr=1e-4",
+    assert tail == ["launcher.cli", "train", "examples/chat-demo.yaml", "--set", "optimizer.lr=1e-4",
                     "--set", "output_dir=/x y", "--resume", "auto"]
     assert env["PATH"] == "/bin" and int(env["OMP_NUM_THREADS"]) >= 1
     assert build_command(spec, {"OMP_NUM_THREADS": "7"})[1]["OMP_NUM_THREADS"] == "7"  # user's choice kept

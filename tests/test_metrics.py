@@ -21,7 +21,7 @@ LORA = L * R * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + INTER) + (INTER + H)
 
 @pytest.fixture(scope="module")
 def run(training_runs):
-    return training_runs.get(*tiny_args("--set", "train.peak_tflops=0.5"))
+    return training_runs.get(*tiny_args("--set", "logging.peak_tflops=0.5"))
 
 
 def test_step_metrics_and_mfu(run):
@@ -94,8 +94,8 @@ def test_ft_plot_draws_the_run(run, tmp_path):
 def test_cpu_without_peak_omits_mfu_and_report_to_none_writes_no_events(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     out = tmp_path / "run"
-    proc = run_ft("train", *tiny_run_args(out, "--set", "train.report_to=none", "--set", "train.max_steps=3",
-                                          "--set", "train.warmup_steps=0", "--set", "train.eval_every=0"), env=env)
-    assert "MFU: not reported (no peak FLOP/s known for a CPU; set train.peak_tflops to report it)" in proc.stdout
+    proc = run_ft("train", *tiny_run_args(out, "--set", "logging.report_to=none", "--set", "train.max_steps=3",
+                                          "--set", "optimizer.warmup_steps=0", "--set", "evaluation.every=0"), env=env)
+    assert "MFU: not reported (no peak FLOP/s known for a CPU; set logging.peak_tflops to report it)" in proc.stdout
     assert all("mfu" not in m for m in read_jsonl(out / "metrics.jsonl"))
     assert not (out / "tb").exists() and json.loads((out / "summary.json").read_text())["mfu"] is None

@@ -39,8 +39,8 @@ RUN_ARGS = {
     "zero2_lora": (),
     "zero3_lora": ("--set", "distributed.zero_stage=3", "--set", "distributed.zero3_param_persistence_threshold=0",
                    "--set", "model.gradient_checkpointing=true"),
-    "zero2_full": ("--set", "adapter.method=full", "--set", "train.lr=1e-3"),
-    "zero3_full": ("--set", "adapter.method=full", "--set", "train.lr=1e-3", "--set", "distributed.zero_stage=3",
+    "zero2_full": ("--set", "adapter.method=full", "--set", "optimizer.lr=1e-3"),
+    "zero3_full": ("--set", "adapter.method=full", "--set", "optimizer.lr=1e-3", "--set", "distributed.zero_stage=3",
                    "--set", "distributed.zero3_param_persistence_threshold=0"),
 }
 
@@ -245,7 +245,7 @@ def test_resume_at_another_world_size_is_refused_where_it_cannot_be_exact(runs, 
             "x 1 processes); set train.grad_accum_steps") in proc.stderr
 
 
-EXPORT_RUNS = {**RUN_ARGS, "zero1_full": ("--set", "adapter.method=full", "--set", "train.lr=1e-3", "--set",
+EXPORT_RUNS = {**RUN_ARGS, "zero1_full": ("--set", "adapter.method=full", "--set", "optimizer.lr=1e-3", "--set",
                                            "distributed.zero_stage=1"),
                "zero0_lora": ("--set", "distributed.zero_stage=0")}
 

@@ -92,7 +92,7 @@ def test_ft_plan_cli_prints_the_table_and_a_recommendation():
 
 def test_base_kl_reference_copy_is_counted():
     cfg = load_config(EXAMPLES["7b"], ["adapter.method=full"])
-    with_kl = load_config(EXAMPLES["7b"], ["adapter.method=full", "train.base_kl=0.1"])
+    with_kl = load_config(EXAMPLES["7b"], ["adapter.method=full", "loss.base_kl=0.1"])
     facts = build_facts(cfg, cfg.model.name_or_path)
     plain = {(r.stage, r.offload): r for r in make_plan(cfg, facts, 8, 1, None).rows}
     kl = {(r.stage, r.offload): r for r in make_plan(with_kl, build_facts(with_kl, cfg.model.name_or_path), 8, 1,
@@ -115,7 +115,7 @@ def test_the_loss_memory_of_the_chosen_implementation_and_of_full(overrides, hea
     base = ["train.micro_batch_size=2", "data.max_seq_len=4096", "adapter.r=16", *overrides]
     tokens, vocab, hidden = 2 * 4096, 32000, 4096
     for impl, kl in (("auto", 0.0), ("chunked", 0.0), ("chunked", 0.5), ("full", 0.0)):
-        cfg = load_config(EXAMPLES["7b"], [*base, f"train.loss_impl={impl}", f"train.base_kl={kl}"])
+        cfg = load_config(EXAMPLES["7b"], [*base, f"loss.impl={impl}", f"loss.base_kl={kl}"])
         facts = build_facts(cfg, cfg.model.name_or_path)
         assert facts.head_trainable == head_trainable
         plan = make_plan(cfg, facts, 1, 1, None)
@@ -128,7 +128,7 @@ def test_the_loss_memory_of_the_chosen_implementation_and_of_full(overrides, hea
         assert plan.loss["bytes"] < plan.loss["full_bytes"]
     proc = ft_in_process("plan", EXAMPLES["7b"], *(w for o in base for w in ("--set", o)), "--gpus-per-node", "1")
     assert "loss: auto (fused on CUDA with liger-kernel, else chunked)" in proc.stdout
-    assert f"(train.loss_impl=full would hold {tokens * vocab * 10 / 2 ** 30:.1f} GiB of logits)" in proc.stdout
+    assert f"(loss.impl=full would hold {tokens * vocab * 10 / 2 ** 30:.1f} GiB of logits)" in proc.stdout
 
 
 def test_sequence_parallelism_divides_the_activations_and_lengthens_what_fits(tmp_path):

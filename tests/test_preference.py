@@ -113,7 +113,7 @@ def test_a_malformed_record_names_its_file_and_line(tmp_path):
                     + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     proc = run_ft("train", *tiny_run_args(tmp_path / "out", "--set", "task=preference", "--set",
                                           f"data.train=[{{path: {data}, format: preference}}]",
-                                          "--set", "data.eval=null", "--set", "train.eval_every=0"), check=False,
+                                          "--set", "data.eval=null", "--set", "evaluation.every=0"), check=False,
                   trains=False)
     assert proc.returncode != 0
     assert f"{data}:2: preference field 'rejected' is missing" in proc.stdout + proc.stderr
@@ -121,14 +121,14 @@ def test_a_malformed_record_names_its_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["data.packing=true"], "data.packing: does not apply to task preference"),
-    (["data.eval=[{path: e.jsonl, format: chat}]", "train.eval_every=2"],
+    (["data.eval=[{path: e.jsonl, format: chat}]", "evaluation.every=2"],
      "preference.loss=dpo reads format preference"),
-    (["train.loss_impl=full"], "every preference log-prob goes through the chunked loss"),
+    (["loss.impl=full"], "every preference log-prob goes through the chunked loss"),
 ])
 def test_what_preference_does_not_cover_is_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["task=preference", "data.train=[{path: x.jsonl, format: preference}]",
-                           "data.eval=null", "train.eval_every=0", *overrides])
+                           "data.eval=null", "evaluation.every=0", *overrides])
 
 
 # ------------------------------------------------------------------------------------------ the objectives
@@ -181,7 +181,7 @@ def test_each_objective_equals_its_papers_formula(builtin_model_dir, tokenizer, 
     formula applied to log-probs from the whole logits; the reference is the adapter disabled (LoRA) or a frozen
     copy (full)."""
     cfg = load_config(None, ["task=preference", "data.train=[{path: x.jsonl, format: preference}]",
-                             "data.eval=null", "train.eval_every=0", f"adapter.method={method}", "adapter.dropout=0",
+                             "data.eval=null", "evaluation.every=0", f"adapter.method={method}", "adapter.dropout=0",
                              "model.attn_implementation=sdpa", f"preference.loss={name}", "preference.beta=0.3",
                              "preference.simpo_gamma=0.4", "preference.orpo_lambda=0.7"])
     model, reference = policy_and_reference(cfg, builtin_model_dir, method, seed=1)
@@ -216,7 +216,7 @@ def test_each_objective_equals_its_papers_formula(builtin_model_dir, tokenizer, 
 # ---------------------------------------------------------------------------------------------------- runs
 def preference_args(out, data, *extra: str, eval_data=None) -> list[str]:
     evaluation = (("--set", f"data.eval=[{{path: {eval_data}, format: preference}}]") if eval_data else
-                  ("--set", "data.eval=null", "--set", "train.eval_every=0"))
+                  ("--set", "data.eval=null", "--set", "evaluation.every=0"))
     return tiny_run_args(out, "--set", "task=preference", "--set", f"data.train=[{{path: {data}, format: preference}}]",
                          *evaluation, *extra)
 
@@ -231,7 +231,7 @@ def test_dpo_learns_the_repeat_task(tmp_path):
     run_ft("train", *tiny_run_args(out, "--set", "task=preference", "--set",
                                    f"data.train=[{{path: {data}, format: preference}}]", "--set",
                                    f"data.eval=[{{path: {held_out}, format: preference}}]", "--set",
-                                   "train.eval_every=20", "--set", "train.max_steps=40", "--set", "train.lr=2e-3",
+                                   "evaluation.every=20", "--set", "train.max_steps=40", "--set", "optimizer.lr=2e-3",
                                    "--set", "train.micro_batch_size=8", "--set", "checkpoint.every_steps=0",
                                    "--set", "preference.beta=0.5"))
     rows = read_jsonl(out / "metrics.jsonl")
@@ -256,7 +256,7 @@ def test_full_and_freeze_preference_runs_train(tmp_path, settings):
     """The weights themselves train: DPO/IPO read a frozen reference copy; SimPO needs none (so ZeRO-3 full)."""
     data = repeat_task(tmp_path / "pairs.jsonl", 100, seed=3)
     out = tmp_path / "run"
-    proc = run_ft("train", *preference_args(out, data, "--set", "train.max_steps=6", "--set", "train.lr=5e-4",
+    proc = run_ft("train", *preference_args(out, data, "--set", "train.max_steps=6", "--set", "optimizer.lr=5e-4",
                                             "--set", "checkpoint.every_steps=0",
                                             *(w for s in settings for w in ("--set", s))))
     loss = settings[1 if settings[0] != "adapter.method=freeze" else 2].split("=")[1]
@@ -308,7 +308,7 @@ def test_ft_data_inspect_shows_each_pair_with_its_masks(tmp_path):
     data = repeat_task(tmp_path / "pairs.jsonl", 5, seed=2, chat=True)
     proc = ft_in_process("data", "inspect", "examples/chat-demo.yaml", "--set", "task=preference", "--set",
                          f"data.train=[{{path: {data}, format: preference}}]", "--set", "data.eval=null",
-                         "--set", "train.eval_every=0", "--show", "1")
+                         "--set", "evaluation.every=0", "--show", "1")
     out = proc.stdout
     assert f"{data}:" in out and " (chosen)" in out and " (rejected)" in out
     chosen, rejected = out.split(" (chosen)")[1].split(" (rejected)")
@@ -321,7 +321,7 @@ def test_ft_plan_counts_both_responses_and_the_reference_copy():
     from ftcore.tools.plan import build_facts, make_plan
 
     base = ["task=preference", "data.train=[{path: x.jsonl, format: preference}]", "data.eval=null",
-            "train.eval_every=0", "distributed.zero_stage=2"]
+            "evaluation.every=0", "distributed.zero_stage=2"]
     rows = {}
     for name, extra in (("sft", ["task=causal_lm", "data.train=[{path: x.jsonl, format: chat}]"]),
                         ("dpo", ["preference.loss=dpo"]), ("simpo", ["preference.loss=simpo"])):

@@ -69,9 +69,9 @@ def test_float16_on_cpu_fails_in_the_recipe_before_the_model_loads(tmp_path):
 def test_non_finite_training_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     out = tmp_path / "run"
-    proc = run_ft("train", *tiny_run_args(out, "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0",
-                                          "--set", "checkpoint.every_steps=1", "--set", "train.warmup_steps=0",
-                                          "--set", "train.max_steps=30", "--set", "train.eval_every=0"),
+    proc = run_ft("train", *tiny_run_args(out, "--set", "optimizer.lr=1e30", "--set", "optimizer.max_grad_norm=0",
+                                          "--set", "checkpoint.every_steps=1", "--set", "optimizer.warmup_steps=0",
+                                          "--set", "train.max_steps=30", "--set", "evaluation.every=0"),
                   check=False, env=env)
     assert proc.returncode == 1, proc.stdout[-2000:]
     line = [ln for ln in proc.stderr.splitlines() if "non-finite" in ln]

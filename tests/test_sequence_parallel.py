@@ -16,9 +16,9 @@ from ftcore.data.batch import collate
 from ftcore.data.formats import IGNORE_INDEX, Tokenized
 from tests.conftest import ft_in_process, read_jsonl, run_ft
 
-BASE = ("examples/chat-demo.yaml", "--set", "train.max_steps=6", "--set", "train.warmup_steps=1", "--set",
-        "train.micro_batch_size=2", "--set", "data.max_seq_len=64", "--set", "train.log_every=1", "--set",
-        "train.eval_every=3", "--set", "checkpoint.every_steps=0", "--set", "model.dtype=float32", "--set",
+BASE = ("examples/chat-demo.yaml", "--set", "train.max_steps=6", "--set", "optimizer.warmup_steps=1", "--set",
+        "train.micro_batch_size=2", "--set", "data.max_seq_len=64", "--set", "logging.every=1", "--set",
+        "evaluation.every=3", "--set", "checkpoint.every_steps=0", "--set", "model.dtype=float32", "--set",
         "adapter.dropout=0")
 
 
@@ -64,7 +64,7 @@ def test_a_shard_holds_its_part_of_every_row_with_labels_shifted_before_the_spli
 @pytest.mark.parametrize("layout", [
     ("distributed.zero_stage=2", "model.gradient_checkpointing=true"),
     ("distributed.zero_stage=3", "adapter.method=full"),
-    ("distributed.zero_stage=3", "adapter.method=qlora", "train.base_kl=0.2"),
+    ("distributed.zero_stage=3", "adapter.method=qlora", "loss.base_kl=0.2"),
 ], ids=["zero2-lora-checkpointing", "zero3-full", "zero3-qlora-base_kl"])
 def test_two_ranks_splitting_each_sample_train_what_one_rank_trains(tmp_path, layout):
     """The same samples on 1 rank without sequence parallelism and on 2 ranks with N=2 (one data-parallel group):
@@ -108,14 +108,14 @@ def test_a_sequence_parallel_run_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["data.max_seq_len=63"], "data.max_seq_len: 63 is not a multiple of distributed.sequence_parallel=2"),
     (["model.attn_implementation=eager"], "model.attn_implementation: eager does not apply with"),
-    (["train.loss_impl=full"], "train.loss_impl: full does not apply with distributed.sequence_parallel=2"),
+    (["loss.impl=full"], "loss.impl: full does not apply with distributed.sequence_parallel=2"),
     (["data.packing=true"], "data.packing: does not apply with distributed.sequence_parallel=2 unless"),
     (["task=classification", "data.train=[{path: x.jsonl, format: classification}]"], "task: classification"),
 ])
 def test_what_ulysses_cannot_do_is_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("examples/chat-demo.yaml", ["distributed.sequence_parallel=2", "data.eval=null",
-                                                "train.eval_every=0", *overrides])
+                                                "evaluation.every=0", *overrides])
 
 
 @pytest.mark.parametrize("overrides,nproc,message", [

@@ -81,7 +81,7 @@ def test_two_node_job_trains_like_a_local_two_process_run(cluster, uninterrupted
 
 def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, uninterrupted_run, tmp_path):
     out = tmp_path / "run"
-    job_id = submit(cluster, out, "--set", "train.report_to=[tensorboard,mlflow]")  # MLflow: output_dir's sqlite
+    job_id = submit(cluster, out, "--set", "logging.report_to=[tensorboard,mlflow]")  # MLflow: output_dir's sqlite
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 400
     while not (metrics.is_file() and len(read_jsonl(metrics)) >= 5):

@@ -146,7 +146,8 @@ def test_ports_differ_between_jobs_and_attempts_and_stay_in_range():
 
 
 def options(**kw):
-    base = dict(config_path="examples/chat-demo.yaml", overrides=("train.lr=1e-4", "output_dir=/runs/my run"), nodes=4,
+    base = dict(config_path="examples/chat-demo.yaml", overrides=("optimizer.lr=1e-4", "output_dir=/runs/my run"),
+                nodes=4,
                 gpus_per_node=8, nproc_per_node=8, ft_command=("/venv/bin/python", "-m", "launcher.cli"),
                 workdir="/home/u/proj", log_dir="/runs/my run/logs")
     base.update(kw)
@@ -179,7 +180,8 @@ def test_rendered_sbatch_script(kw, present, absent, tmp_path):
     o = options(**kw)
     assert f"NPROC_PER_NODE={o.nproc_per_node}" in script.splitlines()
     assert "FT=(/venv/bin/python -m launcher.cli)" in script.splitlines()
-    assert "set -- examples/chat-demo.yaml --set train.lr=1e-4 --set 'output_dir=/runs/my run'" in script.splitlines()
+    assert ("set -- examples/chat-demo.yaml --set optimizer.lr=1e-4 --set 'output_dir=/runs/my run'"
+            in script.splitlines())
     assert "@ft-slurm" not in script
     path = tmp_path / "job.sbatch"
     path.write_text(script)

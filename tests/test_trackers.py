@@ -30,15 +30,15 @@ EXACT = ("loss", "lr", "grad_norm", "tokens", "trained_tokens", "eval_loss")
 
 # ------------------------------------------------------------------------------------------ units
 def test_report_to_takes_one_name_a_list_or_none():
-    assert load_config(None, ["train.report_to=mlflow"]).train.report_to == ["mlflow"]
-    assert load_config(None, ["train.report_to=[tensorboard,wandb,wandb]"]).train.report_to == ["tensorboard",
+    assert load_config(None, ["logging.report_to=mlflow"]).logging.report_to == ["mlflow"]
+    assert load_config(None, ["logging.report_to=[tensorboard,wandb,wandb]"]).logging.report_to == ["tensorboard",
                                                                                                  "wandb"]
-    assert load_config(None, ["train.report_to=none"]).train.report_to == []
-    assert load_config(None, []).train.report_to == ["tensorboard"]
-    with pytest.raises(ConfigError, match="train.report_to.*none cannot be combined"):
-        load_config(None, ["train.report_to=[none,mlflow]"])
-    with pytest.raises(ConfigError, match="train.report_to"):
-        load_config(None, ["train.report_to=comet"])
+    assert load_config(None, ["logging.report_to=none"]).logging.report_to == []
+    assert load_config(None, []).logging.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match="logging.report_to.*none cannot be combined"):
+        load_config(None, ["logging.report_to=[none,mlflow]"])
+    with pytest.raises(ConfigError, match="logging.report_to"):
+        load_config(None, ["logging.report_to=comet"])
 
 
 def test_metric_names_and_parameters():
@@ -46,8 +46,8 @@ def test_metric_names_and_parameters():
         == ["train/loss", "eval/loss", "eval/reward_accuracy", "perf/mfu", "memory/host_rss_gib", "train/chosen"]
     row = {"step": 3, "time": 1.5, "loss": 2.0, "grad_norm": None, "tokens": 7, "flag": True, "nan": float("nan")}
     assert tracked_metrics(row) == {"train/loss": 2.0, "train/tokens": 7.0}
-    params = flat_params(load_config(None, ["train.lr=0.001"]).model_dump(mode="json"))
-    assert params["train.lr"] == "0.001" and params["data.train"].startswith("[{")
+    params = flat_params(load_config(None, ["optimizer.lr=0.001"]).model_dump(mode="json"))
+    assert params["optimizer.lr"] == "0.001" and params["data.train"].startswith("[{")
 
 
 def test_rows_past_the_resume_step_move_aside(tmp_path):
@@ -181,7 +181,7 @@ def jsonl_rows(out: Path) -> dict[str, list[tuple[int, float]]]:
 
 def tracker_args(out: Path, uri: str, *extra: str) -> list[str]:
     return tiny_run_args(out, "--set", "train.max_steps=12", "--set", "train.grad_accum_steps=2",
-                         "--set", "train.micro_batch_size=2", "--set", "train.report_to=[mlflow]",
+                         "--set", "train.micro_batch_size=2", "--set", "logging.report_to=[mlflow]",
                          "--set", f"tracking.mlflow.tracking_uri={uri}", "--set", "tracking.mlflow.experiment=t",
                          *extra)
 
@@ -328,7 +328,7 @@ def wandb_history(run_dir: Path) -> tuple[str, dict[int, dict[str, float]]]:
 @pytest.mark.trains
 def test_wandb_offline_resumed_run_writes_to_the_same_run_id(tmp_path):
     out = tmp_path / "run"
-    args = tiny_run_args(out, "--set", "train.report_to=[wandb]", "--set", "tracking.wandb.mode=offline",
+    args = tiny_run_args(out, "--set", "logging.report_to=[wandb]", "--set", "tracking.wandb.mode=offline",
                          "--set", "tracking.wandb.project=t")
     run_ft("train", *args, "--set", "train.stop_at_step=4")
     second = run_ft("train", *args)

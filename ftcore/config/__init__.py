@@ -12,6 +12,7 @@ from ftcore.config.loading import (
 )
 from ftcore.config.schema import (
                                   BUILTIN_PREFIX,
+                                  MOVED_FIELDS,
                                   AdapterConfig,
                                   CheckpointConfig,
                                   Config,
@@ -19,15 +20,21 @@ from ftcore.config.schema import (
                                   DataConfig,
                                   DataSource,
                                   DistributedConfig,
+                                  EvaluationConfig,
                                   FieldError,
                                   FieldNames,
+                                  LoggingConfig,
+                                  LossConfig,
                                   ModelConfig,
+                                  OptimizerConfig,
                                   PreferenceConfig,
                                   Section,
                                   TrainConfig,
 )
 
-__all__ = ["BUILTIN_PREFIX", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource",
-           "DistributedConfig", "FieldError", "FieldNames", "ModelConfig", "PreferenceConfig", "Section", "TrainConfig",
+__all__ = ["BUILTIN_PREFIX", "MOVED_FIELDS", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
+           "DataSource",
+           "DistributedConfig", "EvaluationConfig", "FieldError", "FieldNames", "LoggingConfig", "LossConfig",
+           "ModelConfig", "OptimizerConfig", "PreferenceConfig", "Section", "TrainConfig",
            "dump_config", "field_docs", "format_validation_error", "load_config", "parse_override",
            "run_config_beside"]

@@ -10,14 +10,14 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ftcore.config.schema import Config, ConfigError, DataConfig, DataSource, FieldError
+from ftcore.config.schema import MOVED_FIELDS, Config, ConfigError, DataConfig, DataSource, FieldError
 from ftcore.run_dir import RunDir
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], value). The value is read as YAML, so `true`, `3`, `[q_proj, v_proj]` work."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optimizer.lr=1e-4")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -176,13 +176,27 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     explicit = {dotted: f"{source}:{_yaml_line(yaml_root, tuple(dotted.split('.')))}" for dotted in _leaf_paths(tree)}
+    renamed: list[tuple[str, str, str]] = []  # (old name, new name, where) of fields given by a moved name
+    for old, new in MOVED_FIELDS.items():
+        if old in explicit:
+            renamed.append((old, new, explicit[old]))
+            if new in explicit:
+                raise ConfigError(f"{explicit[old]}: {old} and {new} are both set; {old} is the old name of {new}: "
+                                  f"keep {new}", new)
+            _move(tree, old, new)
+            explicit[new] = explicit.pop(old)
     tree = _merge(Config().model_dump(mode="json"), tree)  # so --set can reach into default lists too
-    overridden: dict[tuple, str] = {}
+    # A field given by its old name is reported at the line that gave it.
+    overridden: dict[tuple, str] = {tuple(new.split(".")): where for _, new, where in renamed}
     for dotted, (value, origin) in (derived or {}).items():
         _apply_override(tree, dotted.split("."), value, dotted)
         overridden[tuple(dotted.split("."))] = origin
     for text in overrides or []:
         keys, value = parse_override(text)
+        if ".".join(keys) in MOVED_FIELDS:
+            old = ".".join(keys)
+            keys = MOVED_FIELDS[old].split(".")
+            renamed.append((old, MOVED_FIELDS[old], "--set"))
         _apply_override(tree, keys, value, text)
         overridden[tuple(int(k) if k.isdigit() else k for k in keys)] = "--set"
         explicit[".".join(keys)] = "--set"
@@ -191,7 +205,24 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, yaml_root, overridden), first_field(e)) from None
     cfg._explicit = explicit
+    cfg._renamed = renamed
     return cfg
+
+
+def _move(tree: dict, old: str, new: str) -> None:
+    """Move the value at dotted `old` of a YAML tree to dotted `new` (an old field name, MOVED_FIELDS)."""
+    *parents, leaf = old.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    value = node.pop(leaf)
+    *parents, leaf = new.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
 
 
 def _merge(base: Any, over: Any) -> Any:

@@ -5,7 +5,7 @@ Unknown keys and bad values are errors that name the field (and the YAML line wh
 Relative paths are taken relative to the working directory the command runs in.
 
 Each component receives only its own section: ``build_model(cfg.model, cfg.adapter)``,
-``build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype)``, and so on.
+``build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype)``, and so on.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class DataConfig(Section):
     train: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:chat-demo")])
     """Training sources. `builtin:chat-demo` is the small chat set shipped in the repo."""
     eval: Optional[list[DataSource]] = None
-    """Optional evaluation sources (loss and perplexity every train.eval_every steps)."""
+    """Optional evaluation sources (loss and perplexity every evaluation.every steps)."""
     max_seq_len: int = Field(512, gt=8)
     """Longest sample (and packed row) in tokens; longer samples are handled by data.overflow."""
     train_on: Optional[Literal["assistant", "last_assistant", "completion", "all"]] = None
@@ -175,73 +175,94 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    """train: batch, schedule, optimizer settings, evaluation and logging."""
+    """train: the run's length, batch and seed (the optimizer, loss, evaluation and logging have their sections)."""
     micro_batch_size: int = Field(1, gt=0)
     """Samples per forward pass per process."""
     grad_accum_steps: int = Field(1, gt=0)
     """Micro batches per optimizer step. Effective batch = micro_batch_size * grad_accum_steps * world size."""
     max_steps: int = Field(100, gt=0)
     """Optimizer steps in the run; the learning-rate schedule spans exactly this many."""
+    seed: int = 42
+    """Seeds model init of new modules, dropout and the data order."""
+    effective_batch_size: Optional[int] = Field(None, gt=0)
+    """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
+    processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
+    stop_at_step: Optional[int] = Field(None, gt=0)
+    """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
+
+
+class OptimizerConfig(Section):
+    """optimizer: AdamW, its learning-rate schedule and gradient clipping."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps, then cosine decay to 0 at max_steps."""
-    seed: int = 42
-    """Seeds model init of new modules, dropout and the data order."""
-    eval_every: int = Field(0, ge=0)
-    """Evaluate every N steps (0 = only at the end). Needs data.eval."""
-    eval_generate: list[Literal["exact_match", "accuracy", "contains", "rouge_l"]] = Field(default_factory=list)
-    """At each eval, also answer data.eval's prompts by greedy generation and score the answers with these metrics
-    (ftcore/evaluation/scoring.py; logged as eval_gen_<metric>, every answer in
-    output_dir/eval/generate-stepN.jsonl), as `ft eval` does. Chat/alpaca/prompt_completion eval data; task
-    causal_lm."""
-    eval_max_new_tokens: int = Field(64, gt=0)
-    """Longest answer train.eval_generate generates, in tokens."""
-    log_every: int = Field(1, gt=0)
-    """Print a log line every N steps (rank 0)."""
-    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
-    """Where step metrics go besides metrics.jsonl, one name or a list: tensorboard (event files in output_dir/tb/),
-    mlflow, wandb (the tracking section), or none. One tracker run per training run, continued by every resume."""
-    peak_tflops: Optional[float] = Field(None, gt=0)
-    """Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU's name (none on CPU)."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping by global norm (0 = off)."""
-    effective_batch_size: Optional[int] = Field(None, gt=0)
-    """Optional check: the samples per optimizer step this run must have (micro_batch_size * grad_accum_steps *
-    processes); a launch with another process count fails with the grad_accum_steps that would keep it."""
-    loss_impl: Literal["auto", "chunked", "fused", "full"] = "auto"
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
+    """Layer-wise learning-rate decay: block i of L trains at lr * decay^(L-1-i) (the top block at lr); weights
+    below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""
+
+
+class LossConfig(Section):
+    """loss: how the causal-LM loss is computed (loss.impl and its chunks), and the base-KL term."""
+    impl: Literal["auto", "chunked", "fused", "full"] = "auto"
     """How the causal-LM loss is computed. chunked = the output projection, the family's logit transform,
-    log-softmax and loss (and train.base_kl's KL) over train.loss_chunk_tokens tokens at a time, so the
+    log-softmax and loss (and loss.base_kl's KL) over loss.chunk_tokens tokens at a time, so the
     [tokens x vocab] logits never exist at once: the same loss and gradients to fp32 rounding, on ZeRO 0-3 with
     LoRA (on the head too), QLoRA, full, freeze. fused = liger-kernel's fused linear cross-entropy (CUDA, the
     `fused` extra; not with base_kl or LoRA on the head). full = by the model, from its whole logits. auto = fused
     where it can run, else chunked (full for classification, or a head chunked cannot reproduce, said in the log)."""
-    loss_chunk_tokens: Optional[int] = Field(None, gt=0)
-    """Tokens per chunk of train.loss_impl=chunked: peak loss memory is about this x vocab x 8 bytes (x 16 with
-    train.base_kl). Default: sized by bytes for the model's vocabulary, see train.loss_chunk_mb."""
-    loss_chunk_mb: float = Field(256, gt=0)
-    """When train.loss_chunk_tokens is not set, each chunk holds as many tokens as fit this many MiB of fp32
+    chunk_tokens: Optional[int] = Field(None, gt=0)
+    """Tokens per chunk of loss.impl=chunked: peak loss memory is about this x vocab x 8 bytes (x 16 with
+    loss.base_kl). Default: sized by bytes for the model's vocabulary, see loss.chunk_mb."""
+    chunk_mb: float = Field(256, gt=0)
+    """When loss.chunk_tokens is not set, each chunk holds as many tokens as fit this many MiB of fp32
     logits: 2048 tokens for a 32,768-row vocabulary (2097 for Llama-2's 32,000), 256 for Gemma-3's 262,144 (a
     fixed 2048 would be 8x the bytes there)."""
     base_kl: float = Field(0.0, ge=0)
     """Keep the base model's abilities: adds base_kl * KL(base || fine-tuned) per trained token to the loss. LoRA/QLoRA
     take the base logits from the same model with the adapter disabled; full/freeze keep a frozen reference copy
     (one more model per GPU; under ZeRO-3 partitioned like the model, 1/world of it per GPU)."""
-    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
-    """Layer-wise learning-rate decay: block i of L trains at lr * decay^(L-1-i) (the top block at lr); weights
-    below the blocks (embeddings) at lr * decay^L, weights above them (final norm, head) at lr."""
-    stop_at_step: Optional[int] = Field(None, gt=0)
-    """Stop after this step with a checkpoint, keeping the max_steps schedule (for time-sliced jobs)."""
 
-    def chunk_tokens(self, vocab: int) -> int:
+    def tokens_per_chunk(self, vocab: int) -> int:
         """Tokens per chunk of the chunked loss for a vocabulary of `vocab` rows."""
-        if self.loss_chunk_tokens is not None:
-            return self.loss_chunk_tokens
-        return max(1, int(self.loss_chunk_mb * (1 << 20)) // (vocab * 4))
+        if self.chunk_tokens is not None:
+            return self.chunk_tokens
+        return max(1, int(self.chunk_mb * (1 << 20)) // (vocab * 4))
 
-    @field_validator("report_to", "eval_generate", mode="before")
+
+class EvaluationConfig(Section):
+    """evaluation: when the run evaluates on data.eval, and whether it also scores generated answers."""
+    every: int = Field(0, ge=0)
+    """Evaluate every N steps (0 = only at the end). Needs data.eval."""
+    generate: list[Literal["exact_match", "accuracy", "contains", "rouge_l"]] = Field(default_factory=list)
+    """At each eval, also answer data.eval's prompts by greedy generation and score the answers with these metrics
+    (ftcore/evaluation/scoring.py; logged as eval_gen_<metric>, every answer in
+    output_dir/eval/generate-stepN.jsonl), as `ft eval` does. Chat/alpaca/prompt_completion eval data; task
+    causal_lm."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest answer evaluation.generate generates, in tokens."""
+
+    @field_validator("generate", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+class LoggingConfig(Section):
+    """logging: the log line, where metrics go besides metrics.jsonl, and the peak FLOP/s MFU is measured against."""
+    every: int = Field(1, gt=0)
+    """Print a log line every N steps (rank 0)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Where step metrics go besides metrics.jsonl, one name or a list: tensorboard (event files in output_dir/tb/),
+    mlflow, wandb (the tracking section), or none. One tracker run per training run, continued by every resume."""
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    """Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU's name (none on CPU)."""
+
+    @field_validator("report_to", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
@@ -252,6 +273,27 @@ class TrainConfig(Section):
         if "none" in value and len(value) > 1:
             raise ValueError(f"none cannot be combined with other trackers (got {value})")
         return [] if value == ["none"] else list(dict.fromkeys(value))
+
+
+# Fields that moved out of the train section (old dotted name -> new). A config that uses an old name still loads
+# for one release (ftcore/config/loading.py rewrites it and the command line says so).
+MOVED_FIELDS = {
+    "train.loss_chunk_tokens": "loss.chunk_tokens",
+    "train.loss_chunk_mb": "loss.chunk_mb",
+    "train.eval_max_new_tokens": "evaluation.max_new_tokens",
+    "train.lr": "optimizer.lr",
+    "train.weight_decay": "optimizer.weight_decay",
+    "train.warmup_steps": "optimizer.warmup_steps",
+    "train.max_grad_norm": "optimizer.max_grad_norm",
+    "train.layer_lr_decay": "optimizer.layer_lr_decay",
+    "train.loss_impl": "loss.impl",
+    "train.base_kl": "loss.base_kl",
+    "train.eval_every": "evaluation.every",
+    "train.eval_generate": "evaluation.generate",
+    "train.log_every": "logging.every",
+    "train.report_to": "logging.report_to",
+    "train.peak_tflops": "logging.peak_tflops",
+}
 
 
 class PreferenceConfig(Section):
@@ -313,7 +355,7 @@ class DistributedConfig(Section):
 
 
 class MlflowSettings(Section):
-    """tracking.mlflow: where train.report_to=mlflow logs."""
+    """tracking.mlflow: where logging.report_to=mlflow logs."""
     tracking_uri: Optional[str] = None
     """Tracking server or store URI; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
     experiment: Optional[str] = None
@@ -321,7 +363,7 @@ class MlflowSettings(Section):
 
 
 class WandbSettings(Section):
-    """tracking.wandb: where train.report_to=wandb logs."""
+    """tracking.wandb: where logging.report_to=wandb logs."""
     project: Optional[str] = None
     """W&B project; default $WANDB_PROJECT, else ft."""
     entity: Optional[str] = None
@@ -334,7 +376,7 @@ class WandbSettings(Section):
 
 
 class TrackingConfig(Section):
-    """tracking: the experiment trackers of train.report_to (MLflow, Weights & Biases)."""
+    """tracking: the experiment trackers of logging.report_to (MLflow, Weights & Biases)."""
     run_name: Optional[str] = None
     """The tracker run's display name; default output_dir's last part."""
     open_timeout_s: float = Field(60.0, ge=0)
@@ -372,17 +414,27 @@ class Config(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     _explicit: dict = PrivateAttr(default_factory=dict)
+    _renamed: list = PrivateAttr(default_factory=list)
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
         load_task(value)  # built in, or importable as package.module:Class (UnknownTask says which and why)
         return value
+
+    def renamed_fields(self) -> list[tuple[str, str, str]]:
+        """(old name, new name, where) for each field the YAML file or --set gave by a name that moved
+        (MOVED_FIELDS): read this release, to be renamed by the user."""
+        return self._renamed
 
     def explicit_fields(self) -> dict[str, str]:
         """Dotted fields the YAML file or --set gave -> where ("cfg.yaml:12", "--set"); defaults and
@@ -404,12 +456,13 @@ class Config(Section):
             raise _field_error("distributed.offload", "'all' (parameter offload) needs distributed.zero_stage=3")
         if d.offload == "optimizer" and d.zero_stage == 0:
             raise _field_error("distributed.offload", "'optimizer' needs distributed.zero_stage >= 1")
-        if t.warmup_steps > t.max_steps:
-            raise _field_error("train.warmup_steps", f"{t.warmup_steps} exceeds train.max_steps={t.max_steps}")
+        if self.optimizer.warmup_steps > t.max_steps:
+            raise _field_error("optimizer.warmup_steps", f"{self.optimizer.warmup_steps} exceeds "
+                               f"train.max_steps={t.max_steps}")
         if t.stop_at_step is not None and t.stop_at_step > t.max_steps:
             raise _field_error("train.stop_at_step", f"{t.stop_at_step} exceeds train.max_steps={t.max_steps}")
-        if t.eval_every and not self.data.eval:
-            raise _field_error("train.eval_every", "is set but data.eval has no sources")
+        if self.evaluation.every and not self.data.eval:
+            raise _field_error("evaluation.every", "is set but data.eval has no sources")
         task_for(self).check_config(self)  # the task's own fields and data formats (ftcore/tasks/)
         self._check_eval_generate()
         self._check_adapter()
@@ -440,7 +493,7 @@ class Config(Section):
             raise _field_error("distributed.offload", "'all' (ZeRO-3 parameter offload) with adapter.method=qlora "
                                "is not supported: the 4-bit base is already small; use distributed.offload="
                                "optimizer or none")
-        if self.train.loss_impl in ("chunked", "fused"):
+        if self.loss.impl in ("chunked", "fused"):
             self._check_chunked_loss()
 
     def _check_sequence_parallel(self) -> None:
@@ -456,8 +509,8 @@ class Config(Section):
         if m.attn_implementation == "eager":
             raise _field_error("model.attn_implementation", f"eager {why}: Ulysses needs sdpa or flash_attention_2 "
                                "(eager builds a [tokens x tokens] mask); use auto")
-        if self.train.loss_impl == "full":
-            raise _field_error("train.loss_impl", f"full {why}: the loss of a split sequence is computed per rank "
+        if self.loss.impl == "full":
+            raise _field_error("loss.impl", f"full {why}: the loss of a split sequence is computed per rank "
                                "on its tokens' labels; use auto or chunked")
         if self.data.packing and m.attn_implementation != "flash_attention_2":
             raise _field_error("data.packing", f"{why} unless model.attn_implementation=flash_attention_2: under "
@@ -465,25 +518,25 @@ class Config(Section):
                                "sdpa would let them attend to each other")
 
     def _check_chunked_loss(self) -> None:
-        """What an explicit train.loss_impl=chunked/fused does not cover, refused by name (auto picks around it)."""
-        impl = self.train.loss_impl
-        if impl == "fused" and self.train.base_kl:
-            raise _field_error("train.loss_impl", "fused does not compute train.base_kl's KL term; use chunked "
+        """What an explicit loss.impl=chunked/fused does not cover, refused by name (auto picks around it)."""
+        impl = self.loss.impl
+        if impl == "fused" and self.loss.base_kl:
+            raise _field_error("loss.impl", "fused does not compute loss.base_kl's KL term; use chunked "
                                "(or auto)")
         if impl == "fused" and "lm_head" in self.adapter.target_modules:
-            raise _field_error("train.loss_impl", "fused does not cover LoRA on lm_head; use chunked (or auto)")
+            raise _field_error("loss.impl", "fused does not cover LoRA on lm_head; use chunked (or auto)")
 
     def _check_eval_generate(self) -> None:
-        if not self.train.eval_generate:
+        if not self.evaluation.generate:
             return
         if not self.data.eval:
-            raise _field_error("train.eval_generate", "needs data.eval (the prompts and their reference answers)")
+            raise _field_error("evaluation.generate", "needs data.eval (the prompts and their reference answers)")
         for i, source in enumerate(self.data.eval):
             if source.format not in ("chat", "alpaca", "prompt_completion"):
                 raise _field_error(f"data.eval.{i}.format", f"{source.format} has no reference answer for "
-                                   "train.eval_generate (chat, alpaca or prompt_completion)")
+                                   "evaluation.generate (chat, alpaca or prompt_completion)")
         if self.distributed.sequence_parallel > 1:
-            raise _field_error("train.eval_generate", "does not run under distributed.sequence_parallel (each "
+            raise _field_error("evaluation.generate", "does not run under distributed.sequence_parallel (each "
                                "generated token would need the whole sequence group); use ft eval after training")
 
     def effective_batch_size(self, world_size: int) -> int:

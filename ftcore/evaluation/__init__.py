@@ -1,2 +1,2 @@
 """Evaluation: `ft eval` (command.py), scoring generated answers against references (scoring.py) and generating
-them for a whole eval set, on one or several ranks (generation.py), which training's train.eval_generate uses too."""
+them for a whole eval set, on one or several ranks (generation.py), which training's evaluation.generate uses too."""

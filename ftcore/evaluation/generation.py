@@ -1,4 +1,4 @@
-"""Evaluation by generation (`ft eval`, train.eval_generate): each held-out record's prompt -- rendered as training
+"""Evaluation by generation (`ft eval`, evaluation.generate): each held-out record's prompt -- rendered as training
 rendered it, with the same chat template -- is answered by batched greedy generation and the answer scored against
 the record's reference (ftcore/evaluation/scoring.py).
 

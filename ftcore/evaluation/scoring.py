@@ -1,4 +1,4 @@
-"""How a generated answer is scored against its reference (`ft eval --metric`, train.eval_generate).
+"""How a generated answer is scored against its reference (`ft eval --metric`, evaluation.generate).
 
     exact_match  the answer equals the reference, after trimming and collapsing whitespace (case kept)
     accuracy     the answer equals the reference as a label: case, punctuation and whitespace ignored

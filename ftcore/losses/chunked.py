@@ -1,6 +1,6 @@
 """The causal-LM loss through the output projection without ever holding [tokens x vocab] logits
-(train.loss_impl=chunked, and fused through liger-kernel on CUDA): the projection, the family's logit transform,
-log-softmax, loss (and train.base_kl's KL to the base model) run over chunks of train.loss_chunk_tokens tokens.
+(loss.impl=chunked, and fused through liger-kernel on CUDA): the projection, the family's logit transform,
+log-softmax, loss (and loss.base_kl's KL to the base model) run over chunks of loss.chunk_tokens tokens.
 
 While gradients are being recorded, each chunk's gradient with respect to the hidden states and to every trained
 weight of the head (its weight, bias, LoRA A and B) is computed in the forward pass itself, from the chunk's logits

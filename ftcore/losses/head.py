@@ -24,16 +24,16 @@ def head_parts(module: torch.nn.Module, what: str = "output head") -> tuple[torc
         return module, None
     base = getattr(module, "base_layer", None)
     if type(base) is not torch.nn.Linear or not hasattr(module, "lora_A"):
-        raise TrainError(f"train.loss_impl: the chunked loss needs a plain linear {what} (or LoRA on one); "
-                         f"this model's is {type(module).__name__}; use train.loss_impl=full")
+        raise TrainError(f"loss.impl: the chunked loss needs a plain linear {what} (or LoRA on one); "
+                         f"this model's is {type(module).__name__}; use loss.impl=full")
     if module.disable_adapters or module.merged:
         return base, None
     active = [a for a in module.active_adapters if a in module.lora_A]
     if not active:
         return base, None
     if len(active) > 1 or module.use_dora.get(active[0]) or getattr(module, "lora_bias", {}).get(active[0]):
-        raise TrainError(f"train.loss_impl: the chunked loss supports one plain LoRA adapter on the {what}; "
-                         f"it has {active} (DoRA or a LoRA bias not covered); use train.loss_impl=full")
+        raise TrainError(f"loss.impl: the chunked loss supports one plain LoRA adapter on the {what}; "
+                         f"it has {active} (DoRA or a LoRA bias not covered); use loss.impl=full")
     name = active[0]
     return base, (module.lora_dropout[name], module.lora_A[name].weight, module.lora_B[name].weight,
                   float(module.scaling[name]))
@@ -195,7 +195,7 @@ def why_not_fused(cuda: bool, has_head_lora: bool, transform: LogitTransform, ba
     if has_head_lora:
         return "LoRA on the output head is not covered by the fused kernel"
     if base_kl:
-        return "train.base_kl is not covered by the fused kernel"
+        return "loss.base_kl is not covered by the fused kernel"
     if transform.scale != 1.0:
         return "this family's logit scale is not covered by the fused kernel"
     return None
@@ -204,7 +204,7 @@ def why_not_fused(cuda: bool, has_head_lora: bool, transform: LogitTransform, ba
 def choose_loss_impl(requested: str, chunk_tokens: int, base_kl: float, engine: Any, inner: torch.nn.Module,
                      cuda: bool, probe_rows: int = 1) -> tuple[str, LogitTransform, str]:
     """(full | chunked | fused, the family's logit transform, the words the run's first line says) for a causal
-    LM run's train.loss_impl. auto = fused where it can run, else chunked, else full, the reason said; a chunked
+    LM run's loss.impl. auto = fused where it can run, else chunked, else full, the reason said; a chunked
     or fused request this model cannot honour is a TrainError. Every rank calls it (verify_head's probe runs the
     model through the engine)."""
     transform = LogitTransform.of(inner.config)
@@ -214,7 +214,7 @@ def choose_loss_impl(requested: str, chunk_tokens: int, base_kl: float, engine: 
         _, lora = head_parts(inner.get_output_embeddings())
         mismatch = verify_head(engine, inner, transform, probe_rows)
         if mismatch:
-            raise TrainError(f"train.loss_impl={requested}: {mismatch}; use train.loss_impl=full")
+            raise TrainError(f"loss.impl={requested}: {mismatch}; use loss.impl=full")
     except TrainError as e:
         if requested != "auto":
             raise
@@ -222,7 +222,7 @@ def choose_loss_impl(requested: str, chunk_tokens: int, base_kl: float, engine: 
     reason = why_not_fused(cuda, lora is not None, transform, base_kl)
     if requested == "fused":
         if reason:
-            raise TrainError(f"train.loss_impl=fused: {reason}; use train.loss_impl=chunked (or auto)")
+            raise TrainError(f"loss.impl=fused: {reason}; use loss.impl=chunked (or auto)")
         return "fused", transform, "fused (liger-kernel fused linear cross-entropy)"
     if requested == "auto" and reason is None:
         return "fused", transform, "fused (auto: liger-kernel fused linear cross-entropy)"

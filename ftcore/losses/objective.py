@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ftcore.config import TrainConfig
+from ftcore.config import LossConfig
 from ftcore.errors import TrainError
 from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy, shifted_labels
 from ftcore.losses.head import (
@@ -73,9 +73,9 @@ class CausalLMLoss(Objective):
 
 
 class ChunkedCausalLMLoss(Objective):
-    """The same cross-entropy per trained token (+ train.base_kl's KL to the base model, + a mixture-of-experts
+    """The same cross-entropy per trained token (+ loss.base_kl's KL to the base model, + a mixture-of-experts
     model's router loss, as the model's own loss adds it), through the output head in chunks
-    (train.loss_impl=chunked): the [tokens x vocab] logits never exist at once (ftcore/losses/chunked.py).
+    (loss.impl=chunked): the [tokens x vocab] logits never exist at once (ftcore/losses/chunked.py).
     With `fused`, liger-kernel's fused linear cross-entropy computes the cross-entropy instead (CUDA)."""
 
     def __init__(self, unwrap: Any, chunk_tokens: int, transform: Any, base_kl: float = 0.0,
@@ -136,8 +136,8 @@ class ChunkedCausalLMLoss(Objective):
         inner = self.unwrap(model)
         coefficient = getattr(inner, "router_aux_loss_coef", getattr(inner, "aux_loss_coef", None))
         if coefficient is None:
-            raise TrainError(f"train.loss_impl: {type(inner).__name__} returns a router loss whose weight ft "
-                             "does not know; use train.loss_impl=full")
+            raise TrainError(f"loss.impl: {type(inner).__name__} returns a router loss whose weight ft "
+                             "does not know; use loss.impl=full")
         return coefficient * aux
 
 
@@ -156,7 +156,7 @@ class ClassificationLoss(Objective):
 
 class WithBaseKL(Objective):
     """The task loss + beta * KL(base || fine-tuned) per trained token between next-token distributions
-    (train.base_kl). The base logits come from the same weights with the adapter disabled (LoRA/QLoRA: no second
+    (loss.base_kl). The base logits come from the same weights with the adapter disabled (LoRA/QLoRA: no second
     copy), or from a frozen reference copy (full/freeze fine-tuning). "loss" stays the task loss; the KL is
     reported as "base_kl"."""
 
@@ -188,14 +188,14 @@ class WithBaseKL(Objective):
         return (base_log.exp() * (base_log - fine_log)).sum()
 
 
-def causal_lm_objective(train: TrainConfig, unwrap: Any, reference: Optional[torch.nn.Module],
+def causal_lm_objective(loss: LossConfig, unwrap: Any, reference: Optional[torch.nn.Module],
                         loss_impl: str = "full", transform: Any = None, chunk_tokens: int = 256) -> Objective:
-    """The causal LM's objective from the train section and the loss implementation choose_loss_impl settled on:
-    cross-entropy per trained token, with the base-KL term when train.base_kl is set; `chunk_tokens` per chunk of
+    """The causal LM's objective from the loss section and the loss implementation choose_loss_impl settled on:
+    cross-entropy per trained token, with the base-KL term when loss.base_kl is set; `chunk_tokens` per chunk of
     the chunked loss."""
     if loss_impl in ("chunked", "fused"):
-        return ChunkedCausalLMLoss(unwrap, chunk_tokens, transform, train.base_kl, reference,
+        return ChunkedCausalLMLoss(unwrap, chunk_tokens, transform, loss.base_kl, reference,
                                    fused=loss_impl == "fused")
-    if train.base_kl:
-        return WithBaseKL(CausalLMLoss(), train.base_kl, unwrap, reference)
+    if loss.base_kl:
+        return WithBaseKL(CausalLMLoss(), loss.base_kl, unwrap, reference)
     return CausalLMLoss()

@@ -76,18 +76,18 @@ class Task:
     reads_next_sample: bool = False
     """collate also takes each sample's successor in stream order (the same at any world size)."""
     generates: bool = False
-    """train.eval_generate can score it (answers generated from the eval prompts)."""
+    """evaluation.generate can score it (answers generated from the eval prompts)."""
 
     # ------------------------------------------------------------------------------------------ config
     def check_config(self, cfg: Config) -> None:
         """Raise FieldError naming the field when cfg sets something this task cannot do (its data formats
-        included); the default refuses train.eval_generate for a task that does not generate."""
-        if cfg.train.eval_generate and not self.generates:
-            raise FieldError("train.eval_generate", f"scores generated answers of task causal_lm, not {cfg.task}")
+        included); the default refuses evaluation.generate for a task that does not generate."""
+        if cfg.evaluation.generate and not self.generates:
+            raise FieldError("evaluation.generate", f"scores generated answers of task causal_lm, not {cfg.task}")
 
     def needs_reference(self, cfg: Config) -> bool:
         """Does the objective read a frozen reference model (the adapter disabled, or under full/freeze a copy)?"""
-        return bool(cfg.train.base_kl)
+        return bool(cfg.loss.base_kl)
 
     # ------------------------------------------------------------------------------------------ data
     def prepare_data(self, data_cfg: Any) -> Optional[str]:

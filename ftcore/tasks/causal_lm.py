@@ -1,6 +1,6 @@
 """Task causal_lm: next-token training of a causal LM on chat, alpaca, text or prompt/completion records; the loss
-per trained token (optionally + train.base_kl's KL to the base model), eval loss and perplexity, and answers
-generated from the eval prompts (train.eval_generate).
+per trained token (optionally + loss.base_kl's KL to the base model), eval loss and perplexity, and answers
+generated from the eval prompts (evaluation.generate).
 
 Imports without torch (ftcore/tasks/__init__.py says why): the engines are imported where a method runs."""
 
@@ -32,16 +32,16 @@ class CausalLM(Task):
             raise FieldError("data.labels", "applies to task classification only")
 
     def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:
-        """train.loss_impl as choose_loss_impl settles it (auto/chunked/fused checked on a probe first), with the
-        base-KL term when train.base_kl is set."""
+        """loss.impl as choose_loss_impl settles it (auto/chunked/fused checked on a probe first), with the
+        base-KL term when loss.base_kl is set."""
         from ftcore.losses.head import choose_loss_impl
         from ftcore.losses.objective import causal_lm_objective
 
-        train = setup.cfg.train
-        impl, transform, words = choose_loss_impl(train.loss_impl, setup.chunk_tokens, train.base_kl, setup.engine,
+        loss = setup.cfg.loss
+        impl, transform, words = choose_loss_impl(loss.impl, setup.chunk_tokens, loss.base_kl, setup.engine,
                                                   setup.unwrap(setup.engine), setup.cuda,
                                                   probe_rows=setup.probe_rows)
-        return causal_lm_objective(train, setup.unwrap, setup.reference, impl, transform, setup.chunk_tokens), words
+        return causal_lm_objective(loss, setup.unwrap, setup.reference, impl, transform, setup.chunk_tokens), words
 
     def eval_line(self, metrics: dict, run_dir: Any) -> str:
         """Loss per trained token and perplexity."""

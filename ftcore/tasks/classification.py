@@ -34,8 +34,8 @@ class Classification(Task):
         for name, bad in (("data.packing", data.packing), ("data.train_on", data.train_on is not None)):
             if bad:
                 raise FieldError(name, "does not apply to task classification (one label per sample trains)")
-        if cfg.train.base_kl:
-            raise FieldError("train.base_kl", "applies to task causal_lm (a classification head has no base model "
+        if cfg.loss.base_kl:
+            raise FieldError("loss.base_kl", "applies to task causal_lm (a classification head has no base model "
                              "predictions to stay close to)")
         if data.labels is not None and (len(data.labels) < 2 or len(set(data.labels)) != len(data.labels)):
             raise FieldError("data.labels", f"needs at least two distinct class names (got {data.labels})")
@@ -44,8 +44,8 @@ class Classification(Task):
         if n > 1:
             raise FieldError("task", f"classification does not apply with distributed.sequence_parallel={n} (a "
                              "classification head reads each sample's last token; use distributed.sequence_parallel=1)")
-        if cfg.train.loss_impl in ("chunked", "fused"):
-            raise FieldError("train.loss_impl", f"{cfg.train.loss_impl} applies to task causal_lm (a classification "
+        if cfg.loss.impl in ("chunked", "fused"):
+            raise FieldError("loss.impl", f"{cfg.loss.impl} applies to task causal_lm (a classification "
                              "head's logits are one row per sample); use auto or full")
 
     def prepare_data(self, data_cfg: Any) -> Optional[str]:

@@ -24,7 +24,7 @@ class Preference(Task):
 
     def check_config(self, cfg: Config) -> None:
         """Its format for preference.loss, and what this release does not cover, refused by name."""
-        data, t, loss = cfg.data, cfg.train, cfg.preference.loss
+        data, loss_cfg, loss = cfg.data, cfg.loss, cfg.preference.loss
         wanted = self.formats[0]
         for where, source in data_sources(cfg):
             if source.format != wanted:
@@ -32,8 +32,8 @@ class Preference(Task):
                                  f"({self.record_shape} records); {source.path} is {source.format}")
         refused = [("data.packing", data.packing, "pairs are right-padded, chosen and rejected in one batch"),
                    ("data.train_on", data.train_on is not None, "the responses train, the prompt never"),
-                   ("train.base_kl", t.base_kl > 0, "the preference loss has its own reference term"),
-                   ("train.loss_impl", t.loss_impl in ("full", "fused"), "every preference log-prob goes through "
+                   ("loss.base_kl", loss_cfg.base_kl > 0, "the preference loss has its own reference term"),
+                   ("loss.impl", loss_cfg.impl in ("full", "fused"), "every preference log-prob goes through "
                     "the chunked loss (no [tokens x vocab] logits); use auto or chunked")]
         for name, bad, why in refused:
             if bad:

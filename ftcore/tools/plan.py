@@ -21,11 +21,11 @@ will have. From them, per rank:
     input plus one layer recomputed. Tokens per GPU: the micro batch's, / distributed.sequence_parallel (Ulysses
     holds each rank's tokens, and in attention the whole sequence for heads / N: the same count). With
     --gpu-mem-gb each layout also gets the longest data.max_seq_len that fits with checkpointing.
-  loss          train.loss_impl full: logits T x vocab x (dtype + 8 B: the logits, their fp32 copy and gradient);
-                chunked/fused/auto: one chunk (tokens sized by train.loss_chunk_mb for the vocabulary) x vocab x
+  loss          loss.impl full: logits T x vocab x (dtype + 8 B: the logits, their fp32 copy and gradient);
+                chunked/fused/auto: one chunk (tokens sized by loss.chunk_mb for the vocabulary) x vocab x
                 (dtype + 4 B) (more with base_kl or a soft-capping family), the hidden states' gradient and the
                 head's trained weights' fp32 gradient (loss_bytes). Counted in the activations.
-  reference     train.base_kl, or preference.loss dpo/ipo/hinge/kto, with full/freeze: a frozen copy of the model
+  reference     loss.base_kl, or preference.loss dpo/ipo/hinge/kto, with full/freeze: a frozen copy of the model
                 in the compute dtype (in "weights"), 1/world of it per GPU under ZeRO-3. format preference: a micro
                 batch is micro_batch_size pairs, i.e. 2 x micro_batch_size rows (chosen and rejected in one
                 forward); kto: micro_batch_size rows (its mismatched rows run without gradients).
@@ -83,7 +83,7 @@ class ModelFacts:
     max_positions: Optional[int]
     head_trainable: int = 0                       # trainable elements of the output head (with LoRA on it)
     softcap: bool = False                         # the family soft-caps its logits (Gemma-2/3)
-    depths: Optional[dict[str, int]] = None       # train.layer_lr_decay splits groups by depth
+    depths: Optional[dict[str, int]] = None       # optimizer.layer_lr_decay splits groups by depth
     num_blocks: int = 0
     layer_lr_decay: Optional[float] = None
 
@@ -152,7 +152,7 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     h = hf_config.hidden_size
     heads = getattr(hf_config, "num_attention_heads", 1)
     kv = getattr(hf_config, "num_key_value_heads", heads) * head_dim(hf_config)
-    depths, num_blocks = block_depths(model) if cfg.train.layer_lr_decay is not None else (None, 0)
+    depths, num_blocks = block_depths(model) if cfg.optimizer.layer_lr_decay is not None else (None, 0)
     head = None if classification else model.get_output_embeddings()
     head_trainable = sum(p.numel() for p in head.parameters() if p.requires_grad) if head is not None else 0
     return ModelFacts(params=params, largest_layer=largest, next_largest_layer=next_largest, hidden=h,
@@ -161,7 +161,7 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
                       softcap=bool(getattr(hf_config, "final_logit_softcapping", None)),
                       intermediate=getattr(hf_config, "intermediate_size", 4 * h), kv_dim=kv,
                       vocab=hf_config.vocab_size, max_positions=getattr(hf_config, "max_position_embeddings", None),
-                      depths=depths, num_blocks=num_blocks, layer_lr_decay=cfg.train.layer_lr_decay)
+                      depths=depths, num_blocks=num_blocks, layer_lr_decay=cfg.optimizer.layer_lr_decay)
 
 
 def optimizer_groups(facts: ModelFacts) -> list[list[ParamInfo]]:
@@ -276,22 +276,22 @@ def needs_reference_copy(cfg: Config) -> bool:
 
 
 def loss_bytes(cfg: Config, facts: ModelFacts) -> dict:
-    """The loss's memory per GPU for one micro batch: {"impl": what train.loss_impl runs, "bytes": its peak,
+    """The loss's memory per GPU for one micro batch: {"impl": what loss.impl runs, "bytes": its peak,
     "full_bytes": what the model's own loss (full) would hold}. full: the [tokens x vocab] logits in the compute
     dtype, their fp32 upcast and fp32 gradient (dtype + 8 B per logit). chunked (fused: counted the same):
-    one chunk's logits (dtype + 4 B; with train.base_kl + the base's logits and probabilities, dtype + 8 B more;
+    one chunk's logits (dtype + 4 B; with loss.base_kl + the base's logits and probabilities, dtype + 8 B more;
     a soft-capping family + 4 B), the hidden states' gradient, and the fp32 gradient of the head's trained
     weights, held from the forward pass to backward."""
     b = DTYPE_BYTES[cfg.model.dtype]
     tokens = micro_batch_tokens(cfg)
     full = tokens * facts.vocab * (b + 8)
-    impl = cfg.train.loss_impl
+    impl = cfg.loss.impl
     if task_for(cfg).head == "sequence_classification":
         return {"impl": "full", "bytes": 0.0, "full_bytes": 0.0}  # one row of class logits per sample
     if impl == "full":
         return {"impl": "full", "bytes": float(full), "full_bytes": float(full)}
-    per_logit = b + 4 + (b + 8 if cfg.train.base_kl else 0) + (4 if facts.softcap else 0)
-    chunk = min(cfg.train.chunk_tokens(facts.vocab), tokens) * facts.vocab * per_logit
+    per_logit = b + 4 + (b + 8 if cfg.loss.base_kl else 0) + (4 if facts.softcap else 0)
+    chunk = min(cfg.loss.tokens_per_chunk(facts.vocab), tokens) * facts.vocab * per_logit
     held = tokens * facts.hidden * b + facts.head_trainable * 4
     name = {"auto": "auto (fused on CUDA with liger-kernel, else chunked)"}.get(impl, impl)
     return {"impl": name, "bytes": float(chunk + held), "full_bytes": float(full)}

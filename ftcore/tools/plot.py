@@ -1,5 +1,5 @@
 """`ft plot RUN_DIR`: one PNG of a run's metrics.jsonl -- loss (train and eval), learning rate and tokens/s over
-steps, and train.eval_generate's scores when the run has them. Offline: reads the file, imports no training code."""
+steps, and evaluation.generate's scores when the run has them. Offline: reads the file, imports no training code."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def plot_run(run_dir: Path, out: Path) -> dict[str, list[tuple[int, float]]]:
     generated = sorted(k for k in series if k.startswith("eval_gen_"))
     fig, axes = plt.subplots(4 if generated else 3, 1, figsize=(9, 13 if generated else 10), sharex=True)
     ax_loss, ax_lr, ax_speed = axes[:3]
-    if generated:  # train.eval_generate's scores of generated answers
+    if generated:  # evaluation.generate's scores of generated answers
         for key in generated:
             axes[3].plot(*zip(*series[key]), "o-", label=key[9:])
         axes[3].set_ylabel("generated answers' score")

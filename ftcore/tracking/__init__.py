@@ -1,4 +1,4 @@
-"""Experiment trackers (train.report_to: mlflow, wandb): rank 0's metrics.jsonl, replicated to one tracker run per
+"""Experiment trackers (logging.report_to: mlflow, wandb): rank 0's metrics.jsonl, replicated to one tracker run per
 training run by a background thread, so a slow or unreachable tracker never stalls or stops training.
 
 One tracker run per training run. Its id is saved in every checkpoint (trainer_state.json "trackers") and in
@@ -248,7 +248,7 @@ def wait_until_opened(feeds: list[Feed], timeout_s: float, log: Callable[[str], 
 
 
 def build_trackers(names: list[str], cfg: Any, run_name: str, output_dir: Path, attempt: dict) -> list[Tracker]:
-    """The tracker objects of train.report_to (tensorboard is written in-process by MetricsSink)."""
+    """The tracker objects of logging.report_to (tensorboard is written in-process by MetricsSink)."""
     trackers: list[Tracker] = []
     if "mlflow" in names:
         trackers.append(MlflowRun(cfg, run_name, output_dir, attempt))
@@ -259,9 +259,9 @@ def build_trackers(names: list[str], cfg: Any, run_name: str, output_dir: Path, 
 
 def start_feeds(cfg: Any, output_dir: Path, run_ids: dict[str, str], new_timeline: bool, attempt: dict,
                 log: Callable[[str], None], on_open: Callable[[str, str], None]) -> list[Feed]:
-    """Rank 0: one running Feed per tracker of train.report_to. The run to continue is the checkpoint's
+    """Rank 0: one running Feed per tracker of logging.report_to. The run to continue is the checkpoint's
     (`run_ids`), else trackers.json's (an attempt that died before its first checkpoint); none on a new timeline."""
-    names = [name for name in cfg.train.report_to if name in ("mlflow", "wandb")]
+    names = [name for name in cfg.logging.report_to if name in ("mlflow", "wandb")]
     if not names:
         return []
     ledger = Ledger(output_dir)

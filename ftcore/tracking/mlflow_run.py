@@ -1,4 +1,4 @@
-"""train.report_to: mlflow -- one MLflow run per training run, through MlflowClient (the REST API of a tracking
+"""logging.report_to: mlflow -- one MLflow run per training run, through MlflowClient (the REST API of a tracking
 server, or a local store). Metrics are step-keyed; what a reopened run already holds is read back from the server,
 so nothing is logged twice. Parameters are immutable in MLflow: a resume that changed a field logs only the new
 ones and records the change as a tag."""

@@ -9,7 +9,7 @@ from typing import Optional
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
-    """The resolved config as dotted parameters (lists as JSON): train.lr -> '0.0002'."""
+    """The resolved config as dotted parameters (lists as JSON): optimizer.lr -> '0.0002'."""
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"

@@ -1,4 +1,4 @@
-"""train.report_to: wandb -- one Weights & Biases run per training run: every attempt calls wandb.init with the
+"""logging.report_to: wandb -- one Weights & Biases run per training run: every attempt calls wandb.init with the
 run's id and resume="allow", so the attempts of a requeued Slurm job are one run (online: one run's charts;
 offline: one directory per attempt with the same run id, which `wandb sync` uploads as one run)."""
 

@@ -9,7 +9,7 @@ Features
     - Cosine schedule with linear warmup, AdamW, gradient clipping, gradient accumulation.
     - Loss normalised by the number of trained tokens in the whole optimizer step (all micro batches, all ranks),
       so accumulation and data parallelism give the same gradient as one big batch.
-    - Eval loss and perplexity every train.eval_every steps and at the end.
+    - Eval loss and perplexity every evaluation.every steps and at the end.
     - Checkpoints every checkpoint.every_steps and at the end; automatic resume from output_dir.
 
 Effective batch (samples per optimizer step)
@@ -25,7 +25,7 @@ Resume
 Commands
     workstation, 2 processes:   ft launch examples/demo.yaml --nproc 2
     already-started processes:  ft train examples/demo.yaml          (plain python, torchrun, accelerate launch)
-    override any field:         ft launch cfg.yaml --nproc 8 --set train.lr=1e-4 --set distributed.zero_stage=3
+    override any field:         ft launch cfg.yaml --nproc 8 --set optimizer.lr=1e-4 --set distributed.zero_stage=3
 
 Files: recipe.py (the recipe, top to bottom), runtime.py, evaluation.py, reporting.py, audit.py, outputs.py,
 state.py, optim.py, sequence_parallel.py. What is trained is the run's task (ftcore/tasks/), whose objective

@@ -1,7 +1,7 @@
 """Evaluation on data.eval: every rank scores its share of the eval set (padded to the same number of batches, so
 no rank waits alone in a collective), the sums are all-reduced. What is measured is the task's (ftcore/tasks/:
 evaluate): causal LM loss per trained token and perplexity; classification accuracy, macro-F1 and the confusion
-matrix; preference reward accuracy and margin. With train.eval_generate the prompts are also answered by
+matrix; preference reward accuracy and margin. With evaluation.generate the prompts are also answered by
 generation and scored (ftcore/evaluation/generation.py)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class Evaluator:
 
     def __init__(self, cfg: Config, runtime: Runtime, task: Task, objective: Objective, eval_set: list[Batch],
                  model_inputs: Any, generation: Optional[tuple[Any, list, Any]] = None):
-        """`generation`: (tokenizer, the eval prompts, engine -> model) for train.eval_generate."""
+        """`generation`: (tokenizer, the eval prompts, engine -> model) for evaluation.generate."""
         self.cfg, self.runtime, self.task, self.objective, self.eval_set = cfg, runtime, task, objective, eval_set
         self.model_inputs = model_inputs  # Batch -> the model's keyword arguments, on the device
         self.generation = generation
@@ -43,12 +43,13 @@ class Evaluator:
         return metrics
 
     def _generate(self, engine: Any, step: int) -> dict:
-        """train.eval_generate: the eval prompts answered (every rank its share; under ZeRO-3 in step), scored;
+        """evaluation.generate: the eval prompts answered (every rank its share; under ZeRO-3 in step), scored;
         every answer to output_dir/eval/generate-stepN.jsonl."""
         tokenizer, prompts, unwrap = self.generation
-        t, rt = self.cfg.train, self.runtime
-        rows, means = evaluate_by_generation(unwrap(engine), tokenizer, prompts, t.eval_generate,
-                                             batch_size=t.micro_batch_size, max_new_tokens=t.eval_max_new_tokens,
+        e, rt = self.cfg.evaluation, self.runtime
+        rows, means = evaluate_by_generation(unwrap(engine), tokenizer, prompts, e.generate,
+                                             batch_size=self.cfg.train.micro_batch_size,
+                                             max_new_tokens=e.max_new_tokens,
                                              rank=rt.rank, world_size=rt.world_size,
                                              gather=rt.all_gather_object if rt.world_size > 1 else None,
                                              synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,

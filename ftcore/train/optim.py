@@ -15,7 +15,7 @@ def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dic
                        layer_lr_decay: Optional[float]) -> list[tuple[float, bool, list[str]]]:
     """The recipe's AdamW groups from (name, ndim, trainable): (lr factor, is_matrix, names). Matrices (>= 2-D, the
     weight-decayed ones) first, then biases and norms; within each, higher learning rates first. With
-    train.layer_lr_decay, block i of L trains at decay^(L-1-i), embeddings at decay^L, the final norm and head at 1.
+    optimizer.layer_lr_decay, block i of L trains at decay^(L-1-i), embeddings at decay^L, the final norm and head at 1.
     `ft plan` uses the same grouping (DeepSpeed pads each group)."""
     groups: dict[tuple[float, bool], list[str]] = {}
     for name, ndim, trainable in params:
@@ -30,7 +30,7 @@ def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dic
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, list[list[str]]]:
     """The optimizer over the model's parameters, and the parameter names of each of its groups (the audit
     records which rate each weight got)."""
-    t = cfg.train
+    t = cfg.optimizer
     named = dict(model.named_parameters())
     # ZeRO-3 placeholders are flat: the original shape says whether a weight is a matrix (decayed).
     described = [(n, len(getattr(p, "ds_shape", p.shape)), p.requires_grad) for n, p in named.items()]
@@ -56,7 +56,7 @@ def attach_schedule(cfg: Config, engine: Any, optimizer: torch.optim.Optimizer) 
     param_groups DeepSpeed's ZeRO optimizer steps with."""
     from transformers import get_cosine_schedule_with_warmup
 
-    engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+    engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optimizer.warmup_steps, cfg.train.max_steps)
 
 
 def restore_rates(engine: Any) -> None:

@@ -110,8 +110,8 @@ class Recipe:
             pad_id = self.train_stream.pad_id
             self.eval_set = [self._local(b) for b in
                              pad_eval_batches(mine, most, lambda: self.task.filler_batch(pad_id))]
-        self.eval_prompts = (read_prompts(cfg.data, self.tokenizer, cfg.train.eval_max_new_tokens)[0]
-                             if cfg.train.eval_generate else [])
+        self.eval_prompts = (read_prompts(cfg.data, self.tokenizer, cfg.evaluation.max_new_tokens)[0]
+                             if cfg.evaluation.generate else [])
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime
@@ -146,7 +146,7 @@ class Recipe:
                    + (" (partitioned by ZeRO-3)" if self.reference_engine is not None else ""))
         self.flops = FlopCounter(self.model, self.model.config.num_hidden_layers, attention_width(self.model.config))
         self.peak_flops = peak_flops_per_device(torch.cuda.get_device_name() if rt.cuda else None,
-                                                cfg.train.peak_tflops)
+                                                cfg.logging.peak_tflops)
 
     def _setup_engine(self) -> None:
         cfg, rt = self.cfg, self.runtime
@@ -171,8 +171,8 @@ class Recipe:
         logits are the model's own (every rank runs it)."""
         cfg, rt = self.cfg, self.runtime
         unwrap = rt.accelerator.unwrap_model
-        # Sized by bytes for this vocabulary (train.loss_chunk_mb) unless train.loss_chunk_tokens says otherwise.
-        self.chunk_tokens = cfg.train.chunk_tokens(self.model.config.get_text_config().vocab_size)
+        # Sized by bytes for this vocabulary (loss.chunk_mb) unless loss.chunk_tokens says otherwise.
+        self.chunk_tokens = cfg.loss.tokens_per_chunk(self.model.config.get_text_config().vocab_size)
         self.objective, self.loss_words = self.task.build_objective(ObjectiveSetup(
             cfg, self.engine, unwrap, self.reference, self.chunk_tokens, rt.cuda, self._probe_rows(), rt.all_reduce,
             self.sequence))
@@ -244,7 +244,7 @@ class Recipe:
                 metrics = self.train_step()
                 self.reporter.add_throughput(metrics, time.perf_counter() - started)
                 advance(metrics)
-                if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < last:
+                if cfg.evaluation.every and state.step % cfg.evaluation.every == 0 and state.step < last:
                     self.reporter.record(self.evaluator(self.engine, state.step))
                 every = cfg.checkpoint.every_steps
                 if every and state.step % every == 0 and state.step < last:

@@ -33,7 +33,7 @@ class Reporter:
         self.cfg, self.runtime, self.task, self.peak_flops = cfg, runtime, task, peak_flops
         self.output_dir = Path(cfg.output_dir)
         self.run_dir = RunDir(self.output_dir)
-        self.sink = MetricsSink(self.output_dir, cfg.train.report_to, start_step) if runtime.is_main else None
+        self.sink = MetricsSink(self.output_dir, cfg.logging.report_to, start_step) if runtime.is_main else None
         self.feeds: list[Feed] = []
         self.last_summary: Optional[dict] = None
         if runtime.is_main:
@@ -58,7 +58,7 @@ class Reporter:
             rt.log(f"nothing to train: checkpoint is at step {step}, the run stops at {last}")
         if self.peak_flops is None:
             rt.log(f"MFU: not reported (no peak FLOP/s known for {rt.device_name if rt.cuda else 'a CPU'}; set "
-                   "train.peak_tflops to report it)")
+                   "logging.peak_tflops to report it)")
 
     def add_throughput(self, metrics: dict, step_time: float) -> None:
         """Speed, MFU and memory of the step just taken (memory: the maximum over ranks), added to `metrics`."""
@@ -97,7 +97,7 @@ class Reporter:
     @contextlib.contextmanager
     def progress(self, step: int, last: int) -> Iterator[Callable[[dict], None]]:
         """A progress bar from `step` to `last`; yields `advance(metrics)`, which records a step and prints its
-        line every train.log_every steps."""
+        line every logging.every steps."""
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -115,7 +115,7 @@ class Reporter:
         def advance(metrics: dict) -> None:
             self.record(metrics)
             progress.update(task, completed=metrics["step"], loss=f"{metrics['loss']:.4f}")
-            if self.runtime.is_main and (metrics["step"] % self.cfg.train.log_every == 0 or metrics["step"] == last):
+            if self.runtime.is_main and (metrics["step"] % self.cfg.logging.every == 0 or metrics["step"] == last):
                 # One line per step in captured logs, however long.
                 progress.console.print(step_line(metrics, last), soft_wrap=True)
 
@@ -159,7 +159,7 @@ class Reporter:
                          f"({summary['mean_trained_tokens_per_s']:,.0f} trained){mfu}; {memory}peak host RSS "
                          f"{summary['peak_host_rss_gib']:.1f} GiB")
         out = self.run_dir
-        tensorboard = f" | TensorBoard {out.tensorboard}" if "tensorboard" in self.cfg.train.report_to else ""
+        tensorboard = f" | TensorBoard {out.tensorboard}" if "tensorboard" in self.cfg.logging.report_to else ""
         self.runtime.log(f"outputs: {out.final} | checkpoints {out.checkpoints} | metrics "
                          f"{out.metrics}{tensorboard} | summary {out.summary}")
 
@@ -177,7 +177,7 @@ class Reporter:
             "peak_host_rss_gib": t["memory"][2], "world_size": world,
             "outputs": {"final": str(out.final), "checkpoints": str(out.checkpoints),
                         "metrics": str(out.metrics),
-                        "tensorboard": str(out.tensorboard) if "tensorboard" in self.cfg.train.report_to else None,
+                        "tensorboard": str(out.tensorboard) if "tensorboard" in self.cfg.logging.report_to else None,
                         "trackers": {feed.tracker.name: feed.tracker.where() for feed in self.feeds}},
         }
 

@@ -99,7 +99,7 @@ def start_runtime(cfg: Config, model_dir: str) -> Runtime:
     expected = int(os.environ["WORLD_SIZE"])
     hidden = (model_config_json(model_dir) or {}).get("hidden_size")
     try:
-        ds_config = build_ds_config(cfg.train, cfg.distributed, cfg.model.dtype, cuda, expected,
+        ds_config = build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda, expected,
                                     hidden if isinstance(hidden, int) else None)
         # Whichever accelerate launcher started this (or none), the run is DeepSpeed with the config above.
         prepare_accelerate_env(os.environ, cfg.model.mixed_precision, cuda)

@@ -16,7 +16,7 @@ from typing import Callable
 from tests.faults.harness import ROOT, environment, ft_command
 
 FAST = ["--set", "train.max_steps=2", "--set", "train.micro_batch_size=2", "--set", "data.max_seq_len=64",
-        "--set", "train.report_to=none"]
+        "--set", "logging.report_to=none"]
 
 
 def _train(out: Path, *sets: str) -> list[str]:
@@ -57,7 +57,7 @@ def cases() -> list[tuple[str, Callable]]:
 
     @case("config: wrong type")
     def _(w, p):
-        return _train(w / "o", "train.lr=fast"), "train.lr: Input should be a valid number", w / "o"
+        return _train(w / "o", "optimizer.lr=fast"), "optimizer.lr: Input should be a valid number", w / "o"
 
     @case("config: impossible batch arithmetic")
     def _(w, p):
@@ -66,7 +66,8 @@ def cases() -> list[tuple[str, Callable]]:
 
     @case("config: warmup beyond max_steps")
     def _(w, p):
-        return _train(w / "o", "train.warmup_steps=50"), "train.warmup_steps: 50 exceeds train.max_steps=2", w / "o"
+        return (_train(w / "o", "optimizer.warmup_steps=50"), "optimizer.warmup_steps: 50 exceeds train.max_steps=2",
+                w / "o")
 
     @case("config: invalid YAML (line)")
     def _(w, p):
@@ -85,11 +86,11 @@ def cases() -> list[tuple[str, Callable]]:
 
     @case("config: eval_every without eval data")
     def _(w, p):
-        return _train(w / "o", "train.eval_every=5"), "train.eval_every: is set but data.eval has no sources", w / "o"
+        return _train(w / "o", "evaluation.every=5"), "evaluation.every: is set but data.eval has no sources", w / "o"
 
     @case("config: bad --set syntax")
     def _(w, p):
-        return ["train", "--set", "train.lr"], "expected KEY=VALUE", w / "outputs"
+        return ["train", "--set", "optimizer.lr"], "expected KEY=VALUE", w / "outputs"
 
     # ---- data
     @case("data: invalid JSON")
@@ -205,9 +206,9 @@ def cases() -> list[tuple[str, Callable]]:
     @case("checkpoint: written by another config")
     def _(w, p):
         def damage(step):
-            return "was written by a different config: train.lr"
+            return "was written by a different config: optimizer.lr"
         argv, expect, dest = _resume(w, p, damage)
-        return argv + ["--set", "train.lr=1e-5"], expect, dest
+        return argv + ["--set", "optimizer.lr=1e-5"], expect, dest
 
     @case("checkpoint: --resume of a missing directory")
     def _(w, p):

@@ -44,8 +44,8 @@ def run_args(out: Path, *extra: str) -> list[str]:
     """A 2-process ZeRO-2 LoRA run of STEPS steps with a checkpoint every 2 steps and an eval every 3."""
     return ["launch", "examples/chat-demo.yaml", "--nproc", "2", "--set", f"output_dir={out}",
             "--set", f"train.max_steps={STEPS}", "--set", "train.micro_batch_size=4", "--set", "data.max_seq_len=64",
-            "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "checkpoint.every_steps=2",
-            "--set", "checkpoint.keep_last=2", "--set", "train.warmup_steps=2", "--set", "train.report_to=none",
+            "--set", "logging.every=1", "--set", "evaluation.every=3", "--set", "checkpoint.every_steps=2",
+            "--set", "checkpoint.keep_last=2", "--set", "optimizer.warmup_steps=2", "--set", "logging.report_to=none",
             "--set", "data.audit=true", *extra]
 
 
@@ -352,7 +352,7 @@ def dead_or_hung_rank(work: Path, trial: int, hang: bool) -> dict:
     out = work / f"{'hang' if hang else 'dead'}-{trial}"
     launch = Launch(run_args(out, "--set", f"distributed.timeout_s={TIMEOUT_S}",
                               "--set", f"distributed.stop_grace_s={STOP_GRACE_S}", "--set", "train.max_steps=400",
-                              "--set", "checkpoint.every_steps=0", "--set", "train.eval_every=0"),
+                              "--set", "checkpoint.every_steps=0", "--set", "evaluation.every=0"),
                     work / f"{'hang' if hang else 'dead'}-{trial}.log")
     wait_until(lambda: launch.proc.poll() is not None or launch.step() >= 3, 180)
     ranks = launch.ranks()
@@ -423,7 +423,7 @@ def disk_full_checkpoint(work: Path, reference: Path) -> dict:
         one_checkpoint = sum(f.stat().st_size for f in (reference / "checkpoints" / "step-000010").rglob("*")
                              if f.is_file())
         fill(mount, int(2.5 * one_checkpoint))
-        launch = Launch(run_args(out, "--set", "train.eval_every=0"), work / "disk-full-checkpoint.log")
+        launch = Launch(run_args(out, "--set", "evaluation.every=0"), work / "disk-full-checkpoint.log")
         code = launch.wait()
         text = launch.text()
         latest = launch_step_floor(out)
@@ -433,7 +433,7 @@ def disk_full_checkpoint(work: Path, reference: Path) -> dict:
                  and latest == 4 and latest_is_sound(out) and not leftovers
                  and "Traceback (most recent call last)" not in text)
         (mount / "filler").unlink()
-        rerun = Launch(run_args(out, "--set", "train.eval_every=0"), work / "disk-full-checkpoint-rerun.log")
+        rerun = Launch(run_args(out, "--set", "evaluation.every=0"), work / "disk-full-checkpoint-rerun.log")
         resumed = rerun.wait() == 0 and "resumed from" in rerun.text()
         return {"clean": clean, "exit": code, "latest_after": latest, "leftovers": leftovers,
                 "resumed_after_freeing": resumed,
