@@ -31,8 +31,9 @@ def safetensors_shapes(directory: Path) -> Optional[dict[str, tuple[tuple[int, .
 def config_shapes(directory: Path) -> Optional[dict[str, tuple[int, ...]]]:
     """Parameter and buffer shapes the model class builds from config.json (on the meta device); None for a
     config transformers has no causal-LM class for."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftcore.model_geometry import meta_skeleton  # (this module is imported by the torch-free preflight)
 
     try:
         config = AutoConfig.from_pretrained(directory)
@@ -41,11 +42,7 @@ def config_shapes(directory: Path) -> Optional[dict[str, tuple[int, ...]]]:
         raise BaseModelError(f"{directory}/config.json: {first}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         return None
-    # The class is built directly, not through from_config: under ZeRO-3 (an HfDeepSpeedConfig alive in this
-    # process) from_config wraps the build in deepspeed.zero.Init, which cannot partition meta tensors.
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    with init_empty_weights():
-        model = model_class(config)
+    model = meta_skeleton(config)  # (also in a ZeRO-3 training rank, which checks its model dir first)
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 

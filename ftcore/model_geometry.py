@@ -1,18 +1,55 @@
-"""What ft reads off a model's structure without loading or changing it: transformer-block depths, MoE parts,
-the modules 4-bit loading quantizes, head width, logical parameter counts, the shapes a LoRA adapter must have. Used
-by loading (ftcore/model.py), the optimizer groups, FLOP counting, `ft plan` and the export."""
+"""What ft reads off a model's structure without loading or changing it: the model built as a skeleton on the meta
+device (meta_skeleton, the one builder), transformer-block depths, MoE parts, the modules 4-bit loading quantizes,
+head width, logical parameter counts, the shapes a LoRA adapter must have. Used by loading (ftcore/model.py), the
+optimizer groups, FLOP counting, `ft plan`, the model-directory check and the export."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 
 class ModelError(ValueError):
     """A model problem phrased as one line naming the config field or directory."""
+
+
+def meta_skeleton(config: Any, head: str = "causal_lm", model_class: Optional[type] = None,
+                  dtype: Optional[torch.dtype] = None,
+                  adapt: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> torch.nn.Module:
+    """The model `config` describes with every parameter on the meta device: no weight read or allocated. Buffers
+    (e.g. rotary frequencies) are real, so the skeleton can run once its weights are loaded unit by unit.
+    `head`: causal_lm or sequence_classification (a Task's head), for transformers' auto class; `model_class`: the
+    class (or auto class) to build instead; `dtype`: its parameters' dtype (default: the config's); `adapt(model)`:
+    a change made on the meta device too (LoRA layers injected). Built as from_config builds it, except while a
+    ZeRO-3 config is alive in this process (a training rank): from_config would then wrap the build in
+    deepspeed.zero.Init, which cannot partition meta tensors, so the class is built directly, in `dtype`."""
+    # (transformers and accelerate are imported here: importing this module stays as light as torch)
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    cls = model_class or {"causal_lm": AutoModelForCausalLM,
+                          "sequence_classification": AutoModelForSequenceClassification}[head]
+    if hasattr(cls, "_model_mapping"):  # an auto class: the family's class for this config
+        if type(config) not in cls._model_mapping:
+            raise ValueError(f"transformers has no {cls.__name__} class for model_type {config.model_type!r}")
+        cls = cls._model_mapping[type(config)]
+    with init_empty_weights():
+        if not is_deepspeed_zero3_enabled():
+            model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+        else:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype or previous)
+            try:
+                model = cls(config)
+            finally:
+                torch.set_default_dtype(previous)
+        if adapt is not None:
+            model = adapt(model)
+    return model
 
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")

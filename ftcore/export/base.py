@@ -13,7 +13,7 @@ from ftcore.dtypes import DTYPES
 from ftcore.export.options import ExportError
 from ftcore.export.st_io import SafetensorsError, read_model_headers, read_tensor
 from ftcore.model_files import BaseModelError, check_model_dir
-from ftcore.model_geometry import quantized_module_names
+from ftcore.model_geometry import meta_skeleton, quantized_module_names
 
 
 class BaseModel:
@@ -72,13 +72,10 @@ def quantized_weight_names(base: BaseModel) -> tuple[set[str], set[str]]:
     """Names of the weights transformers' bitsandbytes 4-bit loading quantizes, decided by transformers' own
     rules (its default skips: output head, tied weights, last module; plus the model's keep-in-fp32 modules), and
     which of them are Conv1D weights (GPT-2's [in, out] layout: the 4-bit layer is a Linear of the transpose)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
-    config = AutoConfig.from_pretrained(base.dir)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_skeleton(AutoConfig.from_pretrained(base.dir))
     names = {f"{name}.weight" for name in quantized_module_names(model)} & set(base.infos)
     conv1d = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
     return names, names & conv1d

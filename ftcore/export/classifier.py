@@ -14,6 +14,7 @@ from ftcore.data.batch import pad_token_id
 from ftcore.export.base import BaseModel
 from ftcore.export.lora import Adapter
 from ftcore.export.options import ExportError
+from ftcore.model_geometry import meta_skeleton
 from ftcore.tasks import task_for
 
 
@@ -40,8 +41,7 @@ def is_classification(run_config: Optional[Config], adapter: Optional[Adapter] =
 def build_classifier(base: BaseModel, run_config: Optional[Config], num_labels: int,
                      tokenizer_dirs: list[Path]) -> Classifier:
     """The classifier's tensor names (from the model built on the meta device) and config.json settings."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     labels = (run_config.data.labels if run_config else None) or [f"LABEL_{i}" for i in range(num_labels)]
@@ -59,9 +59,7 @@ def build_classifier(base: BaseModel, run_config: Optional[Config], num_labels: 
             break
     settings = {"architectures": [architecture], "id2label": {str(i): name for i, name in enumerate(labels)},
                 "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": pad}
-    config = AutoConfig.from_pretrained(base.dir, num_labels=num_labels)
-    with init_empty_weights():
-        model = AutoModelForSequenceClassification.from_config(config)
+    model = meta_skeleton(AutoConfig.from_pretrained(base.dir, num_labels=num_labels), "sequence_classification")
     return Classifier(set(model.state_dict()), settings)
 
 

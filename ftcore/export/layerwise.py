@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ftcore.model_geometry import meta_skeleton
+
 _BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
 
 
@@ -26,15 +28,10 @@ class NotStreamable(Exception):
 def skeleton(model_class: Any, config: Any, dtype: torch.dtype, lora: Optional[Any] = None) -> torch.nn.Module:
     """The model with every parameter on the meta device (buffers, e.g. rotary frequencies, are real), with LoRA
     layers injected by PEFT when `lora` (a LoraConfig) is given."""
-    from accelerate import init_empty_weights
+    from peft import inject_adapter_in_model
 
-    with init_empty_weights():
-        model = model_class.from_config(config, dtype=dtype)
-        if lora is not None:
-            from peft import inject_adapter_in_model
-
-            model = inject_adapter_in_model(lora, model)
-    return model.eval()
+    adapt = (lambda model: inject_adapter_in_model(lora, model)) if lora is not None else None
+    return meta_skeleton(config, model_class=model_class, dtype=dtype, adapt=adapt).eval()
 
 
 def checkpoint_names(model: torch.nn.Module, file_names: list[str]) -> dict[str, str]:

@@ -106,12 +106,18 @@ class ModelFacts:
 def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
     """The model as training will build it, on the meta device: no weights read, nothing allocated."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from ftcore.dtypes import DTYPES
     from ftcore.gguf_base import gguf_file, hf_config_dict
     from ftcore.model import apply_freeze, apply_lora
-    from ftcore.model_geometry import block_depths, classification_head_names, head_dim, quantized_module_names
+    from ftcore.model_geometry import (
+        block_depths,
+        classification_head_names,
+        head_dim,
+        meta_skeleton,
+        quantized_module_names,
+    )
 
     task = task_for(cfg)
     classification = task.head == "sequence_classification"  # the model's head, as the task builds it
@@ -122,14 +128,12 @@ def build_facts(cfg: Config, model_dir: str) -> ModelFacts:
         hf_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict, **extra)
     else:
         hf_config = AutoConfig.from_pretrained(model_dir, **extra)
-    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto_class.from_config(hf_config, dtype=DTYPES[cfg.model.dtype])
+    model = meta_skeleton(hf_config, task.head, dtype=DTYPES[cfg.model.dtype])
     quantized_modules = quantized_module_names(model) if cfg.adapter.method == "qlora" else set()
     if cfg.adapter.method in ("lora", "qlora"):
         for p in model.parameters():
             p.requires_grad_(False)
-        with torch.device("meta"):
+        with torch.device("meta"):  # the adapter's new weights too: a plan allocates nothing
             model = apply_lora(model, cfg.adapter, cfg.train.seed, "SEQ_CLS" if classification else "CAUSAL_LM")
     elif cfg.adapter.method == "freeze":
         apply_freeze(model, cfg.adapter, head=classification_head_names(model) if classification else ())
