@@ -37,7 +37,10 @@ ABSORBED_ACCELERATE_VARS = (
 
 
 class LaunchSettingsError(ConfigError):
-    """A launcher or DeepSpeed JSON setting that contradicts the ft config, or cannot be honoured; one line."""
+    """A launcher or DeepSpeed JSON setting that contradicts the ft config, or cannot be honoured; one line (the
+    command line labels it "error:", as the launcher's, not the config file's)."""
+
+    label = "error"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,11 @@ def meta_skeleton(config: Any, head: str = "causal_lm", model_class: Optional[ty
                 model = cls(config)
             finally:
                 torch.set_default_dtype(previous)
-        if adapt is not None:
+    # init_empty_weights makes a new meta parameter at every registration, so the build's tie (a tied embedding and
+    # head as one parameter, as loading makes them) is lost inside it: tied again here, outside it.
+    model.tie_weights()
+    if adapt is not None:
+        with init_empty_weights():
             model = adapt(model)
     return model
 

@@ -41,8 +41,8 @@ def _options(debug: bool = typer.Option(False, "--debug", help="On an error, pri
 
 
 def error_line(error: Union[str, BaseException]) -> str:
-    """The one line a failure prints: "config error: ..." for a ConfigError (by its type), "error: ..." else."""
-    label = "config error" if isinstance(error, ConfigError) else "error"
+    """The one line a failure prints: a ConfigError's label by its type ("config error: ..."), "error: ..." else."""
+    label = error.label if isinstance(error, ConfigError) else "error"
     return f"{label}: {error}"
 
 

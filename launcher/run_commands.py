@@ -59,7 +59,8 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
         except Preempted:
             raise typer.Exit(PREEMPTED_EXIT_STATUS) from None  # rank 0 has logged where the checkpoint is
         except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
-            write_failure_record(error_line(e) if isinstance(e, ConfigError) else str(e))
+            # (the first-failure report says "rank N failed first: <reason>": a config error keeps its label)
+            write_failure_record(error_line(e) if isinstance(e, ConfigError) and e.label != "error" else str(e))
             fail(e, code=1)
         finally:
             ignore_stop_signals()  # the outcome is decided: a signal during teardown must not change it

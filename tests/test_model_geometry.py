@@ -29,6 +29,16 @@ def test_a_skeleton_has_meta_parameters_real_buffers_and_the_dtype_asked_for(tin
     assert type(head).__name__ == "LlamaForSequenceClassification" and head.score.weight.shape[0] == 3
 
 
+def test_a_tied_embedding_and_head_stay_one_parameter(tiny_config):
+    """As loading ties them (ft plan counts a tied embedding and head once; accelerate's init_empty_weights alone
+    would untie them)."""
+    tied = AutoConfig.from_pretrained(tiny_config._name_or_path, tie_word_embeddings=True)
+    model = meta_skeleton(tied)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = meta_skeleton(AutoConfig.from_pretrained(tiny_config._name_or_path, tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
 def test_a_skeleton_builds_while_a_zero3_config_is_alive(tiny_config):
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 

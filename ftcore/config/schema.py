@@ -25,6 +25,8 @@ class ConfigError(ValueError):
     command line prints it labelled "config error:" by its type; `field` is the dotted field at fault (the first
     one, when several are), None when the problem is the file or the command itself."""
 
+    label = "config error"  # how the command line labels the line
+
     def __init__(self, message: str, field: Optional[str] = None):
         super().__init__(message)
         self.field = field
