@@ -103,23 +103,26 @@ def _section_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _finding(err: dict) -> tuple[str, tuple, str]:
+    """(dotted field, its path, what is wrong) of one pydantic error; a cross-field check names its own field."""
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, FieldError):
+        return ctx_error.field, tuple(int(p) if p.isdigit() else p for p in ctx_error.field.split(".")), \
+            ctx_error.message
+    loc = tuple(err["loc"])
+    text = _describe(err)
+    if err["type"] == "extra_forbidden":
+        keys = _section_keys(loc)
+        text += f"; valid keys here: {', '.join(keys)}" if keys else ""
+    return ".".join(str(p) for p in loc) or "<top level>", loc, text
+
+
 def format_validation_error(exc: ValidationError, source: str, yaml_root: Optional[yaml.Node],
                             overridden: dict[tuple, str]) -> str:
     """A pydantic validation error as one line, a part per field, each naming the YAML line or --set that gave
     it."""
     parts = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, FieldError):  # cross-field check: it names its own field
-            field, text = ctx_error.field, ctx_error.message
-            loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
-        else:
-            field = ".".join(str(p) for p in loc) or "<top level>"
-            text = _describe(err)
-            if err["type"] == "extra_forbidden":
-                keys = _section_keys(loc)
-                text += f"; valid keys here: {', '.join(keys)}" if keys else ""
+    for field, loc, text in map(_finding, exc.errors()):
         where = source
         origin = next((label for o, label in overridden.items() if loc[: len(o)] == o), None)
         if origin is not None:
@@ -133,14 +136,8 @@ def format_validation_error(exc: ValidationError, source: str, yaml_root: Option
 
 
 def first_field(exc: ValidationError) -> Optional[str]:
-    """The dotted field of a validation error's first finding (a cross-field check names its own)."""
-    for err in exc.errors():
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, FieldError):
-            return ctx_error.field
-        if err["loc"]:
-            return ".".join(str(p) for p in err["loc"])
-    return None
+    """The dotted field of a validation error's first finding that names one."""
+    return next((field for field, loc, _ in map(_finding, exc.errors()) if loc), None)
 
 
 def _leaf_paths(tree: Any, prefix: str = "") -> set[str]:

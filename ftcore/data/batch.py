@@ -195,6 +195,11 @@ class Collation:
     max_seq_len: int
     bos_id: Optional[int] = None
 
+    @classmethod
+    def of(cls, tokenizer: Any, max_seq_len: int) -> "Collation":
+        """The collation of batches of `tokenizer`'s samples (pad_token_id's id) up to `max_seq_len` tokens."""
+        return cls(pad_token_id(tokenizer), max_seq_len, tokenizer.bos_token_id)
+
 
 class BatchExtra(Protocol):
     """A task's tensors beside a batch's rows (KTO: the desirable flags and the mismatched rows)."""

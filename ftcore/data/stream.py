@@ -20,7 +20,7 @@ import numpy as np
 
 from ftcore.builtin import resolve_data_path
 from ftcore.config import DataConfig, DataSource
-from ftcore.data.batch import Batch, Collation, Piece, collate_packed, pad_token_id
+from ftcore.data.batch import Batch, Collation, Piece, collate_packed
 from ftcore.data.formats import IGNORE_INDEX, RecordError, RecordSpec, Tokenized, resolve_train_on
 from ftcore.data.order import WINDOW_BLOCKS, Mixture, RankCursor, SourceOrder, reshard
 from ftcore.data.packing import BestFitPacker
@@ -230,8 +230,8 @@ class TrainStream:
         self.mixture = Mixture([g.weight for g in self.groups], seed)
         self.cursor = RankCursor(rank, world_size)
         self.maker = SampleMaker(data_cfg, tokenizer, task)
-        self.pad_id = pad_token_id(tokenizer)
-        self.collation = Collation(self.pad_id, data_cfg.max_seq_len, tokenizer.bos_token_id)
+        self.collation = Collation.of(tokenizer, data_cfg.max_seq_len)
+        self.pad_id = self.collation.pad_id
         self.packer: Optional[BestFitPacker[Piece]] = BestFitPacker(data_cfg.max_seq_len) if data_cfg.packing \
             else None
         self.fifo: deque[Piece] = deque()
@@ -406,7 +406,7 @@ def eval_batches(data_cfg: DataConfig, tokenizer: Any, rank: int, world_size: in
                 if successors:
                     everything += [s for s, _ in kept]
             index += 1
-    collation = Collation(pad_token_id(tokenizer), data_cfg.max_seq_len, tokenizer.bos_token_id)
+    collation = Collation.of(tokenizer, data_cfg.max_seq_len)
     batches = []
     for start in range(0, len(mine), micro_batch_size):
         chunk = mine[start:start + micro_batch_size]

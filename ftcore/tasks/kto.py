@@ -88,15 +88,12 @@ class KTO(Preference):
         name = "desirable" if bool(batch.extra.desirable[0]) else "undesirable"
         return [(f" ({name})", *token_row(batch, 0))]
 
-    def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:
-        """KTOLoss on log-probs from the chunked head; its reference point all-reduced over the step."""
+    def _loss(self, setup: ObjectiveSetup, transform: Any) -> Any:
+        """KTOLoss on the samples' log-probs; its reference point all-reduced over the step."""
         from ftcore.losses.preference import KTOLoss
 
-        transform, words = self._log_probs(setup)
-        p = setup.cfg.preference
-        return (KTOLoss(p, setup.unwrap, setup.chunk_tokens, transform, setup.reference, setup.all_reduce,
-                        setup.sequence),
-                f"{p.loss} (beta {p.beta:g}), log-probs {words}")
+        return KTOLoss(setup.cfg.preference, setup.unwrap, setup.chunk_tokens, transform, setup.reference,
+                       setup.all_reduce, setup.sequence)
 
     def eval_line(self, metrics: dict, run_dir: Any) -> str:
         """Loss, reward accuracy and margin over the samples, with the reference point."""

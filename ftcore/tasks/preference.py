@@ -76,21 +76,21 @@ class Preference(Task):
         return max(int(examples), 1)
 
     def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:
-        """preference.loss on log-probs from the chunked head (checked on a probe first)."""
-        from ftcore.losses.preference import PreferenceLoss
-
-        transform, words = self._log_probs(setup)
-        p = setup.cfg.preference
-        return (PreferenceLoss(p, setup.unwrap, setup.chunk_tokens, transform, setup.reference, setup.sequence),
-                f"{p.loss} (beta {p.beta:g}), log-probs {words}")
-
-    def _log_probs(self, setup: ObjectiveSetup) -> tuple[Any, str]:
-        """The chunked head's logit transform, after choose_loss_impl's probe (every rank runs it)."""
+        """preference.loss (_loss) on log-probs from the chunked head, whose logit transform choose_loss_impl
+        settles on a probe first (every rank runs it)."""
         from ftcore.losses.head import choose_loss_impl
 
         _, transform, words = choose_loss_impl("chunked", setup.chunk_tokens, 0.0, setup.engine,
                                                setup.unwrap(setup.engine), setup.cuda, probe_rows=setup.probe_rows)
-        return transform, words
+        p = setup.cfg.preference
+        return self._loss(setup, transform), f"{p.loss} (beta {p.beta:g}), log-probs {words}"
+
+    def _loss(self, setup: ObjectiveSetup, transform: Any) -> Any:
+        """The objective on the pairs' sequence log-probs."""
+        from ftcore.losses.preference import PreferenceLoss
+
+        return PreferenceLoss(setup.cfg.preference, setup.unwrap, setup.chunk_tokens, transform, setup.reference,
+                              setup.sequence)
 
     def evaluate(self, run: EvalRun) -> dict:
         """Means over the eval pairs: eval_loss, eval_reward_accuracy, eval_reward_margin, eval_rewards_chosen /
