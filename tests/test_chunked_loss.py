@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from ftcore.config import ConfigError, load_config
+from ftcore.data.batch import ModelInputs, shifted_labels
 from ftcore.errors import TrainError
-from ftcore.losses.chunked import HeadTensors, LogitTransform, chunked_linear_cross_entropy, shifted_labels
+from ftcore.losses.chunked import HeadTensors, LogitTransform, chunked_linear_cross_entropy
 from ftcore.losses.head import choose_loss_impl
 from ftcore.losses.objective import causal_lm_objective
 from ftcore.model import load_model
@@ -87,7 +88,7 @@ def _objectives_agree(cfg, model, reference=None, chunk_tokens=16) -> None:
     labels = ids.clone()
     labels[:, :9] = -100
     labels[1, 33:] = -100
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "use_cache": False}
+    inputs = ModelInputs(ids, labels, attention_mask=torch.ones_like(ids))
     trained = [p for p in model.parameters() if p.requires_grad]
     impl, transform, words = choose_loss_impl("auto", chunk_tokens, cfg.loss.base_kl, model, model, cuda=False)
     assert impl == "chunked", words
@@ -157,7 +158,7 @@ def test_every_family_gets_its_own_loss_in_chunks(builtin_model_dir, family):
     ids = torch.randint(3, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :9] = -100
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "use_cache": False}
+    inputs = ModelInputs(ids, labels, attention_mask=torch.ones_like(ids))
     impl, transform, words = choose_loss_impl("auto", 16, 0.0, model, model, cuda=False)
     assert impl == "chunked", words
     results = {}
@@ -252,7 +253,7 @@ def test_fused_equals_chunked_on_a_gpu(builtin_model_dir):
     ids = torch.randint(3, 32000, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
     labels = ids.clone()
     labels[:, :9] = -100
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "use_cache": False}
+    inputs = ModelInputs(ids, labels, attention_mask=torch.ones_like(ids))
     impl, transform, words = choose_loss_impl("auto", 16, 0.0, model, model, cuda=True)
     assert impl == "fused", words
     trained = [p for p in model.parameters() if p.requires_grad]

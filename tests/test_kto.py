@@ -20,6 +20,7 @@ from ftcore.data.preference import tokenize_kto
 from ftcore.losses.chunked import LogitTransform
 from ftcore.losses.preference import KTOLoss
 from ftcore.tasks.kto import collate_kto
+from ftcore.train.sequence_parallel import model_inputs
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 from tests.test_preference import (
     WORDS,
@@ -153,7 +154,8 @@ def test_kto_equals_its_papers_formula(builtin_model_dir, tokenizer, method, oth
     samples = [tokenize_kto(r, SPEC, tokenizer, 64) for r in records]
     micro = [samples[:3], samples[3:]]
     inputs = [collate_kto(m, rotated(m), tokenizer.pad_token_id, [], 64, tokenizer.bos_token_id)
-              .model_inputs(torch.device("cpu")) for m in micro]
+              for m in micro]
+    inputs = [model_inputs(batch, torch.device("cpu")) for batch in inputs]
     trained = [p for p in model.parameters() if p.requires_grad]
     p = cfg.preference
 
@@ -171,16 +173,16 @@ def test_kto_equals_its_papers_formula(builtin_model_dir, tokenizer, method, oth
                 return whole_logit_logps(model, batch_inputs)[0]
 
     with torch.no_grad():
-        mismatched = [i["kto_mismatched"] for i in inputs]
+        mismatched = [i.extra.mismatched for i in inputs]
         ratios = torch.cat([whole_logit_logps(model, m)[0] - reference_logps(m) for m in mismatched])
         if other_rank is not None:
             ratios = torch.cat([ratios, torch.full((3,), other_rank)])
     for batch_inputs in inputs:
-        plain = {k: v for k, v in batch_inputs.items() if not k.startswith("kto_")}
+        plain = batch_inputs  # whole_logit_logps reads the rows only
         result = objective(model, batch_inputs, normaliser=5)
         got = torch.autograd.grad(result.loss, trained)
         losses, z = paper_kto(whole_logit_logps(model, plain)[0], reference_logps(plain), ratios,
-                              batch_inputs["kto_desirable"], 0.7, 1.3, 0.6)
+                              batch_inputs.extra.desirable, 0.7, 1.3, 0.6)
         want_loss = losses.sum() / 5
         want = torch.autograd.grad(want_loss, trained)
         assert objective.reference_point == pytest.approx(float(z), rel=1e-5, abs=1e-6)

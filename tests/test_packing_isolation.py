@@ -8,6 +8,7 @@ from ftcore.config import FieldNames
 from ftcore.data.batch import Piece, collate, collate_packed
 from ftcore.data.formats import RecordSpec, tokenize_record
 from ftcore.data.packing import BestFitPacker, block_causal_mask
+from ftcore.train.sequence_parallel import model_inputs
 
 CHATS = [
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
@@ -45,11 +46,11 @@ def test_packed_row_equals_samples_one_by_one(builtin_model_dir, tok, attn):
     assert packed.input_ids.shape[1] == width
 
     with torch.no_grad():
-        out = model(**packed.model_inputs("cpu", attn, torch.float32), num_items_in_batch=1)
+        out = model(**model_inputs(packed, "cpu", attn, torch.float32).with_labels(), num_items_in_batch=1)
         offset, total = 0, 0.0
         for s in parts:
             alone = collate([s], tok.pad_token_id, [])
-            ref = model(**alone.model_inputs("cpu", attn), num_items_in_batch=1)
+            ref = model(**model_inputs(alone, "cpu", attn).with_labels(), num_items_in_batch=1)
             got = out.logits[0, offset:offset + len(s)]
             torch.testing.assert_close(got, ref.logits[0], rtol=1e-5, atol=1e-5)
             total += ref.loss.item()
@@ -91,9 +92,9 @@ def test_flash_varlen_packed_row_equals_samples(builtin_model_dir, tok):
     parts = samples(tok)
     packed = collate_packed([[Piece((i, 0), s, f"s{i}") for i, s in enumerate(parts)]], tok.pad_token_id)
     with torch.no_grad():
-        out = model(**packed.model_inputs("cuda", "flash_attention_2", torch.bfloat16))
+        out = model(**model_inputs(packed, "cuda", "flash_attention_2", torch.bfloat16).with_labels())
         offset = 0
         for s in parts:
-            ref = model(**collate([s], tok.pad_token_id, []).model_inputs("cuda", "flash_attention_2"))
+            ref = model(**model_inputs(collate([s], tok.pad_token_id, []), "cuda", "flash_attention_2").with_labels())
             torch.testing.assert_close(out.logits[0, offset:offset + len(s)], ref.logits[0], rtol=2e-2, atol=2e-2)
             offset += len(s)

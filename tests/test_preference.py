@@ -21,6 +21,7 @@ from ftcore.data.preference import collate_pairs, tokenize_pair
 from ftcore.losses.chunked import LogitTransform
 from ftcore.losses.preference import PreferenceLoss
 from ftcore.model import load_model
+from ftcore.train.sequence_parallel import model_inputs
 from tests.conftest import ft_in_process, read_jsonl, run_ft, tiny_run_args
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]
@@ -167,8 +168,8 @@ def policy_and_reference(cfg, model_dir, method: str, seed: int):
 
 def whole_logit_logps(model, inputs):
     """Summed response log-probs per row from the model's whole logits."""
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
-    labels = inputs["labels"][:, 1:]
+    logits = model(**inputs.forward_kwargs()).logits.float()
+    labels = inputs.labels[:, 1:]
     logps = torch.log_softmax(logits[:, :-1], dim=-1)
     token = logps.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
     return (token * (labels != IGNORE_INDEX)).sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1).float()
@@ -189,7 +190,7 @@ def test_each_objective_equals_its_papers_formula(builtin_model_dir, tokenizer, 
                {"prompt": [{"role": "user", "content": "Repeat: sun"}], "chosen": "sun", "rejected": "moon tree"},
                {"prompt": "Say: stone river bird", "chosen": " stone river bird", "rejected": " fish"}]
     batch = collate_pairs([tokenize_pair(r, SPEC, tokenizer, 64) for r in records], tokenizer.pad_token_id, [])
-    inputs = batch.model_inputs(torch.device("cpu"))
+    inputs = model_inputs(batch, torch.device("cpu"))
     trained = [p for p in model.parameters() if p.requires_grad]
 
     objective = PreferenceLoss(cfg.preference, lambda m: m, 8, LogitTransform.of(model.config), reference)

@@ -14,6 +14,7 @@ import torch
 from ftcore.config import ConfigError, load_config
 from ftcore.data.batch import collate
 from ftcore.data.formats import IGNORE_INDEX, Tokenized
+from ftcore.train.sequence_parallel import model_inputs, sequence_shard
 from tests.conftest import ft_in_process, read_jsonl, run_ft
 
 BASE = ("examples/chat-demo.yaml", "--set", "train.max_steps=6", "--set", "optimizer.warmup_steps=1", "--set",
@@ -45,7 +46,7 @@ def test_a_shard_holds_its_part_of_every_row_with_labels_shifted_before_the_spli
     rows = [Tokenized([5, 6, 7, 8, 9], [IGNORE_INDEX, 6, 7, 8, 9]),
             Tokenized([5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 7])]
     batch = collate(rows, 0, ["a", "b"])
-    parts = [batch.sequence_shard(i, 2, rows=3) for i in range(2)]
+    parts = [sequence_shard(batch, i, 2, rows=3) for i in range(2)]
     assert [p.input_ids.shape for p in parts] == [(3, 3), (3, 3)]  # width 5 -> 6, rows 2 -> 3
     assert parts[0].input_ids[0].tolist() == [5, 6, 7] and parts[1].input_ids[0].tolist() == [8, 9, 0]
     # Shifted: position t's label is token t + 1, so the first part's last token learns the second part's first.
@@ -54,7 +55,7 @@ def test_a_shard_holds_its_part_of_every_row_with_labels_shifted_before_the_spli
     assert parts[1].position_ids[0].tolist() == [3, 4, 5]  # global positions
     assert sum(p.trained_tokens for p in parts) == batch.trained_tokens
     assert all(p.labels[2].eq(IGNORE_INDEX).all() for p in parts)  # the padding row trains nothing
-    inputs = parts[0].model_inputs("cpu")
+    inputs = model_inputs(parts[0], "cpu").with_labels()
     assert "attention_mask" not in inputs and "labels" not in inputs and "shift_labels" in inputs
 
 
@@ -178,14 +179,14 @@ def test_packed_rows_become_one_varlen_row_with_per_sample_positions():
                Piece((1, 0), Tokenized([8, 9], [IGNORE_INDEX, 9]), "b")],
               [Piece((2, 0), Tokenized([3, 4, 5, 6], [IGNORE_INDEX, 4, 5, 6]), "c")]]
     batch = collate_packed(pieces, 0)
-    parts = [batch.sequence_shard(i, 2, rows=1, one_row=True) for i in range(2)]
+    parts = [sequence_shard(batch, i, 2, rows=1, one_row=True) for i in range(2)]
     joined = torch.cat([p.position_ids for p in parts], dim=1)[0].tolist()
     assert joined[:9] == [0, 1, 2, 0, 1, 0, 1, 2, 3] and all(p.input_ids.shape[0] == 1 for p in parts)
     assert sum(p.trained_tokens for p in parts) == batch.trained_tokens  # no sample learns its neighbour's start
     assert parts[0].sample_ids == ["a", "b", "c"]
     # An unpacked (eval) batch in the same run: its rows joined, each row's positions restarting.
     plain = collate([Tokenized([5, 6, 7], [IGNORE_INDEX, 6, 7]), Tokenized([8, 9], [IGNORE_INDEX, 9])], 0, [])
-    halves = [plain.sequence_shard(i, 2, rows=1, one_row=True) for i in range(2)]
+    halves = [sequence_shard(plain, i, 2, rows=1, one_row=True) for i in range(2)]
     assert torch.cat([h.position_ids for h in halves], dim=1)[0].tolist() == [0, 1, 2, 0, 1, 2]
 
 

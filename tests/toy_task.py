@@ -64,18 +64,16 @@ class SampleMeanLoss:
     def start_step(self, model: Any, micro_inputs: Any) -> None:
         """Nothing of the whole step is needed."""
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> Any:
+    def __call__(self, model: Any, inputs: Any, normaliser: int) -> Any:
         """The micro batch's summed per-sample means / normaliser, and its sample count."""
         from ftcore.losses.objective import LossOutput
 
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        out = model(**inputs)
-        means, real = sample_losses(out.logits, labels)
+        out = model(**inputs.forward_kwargs())
+        means, real = sample_losses(out.logits, inputs.labels)
         loss = means[real].sum() / normaliser
         return LossOutput(loss, out, {"loss": loss.detach(), "toy_samples": real.sum().double()})
 
-    def eval_loss(self, model: Any, inputs: dict) -> Any:
+    def eval_loss(self, model: Any, inputs: Any) -> Any:
         """The summed per-sample means of an eval batch."""
         return self(model, inputs, 1)
 

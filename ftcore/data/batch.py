@@ -4,12 +4,11 @@ segment), with the sample ids and stream positions the audit records, and what t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
 from ftcore.data.formats import IGNORE_INDEX, Tokenized
-from ftcore.data.packing import packed_attention_inputs
 
 
 @dataclass
@@ -32,7 +31,8 @@ class Batch:
     seq_lens: Optional[list[list[int]]] = None  # packed rows only: segment lengths per row (padding included)
     positions: list[int] = field(default_factory=list)  # stream position of each sample (its epoch is in it)
     examples: int = 0  # the examples a per-example loss averages over (preference pairs, KTO samples)
-    # sequence_shard: labels are already shifted (label t is the token after t) and the model gets no mask
+    # A sequence shard (ftcore/train/sequence_parallel.py): labels are already shifted (label t is the token after
+    # t) and the model gets no mask.
     shifted: bool = False
     blocks: int = 1  # rows come in this many blocks of `examples` rows each (pairs: the chosen, then the rejected)
     extra: Optional[BatchExtra] = None  # what a task's objective reads beside the rows (KTO: its mismatched rows)
@@ -52,78 +52,6 @@ class Batch:
         if self.seq_lens is not None:
             return [n for row in self.seq_lens for n in row]
         return [int(n) for n in self.attention_mask.sum(dim=1)]
-
-    def model_inputs(self, device: Any, attn_implementation: str = "sdpa",
-                     dtype: Optional[torch.dtype] = None) -> dict:
-        """The model's keyword arguments on `device` (packed rows: position ids, and the mask the attention needs;
-        a sequence shard: its global position ids and shifted labels, no mask)."""
-        if self.shifted or self.position_ids is None:
-            out = ({"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
-                    "shift_labels": self.labels.to(device), "use_cache": False} if self.shifted else
-                   {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                    "labels": self.labels.to(device), "use_cache": False})
-            if self.extra is not None:  # read (and removed) by the task's objective, never passed to the model
-                out.update(self.extra.model_inputs(device))
-            return out
-        extra = packed_attention_inputs(self.seq_lens, self.input_ids.shape[1], attn_implementation, dtype)
-        ids, labels, positions = self.input_ids, self.labels, self.position_ids
-        if attn_implementation == "flash_attention_2":  # one varlen sequence: rows flattened
-            ids, labels, positions = ids.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
-        out = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device),
-               "use_cache": False}
-        out.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
-        return out
-
-
-    def sequence_shard(self, part: int, parts: int, rows: int, one_row: bool = False) -> "Batch":
-        """Rank `part` of `parts` in a sequence group: its contiguous 1/parts of every row's tokens (distributed.
-        sequence_parallel). Labels are shifted first, so the last token of a part still learns the first token of
-        the next; rows are padded to `rows` (a pair batch keeps its chosen half, then its rejected half) and the
-        width to a multiple of `parts` (padding never trains), as Ulysses needs the same shapes on every rank;
-        position ids stay global (packed rows: per sample). Without a mask: Ulysses attends causally (right
-        padding is never attended to by a real token). The task's extra rows (KTO's mismatched rows) are split
-        alike.
-
-        one_row (packing, which sequence parallelism allows with flash_attention_2 only): the rows are first
-        joined into one varlen row, as the flash-attention path without sequence parallelism takes packed rows,
-        every sample (or unpacked row) told apart by its position ids restarting at 0."""
-        if one_row and self.input_ids.shape[0] > 1:
-            count, width = self.input_ids.shape
-            positions = self.position_ids if self.position_ids is not None else \
-                torch.arange(width).expand(count, width)
-            flat = Batch(self.input_ids.reshape(1, -1), self.attention_mask.reshape(1, -1),
-                         self.labels.reshape(1, -1), position_ids=positions.reshape(1, -1))
-            shard = flat.sequence_shard(part, parts, 1)
-            shard.sample_ids, shard.positions = list(self.sample_ids), list(self.positions)
-            return shard
-        count, width = self.input_ids.shape
-        rows = max(rows, count)
-        wide = -(-width // parts) * parts
-        if self.blocks > 1:  # pad each block to its share of the rows (pairs: chosen and rejected halves)
-            share = rows // self.blocks
-            order = [i for b in range(self.blocks)
-                     for i in [b * self.examples + j for j in range(self.examples)] + [-1] * (share - self.examples)]
-        else:
-            order = list(range(count)) + [-1] * (rows - count)
-        ids = torch.zeros((rows, wide), dtype=torch.long)
-        labels = torch.full((rows, wide), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((rows, wide), dtype=torch.long)
-        positions = torch.arange(wide).expand(rows, wide).clone()
-        for row, source in enumerate(order):
-            if source < 0:
-                continue
-            ids[row, :width] = self.input_ids[source]
-            labels[row, :width - 1] = self.labels[source, 1:]
-            mask[row, :width] = self.attention_mask[source]
-            if self.position_ids is not None:  # (flattened) packed: per-sample positions, the padding counting on
-                positions[row, :width] = self.position_ids[source]
-                positions[row, width:] = self.position_ids[source, -1] + 1 + torch.arange(wide - width)
-        extra = self.extra.sequence_shard(part, parts, rows, count) if self.extra is not None else None
-        span = slice(part * wide // parts, (part + 1) * wide // parts)
-        return Batch(ids[:, span].contiguous(), mask[:, span].contiguous(), labels[:, span].contiguous(),
-                     sample_ids=list(self.sample_ids), position_ids=positions[:, span].contiguous(),
-                     positions=list(self.positions), examples=self.examples, shifted=True, blocks=self.blocks,
-                     extra=extra)
 
 
 def collate(samples: list[Tokenized], pad_id: int, sample_ids: list[str]) -> Batch:
@@ -204,8 +132,73 @@ class Collation:
 class BatchExtra(Protocol):
     """A task's tensors beside a batch's rows (KTO: the desirable flags and the mismatched rows)."""
 
-    def model_inputs(self, device: Any) -> dict:
-        """Its entries of the objective's inputs, on `device` (the objective removes them before the forward)."""
+    def on_device(self, device: Any, inputs_of: Callable[[Batch], ModelInputs]) -> Any:
+        """Its part of the objective's inputs (ModelInputs.extra) on `device`; `inputs_of` lays out a Batch of
+        rows of its own as the run lays out the batch's."""
 
-    def sequence_shard(self, part: int, parts: int, rows: int, count: int) -> "BatchExtra":
-        """Rank `part` of `parts` of a sequence group: its share, the batch's `count` rows padded to `rows`."""
+    def sequence_shard(self, shard_of: Callable[[Batch], Batch], rows: int, count: int) -> "BatchExtra":
+        """This rank's share in a sequence group: the batch's `count` rows padded to `rows`; `shard_of` splits a
+        Batch of rows of its own as the batch's were split."""
+
+
+@dataclass(frozen=True)
+class VarlenSegments:
+    """flash-attention's varlen inputs for one row of joined samples: where each segment starts (cumulative
+    lengths, 0 first) and the longest segment."""
+
+    cu_seq_lens: torch.Tensor
+    max_length: int
+
+    def to(self, device: Any) -> "VarlenSegments":
+        """The segments on `device`."""
+        return VarlenSegments(self.cu_seq_lens.to(device), self.max_length)
+
+    def forward_kwargs(self) -> dict:
+        """transformers' flash-attention keyword arguments (queries and keys are the same segments)."""
+        return {"cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_length, "max_length_k": self.max_length}
+
+
+@dataclass
+class ModelInputs:
+    """A micro batch on the device as an objective takes it (built by ftcore/train/sequence_parallel.py's
+    model_inputs, which knows the run's attention and sequence layout): what the model's forward gets, the labels
+    the loss reads, and the task's extra tensors. The objective decides what reaches the model: forward_kwargs()
+    without labels (it computes the loss itself), with_labels() for the model's own loss."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor  # per token (IGNORE_INDEX: not trained); a classifier's: one class per row
+    # Padding mask (plain rows), or packed rows' block-causal mask; None: causal over the row (flash-attention's
+    # varlen segments, a sequence shard).
+    attention_mask: Optional[torch.Tensor] = None
+    position_ids: Optional[torch.Tensor] = None  # packed rows and sequence shards
+    varlen: Optional[VarlenSegments] = None  # packed rows joined into one row for flash-attention
+    shifted: bool = False  # labels already shifted: label t is the token after t (a sequence shard)
+    extra: Any = None  # the task's (its BatchExtra.on_device; KTO: the desirable flags and the mismatched rows)
+
+    def forward_kwargs(self) -> dict:
+        """The model's keyword arguments, without labels."""
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids, "use_cache": False}
+        if self.attention_mask is not None:
+            kwargs["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids
+        if self.varlen is not None:
+            kwargs.update(self.varlen.forward_kwargs())
+        return kwargs
+
+    def with_labels(self) -> dict:
+        """The keyword arguments of a forward that computes the model's own loss (shift_labels when shifted)."""
+        return {**self.forward_kwargs(), ("shift_labels" if self.shifted else "labels"): self.labels}
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Each position's next-token label (the last position predicts nothing), as the logits at t are
+        scored: transformers' causal-LM shift, or the labels as they are when already shifted."""
+        return self.labels if self.shifted else shifted_labels(self.labels)
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them (position t predicts t + 1; the last position predicts
+    nothing), as transformers' causal-LM loss shifts them."""
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]

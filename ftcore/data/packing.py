@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from typing import Any, Generic, Optional, TypeVar
+from typing import Generic, Optional, TypeVar
 
 import torch
+
+from ftcore.data.batch import VarlenSegments
 
 T = TypeVar("T")
 
@@ -93,17 +95,18 @@ def block_causal_mask(seq_lens: list[list[int]], width: int) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def packed_attention_inputs(seq_lens: list[list[int]], width: int, attn_implementation: str,
-                            dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
-    """What to pass the model (besides input_ids/labels/position_ids) so packed samples stay apart."""
-    if attn_implementation == "flash_attention_2":
-        lens = torch.tensor([n for row in seq_lens for n in row], dtype=torch.int32)
-        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-        longest = int(lens.max())
-        return {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": longest, "max_length_k": longest}
+def packed_attention_mask(seq_lens: list[list[int]], width: int, attn_implementation: str,
+                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The mask that keeps packed samples apart on sdpa (boolean, True = attend) or eager (added to the scores,
+    in `dtype`). flash-attention takes varlen_segments instead."""
     mask = block_causal_mask(seq_lens, width)
-    if attn_implementation == "eager":  # eager adds the mask to the scores
+    if attn_implementation == "eager":
         dtype = dtype or torch.float32
-        return {"attention_mask": torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)}
-    return {"attention_mask": mask}  # sdpa takes a boolean mask (True = attend)
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def varlen_segments(lengths: list[int]) -> VarlenSegments:
+    """flash-attention's segments of one row joining samples of these lengths."""
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    return VarlenSegments(torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max()))

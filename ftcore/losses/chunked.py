@@ -27,12 +27,6 @@ import torch
 from ftcore.data.formats import IGNORE_INDEX
 
 
-def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the logits that predict them (position t predicts t + 1; the last position predicts
-    nothing), as transformers' causal-LM loss shifts them."""
-    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-
-
 @dataclass(frozen=True)
 class LogitTransform:
     """What a family does to its head's output before the loss: z = softcap * tanh(scale * raw / softcap), or

@@ -15,8 +15,9 @@ from typing import Any, Iterable, Optional
 import torch
 
 from ftcore.config import LossConfig
+from ftcore.data.batch import ModelInputs
 from ftcore.errors import TrainError
-from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy, shifted_labels
+from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy
 from ftcore.losses.head import (
     DecoderOutput,
     TrainedHeadUnderZero3,
@@ -43,18 +44,18 @@ class Objective:
     for an objective with a quantity of the whole step (KTO's reference point); eval_report for one whose task
     evaluates by its summed terms (ftcore.tasks.base.summed_eval_terms)."""
 
-    def start_step(self, model: Any, micro_inputs: Iterable[dict]) -> None:
+    def start_step(self, model: Any, micro_inputs: Iterable[ModelInputs]) -> None:
         """Called on every rank with the step's micro batches (or the eval set's) before any of them runs."""
 
     def report(self, totals: dict[str, float]) -> dict[str, float]:
         """The step's terms, summed over micro batches and ranks -> the metrics logged (as they are here)."""
         return totals
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """The micro batch's loss / normaliser, with its output and reported terms."""
         raise NotImplementedError
 
-    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+    def eval_loss(self, model: Any, inputs: ModelInputs) -> LossOutput:
         """The summed task loss of an eval batch (no regulariser)."""
         return self(model, inputs, 1)
 
@@ -66,9 +67,9 @@ class Objective:
 class CausalLMLoss(Objective):
     """Cross-entropy per trained token, computed by the model (labels -100 are not trained)."""
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """Cross-entropy per trained token / normaliser."""
-        out = model(**inputs, num_items_in_batch=normaliser)
+        out = model(**inputs.with_labels(), num_items_in_batch=normaliser)
         return LossOutput(out.loss, out, {"loss": out.loss.detach()})
 
 
@@ -84,7 +85,7 @@ class ChunkedCausalLMLoss(Objective):
         self.base_kl, self.reference, self.fused = base_kl, reference, fused
         self.zero3_head = None  # TrainedHeadUnderZero3, on the first call (after the engine registered its hooks)
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """(CE + base_kl * KL) / normaliser + the router loss."""
         total, ce, kl, out = self._sums(model, inputs, self.base_kl)
         if self.zero3_head is None:
@@ -96,15 +97,15 @@ class ChunkedCausalLMLoss(Objective):
             terms["base_kl"] = (kl / normaliser).detach()
         return LossOutput(loss, out, terms)
 
-    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+    def eval_loss(self, model: Any, inputs: ModelInputs) -> LossOutput:
         """The summed cross-entropy (+ router loss) of an eval batch, no KL."""
         _, ce, _, out = self._sums(model, inputs, 0.0)
         loss = ce + self._router_loss(model, out)
         return LossOutput(loss, out, {"loss": loss.detach()})
 
-    def _sums(self, model: Any, inputs: dict, base_kl: float):
+    def _sums(self, model: Any, inputs: ModelInputs, base_kl: float):
         inner = self.unwrap(model)
-        without_labels = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        without_labels = inputs.forward_kwargs()
         base_hidden = base_module = None
         if base_kl:
             base_hidden, base_module = base_model_output(model, inner, self.reference, without_labels)
@@ -112,7 +113,7 @@ class ChunkedCausalLMLoss(Objective):
             out = model(**without_labels, logits_to_keep=1)  # the head runs on one position only
         head = inner.get_output_embeddings()
         # A sequence shard's labels come shifted (its last token predicts the next rank's first).
-        targets = inputs["shift_labels"] if "shift_labels" in inputs else shifted_labels(inputs["labels"])
+        targets = inputs.targets
         with gathered(head, base_module if self.reference is not None else None):
             if self.fused:
                 ce = fused_cross_entropy(decoder.hidden, head, targets, self.transform)
@@ -144,12 +145,10 @@ class ChunkedCausalLMLoss(Objective):
 class ClassificationLoss(Objective):
     """Cross-entropy of each sample's class (label -100: a padding row of an eval batch)."""
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """Cross-entropy per sample / normaliser."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        out = model(**inputs)
-        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=-100,
+        out = model(**inputs.forward_kwargs())
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), inputs.labels, ignore_index=-100,
                                                  reduction="sum") / normaliser
         return LossOutput(loss, out, {"loss": loss.detach()})
 
@@ -163,26 +162,26 @@ class WithBaseKL(Objective):
     def __init__(self, task: Objective, beta: float, unwrap: Any, reference: Optional[torch.nn.Module]):
         self.task, self.beta, self.unwrap, self.reference = task, beta, unwrap, reference
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """The task loss + beta * KL / normaliser."""
         result = self.task(model, inputs, normaliser)
         kl = self.base_kl(model, inputs, result.output.logits) / normaliser
         return LossOutput(result.loss + self.beta * kl, result.output, {**result.terms, "base_kl": kl.detach()})
 
-    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+    def eval_loss(self, model: Any, inputs: ModelInputs) -> LossOutput:
         """The task's eval loss (no KL)."""
         return self.task.eval_loss(model, inputs)
 
-    def base_kl(self, model: Any, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
+    def base_kl(self, model: Any, inputs: ModelInputs, logits: torch.Tensor) -> torch.Tensor:
         """Sum over this micro batch's trained tokens of KL(base || fine-tuned)."""
-        without_labels = {k: v for k, v in inputs.items() if k != "labels"}
+        without_labels = inputs.forward_kwargs()
         with torch.no_grad():
             if self.reference is not None:
                 base = self.reference(**without_labels).logits
             else:
                 with self.unwrap(model).disable_adapter():
                     base = model(**without_labels).logits
-        trained = inputs["labels"][:, 1:] != -100  # logits at t predict the label at t + 1
+        trained = inputs.targets[:, :-1] != -100  # logits at t predict the label at t + 1
         fine_log = torch.log_softmax(logits[:, :-1][trained].float(), dim=-1)
         base_log = torch.log_softmax(base[:, :-1][trained].float(), dim=-1)
         return (base_log.exp() * (base_log - fine_log)).sum()

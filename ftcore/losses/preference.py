@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ftcore.config import PreferenceConfig
-from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy, chunked_token_logprobs, shifted_labels
+from ftcore.data.batch import ModelInputs
+from ftcore.losses.chunked import HeadTensors, chunked_linear_cross_entropy, chunked_token_logprobs
 from ftcore.losses.head import (
     DecoderOutput,
     TrainedHeadUnderZero3,
@@ -87,20 +88,21 @@ class _ResponseLogpObjective(Objective):
         self.across = sequence.sum if sequence is not None else (lambda t: t)
         self.share = sequence.degree if sequence is not None else 1
 
-    def _response_tokens(self, inputs: dict) -> torch.Tensor:
+    def _response_tokens(self, inputs: ModelInputs) -> torch.Tensor:
         """Trained tokens per row (summed over a sequence group)."""
-        return self.across((_targets(inputs) != -100).sum(dim=1).float())
+        return self.across((inputs.targets != -100).sum(dim=1).float())
 
-    def _loss_of_logps(self, model: Any, inputs: dict, loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]):
+    def _loss_of_logps(self, model: Any, inputs: ModelInputs,
+                       loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]):
         """(loss to backpropagate, model output, each row's summed response log-probs, what loss_of returned
         beside the loss): loss_of maps the rows' log-prob sums (a leaf tensor) to (summed loss / normaliser,
         extras); its gradient reaches the weights by the chain rule through the chunked head."""
         inner = self.unwrap(model)
         if self.zero3_head is None:
             self.zero3_head = TrainedHeadUnderZero3(inner.get_output_embeddings())
-        targets = _targets(inputs)
+        targets = inputs.targets
         with DecoderOutput(inner).capture() as decoder:
-            out = model(**_model_inputs(inputs), logits_to_keep=1)
+            out = model(**inputs.forward_kwargs(), logits_to_keep=1)
         head = inner.get_output_embeddings()
         with gathered(head):
             tensors = head_tensors(head, decoder.hidden)
@@ -124,36 +126,25 @@ class _ResponseLogpObjective(Objective):
                 loss = loss_value.detach() / self.share
         return loss, out, policy_logps, extras
 
-    def _reference_logps(self, model: Any, inputs: dict) -> torch.Tensor:
+    def _reference_logps(self, model: Any, inputs: ModelInputs) -> torch.Tensor:
         """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
-        hidden, head = base_model_output(model, self.unwrap(model), self.reference, _model_inputs(inputs))
+        hidden, head = base_model_output(model, self.unwrap(model), self.reference, inputs.forward_kwargs())
         with torch.no_grad(), gathered(head):
             linear = head_parts(head, "reference's head")[0]
-            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias), _targets(inputs),
+            logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias), inputs.targets,
                                            self.chunk_tokens, self.transform)
         return self.across(logps.sum(dim=1))
 
-    def _policy_logps(self, model: Any, inputs: dict) -> torch.Tensor:
+    def _policy_logps(self, model: Any, inputs: ModelInputs) -> torch.Tensor:
         """Summed response log-probs of the policy, without gradients."""
         inner = self.unwrap(model)
         with torch.no_grad(), DecoderOutput(inner).capture() as decoder:
-            model(**_model_inputs(inputs), logits_to_keep=1)
+            model(**inputs.forward_kwargs(), logits_to_keep=1)
         head = inner.get_output_embeddings()
         with torch.no_grad(), gathered(head):
-            logps = chunked_token_logprobs(decoder.hidden, head_tensors(head, decoder.hidden), _targets(inputs),
+            logps = chunked_token_logprobs(decoder.hidden, head_tensors(head, decoder.hidden), inputs.targets,
                                            self.chunk_tokens, self.transform)
         return self.across(logps.sum(dim=1))
-
-
-def _model_inputs(inputs: dict) -> dict:
-    """The model's keyword arguments: without the labels and what only the objective reads."""
-    return {k: v for k, v in inputs.items()
-            if k not in ("labels", "shift_labels", "kto_desirable", "kto_mismatched")}
-
-
-def _targets(inputs: dict) -> torch.Tensor:
-    """Each position's target token (-100: none): the labels shifted, or a sequence shard's already shifted."""
-    return inputs["shift_labels"] if "shift_labels" in inputs else shifted_labels(inputs["labels"])
 
 
 class PreferenceLoss(_ResponseLogpObjective):
@@ -161,7 +152,7 @@ class PreferenceLoss(_ResponseLogpObjective):
     normaliser = pairs in the step over all ranks. Reported per step: loss, rewards_chosen, rewards_rejected,
     reward_margin, reward_accuracy, logps_chosen, logps_rejected (means over the step's pairs)."""
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """The pairs' summed loss / normaliser, with the reward metrics."""
         tokens = self._response_tokens(inputs)
         pairs = tokens.shape[0] // 2
@@ -189,7 +180,7 @@ class PreferenceLoss(_ResponseLogpObjective):
                  "logps_rejected": (policy_logps[pairs:] * real_f).sum() / normaliser}
         return LossOutput(loss, out, terms)
 
-    def eval_loss(self, model: Any, inputs: dict) -> LossOutput:
+    def eval_loss(self, model: Any, inputs: ModelInputs) -> LossOutput:
         """Sums over the batch's pairs (loss and every metric), and "pairs": how many real pairs it holds."""
         result = self(model, inputs, 1)
         trained = self._response_tokens(inputs) > 0
@@ -226,11 +217,11 @@ class KTOLoss(_ResponseLogpObjective):
         self.all_reduce = all_reduce
         self.reference_point = 0.0
 
-    def start_step(self, model: Any, micro_inputs: Iterable[dict]) -> None:
+    def start_step(self, model: Any, micro_inputs: Iterable[ModelInputs]) -> None:
         """Estimate z over the mismatched rows of these micro batches on every rank (collective)."""
         total = rows = 0.0
         for inputs in micro_inputs:
-            mismatched = inputs["kto_mismatched"]
+            mismatched = inputs.extra.mismatched
             real = self._response_tokens(mismatched) > 0
             # (Under sequence parallelism every rank of a group adds the same rows: the mean is unchanged.)
             ratio = self._policy_logps(model, mismatched) - self._reference_logps(model, mismatched)
@@ -239,9 +230,9 @@ class KTOLoss(_ResponseLogpObjective):
         total, rows = self.all_reduce([total, rows])
         self.reference_point = max(0.0, total / rows) if rows else 0.0
 
-    def __call__(self, model: Any, inputs: dict, normaliser: int) -> LossOutput:
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
         """The samples' summed loss / normaliser; the other terms are sums (report turns them into means)."""
-        desirable = inputs["kto_desirable"]
+        desirable = inputs.extra.desirable
         real = self._response_tokens(inputs) > 0
         reference_logps = self._reference_logps(model, inputs)
         z, beta, cfg = self.reference_point, self.cfg.beta, self.cfg

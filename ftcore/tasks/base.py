@@ -53,7 +53,7 @@ class EvalRun:
     engine: Any
     objective: Any  # the run's ftcore.losses.objective.Objective
     batches: list  # this rank's eval Batches (padded to the same count on every rank)
-    model_inputs: Callable[[Any], dict]  # Batch -> the objective's inputs on this rank's device
+    model_inputs: Callable[[Any], Any]  # Batch -> the objective's ModelInputs on this rank's device
     runtime: Any  # ftcore.train.runtime.Runtime: all_reduce, all_gather_object, is_main
     step: int
 

@@ -17,24 +17,25 @@ from ftcore.tasks.preference import Preference
 
 @dataclass
 class KTOBatch:
-    """What a KTO batch holds beside its rows (its Batch.extra): desirable[i] for row i, and the mismatched rows
-    (a Batch)."""
+    """What a KTO batch holds beside its rows (its Batch.extra; on the device, its ModelInputs.extra):
+    desirable[i] for row i, and the mismatched rows (a Batch; on the device, their ModelInputs)."""
 
     desirable: Any  # bool tensor, one per row
     mismatched: Any
 
-    def model_inputs(self, device: Any) -> dict:
-        """The KTO objective's entries (it removes them before the model's forward)."""
-        return {"kto_desirable": self.desirable.to(device), "kto_mismatched": self.mismatched.model_inputs(device)}
+    def on_device(self, device: Any, inputs_of: Any) -> KTOBatch:
+        """The KTO objective's part of the inputs: the flags on `device`, the mismatched rows laid out as the
+        batch's (ModelInputs)."""
+        return KTOBatch(self.desirable.to(device), inputs_of(self.mismatched))
 
-    def sequence_shard(self, part: int, parts: int, rows: int, count: int) -> KTOBatch:
-        """Rank `part`'s share under sequence parallelism: the flags padded to `rows` (padding rows are not
+    def sequence_shard(self, shard_of: Any, rows: int, count: int) -> KTOBatch:
+        """This rank's share under sequence parallelism: the flags padded to `rows` (padding rows are not
         desirable and train nothing), the mismatched rows split like the batch's."""
         import torch
 
         desirable = torch.zeros(rows, dtype=torch.bool)
         desirable[:count] = self.desirable
-        return KTOBatch(desirable, self.mismatched.sequence_shard(part, parts, rows))
+        return KTOBatch(desirable, shard_of(self.mismatched))
 
 
 def collate_kto(samples: list, partners: list, pad_id: int, sample_ids: list[str], limit: int, bos: Any) -> Any:

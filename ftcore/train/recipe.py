@@ -18,7 +18,7 @@ import torch
 from ftcore.builtin import base_record, resolve_model_path
 from ftcore.checkpoint import CheckpointError, CheckpointManager
 from ftcore.config import Config, dump_config
-from ftcore.data.batch import Batch, pad_eval_batches
+from ftcore.data.batch import Batch, ModelInputs, pad_eval_batches
 from ftcore.data.stream import DataError, TrainStream, eval_batches, restore_states
 from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.dtypes import DTYPES
@@ -40,7 +40,7 @@ from ftcore.train.optim import attach_schedule, build_optimizer, restore_rates
 from ftcore.train.outputs import save_final
 from ftcore.train.reporting import Reporter
 from ftcore.train.runtime import Runtime, start_runtime
-from ftcore.train.sequence_parallel import start_sequence_parallel
+from ftcore.train.sequence_parallel import model_inputs, sequence_shard, start_sequence_parallel
 from ftcore.train.state import RunState
 
 
@@ -344,12 +344,12 @@ class Recipe:
             self.reporter.close(status)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _inputs(self, batch: Batch) -> dict:
-        return batch.model_inputs(self.runtime.device, self.attn_implementation, self.compute_dtype)
+    def _inputs(self, batch: Batch) -> ModelInputs:
+        return model_inputs(batch, self.runtime.device, self.attn_implementation, self.compute_dtype)
 
     def _rows(self) -> int:
         """Rows of every forward: the micro batch's examples times the task's rows per example (a preference pair
-        is two); one under sequence parallelism with packing (Batch.sequence_shard makes the packed rows one
+        is two); one under sequence parallelism with packing (sequence_shard joins the packed rows into one
         varlen row)."""
         if self.cfg.data.packing and self.runtime.sequence_parallel > 1:
             return 1
@@ -364,8 +364,8 @@ class Recipe:
         rt = self.runtime
         if rt.sequence_parallel == 1:
             return batch
-        return batch.sequence_shard(rt.sequence_rank, rt.sequence_parallel, self._rows(),
-                                    one_row=self.cfg.data.packing)
+        return sequence_shard(batch, rt.sequence_rank, rt.sequence_parallel, self._rows(),
+                              one_row=self.cfg.data.packing)
 
     def _stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? Asked of all ranks at every step boundary (one all-reduce), so
