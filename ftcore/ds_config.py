@@ -95,6 +95,21 @@ def build_ds_config(train: TrainConfig, optimizer: OptimizerConfig, dist: Distri
     return cfg
 
 
+def build_inference_ds_config(dist: DistributedConfig, cuda: bool, world_size: int,
+                              hidden_size: Optional[int] = None) -> dict:
+    """The DeepSpeed config of a forward-only run (ft eval): the template of distributed.zero_stage (0 or 3) and
+    its parameter offload, one sample per forward, no optimizer and no optimizer offload, in float32 (as ft eval
+    scores). A user's distributed.deepspeed_config configures training only."""
+    offload = "all" if dist.zero_stage == 3 and dist.offload == "all" else "none"
+    forward_only = TrainConfig(micro_batch_size=1, grad_accum_steps=1)
+    name = template_name(dist.zero_stage, offload)
+    cfg = fill_template(load_template(name),
+                        _fills(forward_only, OptimizerConfig(), dist, "float32", cuda, world_size, hidden_size),
+                        f"ds_configs/{name}")
+    cfg.get("zero_optimization", {}).pop("offload_optimizer", None)
+    return cfg
+
+
 def from_user_json(path: str, fills: dict[str, Any], train: TrainConfig, dist: DistributedConfig, dtype: str,
                    cuda: bool) -> dict:
     """A user's DeepSpeed JSON with its "auto" values filled, and every setting the typed config expresses written

@@ -40,6 +40,14 @@ def install_stop_handlers() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def end_on_stop_signals() -> None:
+    """A process with nothing to save (an ft eval rank) ends on a stop signal, as by default: `ft launch`'s
+    supervisor started it with them blocked, which would otherwise leave it deaf to USR1 and TERM."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def ignore_stop_signals() -> None:
     """Once the run has finished or checkpointed, a late stop signal has nothing left to stop. CPython puts SIG_DFL
     back for its own handlers at interpreter shutdown, so a signal arriving while a process tears down (seconds,

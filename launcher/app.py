@@ -59,6 +59,27 @@ def fail(error: Union[str, BaseException], code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def fail_rank(error: BaseException) -> None:
+    """A rank's known error: recorded for its launcher's first-failure report ("rank N failed first: <reason>",
+    a config error keeping its label), then printed as one line; exit status 1."""
+    from launcher.supervise import write_failure_record
+
+    write_failure_record(error_line(error) if isinstance(error, ConfigError) and error.label != "error"
+                         else str(error))
+    fail(error, code=1)
+
+
+def record_unexpected(error: BaseException) -> None:
+    """A rank's unexpected error: a collective that lost its peer ends as one line (exit status 1); anything
+    else is recorded for the launcher's report, and the caller re-raises it with its traceback."""
+    from launcher.supervise import lost_peer_message, write_failure_record
+
+    lost = lost_peer_message(error)
+    write_failure_record(lost or f"{type(error).__name__}: {error}")
+    if lost:
+        fail(lost, code=1)
+
+
 def load_run_config(config: Optional[str], sets: List[str], check_paths: bool = False, announce: bool = False):
     """The run's config: YAML + --set, then what the launcher (accelerate launch's settings) and a DeepSpeed JSON
     chose for the fields those leave unset (ftcore/launch_settings.py); announce prints those choices (rank 0)."""

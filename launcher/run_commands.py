@@ -12,7 +12,17 @@ import typer
 
 from ftcore.config import ConfigError, dump_config
 from ftcore.run_dir import RunDir
-from launcher.app import CONFIG_ARG, RESUME_OPT, SET_OPT, app, check_batch, error_line, fail, load_run_config
+from launcher.app import (
+    CONFIG_ARG,
+    RESUME_OPT,
+    SET_OPT,
+    app,
+    check_batch,
+    fail,
+    fail_rank,
+    load_run_config,
+    record_unexpected,
+)
 
 
 @app.command()
@@ -42,8 +52,6 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
         ignore_stop_signals,
         install_stop_handlers,
     )
-    from launcher.supervise import lost_peer_message, write_failure_record
-
     die_with_launcher()
     _run_the_world_accelerate_asked_for(config, sets, resume)
     install_stop_handlers()  # first: a stop signal from now on is recorded, not fatal
@@ -59,19 +67,13 @@ def train(config: Optional[str] = CONFIG_ARG, sets: List[str] = SET_OPT, resume:
         except Preempted:
             raise typer.Exit(PREEMPTED_EXIT_STATUS) from None  # rank 0 has logged where the checkpoint is
         except (ConfigError, DataError, ModelError, CheckpointError, TrainError) as e:
-            # (the first-failure report says "rank N failed first: <reason>": a config error keeps its label)
-            write_failure_record(error_line(e) if isinstance(e, ConfigError) and e.label != "error" else str(e))
-            fail(e, code=1)
+            fail_rank(e)
         finally:
             ignore_stop_signals()  # the outcome is decided: a signal during teardown must not change it
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as e:  # an unexpected error still tells the launcher when and where it happened
-        lost = lost_peer_message(e)
-        if lost:
-            write_failure_record(lost)
-            fail(lost, code=1)
-        write_failure_record(f"{type(e).__name__}: {e}")
+        record_unexpected(e)
         raise
 
 

@@ -37,6 +37,7 @@ class NodeContext:
     attempt_dir: Path     # output_dir/logs/<attempt>: per-rank logs (node<k>/...) and failure records
     tee: bool             # per-rank log files exist (output not going to a terminal)
     stop_grace_s: float = 30.0  # distributed.stop_grace_s: after a rank failed, how long the others may take
+    job: str = "training"  # what the ranks run, as the messages name it ("evaluation": ft eval, nothing to resume)
 
 
 def say(ctx: NodeContext, message: str) -> None:
@@ -78,8 +79,13 @@ class StopForwarder:
                 proc.send_signal(signal.SIGUSR1)
             except psutil.Error:
                 pass
-        say(self.ctx, f"{signal.Signals(signum).name} received: asked {len(ranks)} training process"
-                      f"{'es' if len(ranks) != 1 else ''} to checkpoint at the next step boundary and stop")
+        plural = "es" if len(ranks) != 1 else ""
+        if self.ctx.job == "training":
+            say(self.ctx, f"{signal.Signals(signum).name} received: asked {len(ranks)} training process{plural} "
+                          "to checkpoint at the next step boundary and stop")
+        else:
+            say(self.ctx, f"{signal.Signals(signum).name} received: stopped {len(ranks)} {self.ctx.job} "
+                          f"process{plural}")
 
 
 class FailureWatchdog:
@@ -139,6 +145,10 @@ def run_node(argv: Sequence[str], env: Mapping[str, str], ctx: NodeContext) -> i
         launch_command(args)
     except ChildFailedError as e:
         _, first = e.get_first_failure()
+        if ctx.job != "training" and forwarder.received is not None:  # nothing to checkpoint: the ranks end
+            name = signal.Signals(forwarder.received).name
+            say(ctx, f"{ctx.job} stopped by {name} before it finished: nothing was written; rerun it")
+            return 128 + forwarder.received
         if first.exitcode == PREEMPTED_EXIT_STATUS:
             say(ctx, f"training checkpointed and stopped on a stop signal: exit status {PREEMPTED_EXIT_STATUS} "
                      "(rerun or requeue to resume)")
@@ -149,7 +159,7 @@ def run_node(argv: Sequence[str], env: Mapping[str, str], ctx: NodeContext) -> i
         say(ctx, f"stopped by {e.sigval.name}")
         return 128 + int(e.sigval)
     if forwarder.received is not None:
-        say(ctx, "a stop signal arrived but training had already finished: nothing to resume")
+        say(ctx, f"a stop signal arrived but {ctx.job} had already finished: nothing to resume")
     return 0
 
 
@@ -165,8 +175,11 @@ def report_failure(ctx: NodeContext, failures: Mapping[int, object]) -> None:
         except (OSError, ValueError):
             continue
     local = {ctx.node_rank * ctx.nproc + rank: f for rank, f in failures.items()}
+    # A rank ended by SIGTERM after another recorded its error was stopped by torch elastic (it stops the
+    # survivors of a failed rank so), not the cause.
     killed = sorted((f.timestamp, rank, f) for rank, f in local.items()
-                    if f.exitcode < 0 and not any(r["rank"] == rank for r in records))
+                    if f.exitcode < 0 and not any(r["rank"] == rank for r in records)
+                    and not (records and f.exitcode == -signal.SIGTERM))
     if killed:
         _, rank, failure = killed[0]
         reason = f"killed by {failure.signal_name()}"
@@ -177,7 +190,7 @@ def report_failure(ctx: NodeContext, failures: Mapping[int, object]) -> None:
         rank, failure = min(local.items(), key=lambda item: item[1].timestamp)
         reason = f"exit code {failure.exitcode}"
     codes = ", ".join(f"rank {r}: {_describe(f.exitcode)}" for r, f in sorted(local.items()))
-    say(ctx, f"training failed; rank {rank} failed first: {reason} (this node's ranks: {codes})")
+    say(ctx, f"{ctx.job} failed; rank {rank} failed first: {reason} (this node's ranks: {codes})")
     log = _rank_log(ctx, rank)
     if log is None:
         say(ctx, f"no log found for rank {rank} under {ctx.attempt_dir}" if ctx.tee else

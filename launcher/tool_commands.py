@@ -9,7 +9,8 @@ import typer
 
 from ftcore.config import ConfigError
 from ftcore.run_dir import RunDir
-from launcher.app import CONFIG_ARG, SET_OPT, app, fail, load_run_config
+from launcher.app import CONFIG_ARG, SET_OPT, app, fail, fail_rank, load_run_config, record_unexpected
+from launcher.workstation import EvalRequest
 
 
 @app.command()
@@ -197,36 +198,60 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
               ft eval outputs/demo/merged --data held_out.jsonl --format prompt_completion --nproc 2
     """
     import os
-    import sys
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
-
-        from ftcore.dist_env import free_port
-        from launcher.workstation import build_eval_command
-
-        args = sys.argv[sys.argv.index("eval") + 1:]
-        args = [a for i, a in enumerate(args) if a != "--nproc" and (i == 0 or args[i - 1] != "--nproc")
-                and not a.startswith("--nproc=")]
-        argv, env = build_eval_command(nproc, args, free_port(), os.environ)
-        from ftcore.builtin import is_builtin
-        from ftcore.gguf_base import GGUFError, gguf_file
-
-        try:  # a built-in or GGUF base is built once here, not by every rank at once
-            if is_builtin(target) or gguf_file(target) is not None:
-                from ftcore.builtin import resolve_model_path
-
-                resolve_model_path(target)
-        except (GGUFError, ValueError, OSError) as e:
-            fail(e, code=1)
-        raise typer.Exit(subprocess.run(argv, env=env).returncode)
+        raise typer.Exit(_launch_eval(EvalRequest(target, tuple(data), fmt, tuple(metric), out, batch_size,
+                                                  max_new_tokens, zero3, tuple(sets)), nproc))
+    from ftcore.errors import TrainError
     from ftcore.evaluation.command import EvalError, run_eval
+    from ftcore.preemption import die_with_launcher, end_on_stop_signals
 
+    die_with_launcher()  # a rank of `ft eval --nproc N` dies with its supervisor
+    end_on_stop_signals()
     try:
         summary = run_eval(target, data, fmt, metric, out, batch_size, max_new_tokens, zero3, sets)
-    except (ConfigError, EvalError, OSError, ValueError) as e:
-        fail(e, code=1)
+    except (ConfigError, EvalError, TrainError, OSError, ValueError) as e:
+        fail_rank(e)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a lost peer is one line; anything else keeps its traceback
+        record_unexpected(e)
+        raise
     if "out" in summary:  # rank 0
         from launcher.views import print_eval_summary
 
         print_eval_summary(summary)
+
+
+def _launch_eval(request: EvalRequest, nproc: int) -> int:
+    """`ft eval --nproc N`: N ranks of `ft eval` under the same supervised accelerate launch as training (stop
+    signals, the first failing rank and its log tail, a hung rank ended); their exit status."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from ftcore.builtin import is_builtin, resolve_model_path
+    from ftcore.dist_env import free_port
+    from ftcore.gguf_base import GGUFError, gguf_file
+    from launcher.supervise import NodeContext, block_stop_signals, run_node
+    from launcher.workstation import build_eval_command
+
+    block_stop_signals()  # before anything can start a thread (see launcher/supervise.py)
+    try:  # a built-in or GGUF base is built once here, not by every rank at once
+        if is_builtin(request.target) or gguf_file(request.target) is not None:
+            resolve_model_path(request.target)
+    except (GGUFError, ValueError, OSError) as e:
+        fail(e, code=1)
+    # The attempt's per-rank logs and failure records: kept for the report while it runs, removed after success.
+    attempt_dir = Path(tempfile.mkdtemp(prefix="ft-eval-"))
+    tee = not sys.stdout.isatty()
+    argv, env = build_eval_command(request, nproc, free_port(), os.environ,
+                                   log_dir=str(attempt_dir / "node0") if tee else None,
+                                   failure_dir=str(attempt_dir / "failures"))
+    status = run_node(argv, env, NodeContext(node_rank=0, nproc=nproc, attempt_dir=attempt_dir, tee=tee,
+                                             job="evaluation"))
+    if status == 0:
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+    return status

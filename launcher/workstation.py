@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class LaunchSpec(RunConfigArgs):
     failure_dir: Optional[str] = None   # where failing ranks record when and why (launcher/supervise.py)
 
 
-def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = sys.executable
-                  ) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) of the accelerate launch that runs `spec`; pure."""
+def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = sys.executable,
+                  entry: Optional[Sequence[str]] = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of the accelerate launch that runs `spec`: `ft train` in every process, or the ft command
+    `entry` (its argv after `ft`); pure."""
     if spec.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {spec.nproc}")
     argv = [
@@ -63,7 +64,9 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
         argv += ["--deepspeed_multinode_launcher", "standard"]
     if spec.log_dir:
         argv += ["--tee", "3", "--log_dir", spec.log_dir]
-    argv += ["--module", "launcher.cli", "train", *spec.config_argv(), "--resume", spec.resume]
+    if entry is None:
+        entry = ["train", *spec.config_argv(), "--resume", spec.resume]
+    argv += ["--module", "launcher.cli", *entry]
     env = dict(base_env)
     # One intra-op thread pool per process would oversubscribe the cores N-fold; torchrun's default is 1 and
     # we keep a user's explicit choice.
@@ -81,15 +84,38 @@ def build_command(spec: LaunchSpec, base_env: Mapping[str, str], python: str = s
     return argv, env
 
 
-def build_eval_command(nproc: int, eval_args: list[str], port: int, base_env: Mapping[str, str],
+@dataclass(frozen=True)
+class EvalRequest:
+    """What `ft eval` was asked, as every rank of `ft eval --nproc N` receives it."""
+    target: str
+    data: tuple[str, ...] = ()
+    fmt: Optional[str] = None
+    metrics: tuple[str, ...] = ()
+    out: Optional[str] = None
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    zero3: bool = False
+    overrides: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        """`eval TARGET --data ... --set ...` as `ft eval` takes them (without --nproc: a rank starts none)."""
+        argv = ["eval", self.target, *(w for d in self.data for w in ("--data", d))]
+        argv += ["--format", self.fmt] if self.fmt else []
+        argv += [w for m in self.metrics for w in ("--metric", m)]
+        argv += ["--out", self.out] if self.out else []
+        argv += ["--batch-size", str(self.batch_size), "--max-new-tokens", str(self.max_new_tokens)]
+        argv += ["--zero3"] if self.zero3 else []
+        return argv + [w for s in self.overrides for w in ("--set", s)]
+
+
+def build_eval_command(request: EvalRequest, nproc: int, port: int, base_env: Mapping[str, str],
+                       log_dir: Optional[str] = None, failure_dir: Optional[str] = None,
                        python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) of `ft eval --nproc N`: torchrun starts N local ranks of `ft eval eval_args`; pure."""
+    """(argv, env) of `ft eval --nproc N`: the same accelerate + DeepSpeed launch as training (build_command)
+    starts N local ranks of `ft eval`; pure."""
     if nproc < 2:
         raise ValueError(f"--nproc must be >= 2 to start ranks, got {nproc}")
-    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-            "--master-port", str(port), "-m", "launcher.cli", "eval", *eval_args]
-    env = dict(base_env)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
-    return argv, env
+    spec = LaunchSpec(config_path=None, overrides=request.overrides, nproc=nproc,
+                      zero_stage=3 if request.zero3 else 0, mixed_precision="no", main_port=port, log_dir=log_dir,
+                      failure_dir=failure_dir)
+    return build_command(spec, base_env, python, entry=request.argv())

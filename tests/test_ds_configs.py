@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from ftcore.config import load_config
-from ftcore.ds_config import build_ds_config, fill_template, load_template, template_name, template_names
+from ftcore.ds_config import (
+    build_ds_config,
+    build_inference_ds_config,
+    fill_template,
+    load_template,
+    template_name,
+    template_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMBOS = [(0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"), (3, "none"),
@@ -54,6 +61,26 @@ def test_deepspeed_accepts_each_config(stage, offload):
     assert parsed.zero_optimization_stage == stage
     assert parsed.gradient_accumulation_steps == 4
     assert parsed.train_micro_batch_size_per_gpu == 2
+
+
+@pytest.mark.parametrize("stage, offload", [(0, "none"), (3, "none"), (3, "optimizer"), (3, "all")])
+def test_the_forward_only_config_has_no_optimizer_and_deepspeed_accepts_it(stage, offload):
+    """ft eval's DeepSpeed config: the run's stage template, one sample per forward, float32, no optimizer or
+    optimizer offload (nothing trains), parameter offload kept (a model no rank can hold)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_config(None, [f"distributed.zero_stage={stage}", f"distributed.offload={offload}",
+                             "model.dtype=bfloat16", "train.micro_batch_size=4"])
+    ds = build_inference_ds_config(cfg.distributed, cuda=False, world_size=2, hidden_size=64)
+    assert "auto" not in json.dumps(ds) and "optimizer" not in ds and "scheduler" not in ds
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage and "offload_optimizer" not in zero
+    assert ("offload_param" in zero) is (offload == "all")
+    assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    parsed = DeepSpeedConfig(ds, world_size=2) if "world_size" in DeepSpeedConfig.__init__.__code__.co_varnames \
+        else DeepSpeedConfig(ds)
+    assert parsed.zero_optimization_stage == stage
 
 
 def test_unknown_auto_is_an_error():

@@ -5,6 +5,7 @@ answers = `ft eval`'s on the run's final/ model."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,22 @@ def test_eval_on_two_ranks_and_on_two_zero3_ranks_equals_one_rank(tmp_path):
         rows, other = eval_rows(tmp_path / name)
         assert other["world_size"] == 2 and same_answers(rows, one), name
         assert other["metrics"] == summary["metrics"], name
+
+
+@pytest.mark.multiproc
+def test_a_failing_eval_rank_is_reported_as_a_failing_training_rank_is(tmp_path):
+    """`ft eval --nproc 2` runs under the training's supervisor: the first failing rank is named with its reason
+    and its log tail, the others are stopped, and nothing is written."""
+    data = tmp_path / "held_out.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                 "content": "yo"}]})
+                    + "\n" + json.dumps({"messages": 3}) + "\n")
+    proc = run_ft("eval", "builtin:tiny-llama", "--data", str(data), "--out", str(tmp_path / "ev"), "--nproc", "2",
+                  check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"\[node0 launcher\] evaluation failed; rank [01] failed first: \S*held_out.jsonl:2: chat "
+                     r"field 'messages'", proc.stderr), proc.stderr[-2000:]
+    assert "last " in proc.stderr and not (tmp_path / "ev").exists()
 
 
 @pytest.mark.multiproc

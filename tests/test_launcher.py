@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from launcher.workstation import LaunchSpec, build_command
+from launcher.workstation import EvalRequest, LaunchSpec, build_command, build_eval_command
 from tests.conftest import ROOT, run_ft
 
 
@@ -31,6 +31,28 @@ def test_build_command_is_pure_and_complete():
                     "--set", "output_dir=/x y", "--resume", "auto"]
     assert env["PATH"] == "/bin" and int(env["OMP_NUM_THREADS"]) >= 1
     assert build_command(spec, {"OMP_NUM_THREADS": "7"})[1]["OMP_NUM_THREADS"] == "7"  # user's choice kept
+
+
+def test_eval_ranks_start_under_the_same_launch_as_training():
+    """`ft eval --nproc N` is the training's accelerate + DeepSpeed launch (build_command) of `ft eval` with every
+    option the user gave, rebuilt from the parsed request (no --nproc: a rank starts none)."""
+    request = EvalRequest("out/run.yaml", data=("a.jsonl", "b c.jsonl"), fmt="chat", metrics=("exact_match",),
+                          out="/tmp/ev", batch_size=3, max_new_tokens=9, zero3=True,
+                          overrides=("distributed.timeout_s=60",))
+    argv, env = build_eval_command(request, 2, 29512, {"PATH": "/bin"}, failure_dir="/f", python="/py")
+    train_argv, _ = build_command(LaunchSpec(config_path=None, overrides=(), nproc=2, zero_stage=3,
+                                             mixed_precision="no", main_port=29512), {}, python="/py")
+    head = argv[: argv.index("--module")]
+    assert head == train_argv[: train_argv.index("--module")]
+    assert argv[argv.index("--module") + 1:] == [
+        "launcher.cli", "eval", "out/run.yaml", "--data", "a.jsonl", "--data", "b c.jsonl", "--format", "chat",
+        "--metric", "exact_match", "--out", "/tmp/ev", "--batch-size", "3", "--max-new-tokens", "9", "--zero3",
+        "--set", "distributed.timeout_s=60"]
+    assert env["FT_FAILURE_DIR"] == "/f" and env["PATH"] == "/bin"
+    plain = build_eval_command(EvalRequest("builtin:tiny-llama"), 2, 1, {})[0]
+    assert plain[plain.index("--zero_stage") + 1] == "0" and "--zero3" not in plain
+    with pytest.raises(ValueError, match="--nproc must be >= 2"):
+        build_eval_command(request, 1, 1, {})
 
 
 def test_dry_run_prints_the_command_without_running():

@@ -3,8 +3,10 @@
 TARGET is a run's config (its output_dir/final/ and data.eval), a final/ adapter dir (on its base), a merged
 export, a training checkpoint step dir (consolidated to a temporary export first, without verification), or a
 built-in model. The prompts are rendered as the run's training rendered them, with the tokenizer and chat template
-saved beside the model. Under torchrun / `ft launch` / `ft eval --nproc N` the set is split over the ranks
-(ftcore/evaluation/generation.py); `--zero3` partitions the model over them with DeepSpeed ZeRO-3 first.
+saved beside the model. Under torchrun / srun / `ft eval --nproc N` (the supervised launch of `ft launch`) the set
+is split over the ranks (ftcore/evaluation/generation.py), which join the training's Runtime (process group with
+distributed.timeout_s, world-size check) on its forward-only DeepSpeed config; `--zero3` partitions the model over
+them with DeepSpeed ZeRO-3, loaded straight into the partitions.
 
 Outputs (rank 0): OUT/predictions.jsonl (one row per record, in input order: where, reference, prediction, the
 scores) and OUT/summary.json (each metric's mean, samples, samples/s, world size), both written atomically.
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ftcore.builtin import is_builtin, resolve_model_path
-from ftcore.config import Config, DataConfig, DataSource, load_config, run_config_beside
+from ftcore.config import Config, DataConfig, DataSource, DistributedConfig, load_config, run_config_beside
 from ftcore.durable import atomic_write_text
 from ftcore.evaluation.scoring import METRICS
 from ftcore.gguf_base import GGUFError, gguf_file
@@ -94,61 +96,73 @@ def default_out(target: str, cfg: Optional[Config], model_dir: str) -> Path:
     return path.parent / f"eval-{path.name}"
 
 
+def eval_distributed(cfg: Optional[Config], zero3: bool) -> DistributedConfig:
+    """The distributed settings `ft eval` runs on: the run's (backend, timeout, parameter offload) when the target
+    has a run config, else the defaults; ZeRO-3 with --zero3, else every rank holds the whole model; no sequence
+    parallelism (each rank answers whole prompts)."""
+    base = cfg.distributed if cfg is not None else DistributedConfig()
+    return base.model_copy(update={"zero_stage": 3 if zero3 else 0, "sequence_parallel": 1,
+                                   "offload": base.offload if zero3 and base.offload == "all" else "none",
+                                   "deepspeed_config": None})
+
+
 def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str], out: Optional[str],
              batch_size: int, max_new_tokens: int, zero3: bool, sets: list[str],
              log: Callable[[str], None] = print) -> dict:
-    """The whole of `ft eval` in this process (one rank of a world set up by the launcher, or alone)."""
-    import torch
-    import torch.distributed as dist
-
-    from ftcore.evaluation.generation import evaluate_by_generation, read_prompts, write_predictions
-    from ftcore.tools.generate import load_for_inference
+    """The whole of `ft eval` in this process: one rank of a world a launcher started (`ft eval --nproc N`,
+    torchrun, srun), or alone. It runs on the training's Runtime (process group, timeout, world-size check) and
+    DeepSpeed config (build_inference_ds_config)."""
+    # (torch and the training stack are imported here: `ft eval --help` and the launcher's side stay light)
+    from ftcore.train.runtime import leave_world, start_inference_runtime
 
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise EvalError(f"--metric {bad[0]}: expected one of {', '.join(METRICS)}")
     kind, cfg, where = resolve_target(target, sets)
     data_cfg = eval_data(cfg, data, fmt)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if zero3 and world < 2:
+    if zero3 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise EvalError("--zero3 partitions the model over the ranks: launch 2 or more (ft eval --nproc N)")
+    try:
+        rt = start_inference_runtime(eval_distributed(cfg, zero3), where)
+        return _evaluate(rt, kind, cfg, where, target, data_cfg, metrics, out, batch_size, max_new_tokens, zero3)
+    finally:
+        leave_world()
+
+
+def _evaluate(rt: Any, kind: str, cfg: Optional[Config], where: str, target: str, data_cfg: DataConfig,
+              metrics: list[str], out: Optional[str], batch_size: int, max_new_tokens: int, zero3: bool) -> dict:
+    """Load the model on the runtime, answer and score this rank's share; rank 0 writes the results."""
+    from ftcore.evaluation.generation import evaluate_by_generation, read_prompts, write_predictions
+    from ftcore.tools.generate import load_for_inference
+
     temporary = None
     try:
         if kind == "checkpoint":
-            temporary = _consolidated(Path(where), rank, world)
+            temporary = _consolidated(Path(where), rt)
             where = str(temporary / "model")
+        # Under ZeRO-3 the runtime's DeepSpeed config is alive: the model loads straight into partitions.
         model, tokenizer = load_for_inference(where)
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        model.to(device)
         if zero3:
-            model = _partitioned(model)
+            model = _partitioned(model, rt.ds_config)
+        else:
+            model.to(rt.device)
         prompts, counts = read_prompts(data_cfg, tokenizer, max_new_tokens)
         if not prompts:
             raise EvalError(f"{', '.join(s.path for s in data_cfg.eval)}: no records to evaluate")
-
-        def gather(obj: Any) -> list:
-            parts = [None] * world
-            dist.all_gather_object(parts, obj)
-            return parts
-
         started = time.perf_counter()
         rows, means = evaluate_by_generation(model, tokenizer, prompts, metrics, batch_size=batch_size,
-                                             max_new_tokens=max_new_tokens, rank=rank, world_size=world,
-                                             gather=gather if world > 1 else None, synced=zero3, device=device)
+                                             max_new_tokens=max_new_tokens, rank=rt.rank, world_size=rt.world_size,
+                                             gather=rt.all_gather_object if rt.world_size > 1 else None,
+                                             synced=zero3, device=rt.device)
         seconds = time.perf_counter() - started
     finally:
-        if temporary is not None and rank == 0:
+        if temporary is not None and rt.is_main:
             shutil.rmtree(temporary, ignore_errors=True)
     summary = {"target": target, "data": [s.path for s in data_cfg.eval], "metrics": means, "samples": len(rows),
-               "samples_per_s": len(rows) / seconds if seconds else None, "world_size": world, "zero3": zero3,
-               "max_new_tokens": max_new_tokens, **{k: v for k, v in counts.items() if k != "records"}}
-    if rank == 0:
+               "samples_per_s": len(rows) / seconds if seconds else None, "world_size": rt.world_size,
+               "zero3": zero3, "max_new_tokens": max_new_tokens,
+               **{k: v for k, v in counts.items() if k != "records"}}
+    if rt.is_main:
         out_dir = Path(out) if out else default_out(target, cfg, where)
         write_predictions(out_dir / EVAL_PREDICTIONS, rows)
         atomic_write_text(out_dir / EVAL_SUMMARY, json.dumps(summary, indent=1))
@@ -156,34 +170,30 @@ def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str
     return summary
 
 
-def _consolidated(checkpoint: Path, rank: int, world: int) -> Path:
+def _consolidated(checkpoint: Path, rt: Any) -> Path:
     """A checkpoint as a temporary merged export beside it (rank 0 writes it, every rank reads it)."""
-    import torch.distributed as dist
-
     from ftcore.export.export import ExportError, export_checkpoint
 
-    holder = [None]
-    if rank == 0:
+    made = None
+    if rt.is_main:
         temporary = Path(tempfile.mkdtemp(prefix=".eval-", dir=checkpoint.parent))
         try:
             export_checkpoint(checkpoint, None, temporary / "model", verify=False, log=lambda _: None)
-            holder = [str(temporary)]
+            made = str(temporary)
         except ExportError as e:
             shutil.rmtree(temporary, ignore_errors=True)
-            holder = [f"error: {e}"]
-    if world > 1:
-        dist.broadcast_object_list(holder, src=0)
-    if holder[0].startswith("error: "):
-        raise EvalError(f"{checkpoint}: {holder[0][7:]}")
-    return Path(holder[0])
+            made = f"error: {e}"
+    made = rt.all_gather_object(made)[0]
+    if made.startswith("error: "):
+        raise EvalError(f"{checkpoint}: {made[7:]}")
+    return Path(made)
 
 
-def _partitioned(model: Any) -> Any:
-    """The model partitioned over the ranks by a DeepSpeed ZeRO-3 engine without optimizer: each forward gathers
-    one layer at a time (generate then needs synced_gpus)."""
+def _partitioned(model: Any, ds_config: dict) -> Any:
+    """The model partitioned over the ranks by a DeepSpeed ZeRO-3 engine on the runtime's forward-only config (no
+    optimizer): each forward gathers one layer at a time (generate then needs synced_gpus)."""
     import deepspeed
 
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine.module

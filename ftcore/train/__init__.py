@@ -34,11 +34,10 @@ comes from ftcore/losses/; TrainError is ftcore/errors.py.
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
 from ftcore.config import Config
 from ftcore.errors import TrainError
 from ftcore.train.recipe import Recipe
+from ftcore.train.runtime import leave_world
 
 __all__ = ["Recipe", "TrainError", "run"]
 
@@ -56,5 +55,4 @@ def run(cfg: Config, resume: str = "auto") -> None:
         raise
     finally:
         recipe.close(error)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_world()

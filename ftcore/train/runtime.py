@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from ftcore.config import Config
-from ftcore.ds_config import build_ds_config
+from ftcore.config import Config, DistributedConfig
+from ftcore.ds_config import build_ds_config, build_inference_ds_config
 from ftcore.errors import TrainError
 from ftcore.launch_settings import LaunchSettingsError, prepare_accelerate_env
 from ftcore.preflight import model_config_json
@@ -37,7 +37,7 @@ class Runtime:
     hf_ds_config: Optional[Any] = None
     # distributed.sequence_parallel: groups of this many consecutive ranks split each sample's tokens.
     sequence_parallel: int = 1
-    backend: str = "gloo"  # the process group's (nccl on CUDA)
+    backend: str = "gloo"  # the process group's (nccl on CUDA; none: one process that joined no world)
 
     @property
     def data_rank(self) -> int:
@@ -79,45 +79,83 @@ class Runtime:
 
     def all_gather_object(self, obj: Any) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, obj)
         return gathered
 
     def barrier(self) -> None:
         """Wait for every rank (bounded by distributed.timeout_s like every collective)."""
-        dist.barrier()
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def leave_world() -> None:
+    """Tear the process group down (at the end of a job, also on an error): a rank that exits with it alive can
+    hang in the interpreter's teardown waiting for peers that have gone."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def start_runtime(cfg: Config, model_dir: str) -> Runtime:
     """Join the process group and build the Accelerator on DeepSpeed with the config ft derives from `cfg`. The
     environment (RANK, WORLD_SIZE, ...) is already there: a launcher's, or ensure_process_env's for one process."""
+    cuda = torch.cuda.is_available()
+    expected = int(os.environ["WORLD_SIZE"])
+    try:
+        ds_config = build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda, expected,
+                                    _hidden_size(model_dir))
+    except LaunchSettingsError as e:
+        raise TrainError(str(e)) from None
+    return _join_world(cfg.distributed, ds_config, cfg.model.mixed_precision, cfg.train.grad_accum_steps, cuda,
+                       expected)
+
+
+def start_inference_runtime(dist_cfg: DistributedConfig, model_dir: str) -> Runtime:
+    """The Runtime of a forward-only job (ft eval) on the ranks a launcher started: the same process group
+    (backend, distributed.timeout_s, world-size check) and Accelerator as training, on the forward-only DeepSpeed
+    config of distributed.zero_stage (build_inference_ds_config; ZeRO-3: from_pretrained loads straight into
+    partitioned parameters). One process without a launcher joins no world."""
+    cuda = torch.cuda.is_available()
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = build_inference_ds_config(dist_cfg, cuda, expected, _hidden_size(model_dir))
+    if expected == 1 and dist_cfg.zero_stage == 0:
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        return Runtime(rank=0, world_size=1, device=device, cuda=cuda, accelerator=None, ds_config=ds_config,
+                       backend="none")
+    return _join_world(dist_cfg, ds_config, "no", 1, cuda, expected)
+
+
+def _hidden_size(model_dir: str) -> Optional[int]:
+    hidden = (model_config_json(model_dir) or {}).get("hidden_size")
+    return hidden if isinstance(hidden, int) else None
+
+
+def _join_world(dist_cfg: DistributedConfig, ds_config: dict, mixed_precision: str, grad_accum_steps: int,
+                cuda: bool, expected: int) -> Runtime:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    cuda = torch.cuda.is_available()
-    backend = _backend(cfg, cuda)
-    expected = int(os.environ["WORLD_SIZE"])
-    hidden = (model_config_json(model_dir) or {}).get("hidden_size")
+    backend = _backend(dist_cfg, cuda)
     try:
-        ds_config = build_ds_config(cfg.train, cfg.optimizer, cfg.distributed, cfg.model.dtype, cuda, expected,
-                                    hidden if isinstance(hidden, int) else None)
         # Whichever accelerate launcher started this (or none), the run is DeepSpeed with the config above.
-        prepare_accelerate_env(os.environ, cfg.model.mixed_precision, cuda)
+        prepare_accelerate_env(os.environ, mixed_precision, cuda)
     except LaunchSettingsError as e:
         raise TrainError(str(e)) from None
     hf_ds_config = None
-    if cfg.distributed.zero_stage == 3:
+    if dist_cfg.zero_stage == 3:
         # Must exist before from_pretrained: transformers then loads straight into partitioned parameters.
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-    timeout = _set_collective_timeout(cfg.distributed.timeout_s)
+    timeout = _set_collective_timeout(dist_cfg.timeout_s)
     # The explicit process group backend matters on CPU: without it accelerate reports a world of 1 on
     # every rank (each would think it is the main process and read the same data).
     accelerator = Accelerator(
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        mixed_precision=cfg.model.mixed_precision,
+        gradient_accumulation_steps=grad_accum_steps,
+        mixed_precision=mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)],
     )
     world = accelerator.num_processes
@@ -127,11 +165,11 @@ def start_runtime(cfg: Config, model_dir: str) -> Runtime:
             f"{dist.get_world_size() if dist.is_initialized() else 'not initialised'}, accelerate={world}")
     return Runtime(rank=accelerator.process_index, world_size=world, device=accelerator.device, cuda=cuda,
                    accelerator=accelerator, ds_config=ds_config, hf_ds_config=hf_ds_config,
-                   sequence_parallel=cfg.distributed.sequence_parallel, backend=backend)
+                   sequence_parallel=dist_cfg.sequence_parallel, backend=backend)
 
 
-def _backend(cfg: Config, cuda: bool) -> str:
-    backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if cuda else "gloo")
+def _backend(dist_cfg: DistributedConfig, cuda: bool) -> str:
+    backend = dist_cfg.backend if dist_cfg.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise TrainError("distributed.backend=nccl needs CUDA GPUs; this machine has none (use auto or gloo)")
     return backend
