@@ -3,7 +3,7 @@
 TARGET is a run's config (its output_dir/final/ and data.eval), a final/ adapter dir (on its base), a merged
 export, a training checkpoint step dir (consolidated to a temporary export first, without verification), or a
 built-in model. The prompts are rendered as the run's training rendered them, with the tokenizer and chat template
-saved beside the model. Under torchrun / srun / `ft eval --nproc N` (the supervised launch of `ft launch`) the set
+saved beside the model. Under torchrun / `ft eval --nproc N` (the supervised launch of `ft launch`) the set
 is split over the ranks (ftcore/evaluation/generation.py), which join the training's Runtime (process group with
 distributed.timeout_s, world-size check) on its forward-only DeepSpeed config; `--zero3` partitions the model over
 them with DeepSpeed ZeRO-3, loaded straight into the partitions.

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from ftcore.config import Config
+from ftcore.config import OptimizerConfig
 from ftcore.model_geometry import block_depths
 
 
@@ -27,10 +27,11 @@ def optimizer_grouping(params: list[tuple[str, int, bool]], depths: Optional[dic
     return [(scale, is_matrix, names) for (scale, is_matrix), names in ordered]
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, list[list[str]]]:
-    """The optimizer over the model's parameters, and the parameter names of each of its groups (the audit
+def build_optimizer(t: OptimizerConfig, offload: str, model: torch.nn.Module
+                    ) -> tuple[torch.optim.Optimizer, list[list[str]]]:
+    """The optimizer section's optimizer over the model's parameters (DeepSpeed's CPU Adam when
+    distributed.offload moves its step to the host), and the parameter names of each of its groups (the audit
     records which rate each weight got)."""
-    t = cfg.optimizer
     named = dict(model.named_parameters())
     # ZeRO-3 placeholders are flat: the original shape says whether a weight is a matrix (decayed).
     described = [(n, len(getattr(p, "ds_shape", p.shape)), p.requires_grad) for n, p in named.items()]
@@ -39,7 +40,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Op
     group_names = [names for _, _, names in grouping]
     param_groups = [{"params": [named[n] for n in names], "weight_decay": t.weight_decay if is_matrix else 0.0,
                      "lr": t.lr * scale} for scale, is_matrix, names in grouping]
-    if cfg.distributed.offload != "none":
+    if offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # the offloaded step runs on the host
 
         return DeepSpeedCPUAdam(param_groups, lr=t.lr, adamw_mode=True), group_names
@@ -49,14 +50,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Op
     return torch.optim.AdamW([{**g, "step": 0} for g in param_groups], lr=t.lr), group_names
 
 
-def attach_schedule(cfg: Config, engine: Any, optimizer: torch.optim.Optimizer) -> None:
+def attach_schedule(t: OptimizerConfig, max_steps: int, engine: Any, optimizer: torch.optim.Optimizer) -> None:
     """The engine owns the schedule: it steps it once per optimizer step (at the accumulation boundary, and not
     when fp16 overflow skips the step) and saves/loads it with its checkpoint. accelerate hands only
     DeepSpeed-native schedulers to the engine, so it is attached here; it is built on the client optimizer, whose
     param_groups DeepSpeed's ZeRO optimizer steps with."""
     from transformers import get_cosine_schedule_with_warmup
 
-    engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optimizer.warmup_steps, cfg.train.max_steps)
+    engine.lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, max_steps)
 
 
 def restore_rates(engine: Any) -> None:

@@ -151,9 +151,9 @@ class Recipe:
     def _setup_engine(self) -> None:
         cfg, rt = self.cfg, self.runtime
         self.adapter_shapes = expected_lora_shapes(self.model) if self.is_lora else {}  # before DeepSpeed wraps
-        optimizer, group_names = build_optimizer(cfg, self.model)
+        optimizer, group_names = build_optimizer(cfg.optimizer, cfg.distributed.offload, self.model)
         self.engine, self.optimizer = rt.accelerator.prepare(self.model, optimizer)
-        attach_schedule(cfg, self.engine, optimizer)
+        attach_schedule(cfg.optimizer, cfg.train.max_steps, self.engine, optimizer)
         if rt.world_size == 1 and cfg.distributed.zero_stage == 0:
             # Averaging gradients over a world of one is the identity; DeepSpeed would still copy every gradient
             # into flat buffers and back each step (ZeRO stages need their reduce epilogue, so only stage 0).

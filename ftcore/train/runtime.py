@@ -14,6 +14,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from ftcore.config import Config, DistributedConfig
+from ftcore.dist_env import DistEnvError, ensure_process_env
 from ftcore.ds_config import build_ds_config, build_inference_ds_config
 from ftcore.errors import TrainError
 from ftcore.launch_settings import LaunchSettingsError, prepare_accelerate_env
@@ -117,6 +118,11 @@ def start_inference_runtime(dist_cfg: DistributedConfig, model_dir: str) -> Runt
     (backend, distributed.timeout_s, world-size check) and Accelerator as training, on the forward-only DeepSpeed
     config of distributed.zero_stage (build_inference_ds_config; ZeRO-3: from_pretrained loads straight into
     partitioned parameters). One process without a launcher joins no world."""
+    if "WORLD_SIZE" in os.environ:
+        try:
+            ensure_process_env()  # a launcher's environment, complete (else one line saying what is missing)
+        except DistEnvError as e:
+            raise TrainError(str(e)) from None
     cuda = torch.cuda.is_available()
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = build_inference_ds_config(dist_cfg, cuda, expected, _hidden_size(model_dir))
