@@ -1,0 +1,39 @@
+"""Reward functions of a user's own (`tests.reward_fns:NAME`), for tests/test_rewards.py: they run in the reward
+workers, which import this module by name."""
+
+import time
+
+
+def says_yes(completions, **_):
+    """1 for a completion that contains 'yes'."""
+    return [float("yes" in c) for c in completions]
+
+
+def hangs_on_hang(completions, **_):
+    """Never returns for a completion containing HANG (a verifier stuck on one input); 1 otherwise."""
+    if any("HANG" in c for c in completions):
+        time.sleep(3600)
+    return [1.0 for _ in completions]
+
+
+def raises_on_boom(completions, **_):
+    """Fails on a completion containing BOOM."""
+    for c in completions:
+        if "BOOM" in c:
+            raise KeyError("no answer field")
+    return [0.5 for _ in completions]
+
+
+def one_short(completions, **_):
+    """One value too few."""
+    return [1.0 for _ in completions[1:]]
+
+
+def a_string_for_the_second(completions, **_):
+    """A string where a number belongs."""
+    return [1.0 if i != 1 else "1.0" for i, _ in enumerate(completions)]
+
+
+def uses_the_record(completions, records, **_):
+    """The record's own field decides."""
+    return [float(r["difficulty"]) for r in records]
