@@ -1,0 +1,115 @@
+"""The GRPO family's loss on a rollout batch, from per-token log-probs (each from the chunked head: no [tokens x
+vocab] tensor). A step's completions come in groups of `group_size` per prompt; with rewards r, log-probs of the
+policy (log pi), of the policy that sampled them (log pi_old: the same weights on the first update of a rollout
+batch) and of the reference (log pi_ref):
+
+- Advantages (group_advantages): GRPO's outcome advantage A_i = (r_i - mean(group)) / std(group) (Shao et al.
+  2024, arXiv 2402.03300, sec. 4.1.2); `scale=batch` divides by the whole batch's std instead; `scale=none` only
+  centres, as Dr. GRPO prescribes (Liu et al. 2025, arXiv 2503.20783, sec. 3.2). std is the unbiased one, + 1e-4.
+- Per token (token_terms): -min(rho_t A, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t, with
+  rho_t = pi / pi_old and the k3 estimator KL_t = pi_ref / pi - log(pi_ref / pi) - 1 (2402.03300 eq. 3, 4);
+  epsilon_high > epsilon is DAPO's clip-higher (Yu et al. 2025, arXiv 2503.14476, eq. 10). With
+  `importance=sequence`, rho is GSPO's sequence ratio s_i = exp(mean_t log(pi / pi_old)) for every token of the
+  sequence (Zheng et al. 2025, arXiv 2507.18071, eq. 7), so the per-sequence mean is GSPO's objective.
+- Normalisation (loss_sum / step_normaliser): `grpo` averages tokens within each sequence, then sequences
+  (2402.03300 eq. 3); `dr_grpo` sums tokens and divides by sequences x max_completion_length, a constant
+  (2503.20783 eq. 2 as TRL implements it); `dapo` sums tokens over the step and divides by the step's completion
+  tokens (2503.14476 eq. 8).
+
+The divisor is always the whole step's count (sequences or tokens, over every micro batch and rank), so a step's
+loss and gradient do not depend on how it is split: accumulation equals data parallelism for every normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+NORMALISATIONS = ("grpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+STD_EPSILON = 1e-4
+
+
+@dataclass(frozen=True)
+class GRPOLossSettings:
+    """What the per-token loss and its normalisation need (the rl config section's clipping, KL, levels)."""
+
+    epsilon: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    normalisation: str = "grpo"
+    importance: str = "token"
+    max_completion_length: int = 256
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each completion's advantage from the rewards of the whole rollout batch ([groups * group_size], a group's
+    completions consecutive). `valid`: False for a completion without a reward (its reward timed out): it gets
+    advantage 0 and does not count in its group's mean and std. A group with fewer than two valid completions has
+    no spread: advantage 0."""
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"advantage scale {scale!r}: expected one of {', '.join(ADVANTAGE_SCALES)}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not make groups of {group_size}")
+    rewards = rewards.double()
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    r = torch.where(valid, rewards, 0.0).view(-1, group_size)
+    v = valid.view(-1, group_size).double()
+    count = v.sum(dim=1, keepdim=True)
+    mean = r.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = (r - mean) * v
+    if scale == "group":
+        std = ((centred ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        centred = centred / (std + STD_EPSILON)
+    elif scale == "batch":
+        flat = rewards[valid]
+        std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=torch.float64)
+        centred = centred / (std + STD_EPSILON)
+    centred = torch.where(count > 1, centred, 0.0)
+    return centred.reshape(-1)
+
+
+def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
+                advantages: torch.Tensor, mask: torch.Tensor, s: GRPOLossSettings
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(per-token loss [sequences, tokens], where the clip was active, per-token KL or None). `mask`: 1 on the
+    completion tokens that count (not the prompt, padding, or a masked truncated completion)."""
+    mask = mask.to(logps.dtype)
+    log_ratio = logps - old_logps
+    if s.importance == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(logps)
+    ratio = torch.exp(log_ratio)
+    a = advantages.to(logps.dtype).unsqueeze(-1)
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - s.epsilon, 1 + s.epsilon_high) * a
+    per_token = -torch.minimum(unclipped, clipped)
+    was_clipped = (clipped < unclipped) & (mask > 0)
+    kl = None
+    if s.beta:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + s.beta * kl
+    return per_token, was_clipped, kl
+
+
+def loss_sum(per_token: torch.Tensor, mask: torch.Tensor, s: GRPOLossSettings) -> torch.Tensor:
+    """This micro batch's part of the step loss, before the division by step_normaliser."""
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if s.normalisation == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    if s.normalisation == "dr_grpo":
+        return masked.sum() / s.max_completion_length
+    if s.normalisation == "dapo":
+        return masked.sum()
+    raise ValueError(f"loss normalisation {s.normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
+
+
+def step_normaliser(normalisation: str, sequences: int, completion_tokens: int) -> int:
+    """What the step's summed loss is divided by: its sequences (grpo, dr_grpo) or its counted completion tokens
+    (dapo), over every micro batch and rank of the step."""
+    return max(1, completion_tokens if normalisation == "dapo" else sequences)

@@ -1,0 +1,128 @@
+"""The GRPO family's loss equals each paper's formula, written here independently as per-sample loops (float64;
+loss and gradient to 1e-10 relative), and a step's loss and gradient do not depend on how the step is split."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from ftcore.losses.grpo import GRPOLossSettings, group_advantages, loss_sum, step_normaliser, token_terms
+
+G = 4  # completions per prompt
+
+
+def rollout(seed: int = 0, groups: int = 3, width: int = 7):
+    """Log-probs of a rollout batch: policy (a leaf the gradient is taken for), old policy, reference; rewards;
+    a completion mask of varied lengths (one completion masked whole: truncated)."""
+    g = torch.Generator().manual_seed(seed)
+    n = groups * G
+    logps = (-torch.rand((n, width), generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logps.detach() + torch.randn((n, width), generator=g, dtype=torch.float64) * 0.3
+    ref = logps.detach() + torch.randn((n, width), generator=g, dtype=torch.float64) * 0.2
+    rewards = torch.randint(0, 3, (n,), generator=g).double()
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    lengths[5] = 0  # a truncated completion, masked whole
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).double()
+    return logps, old, ref, rewards, mask
+
+
+def paper_advantages(rewards: list[float], scale: str) -> list[float]:
+    out = []
+    batch_std = statistics.stdev(rewards)
+    for start in range(0, len(rewards), G):
+        group = rewards[start:start + G]
+        mean = statistics.fmean(group)
+        std = {"group": statistics.stdev(group), "batch": batch_std, "none": None}[scale]
+        out += [(r - mean) / (std + 1e-4) if std is not None else r - mean for r in group]
+    return out
+
+
+def paper_loss(logps, old, ref, rewards, mask, s: GRPOLossSettings, scale: str):
+    """The objective as the papers write it, one sample and one token at a time."""
+    adv = paper_advantages(rewards.tolist(), scale)
+    n, width = logps.shape
+    lengths = [int(mask[i].sum()) for i in range(n)]
+    per_sequence = []
+    for i in range(n):
+        tokens = [t for t in range(width) if mask[i, t] > 0]
+        if s.importance == "sequence":  # GSPO eq. 7: s_i = (pi / pi_old)^(1 / |y_i|)
+            sequence_ratio = torch.exp(sum((logps[i, t] - old[i, t] for t in tokens), logps.sum() * 0)
+                                       / max(1, len(tokens)))
+        terms = []
+        for t in tokens:
+            ratio = sequence_ratio if s.importance == "sequence" else torch.exp(logps[i, t] - old[i, t])
+            clipped = torch.clamp(ratio, 1 - s.epsilon, 1 + s.epsilon_high)
+            term = -torch.minimum(ratio * adv[i], clipped * adv[i])
+            if s.beta:  # k3: pi_ref / pi - log(pi_ref / pi) - 1
+                term = term + s.beta * (torch.exp(ref[i, t] - logps[i, t]) - (ref[i, t] - logps[i, t]) - 1)
+            terms.append(term)
+        per_sequence.append(terms)
+    zero = logps.sum() * 0
+    if s.normalisation == "grpo":  # 1/G sum_i 1/|o_i| sum_t
+        return sum((sum(terms, zero) / max(1, len(terms)) for terms in per_sequence), zero) / n
+    if s.normalisation == "dr_grpo":  # 1/(G * L_max) sum_i sum_t
+        return sum((sum(terms, zero) for terms in per_sequence), zero) / (n * s.max_completion_length)
+    return sum((sum(terms, zero) for terms in per_sequence), zero) / sum(lengths)  # DAPO: 1/sum|o_i| sum_i sum_t
+
+
+def ours(logps, old, ref, rewards, mask, s: GRPOLossSettings, scale: str, rows=None):
+    advantages = group_advantages(rewards, G, scale)
+    rows = rows or slice(None)
+    per_token, _, _ = token_terms(logps[rows], old[rows], ref[rows], advantages[rows], mask[rows], s)
+    return loss_sum(per_token, mask[rows], s)
+
+
+VARIANTS = {
+    "grpo": (GRPOLossSettings(0.2, 0.2, 0.04, "grpo"), "group"),
+    "grpo-no-kl-batch-std": (GRPOLossSettings(0.2, 0.2, 0.0, "grpo"), "batch"),
+    "dr_grpo": (GRPOLossSettings(0.2, 0.2, 0.0, "dr_grpo", max_completion_length=9), "none"),
+    "dapo-clip-higher": (GRPOLossSettings(0.2, 0.28, 0.0, "dapo"), "group"),
+    "gspo": (GRPOLossSettings(3e-4, 4e-4, 0.0, "grpo", "sequence"), "group"),
+    "gspo-kl": (GRPOLossSettings(0.1, 0.15, 0.02, "grpo", "sequence"), "group"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_equals_its_papers_formula(variant):
+    s, scale = VARIANTS[variant]
+    logps, old, ref, rewards, mask = rollout()
+    want = paper_loss(logps, old, ref, rewards, mask, s, scale)
+    want_grad, = torch.autograd.grad(want, logps)
+    got = ours(logps, old, ref, rewards, mask, s, scale) / step_normaliser(
+        s.normalisation, logps.shape[0], int(mask.sum()))
+    got_grad, = torch.autograd.grad(got, logps)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10, abs=1e-14)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)
+    assert got_grad[5].abs().sum() == 0  # the masked truncated completion trains nothing
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_step_split_into_micro_batches_or_ranks_has_the_same_loss_and_gradient(variant):
+    """The step's completions in 1 micro batch, or in 3 of unequal sizes (accumulation, or 3 ranks): the summed
+    parts over the step's normaliser equal the whole."""
+    s, scale = VARIANTS[variant]
+    logps, old, ref, rewards, mask = rollout(seed=1)
+    normaliser = step_normaliser(s.normalisation, logps.shape[0], int(mask.sum()))
+    whole = ours(logps, old, ref, rewards, mask, s, scale) / normaliser
+    whole_grad, = torch.autograd.grad(whole, logps)
+    parts = sum(ours(logps, old, ref, rewards, mask, s, scale, rows=slice(a, b)) / normaliser
+                for a, b in ((0, 2), (2, 7), (7, 12)))
+    parts_grad, = torch.autograd.grad(parts, logps)
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(parts_grad, whole_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_advantages_ignore_a_completion_without_a_reward_and_a_group_without_spread():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 7.0, 2.0, 2.0, 2.0, 2.0])
+    valid = torch.tensor([True, True, True, False, True, True, True, True])
+    got = group_advantages(rewards, G, "group", valid)
+    mean, std = 2 / 3, statistics.stdev([1.0, 0.0, 1.0])
+    want = [(1 - mean) / (std + 1e-4), (0 - mean) / (std + 1e-4), (1 - mean) / (std + 1e-4), 0.0, 0, 0, 0, 0]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    assert group_advantages(torch.tensor([3.0, 1.0, 0, 0]), G, "none").tolist() == [2.0, 0.0, -1.0, -1.0]
+    with pytest.raises(ValueError, match="5 rewards do not make groups of 4"):
+        group_advantages(torch.zeros(5), G)
+    assert not math.isnan(group_advantages(torch.ones(4), G, "batch").sum().item())
