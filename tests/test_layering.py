@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model/data", ("ftcore.data", "ftcore.model", "ftcore.model_files", "ftcore.model_geometry", "ftcore.builtin",
                     "ftcore.gguf_base", "ftcore.preflight", "ftcore.checkpoint", "ftcore.resume", "ftcore.ds_config",
                     "ftcore.launch_settings", "ftcore.metrics", "ftcore.tracking", "ftcore.evaluation.generation",
-                    "ftcore.evaluation.scoring", "ftcore.rewards", "ftcore.nf4", "ftcore.assets")),
+                    "ftcore.evaluation.scoring", "ftcore.rewards", "ftcore.sampling", "ftcore.nf4", "ftcore.assets")),
     # ftcore.tools.plot only reads metrics.jsonl (the run draws its curves at the end, `ft plot` on demand);
     # ftcore.export.st_io is the safetensors reader/writer the model files and the export both use; the tasks'
     # registry (ftcore/tasks/__init__.py) imports nothing first-party, so config validation can ask the run's task;
