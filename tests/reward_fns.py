@@ -37,3 +37,9 @@ def a_string_for_the_second(completions, **_):
 def uses_the_record(completions, records, **_):
     """The record's own field decides."""
     return [float(r["difficulty"]) for r in records]
+
+
+def letter_share(completions, **_):
+    """The share of a completion's characters that are ASCII lowercase letters: a dense signal even for a random
+    model, which GRPO can raise within a few steps."""
+    return [sum(ch in "abcdefghijklmnopqrstuvwxyz" for ch in c) / max(len(c), 1) for c in completions]

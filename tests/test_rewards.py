@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ftcore.rewards import RewardError, RewardRule, RewardSample, check_rules
-from ftcore.rewards.builtin import exact_answer, length, numeric_answer, overlong, regex
+from ftcore.rewards.builtin import char_share, exact_answer, length, numeric_answer, overlong, regex
 from ftcore.rewards.pool import RewardPool
 
 
@@ -30,6 +30,7 @@ def test_builtin_rules_score_what_they_say():
         numeric_answer(["1"], ["unknown"])
     assert regex(["<think>a</think> 5", "5"], pattern=r"^<think>.*</think>") == [1.0, 0.0]
     assert regex(["ab", "abc"], pattern="ab", full=True) == [1.0, 0.0]
+    assert char_share(["ab1 ", "", "xyz"], chars="abcxyz") == [0.5, 0.0, 1.0]
     assert length([3, 10, 20], min_tokens=5, max_tokens=15) == [0.0, 1.0, 0.0]
     # DAPO eq. 13 with L_max = 20, L_cache = 8: no penalty up to 12, linear to -1 at 20, -1 beyond.
     assert overlong([12, 16, 20, 21], max_tokens=20, cache_tokens=8) == [0.0, -0.5, -1.0, -1.0]
@@ -37,7 +38,8 @@ def test_builtin_rules_score_what_they_say():
 
 def test_rules_are_checked_before_anything_runs():
     check_rules([RewardRule("exact_answer"), RewardRule("tests.reward_fns:says_yes", 0.5)])
-    with pytest.raises(RewardError, match="'exact': not a built-in"):
+    with pytest.raises(RewardError, match="'exact': not a built-in \\(exact_answer, numeric_answer, regex, "
+                                          "char_share, length, overlong\\)"):
         check_rules([RewardRule("exact")])
     with pytest.raises(RewardError, match="tests.nowhere:f: cannot import tests.nowhere"):
         check_rules([RewardRule("tests.nowhere:f")])

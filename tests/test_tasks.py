@@ -63,6 +63,8 @@ def test_the_check_sees_each_way_of_asking(code):
     (["task=classification", "data.train=[{path: x.jsonl, format: classification}]"], "Classification"),
     (["task=preference", "data.train=[{path: x.jsonl, format: preference}]"], "Preference"),
     (["task=preference", "preference.loss=kto", "data.train=[{path: x.jsonl, format: kto}]"], "KTO"),
+    (["task=rl", "data.train=[{path: x.jsonl, format: prompt_completion}]", "rl.rewards=[{function: regex, args: "
+      "{pattern: a}}, {function: tests.reward_fns:says_yes}]"], "RL"),
 ])
 def test_every_builtin_task_validates_its_config_without_torch(sets, name):
     """Config validation asks the run's task; the command line stays torch-free, so the task modules must too."""
@@ -75,8 +77,8 @@ def test_every_builtin_task_validates_its_config_without_torch(sets, name):
 
 
 @pytest.mark.parametrize("task, message", [
-    ("regression", "task: 'regression' is not a task; built in: causal_lm, classification, preference, or name your "
-                   "own as package.module:Class"),
+    ("regression", "task: 'regression' is not a task; built in: causal_lm, classification, preference, rl, or name "
+                   "your own as package.module:Class"),
     ("tests.no_such_module:Task", "task: 'tests.no_such_module:Task': cannot import it (ModuleNotFoundError"),
     ("tests.toy_task:sample_losses", "task: 'tests.toy_task:sample_losses' is not a subclass of "
                                      "ftcore.tasks.base.Task"),

@@ -35,7 +35,7 @@ class SampleMeanLM(Task):
         batch.examples = len(samples)
         return batch
 
-    def normaliser(self, examples: float, trained_tokens: float) -> int:
+    def normaliser(self, cfg: Any, examples: float, trained_tokens: float) -> int:
         """The step's samples over every rank."""
         return max(int(examples), 1)
 

@@ -5,12 +5,12 @@ reference the README's table is made from."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ftcore.config.schema import MOVED_FIELDS, Config, ConfigError, DataConfig, DataSource, FieldError
+from ftcore.config.schema import MOVED_FIELDS, Config, ConfigError, FieldError
 from ftcore.run_dir import RunDir
 
 
@@ -259,6 +259,7 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
                 value = [v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
             default = repr(value)
         rows.append((prefix + name, default, field.description or ""))
-        if model is DataConfig and name == "train":  # list items: document the source fields once
-            rows += field_docs(DataSource, f"{prefix}{name}[].")
+        item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # list items: document their fields once
+            rows += field_docs(item, f"{prefix}{name}[].")
     return rows

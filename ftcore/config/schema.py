@@ -323,6 +323,57 @@ class PreferenceConfig(Section):
     """KTO's lambda_U, the weight of an undesirable sample's loss."""
 
 
+class RewardConfig(Section):
+    """One reward rule of task rl (ftcore/rewards/)."""
+    function: str
+    """A built-in (exact_answer, numeric_answer, regex, char_share, length, overlong: ftcore/rewards/builtin.py) or
+    your own function as package.module:function, called with the batch by keyword (prompts, completions,
+    references, records, completion_tokens) and its args, returning one number per completion (None: no
+    reward)."""
+    weight: float = 1.0
+    """Its weight in a completion's total reward (the sum over the rules)."""
+    args: dict = Field(default_factory=dict)
+    """Keyword arguments it is called with (regex: pattern; numeric_answer: extract, tolerance; ...)."""
+    name: Optional[str] = None
+    """What the metrics call it (default: the function's name)."""
+
+
+class RLConfig(Section):
+    """rl: task rl, online RL from rule-based rewards (the GRPO family, ftcore/losses/grpo.py): each step's prompts
+    (train.micro_batch_size per micro batch) are answered num_generations times by the policy as it is at that
+    step, the answers scored by the rewards, and the policy moved toward the better ones of each group."""
+    rewards: list[RewardConfig] = Field(default_factory=list)
+    """The reward rules (at least one): a completion's reward is their weighted sum."""
+    num_generations: int = Field(4, ge=2)
+    """Completions per prompt (the group whose rewards are compared)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest completion; one that reaches it without EOS is truncated."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the log-probs of the loss divide the logits by it too."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: the fewest most-likely tokens whose probabilities reach top_p."""
+    epsilon: float = Field(0.2, gt=0)
+    """The clip range below 1 of the importance ratio (1 - epsilon)."""
+    epsilon_high: Optional[float] = Field(None, gt=0)
+    """The clip range above 1 (1 + epsilon_high); default epsilon. DAPO's clip-higher: 0.28 with epsilon 0.2."""
+    beta: float = Field(0.0, ge=0)
+    """The weight of the k3 KL to the reference (the adapter disabled, or a frozen copy); 0 = no reference."""
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    """Rewards minus their group's mean, divided by the group's std (GRPO), the step's std, or nothing (Dr.
+    GRPO)."""
+    loss_normalisation: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """grpo = mean over each completion's tokens, then over completions; dr_grpo = summed tokens / (completions x
+    max_new_tokens); dapo = summed tokens / the step's completion tokens."""
+    importance: Literal["token", "sequence"] = "token"
+    """The importance ratio per token (GRPO) or per sequence (GSPO, with epsilons about 3e-4 / 4e-4)."""
+    mask_truncated: bool = False
+    """Truncated completions (no EOS within max_new_tokens) train nothing (DAPO's overlong filtering)."""
+    reward_workers: int = Field(2, gt=0)
+    """Processes that run the reward functions (per rank)."""
+    reward_timeout_s: float = Field(10.0, gt=0)
+    """A reward call that takes longer is killed; its samples get no reward (masked, counted as timeouts)."""
+
+
 class DistributedConfig(Section):
     """distributed: ZeRO stage, offload, backend and the hung-peer timeout."""
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -408,7 +459,9 @@ class Config(Section):
     classification = a sequence-classification head on it (AutoModelForSequenceClassification), cross-entropy on
     data.labels, eval accuracy / macro-F1 / confusion matrix; preference = preference training of a causal LM,
     chosen vs rejected (format preference) or desirable vs undesirable completions (format kto,
-    preference.loss=kto); the preference section. A task defined outside ft is named by its import path,
+    preference.loss=kto); the preference section; rl = online RL of a causal LM from rule-based rewards (GRPO,
+    Dr. GRPO, DAPO, GSPO) on prompts of chat / alpaca / prompt_completion records, whose answer is the reference
+    the rewards compare with; the rl section. A task defined outside ft is named by its import path,
     `package.module:Class` (a subclass of ftcore.tasks.base.Task)."""
     output_dir: str = "outputs/run"
     """Run directory: checkpoints/, final/, logs. A rerun with the same output_dir resumes."""
@@ -421,6 +474,7 @@ class Config(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -60,16 +60,27 @@ def read_prompts(data_cfg: DataConfig, tokenizer: Any, max_new_tokens: int) -> t
 
 
 @torch.no_grad()
-def answer(model: torch.nn.Module, tokenizer: Any, batch: list[list[int]], max_new_tokens: int,
-           synced: bool, device: torch.device) -> list[str]:
-    """Greedy answers to a batch of prompts (left-padded), decoded without special tokens."""
+def answer_ids(model: torch.nn.Module, tokenizer: Any, batch: list[list[int]], max_new_tokens: int,
+               synced: bool, device: torch.device) -> list[list[int]]:
+    """Greedy answers to a batch of prompts (left-padded), as token ids up to and including EOS."""
     pad = pad_token_id(tokenizer)
     width = max(len(ids) for ids in batch)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, use_cache=True)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        answers.append(row[:cut])
+    return answers
+
+
+def answer(model: torch.nn.Module, tokenizer: Any, batch: list[list[int]], max_new_tokens: int,
+           synced: bool, device: torch.device) -> list[str]:
+    """Greedy answers to a batch of prompts (left-padded), decoded without special tokens."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in answer_ids(model, tokenizer, batch, max_new_tokens, synced, device)]
 
 
 def evaluate_by_generation(model: torch.nn.Module, tokenizer: Any, prompts: list[EvalPrompt], metrics: list[str],

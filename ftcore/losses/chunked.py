@@ -35,6 +35,7 @@ class LogitTransform:
 
     scale: float = 1.0
     softcap: Optional[float] = None
+    temperature: float = 1.0  # sampling's (task rl): the transformed logits are divided by it, as sampling does
 
     @classmethod
     def of(cls, config: Any) -> "LogitTransform":
@@ -47,19 +48,19 @@ class LogitTransform:
     def apply_(self, raw: torch.Tensor) -> Optional[torch.Tensor]:
         """Transform fp32 `raw` logits in place; returns what derivative_ needs (tanh of the softcap), if any."""
         if self.softcap is None:
-            if self.scale != 1.0:
-                raw.mul_(self.scale)
+            if self.scale / self.temperature != 1.0:
+                raw.mul_(self.scale / self.temperature)
             return None
         tanh = raw.mul(self.scale / self.softcap).tanh_()
-        torch.mul(tanh, self.softcap, out=raw)
+        torch.mul(tanh, self.softcap / self.temperature, out=raw)
         return tanh
 
     def derivative_(self, grad: torch.Tensor, tanh: Optional[torch.Tensor]) -> None:
         """d(loss)/d(transformed) -> d(loss)/d(raw), in place."""
         if tanh is not None:
-            grad.mul_(tanh.square_().neg_().add_(1.0)).mul_(self.scale)  # d tanh = 1 - tanh^2
-        elif self.scale != 1.0:
-            grad.mul_(self.scale)
+            grad.mul_(tanh.square_().neg_().add_(1.0)).mul_(self.scale / self.temperature)  # d tanh = 1 - tanh^2
+        elif self.scale / self.temperature != 1.0:
+            grad.mul_(self.scale / self.temperature)
 
 
 @dataclass

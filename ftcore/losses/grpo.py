@@ -22,10 +22,15 @@ loss and gradient do not depend on how it is split: accumulation equals data par
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+from ftcore.data.batch import ModelInputs
+from ftcore.losses.objective import LossOutput
+from ftcore.losses.preference import ResponseLogpObjective
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 NORMALISATIONS = ("grpo", "dr_grpo", "dapo")
@@ -113,3 +118,69 @@ def step_normaliser(normalisation: str, sequences: int, completion_tokens: int) 
     """What the step's summed loss is divided by: its sequences (grpo, dr_grpo) or its counted completion tokens
     (dapo), over every micro batch and rank of the step."""
     return max(1, completion_tokens if normalisation == "dapo" else sequences)
+
+
+class GRPOLoss(ResponseLogpObjective):
+    """Task rl's objective on a micro batch of rollout rows (prompt + completion; labels on the completion): each
+    completion's advantage rides in ModelInputs.extra (RolloutExtra), every log-prob (policy, reference) comes
+    from the chunked head, divided by the sampling temperature as sampling divided the logits. One update per
+    rollout batch: the old policy is the policy itself (ratio 1, the gradient of the surrogate is A * grad log pi).
+    normaliser = step_normaliser's count over the whole step. Reported per step (report): loss, reward and its
+    std, each reward rule's mean, the share of completions at the step's best reward, completion length, the
+    share truncated, the share of tokens clipped, KL, the share of groups whose rewards were all equal, reward
+    timeouts and generation seconds."""
+
+    def __init__(self, settings: GRPOLossSettings, unwrap: Any, chunk_tokens: int, transform: Any,
+                 reference: Optional[torch.nn.Module] = None):
+        super().__init__(None, unwrap, chunk_tokens, transform, reference)
+        self.settings = settings
+
+    def __call__(self, model: Any, inputs: ModelInputs, normaliser: int) -> LossOutput:
+        """The micro batch's part of the step loss / normaliser, with the rollout's counts as terms."""
+        s = self.settings
+        mask = inputs.targets != -100
+        reference = self._reference_logps(model, inputs, per_token=True) if s.beta else None
+        advantages = inputs.extra.advantages
+
+        def loss_of(token_logps: torch.Tensor):
+            per_token, clipped, kl = token_terms(token_logps, token_logps.detach(), reference, advantages, mask, s)
+            return loss_sum(per_token, mask, s) / normaliser, (clipped, kl)
+
+        loss, out, _, (clipped, kl) = self._loss_of_logps(model, inputs, loss_of, per_token=True)
+        terms = {"loss": loss.detach(), "clipped_tokens": clipped.sum().double(),
+                 "loss_tokens": mask.sum().double(), **inputs.extra.counts}
+        if kl is not None:
+            terms["kl_sum"] = (kl.detach() * mask).sum().double()
+        return LossOutput(loss, out, terms)
+
+    def report(self, totals: dict[str, float]) -> dict[str, float]:
+        """The step's sums -> its means and shares."""
+        return rollout_report(totals)
+
+
+def rollout_report(totals: dict[str, float]) -> dict[str, float]:
+    """Sums of a step's (or an eval's) rollout counts -> the metrics logged (module docstring of ftcore/tasks/rl.py
+    names them)."""
+    t = dict(totals)
+    rewarded, completions = max(t.pop("rewarded", 0.0), 1.0), max(t.pop("completions", 0.0), 1.0)
+    out = {k: t.pop(k) for k in ("loss",) if k in t}
+    mean = t.pop("reward_sum", 0.0) / rewarded
+    out["reward"] = mean
+    out["reward_std"] = math.sqrt(max(t.pop("reward_sq_sum", 0.0) / rewarded - mean * mean, 0.0))
+    for name in [k for k in t if k.startswith("reward_rule_")]:
+        out[f"reward_{name[len('reward_rule_'):]}"] = t.pop(name) / rewarded
+    out["reward_at_max"] = t.pop("at_max", 0.0) / rewarded
+    out["completion_length"] = t.pop("completion_tokens", 0.0) / completions
+    out["truncated"] = t.pop("truncated", 0.0) / completions
+    tokens = max(t.pop("loss_tokens", 0.0), 1.0)
+    if "clipped_tokens" in t:
+        out["clip_ratio"] = t.pop("clipped_tokens") / tokens
+    if "kl_sum" in t:
+        out["kl"] = t.pop("kl_sum") / tokens
+    groups = max(t.pop("groups", 0.0), 1.0)
+    out["equal_reward_groups"] = t.pop("equal_groups", 0.0) / groups
+    out["reward_timeouts"] = t.pop("timeouts", 0.0)
+    ranks = max(t.pop("ranks", 0.0), 1.0)
+    if "generation_s" in t:
+        out["generation_s"] = t.pop("generation_s") / ranks
+    return {**out, **t}

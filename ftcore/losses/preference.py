@@ -73,7 +73,7 @@ def preference_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor
     return loss, beta * mean_chosen, beta * mean_rejected
 
 
-class _ResponseLogpObjective(Objective):
+class ResponseLogpObjective(Objective):
     """What the preference objectives share: one forward over a batch's rows, the summed response log-prob of
     each row through the chunked head (module docstring), and the gradient of a loss of those sums."""
 
@@ -93,10 +93,11 @@ class _ResponseLogpObjective(Objective):
         return self.across((inputs.targets != -100).sum(dim=1).float())
 
     def _loss_of_logps(self, model: Any, inputs: ModelInputs,
-                       loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]):
+                       loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, Any]], per_token: bool = False):
         """(loss to backpropagate, model output, each row's summed response log-probs, what loss_of returned
-        beside the loss): loss_of maps the rows' log-prob sums (a leaf tensor) to (summed loss / normaliser,
-        extras); its gradient reaches the weights by the chain rule through the chunked head."""
+        beside the loss): loss_of maps the rows' log-prob sums (a leaf tensor; `per_token`: every token's log-prob,
+        [rows, width], 0 where nothing trains) to (summed loss / normaliser, extras); its gradient reaches the
+        weights by the chain rule through the chunked head."""
         inner = self.unwrap(model)
         if self.zero3_head is None:
             self.zero3_head = TrainedHeadUnderZero3(inner.get_output_embeddings())
@@ -108,15 +109,16 @@ class _ResponseLogpObjective(Objective):
             tensors = head_tensors(head, decoder.hidden)
             frozen = HeadTensors(*(t.detach() if isinstance(t, torch.Tensor) else t for t in (
                 tensors.weight, tensors.bias, tensors.lora_in, tensors.lora_a, tensors.lora_b, tensors.lora_scale)))
-            policy_logps = self.across(chunked_token_logprobs(decoder.hidden.detach(), frozen, targets,
-                                                              self.chunk_tokens, self.transform).sum(dim=1))
+            token_logps = chunked_token_logprobs(decoder.hidden.detach(), frozen, targets, self.chunk_tokens,
+                                                 self.transform)
+            policy_logps = token_logps if per_token else self.across(token_logps.sum(dim=1))
             sums = policy_logps.detach().requires_grad_(torch.is_grad_enabled())
             with torch.enable_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
                 loss_value, extras = loss_of(sums)
             if torch.is_grad_enabled():
                 (per_sequence,) = torch.autograd.grad(loss_value, sums)
                 # d loss / d logp(token) = d loss / d (its sequence's sum); CE = -logp, so weigh CE by minus it.
-                weights = (-per_sequence).unsqueeze(1).expand_as(targets)
+                weights = -per_sequence if per_token else (-per_sequence).unsqueeze(1).expand_as(targets)
                 weighted = chunked_linear_cross_entropy(decoder.hidden, tensors, targets, self.chunk_tokens,
                                                         self.transform, token_weights=weights)[0]
                 weighted = self.zero3_head.wrap(weighted)
@@ -126,14 +128,15 @@ class _ResponseLogpObjective(Objective):
                 loss = loss_value.detach() / self.share
         return loss, out, policy_logps, extras
 
-    def _reference_logps(self, model: Any, inputs: ModelInputs) -> torch.Tensor:
-        """Summed response log-probs of the reference: the frozen copy, or this model with its adapter disabled."""
+    def _reference_logps(self, model: Any, inputs: ModelInputs, per_token: bool = False) -> torch.Tensor:
+        """Summed response log-probs of the reference (`per_token`: each token's): the frozen copy, or this model
+        with its adapter disabled."""
         hidden, head = base_model_output(model, self.unwrap(model), self.reference, inputs.forward_kwargs())
         with torch.no_grad(), gathered(head):
             linear = head_parts(head, "reference's head")[0]
             logps = chunked_token_logprobs(hidden, HeadTensors(linear.weight, linear.bias), inputs.targets,
                                            self.chunk_tokens, self.transform)
-        return self.across(logps.sum(dim=1))
+        return logps if per_token else self.across(logps.sum(dim=1))
 
     def _policy_logps(self, model: Any, inputs: ModelInputs) -> torch.Tensor:
         """Summed response log-probs of the policy, without gradients."""
@@ -147,7 +150,7 @@ class _ResponseLogpObjective(Objective):
         return self.across(logps.sum(dim=1))
 
 
-class PreferenceLoss(_ResponseLogpObjective):
+class PreferenceLoss(ResponseLogpObjective):
     """The pairwise objectives (dpo, ipo, hinge, simpo, orpo), for micro batches of collate_pairs rows;
     normaliser = pairs in the step over all ranks. Reported per step: loss, rewards_chosen, rewards_rejected,
     reward_margin, reward_accuracy, logps_chosen, logps_rejected (means over the step's pairs)."""
@@ -194,7 +197,7 @@ class PreferenceLoss(_ResponseLogpObjective):
         return {"pairs": int(pairs), **{name: value / max(pairs, 1) for name, value in totals.items()}}
 
 
-class KTOLoss(_ResponseLogpObjective):
+class KTOLoss(ResponseLogpObjective):
     """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on format kto batches (collate_kto): each sample is one
     completion, desirable or not; with r = log pi(y|x) - log ref(y|x) (summed over the completion), its loss is
     kto_desirable_weight * (1 - sigmoid(beta * (r - z))) when desirable, kto_undesirable_weight * (1 - sigmoid(

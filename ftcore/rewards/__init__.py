@@ -1,5 +1,5 @@
-"""Rewards are rules: functions that score a completion (task rl's rewards, and `ft eval` metrics). A rule is a
-built-in (ftcore/rewards/builtin.py: exact_answer, numeric_answer, regex, length, overlong) or the user's own
+"""Rewards are rules: functions that score a completion (task rl's rewards). A rule is a built-in
+(ftcore/rewards/builtin.py: exact_answer, numeric_answer, regex, char_share, length, overlong) or the user's own
 Python function, named `package.module:function`, with a weight and keyword arguments.
 
 A reward function takes a batch by keyword and returns one number per completion (None: no reward for it):

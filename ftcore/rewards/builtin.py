@@ -4,6 +4,7 @@ per completion.
     exact_answer    1 when the answer equals the reference, whitespace trimmed and collapsed (case kept)
     numeric_answer  1 when the answer's last number equals the reference's number (within `tolerance`)
     regex           1 when the completion matches `pattern` (re.search; `full=True`: the whole completion)
+    char_share      the share of the completion's characters that are in `chars` (e.g. only digits, only ASCII)
     length          1 when the completion has between min_tokens and max_tokens tokens
     overlong        DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to max_tokens - cache_tokens,
                     then falling linearly to -1 at max_tokens, -1 beyond
@@ -74,6 +75,12 @@ def regex(completions: list[str], pattern: str, full: bool = False, **_: Any) ->
     return [float(match(completion) is not None) for completion in completions]
 
 
+def char_share(completions: list[str], chars: str, **_: Any) -> list[float]:
+    """The share of each completion's characters that are in `chars` (0 for an empty completion)."""
+    allowed = set(chars)
+    return [sum(ch in allowed for ch in c) / len(c) if c else 0.0 for c in completions]
+
+
 def length(completion_tokens: list[int], min_tokens: int = 0, max_tokens: Optional[int] = None,
            **_: Any) -> list[float]:
     """1.0 when the completion's token count is within [min_tokens, max_tokens]."""
@@ -90,4 +97,4 @@ def overlong(completion_tokens: list[int], max_tokens: int, cache_tokens: int, *
             for n in completion_tokens]
 
 
-BUILTINS = ("exact_answer", "numeric_answer", "regex", "length", "overlong")
+BUILTINS = ("exact_answer", "numeric_answer", "regex", "char_share", "length", "overlong")

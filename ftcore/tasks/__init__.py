@@ -23,6 +23,7 @@ BUILTIN = {
     "classification": "ftcore.tasks.classification:Classification",
     "preference": "ftcore.tasks.preference:Preference",
     "kto": "ftcore.tasks.kto:KTO",
+    "rl": "ftcore.tasks.rl:RL",
 }
 
 

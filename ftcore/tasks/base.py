@@ -56,6 +56,19 @@ class EvalRun:
     model_inputs: Callable[[Any], Any]  # Batch -> the objective's ModelInputs on this rank's device
     runtime: Any  # ftcore.train.runtime.Runtime: all_reduce, all_gather_object, is_main
     step: int
+    tokenizer: Any = None  # (a task that evaluates by generating)
+    unwrap: Optional[Callable[[Any], Any]] = None  # engine -> the model inside (to generate with)
+
+
+@dataclass
+class RolloutSetup:
+    """What a task that generates its training samples starts its rollouts from (Task.start_rollouts)."""
+
+    cfg: Config
+    runtime: Any  # ftcore.train.runtime.Runtime
+    tokenizer: Any
+    unwrap: Callable[[Any], Any]  # engine -> the model inside (to generate with)
+    pad_id: int
 
 
 class Task:
@@ -124,10 +137,16 @@ class Task:
         """The model config settings of a new output head (num_labels...), or None to keep the model's own."""
         return None
 
-    def normaliser(self, examples: float, trained_tokens: float) -> int:
+    def normaliser(self, cfg: Config, examples: float, trained_tokens: float) -> int:
         """What a step's summed loss is divided by, from the step's totals over every rank: trained tokens by
         default (the mean per trained token); `examples` counts a sequence group's examples once."""
         return max(int(trained_tokens), 1)
+
+    def start_rollouts(self, setup: RolloutSetup) -> Optional[Any]:
+        """For a task whose training samples the policy generates (rl): the object that turns each step's batches
+        from the data stream into the batches it trains, called as rollouts(batches, engine, step) on every rank
+        (collective), with close() at the end. None (the default): the stream's batches train as they are."""
+        return None
 
     def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:
         """(the objective the recipe calls per micro batch, its words for the log)."""

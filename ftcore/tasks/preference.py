@@ -71,7 +71,7 @@ class Preference(Task):
         """The pair's chosen row, then its rejected row."""
         return [(f" ({name})", *token_row(batch, row)) for row, name in enumerate(("chosen", "rejected"))]
 
-    def normaliser(self, examples: float, trained_tokens: float) -> int:
+    def normaliser(self, cfg: Config, examples: float, trained_tokens: float) -> int:
         """The step's pairs (KTO: samples) over every rank: the loss is their mean."""
         return max(int(examples), 1)
 

@@ -23,11 +23,11 @@ class Evaluator:
     """Scores the model on this rank's eval batches; __call__ is collective."""
 
     def __init__(self, cfg: Config, runtime: Runtime, task: Task, objective: Objective, eval_set: list[Batch],
-                 model_inputs: Any, generation: Optional[tuple[Any, list, Any]] = None):
-        """`generation`: (tokenizer, the eval prompts, engine -> model) for evaluation.generate."""
+                 model_inputs: Any, tokenizer: Any, unwrap: Any, generation: Optional[list] = None):
+        """`generation`: the eval prompts of evaluation.generate; `unwrap`: engine -> model."""
         self.cfg, self.runtime, self.task, self.objective, self.eval_set = cfg, runtime, task, objective, eval_set
         self.model_inputs = model_inputs  # Batch -> the model's keyword arguments, on the device
-        self.generation = generation
+        self.tokenizer, self.unwrap, self.generation = tokenizer, unwrap, generation
 
     def __bool__(self) -> bool:
         return bool(self.eval_set)
@@ -37,7 +37,7 @@ class Evaluator:
         """The eval metrics at `step` (the same on every rank)."""
         engine.eval()
         metrics = self.task.evaluate(EvalRun(self.cfg, engine, self.objective, self.eval_set, self.model_inputs,
-                                             self.runtime, step))  # (leaves the engine in train mode)
+                                             self.runtime, step, self.tokenizer, self.unwrap))  # (-> train mode)
         if self.generation:
             metrics.update(self._generate(engine, step))
         return metrics
@@ -45,9 +45,8 @@ class Evaluator:
     def _generate(self, engine: Any, step: int) -> dict:
         """evaluation.generate: the eval prompts answered (every rank its share; under ZeRO-3 in step), scored;
         every answer to output_dir/eval/generate-stepN.jsonl."""
-        tokenizer, prompts, unwrap = self.generation
         e, rt = self.cfg.evaluation, self.runtime
-        rows, means = evaluate_by_generation(unwrap(engine), tokenizer, prompts, e.generate,
+        rows, means = evaluate_by_generation(self.unwrap(engine), self.tokenizer, self.generation, e.generate,
                                              batch_size=self.cfg.train.micro_batch_size,
                                              max_new_tokens=e.max_new_tokens,
                                              rank=rt.rank, world_size=rt.world_size,

@@ -33,7 +33,7 @@ from ftcore.preflight import check_device, check_inputs
 from ftcore.resume import check_resumable
 from ftcore.run_dir import RunDir
 from ftcore.tasks import task_for
-from ftcore.tasks.base import ObjectiveSetup
+from ftcore.tasks.base import ObjectiveSetup, RolloutSetup
 from ftcore.train.audit import Audit
 from ftcore.train.evaluation import Evaluator
 from ftcore.train.optim import attach_schedule, build_optimizer, restore_rates
@@ -53,6 +53,7 @@ class Recipe:
         self.output_dir = Path(cfg.output_dir)
         self.run_dir = RunDir(self.output_dir)
         self.reporter: Optional[Reporter] = None
+        self.rollouts = None  # the task's, when the policy generates its samples (Task.start_rollouts)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -176,8 +177,11 @@ class Recipe:
         self.objective, self.loss_words = self.task.build_objective(ObjectiveSetup(
             cfg, self.engine, unwrap, self.reference, self.chunk_tokens, rt.cuda, self._probe_rows(), rt.all_reduce,
             self.sequence))
-        generation = (self.tokenizer, self.eval_prompts, unwrap) if self.eval_prompts else None
-        self.evaluator = Evaluator(cfg, rt, self.task, self.objective, self.eval_set, self._inputs, generation)
+        self.evaluator = Evaluator(cfg, rt, self.task, self.objective, self.eval_set, self._inputs, self.tokenizer,
+                                   unwrap, self.eval_prompts or None)
+        # A task whose samples the policy generates (rl) makes each step's batches from the stream's.
+        self.rollouts = self.task.start_rollouts(RolloutSetup(cfg, rt, self.tokenizer, unwrap,
+                                                              self.train_stream.pad_id))
 
     def _resume(self) -> None:
         """Continue from a checkpoint (ftcore/resume.py says whether it may), or start fresh."""
@@ -268,6 +272,8 @@ class Recipe:
         """One optimizer step over grad_accum_steps micro batches."""
         gas, rt = self.cfg.train.grad_accum_steps, self.runtime
         whole = [self.train_stream.next_batch() for _ in range(gas)]
+        if self.rollouts is not None:  # (collective) the policy answers the prompts; they train as scored
+            whole = self.rollouts(whole, self.engine, self.state.step)
         batches = [self._local(b) for b in whole]  # this rank's part of each sample's tokens (sequence parallel)
         local_trained = sum(b.trained_tokens for b in batches)
         local_tokens = sum(b.real_tokens for b in batches)
@@ -277,7 +283,7 @@ class Recipe:
             [local_trained, local_tokens, local_flops, sum(b.examples for b in batches)])
         # The task's mean over the whole effective batch: per trained token (causal LM), per example (preference
         # pairs, KTO samples). (The ranks of a sequence group hold the same examples: counted once.)
-        normaliser = self.task.normaliser(global_examples / rt.sequence_parallel, global_trained)
+        normaliser = self.task.normaliser(self.cfg, global_examples / rt.sequence_parallel, global_trained)
         # Each micro loss is (sum of its token losses) / (trained tokens in the whole step, all ranks).
         # DeepSpeed divides by grad_accum_steps and averages over ranks; multiplying back makes the update the
         # gradient of the true per-token mean over the effective batch.
@@ -336,6 +342,8 @@ class Recipe:
     def close(self, error: Optional[BaseException] = None) -> None:
         """Flush what rank 0 writes, also when the run stops on an error or a preemption (`error`); the trackers
         learn how this attempt ended."""
+        if self.rollouts is not None:
+            self.rollouts.close()
         if self.reporter is not None:
             if error is not None and not isinstance(error, Preempted):
                 status = "FAILED"

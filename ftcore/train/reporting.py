@@ -87,7 +87,7 @@ class Reporter:
         self.sink.record(metrics)
         for feed in self.feeds:
             feed.notify()
-        if "eval_loss" in metrics:  # an eval: the task says what its line shows
+        if any(name.startswith("eval_") for name in metrics):  # an eval: the task says what its line shows
             generated = "".join(f" {k[9:]} {v:.4f}" for k, v in metrics.items()
                                 if k.startswith("eval_gen_") and k != "eval_gen_samples")
             if generated:

@@ -1,0 +1,114 @@
+"""Task rl (online RL from rule-based rewards): the config is checked before anything starts, a run trains
+through the normal path (the policy answers each step's prompts, rewards score them, the GRPO-family loss trains
+on them), its completions and losses do not depend on how the step is split over ranks and micro batches, and a
+resumed run equals an uninterrupted one bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftcore.config import ConfigError, load_config
+from tests.conftest import read_jsonl, run_ft
+
+RL = ["task=rl", "data.train=[{path: builtin:add-two-digits, format: chat}]",
+      "rl.rewards=[{function: tests.reward_fns:letter_share}]"]
+
+
+@pytest.mark.parametrize("sets, field, message", [
+    (["task=rl", "data.train=[{path: x.jsonl, format: chat}]"], "rl.rewards", "task rl needs at least one reward"),
+    (RL[:2] + ["rl.rewards=[{function: tests.reward_fns:nothing}]"], "rl.rewards",
+     "tests.reward_fns has no function nothing"),
+    (RL[:2] + ["rl.rewards=[{function: exactly}]"], "rl.rewards", "'exactly': not a built-in"),
+    (["task=rl", "data.train=[{path: x.txt, format: text}]", RL[2]], "data.train.0.format",
+     "task rl answers prompts of chat, alpaca, prompt_completion records"),
+    (RL + ["data.max_seq_len=64", "rl.max_new_tokens=64"], "rl.max_new_tokens", "leaves no room for the prompt"),
+    (RL + ["data.packing=true"], "data.packing", "does not apply to task rl"),
+    (RL + ["loss.impl=full"], "loss.impl", "does not apply to task rl"),
+    (RL + ["distributed.sequence_parallel=2", "model.attn_implementation=sdpa"], "distributed.sequence_parallel",
+     "does not apply to task rl"),
+])
+def test_the_config_is_checked_with_the_field_named(sets, field, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(None, sets)
+    assert caught.value.field == field
+
+
+def rl_args(out: Path, *extra: str) -> list[str]:
+    """A small GRPO run of the random tiny model: 2 prompts x 4 completions per step, 4 new tokens each, a dense
+    reward (the share of lowercase letters), sampling at temperature 0.15 so that the same tokens come back."""
+    sets = [*RL, f"output_dir={out}", "model.dtype=float32", "adapter.method=full", "data.max_seq_len=64",
+            "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.max_steps=4", "optimizer.lr=1e-2",
+            "optimizer.warmup_steps=0", "logging.every=1", "evaluation.every=0", "checkpoint.every_steps=2",
+            "rl.num_generations=4", "rl.max_new_tokens=4", "rl.temperature=0.15", "rl.beta=0.05",
+            "rl.epsilon_high=0.28", *extra]
+    return [w for s in sets for w in ("--set", s)]
+
+
+def steps(out: Path) -> list[dict]:
+    return [r for r in read_jsonl(out / "metrics.jsonl") if "reward" in r]
+
+
+@pytest.mark.trains
+def test_the_policy_learns_the_rule_and_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """8 GRPO steps of the random tiny model raise the share of lowercase letters its answers are rewarded for;
+    the step's metrics are there; a run stopped at step 4 and resumed (the rollouts are seeded by step and prompt,
+    nothing else) equals the uninterrupted one bit for bit: rewards, losses and the final weights."""
+    from safetensors.torch import load_file
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = rl_args(whole, "train.max_steps=8", "checkpoint.every_steps=4")
+    run_ft("train", *args)
+    rows = steps(whole)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    first, last = sum(r["reward"] for r in rows[:2]) / 2, sum(r["reward"] for r in rows[-2:]) / 2
+    assert last > first + 0.1, [round(r["reward"], 3) for r in rows]
+    for key in ("reward_std", "reward_letter_share", "reward_at_max", "completion_length", "truncated",
+                "clip_ratio", "kl", "equal_reward_groups", "reward_timeouts", "generation_s"):
+        assert key in rows[0], key
+    assert rows[0]["reward"] == rows[0]["reward_letter_share"] and rows[0]["completion_length"] <= 4
+
+    run_ft("train", *rl_args(resumed, "train.max_steps=8", "checkpoint.every_steps=4", "train.stop_at_step=4"))
+    second = run_ft("train", *rl_args(resumed, "train.max_steps=8", "checkpoint.every_steps=4"))
+    assert "resumed from" in second.stdout
+    for key in ("reward", "loss", "kl", "clip_ratio"):
+        assert [r[key] for r in steps(resumed)] == [r[key] for r in rows], key
+    x, y = (load_file(out / "final" / "model.safetensors") for out in (whole, resumed))
+    assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+@pytest.mark.multiproc
+@pytest.mark.trains
+def test_two_ranks_train_what_one_rank_accumulating_two_micro_batches_trains(tmp_path):
+    """The same 2 prompts per step on 1 rank (2 micro batches of 1) and on 2 ranks (1 each): the same completions
+    (sampling is seeded per completion), the same advantages (over the whole step) and the same loss (normalised
+    by the whole step's count). ZeRO-2, LoRA."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["adapter.method=lora", "adapter.dropout=0", "distributed.zero_stage=2", "train.max_steps=3",
+              "optimizer.lr=5e-3", "train.micro_batch_size=1"]
+    run_ft("train", *rl_args(one, *common, "train.grad_accum_steps=2"))
+    run_ft("launch", *rl_args(two, *common, "train.grad_accum_steps=1"), "--nproc", "2")
+    a, b = steps(one), steps(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    # Step 1 (the same weights): the same completions; their rewards summed in another order (over ranks).
+    assert a[0]["completion_length"] == b[0]["completion_length"]
+    assert a[0]["reward"] == pytest.approx(b[0]["reward"], rel=1e-12)
+    for x, y in zip(a, b):
+        for key in ("loss", "reward", "kl"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+
+
+@pytest.mark.multiproc
+@pytest.mark.trains
+def test_qlora_grpo_on_two_zero3_ranks(tmp_path):
+    """2 processes, ZeRO-3, QLoRA: the policy generates with its layers gathered in step (synced), trains, and
+    the adapter is saved."""
+    out = tmp_path / "run"
+    run_ft("launch", *rl_args(out, "adapter.method=qlora", "distributed.zero_stage=3", "train.max_steps=2",
+                              "model.dtype=bfloat16", "optimizer.lr=5e-3"), "--nproc", "2")
+    rows = steps(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["completion_length"] > 0 for r in rows)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
