@@ -184,6 +184,10 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
                                                "the run's eval format, else chat)."),
              metric: List[str] = typer.Option(["exact_match", "rouge_l"], "--metric", help="exact_match | accuracy "
                                               "| contains | rouge_l (repeatable)."),
+             reward: List[str] = typer.Option([], "--reward", help="Also score the answers with this reward rule "
+                                              "(repeatable): a built-in (exact_answer, numeric_answer, regex, "
+                                              "char_share, length, overlong) or package.module:function, its "
+                                              "arguments as JSON after it: 'regex {\"pattern\": \"^[0-9]+$\"}'."),
              out: Optional[str] = typer.Option(None, "--out", help="Where predictions.jsonl and summary.json go "
                                                "(default: output_dir/eval, or eval-NAME beside the model)."),
              batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (per rank)."),
@@ -196,12 +200,13 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
 
     Examples: ft eval examples/demo.yaml --metric exact_match --metric rouge_l
               ft eval outputs/demo/merged --data held_out.jsonl --format prompt_completion --nproc 2
+              ft eval outputs/demo/final --reward numeric_answer --reward mypackage.rewards:score
     """
     import os
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_eval(EvalRequest(target, tuple(data), fmt, tuple(metric), out, batch_size,
-                                                  max_new_tokens, zero3, tuple(sets)), nproc))
+                                                  max_new_tokens, zero3, tuple(sets), tuple(reward)), nproc))
     from ftcore.errors import TrainError
     from ftcore.evaluation.command import EvalError, run_eval
     from ftcore.preemption import die_with_launcher, end_on_stop_signals
@@ -209,7 +214,8 @@ def evaluate(target: str = typer.Argument(..., help="A run's YAML config, a fina
     die_with_launcher()  # a rank of `ft eval --nproc N` dies with its supervisor
     end_on_stop_signals()
     try:
-        summary = run_eval(target, data, fmt, metric, out, batch_size, max_new_tokens, zero3, sets)
+        summary = run_eval(target, data, fmt, metric, out, batch_size, max_new_tokens, zero3, sets,
+                           rewards=tuple(reward))
     except (ConfigError, EvalError, TrainError, OSError, ValueError) as e:
         fail_rank(e)
     except (typer.Exit, KeyboardInterrupt):

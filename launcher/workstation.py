@@ -96,12 +96,14 @@ class EvalRequest:
     max_new_tokens: int = 64
     zero3: bool = False
     overrides: tuple[str, ...] = ()
+    rewards: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         """`eval TARGET --data ... --set ...` as `ft eval` takes them (without --nproc: a rank starts none)."""
         argv = ["eval", self.target, *(w for d in self.data for w in ("--data", d))]
         argv += ["--format", self.fmt] if self.fmt else []
         argv += [w for m in self.metrics for w in ("--metric", m)]
+        argv += [w for r in self.rewards for w in ("--reward", r)]
         argv += ["--out", self.out] if self.out else []
         argv += ["--batch-size", str(self.batch_size), "--max-new-tokens", str(self.max_new_tokens)]
         argv += ["--zero3"] if self.zero3 else []

@@ -92,6 +92,12 @@ def test_eval_generate_config_is_checked():
     with pytest.raises(ConfigError, match="evaluation.generate"):
         load_config(None, ["evaluation.generate=[bleu]"])
     assert load_config("examples/chat-demo.yaml", ["evaluation.generate=rouge_l"]).evaluation.generate == ["rouge_l"]
+    with pytest.raises(ConfigError, match="evaluation.rewards: .*tests.reward_fns has no function gone") as caught:
+        load_config("examples/chat-demo.yaml", ["evaluation.rewards=[{function: tests.reward_fns:gone}]"])
+    assert caught.value.field == "evaluation.rewards"
+    with pytest.raises(ConfigError, match="evaluation.rewards: scores generated answers of task causal_lm"):
+        load_config(None, ["task=classification", "data.train=[{path: x.jsonl, format: classification}]",
+                           "evaluation.rewards=[{function: exact_answer}]"])
 
 
 def eval_rows(out: Path) -> tuple[list[dict], dict]:
@@ -103,8 +109,9 @@ def same_answers(a: list[dict], b: list[dict]) -> bool:
     return [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EVAL = ("--data", "builtin:chat-demo-eval", "--max-new-tokens", "12", "--metric", "exact_match", "--metric",
-        "rouge_l", "--batch-size", "4")
+        "rouge_l", "--batch-size", "4", "--reward", 'char_share {"chars": "%s"}' % LETTERS)
 
 
 @pytest.mark.multiproc
@@ -114,6 +121,11 @@ def test_eval_on_two_ranks_and_on_two_zero3_ranks_equals_one_rank(tmp_path):
     run_ft("eval", "builtin:tiny-llama", *EVAL, "--out", str(tmp_path / "zero3"), "--nproc", "2", "--zero3")
     one, summary = eval_rows(tmp_path / "one")
     assert len(one) == 40 and summary["world_size"] == 1 and summary["samples"] == 40
+    # --reward: each answer scored by the rule in a worker, the mean over the answers in the summary.
+    want = [sum(ch in LETTERS for ch in r["prediction"]) / len(r["prediction"]) if r["prediction"] else 0.0
+            for r in one]
+    assert [r["reward_char_share"] for r in one] == pytest.approx(want)
+    assert summary["metrics"]["reward_char_share"] == pytest.approx(sum(want) / len(want))
     for name in ("two", "zero3"):
         rows, other = eval_rows(tmp_path / name)
         assert other["world_size"] == 2 and same_answers(rows, one), name
@@ -141,7 +153,8 @@ def test_a_failing_eval_rank_is_reported_as_a_failing_training_rank_is(tmp_path)
 def test_training_eval_generate_equals_ft_eval_and_an_export_equals_base_plus_adapter(tmp_path):
     out = tmp_path / "run"
     run_ft("train", *tiny_run_args(out, "--set", "evaluation.generate=[exact_match,rouge_l]",
-                                   "--set", "evaluation.max_new_tokens=12", "--set", "data.max_seq_len=256"))
+                                   "--set", "evaluation.max_new_tokens=12", "--set", "data.max_seq_len=256",
+                                   "--set", "evaluation.rewards=[{function: char_share, args: {chars: %s}}]" % LETTERS))
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_gen_rouge_l" in r]
     assert [r["step"] for r in evals] == [4, 8] and all(r["eval_gen_samples"] == 40 for r in evals)
     during = read_jsonl(out / "eval" / "generate-step000008.jsonl")
@@ -149,6 +162,7 @@ def test_training_eval_generate_equals_ft_eval_and_an_export_equals_base_plus_ad
     adapter, summary = eval_rows(tmp_path / "adapter")
     assert same_answers(adapter, during)
     assert summary["metrics"]["rouge_l"] == pytest.approx(evals[-1]["eval_gen_rouge_l"])
+    assert summary["metrics"]["reward_char_share"] == pytest.approx(evals[-1]["eval_gen_reward_char_share"])
     ft_in_process("export", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged"))
     ft_in_process("eval", str(tmp_path / "merged"), *EVAL, "--out", str(tmp_path / "export"))
     assert same_answers(eval_rows(tmp_path / "export")[0], adapter)

@@ -112,3 +112,11 @@ def test_qlora_grpo_on_two_zero3_ranks(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["completion_length"] > 0 for r in rows)
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_ft_plan_counts_every_completion_row():
+    """A prompt of the micro batch is num_generations rows of prompt + completion in the forward that trains."""
+    from ftcore.tools.plan import micro_batch_tokens
+
+    cfg = load_config(None, [*RL, "train.micro_batch_size=3", "rl.num_generations=6", "data.max_seq_len=128"])
+    assert micro_batch_tokens(cfg) == 3 * 6 * 128

@@ -28,6 +28,8 @@ from ftcore.config.schema import (
                                   ModelConfig,
                                   OptimizerConfig,
                                   PreferenceConfig,
+                                  RewardConfig,
+                                  RLConfig,
                                   Section,
                                   TrainConfig,
 )
@@ -35,6 +37,7 @@ from ftcore.config.schema import (
 __all__ = ["BUILTIN_PREFIX", "MOVED_FIELDS", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
            "DataSource",
            "DistributedConfig", "EvaluationConfig", "FieldError", "FieldNames", "LoggingConfig", "LossConfig",
-           "ModelConfig", "OptimizerConfig", "PreferenceConfig", "Section", "TrainConfig",
+           "ModelConfig", "OptimizerConfig", "PreferenceConfig", "RewardConfig", "RLConfig", "Section",
+           "TrainConfig",
            "dump_config", "field_docs", "format_validation_error", "load_config", "parse_override",
            "run_config_beside"]

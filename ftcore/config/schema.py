@@ -236,6 +236,21 @@ class LossConfig(Section):
         return max(1, int(self.chunk_mb * (1 << 20)) // (vocab * 4))
 
 
+class RewardConfig(Section):
+    """One reward rule of task rl (ftcore/rewards/)."""
+    function: str
+    """A built-in (exact_answer, numeric_answer, regex, char_share, length, overlong: ftcore/rewards/builtin.py) or
+    your own function as package.module:function, called with the batch by keyword (prompts, completions,
+    references, records, completion_tokens) and its args, returning one number per completion (None: no
+    reward)."""
+    weight: float = 1.0
+    """Its weight in a completion's total reward (the sum over the rules)."""
+    args: dict = Field(default_factory=dict)
+    """Keyword arguments it is called with (regex: pattern; numeric_answer: extract, tolerance; ...)."""
+    name: Optional[str] = None
+    """What the metrics call it (default: the function's name)."""
+
+
 class EvaluationConfig(Section):
     """evaluation: when the run evaluates on data.eval, and whether it also scores generated answers."""
     every: int = Field(0, ge=0)
@@ -245,8 +260,17 @@ class EvaluationConfig(Section):
     (ftcore/evaluation/scoring.py; logged as eval_gen_<metric>, every answer in
     output_dir/eval/generate-stepN.jsonl), as `ft eval` does. Chat/alpaca/prompt_completion eval data; task
     causal_lm."""
+    rewards: list[RewardConfig] = Field(default_factory=list)
+    """Also score the generated answers with these reward rules (as task rl's rewards; logged as eval_gen_reward
+    and eval_gen_reward_<rule>, the mean over the answers that got one); answers are generated when this or
+    evaluation.generate is set."""
     max_new_tokens: int = Field(64, gt=0)
     """Longest answer evaluation.generate generates, in tokens."""
+
+    @property
+    def generates(self) -> bool:
+        """Does an eval answer data.eval's prompts by generation (evaluation.generate or evaluation.rewards)?"""
+        return bool(self.generate or self.rewards)
 
     @field_validator("generate", mode="before")
     @classmethod
@@ -321,21 +345,6 @@ class PreferenceConfig(Section):
     desirable_weight x desirable samples / (undesirable_weight x undesirable samples) within 1 to 4/3."""
     kto_undesirable_weight: float = Field(1.0, gt=0)
     """KTO's lambda_U, the weight of an undesirable sample's loss."""
-
-
-class RewardConfig(Section):
-    """One reward rule of task rl (ftcore/rewards/)."""
-    function: str
-    """A built-in (exact_answer, numeric_answer, regex, char_share, length, overlong: ftcore/rewards/builtin.py) or
-    your own function as package.module:function, called with the batch by keyword (prompts, completions,
-    references, records, completion_tokens) and its args, returning one number per completion (None: no
-    reward)."""
-    weight: float = 1.0
-    """Its weight in a completion's total reward (the sum over the rules)."""
-    args: dict = Field(default_factory=dict)
-    """Keyword arguments it is called with (regex: pattern; numeric_answer: extract, tolerance; ...)."""
-    name: Optional[str] = None
-    """What the metrics call it (default: the function's name)."""
 
 
 class RLConfig(Section):
@@ -583,7 +592,7 @@ class Config(Section):
             raise _field_error("loss.impl", "fused does not cover LoRA on lm_head; use chunked (or auto)")
 
     def _check_eval_generate(self) -> None:
-        if not self.evaluation.generate:
+        if not self.evaluation.generates:
             return
         if not self.data.eval:
             raise _field_error("evaluation.generate", "needs data.eval (the prompts and their reference answers)")

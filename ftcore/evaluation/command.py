@@ -14,6 +14,7 @@ scores) and OUT/summary.json (each metric's mean, samples, samples/s, world size
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ftcore.builtin import is_builtin, resolve_model_path
-from ftcore.config import Config, DataConfig, DataSource, DistributedConfig, load_config, run_config_beside
+from ftcore.config import (
+    Config,
+    DataConfig,
+    DataSource,
+    DistributedConfig,
+    RLConfig,
+    load_config,
+    run_config_beside,
+)
 from ftcore.durable import atomic_write_text
 from ftcore.evaluation.scoring import METRICS
 from ftcore.gguf_base import GGUFError, gguf_file
@@ -106,32 +115,62 @@ def eval_distributed(cfg: Optional[Config], zero3: bool) -> DistributedConfig:
                                    "deepspeed_config": None})
 
 
+def reward_rules(specs: list[str]) -> list:
+    """--reward SPEC -> RewardRules: SPEC is a built-in's name or package.module:function, optionally followed by
+    its arguments as a JSON object: `regex {"pattern": "^[0-9]+$"}`. Checked here (EvalError, one line)."""
+    from ftcore.rewards import RewardError, RewardRule, check_rules
+
+    rules = []
+    for spec in specs:
+        function, brace, rest = spec.partition("{")
+        try:
+            args = json.loads(brace + rest) if brace else {}
+        except ValueError as e:
+            raise EvalError(f"--reward {spec!r}: its arguments are not a JSON object ({e})") from None
+        if not isinstance(args, dict):
+            raise EvalError(f"--reward {spec!r}: its arguments are not a JSON object")
+        rules.append(RewardRule(function.strip(), args=args))
+    try:
+        check_rules(rules)
+    except RewardError as e:
+        raise EvalError(f"--reward: {e}") from None
+    return rules
+
+
 def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str], out: Optional[str],
              batch_size: int, max_new_tokens: int, zero3: bool, sets: list[str],
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, rewards: tuple[str, ...] = ()) -> dict:
     """The whole of `ft eval` in this process: one rank of a world a launcher started (`ft eval --nproc N`,
     torchrun, srun), or alone. It runs on the training's Runtime (process group, timeout, world-size check) and
     DeepSpeed config (build_inference_ds_config)."""
     # (torch and the training stack are imported here: `ft eval --help` and the launcher's side stay light)
+    from ftcore.rewards.pool import RewardPool
     from ftcore.train.runtime import leave_world, start_inference_runtime
 
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise EvalError(f"--metric {bad[0]}: expected one of {', '.join(METRICS)}")
+    rules = reward_rules(list(rewards))
     kind, cfg, where = resolve_target(target, sets)
     data_cfg = eval_data(cfg, data, fmt)
     if zero3 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise EvalError("--zero3 partitions the model over the ranks: launch 2 or more (ft eval --nproc N)")
-    try:
-        rt = start_inference_runtime(eval_distributed(cfg, zero3), where)
-        return _evaluate(rt, kind, cfg, where, target, data_cfg, metrics, out, batch_size, max_new_tokens, zero3)
-    finally:
-        leave_world()
+    rl = cfg.rl if cfg is not None else RLConfig()  # reward workers and timeout: the run's, or the defaults
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(RewardPool(rules, rl.reward_workers, rl.reward_timeout_s)) if rules else None
+        try:
+            rt = start_inference_runtime(eval_distributed(cfg, zero3), where)
+            return _evaluate(rt, kind, cfg, where, target, data_cfg, metrics, out, batch_size, max_new_tokens,
+                             zero3, pool)
+        finally:
+            leave_world()
 
 
 def _evaluate(rt: Any, kind: str, cfg: Optional[Config], where: str, target: str, data_cfg: DataConfig,
-              metrics: list[str], out: Optional[str], batch_size: int, max_new_tokens: int, zero3: bool) -> dict:
-    """Load the model on the runtime, answer and score this rank's share; rank 0 writes the results."""
+              metrics: list[str], out: Optional[str], batch_size: int, max_new_tokens: int, zero3: bool,
+              rewards: Any) -> dict:
+    """Load the model on the runtime, answer and score this rank's share (and by `rewards`, a RewardPool);
+    rank 0 writes the results."""
     from ftcore.evaluation.generation import evaluate_by_generation, read_prompts, write_predictions
     from ftcore.tools.generate import load_for_inference
 
@@ -153,7 +192,7 @@ def _evaluate(rt: Any, kind: str, cfg: Optional[Config], where: str, target: str
         rows, means = evaluate_by_generation(model, tokenizer, prompts, metrics, batch_size=batch_size,
                                              max_new_tokens=max_new_tokens, rank=rt.rank, world_size=rt.world_size,
                                              gather=rt.all_gather_object if rt.world_size > 1 else None,
-                                             synced=zero3, device=rt.device)
+                                             synced=zero3, device=rt.device, rewards=rewards)
         seconds = time.perf_counter() - started
     finally:
         if temporary is not None and rt.is_main:

@@ -60,6 +60,11 @@ class RewardSample:
     completion_tokens: int = 0
 
 
+def rules_of(configs: list) -> list[RewardRule]:
+    """The rules of a config's reward list (rl.rewards, evaluation.rewards: RewardConfig entries)."""
+    return [RewardRule(c.function, c.weight, dict(c.args), c.name) for c in configs]
+
+
 def resolve(path: str) -> Callable[..., Any]:
     """The function `module:function` names; RewardError (one line) when it cannot be imported or is not
     callable."""

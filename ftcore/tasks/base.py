@@ -3,10 +3,10 @@
 Who asks what:
 - config validation (ftcore/config/schema.py): check_config;
 - the data stream (ftcore/data/stream.py): tokenize, truncates_itself, collate, reads_next_sample;
-- the recipe (ftcore/train/recipe.py): prepare_data, head_settings, needs_reference, rows_per_example,
-  filler_batch, normaliser, build_objective;
-- evaluation (ftcore/train/evaluation.py): evaluate;
-- `ft plan` (ftcore/tools/plan.py): head, rows_per_example, needs_reference, head_settings;
+- the recipe (ftcore/train/recipe.py): prepare_data, head_settings, needs_reference, rows_per_step_example,
+  filler_batch, start_rollouts, normaliser, build_objective;
+- evaluation (ftcore/train/evaluation.py): evaluate; the reporter (ftcore/train/reporting.py): eval_line, step_words;
+- `ft plan` (ftcore/tools/plan.py): head, rows_per_step_example, needs_reference, head_settings;
 - `ft data inspect` (ftcore/data/inspect.py): prepare_data, describe;
 - the export (ftcore/export/): head.
 
@@ -94,9 +94,18 @@ class Task:
     # ------------------------------------------------------------------------------------------ config
     def check_config(self, cfg: Config) -> None:
         """Raise FieldError naming the field when cfg sets something this task cannot do (its data formats
-        included); the default refuses evaluation.generate for a task that does not generate."""
-        if cfg.evaluation.generate and not self.generates:
-            raise FieldError("evaluation.generate", f"scores generated answers of task causal_lm, not {cfg.task}")
+        included); the default refuses evaluation.generate / evaluation.rewards for a task that does not generate;
+        evaluation.rewards' functions must exist."""
+        if cfg.evaluation.generates and not self.generates:
+            field = "evaluation.generate" if cfg.evaluation.generate else "evaluation.rewards"
+            raise FieldError(field, f"scores generated answers of task causal_lm, not {cfg.task}")
+        if cfg.evaluation.rewards:
+            from ftcore.rewards import RewardError, check_rules, rules_of
+
+            try:
+                check_rules(rules_of(cfg.evaluation.rewards))
+            except RewardError as e:
+                raise FieldError("evaluation.rewards", str(e)) from None
 
     def needs_reference(self, cfg: Config) -> bool:
         """Does the objective read a frozen reference model (the adapter disabled, or under full/freeze a copy)?"""
@@ -151,6 +160,15 @@ class Task:
     def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:
         """(the objective the recipe calls per micro batch, its words for the log)."""
         raise NotImplementedError
+
+    def rows_per_step_example(self, cfg: Config) -> int:
+        """Rows of a forward per example of a micro batch under `cfg` (rows_per_example, unless the config
+        decides: task rl's num_generations completions per prompt)."""
+        return self.rows_per_example
+
+    def step_words(self, metrics: dict) -> str:
+        """The task's own numbers in a logged step's line, after the loss ("" by default; each ends in a space)."""
+        return ""
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, run: EvalRun) -> dict:

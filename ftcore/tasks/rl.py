@@ -87,7 +87,7 @@ class RL(Task):
 
     def check_config(self, cfg: Config) -> None:
         """Its formats, the rewards (each importable), and what this release does not cover, refused by name."""
-        from ftcore.rewards import RewardError, RewardRule, check_rules
+        from ftcore.rewards import RewardError, check_rules, rules_of
 
         super().check_config(cfg)
         for where, source in data_sources(cfg):
@@ -99,7 +99,7 @@ class RL(Task):
             raise FieldError("rl.rewards", "task rl needs at least one reward rule, e.g. [{function: "
                              "exact_answer}] or [{function: mypackage.rewards:score}]")
         try:
-            check_rules([RewardRule(x.function, x.weight, x.args, x.name) for x in r.rewards])
+            check_rules(rules_of(r.rewards))
         except RewardError as e:
             raise FieldError("rl.rewards", str(e)) from None
         if data.max_seq_len <= r.max_new_tokens:
@@ -179,6 +179,14 @@ class RL(Task):
         return objective, (f"GRPO ({r.loss_normalisation}, {r.importance} ratio, {clip}{kl}, "
                            f"{r.num_generations} completions per prompt), log-probs {words}")
 
+    def rows_per_step_example(self, cfg: Config) -> int:
+        """A prompt of the micro batch becomes rl.num_generations rows (prompt + completion each)."""
+        return cfg.rl.num_generations
+
+    def step_words(self, metrics: dict) -> str:
+        """The step's mean reward and completion length (the GRPO loss itself says little: about 0)."""
+        return f"reward {metrics['reward']:.4f} length {metrics['completion_length']:.1f} "
+
     def start_rollouts(self, setup: Any) -> Rollouts:
         """The rollout of every step (its reward workers start now)."""
         return Rollouts(setup)
@@ -192,6 +200,7 @@ class RL(Task):
         from ftcore.data.batch import pad_token_id
         from ftcore.evaluation.generation import answer_ids
         from ftcore.losses.grpo import rollout_report
+        from ftcore.rewards import rules_of
         from ftcore.rewards.pool import RewardPool
 
         cfg, rt = run.cfg, run.runtime
@@ -207,7 +216,7 @@ class RL(Task):
                 completions = answer_ids(model, run.tokenizer, ids, cfg.rl.max_new_tokens, synced, rt.device)
                 answered += list(zip(prompts, batch.sample_ids, completions))
         run.engine.train()
-        with RewardPool(_rules(cfg), cfg.rl.reward_workers, cfg.rl.reward_timeout_s) as pool:
+        with RewardPool(rules_of(cfg.rl.rewards), cfg.rl.reward_workers, cfg.rl.reward_timeout_s) as pool:
             counts = _score(pool, run.tokenizer, answered, cfg.rl.max_new_tokens, pad)[1]
         counts.pop("at_max")  # (the best reward of one rank's share means nothing for the set)
         names = sorted(counts)
@@ -222,12 +231,6 @@ class RL(Task):
         rules = "".join(f" {k[12:]} {v:.4g}" for k, v in metrics.items()
                         if k.startswith("eval_reward_") and k not in ("eval_reward_std", "eval_reward_timeouts"))
         return f"eval reward {metrics['eval_reward']:.4f}{rules} ({metrics['eval_prompts']} prompts)"
-
-
-def _rules(cfg: Config) -> list:
-    from ftcore.rewards import RewardRule
-
-    return [RewardRule(r.function, r.weight, r.args, r.name) for r in cfg.rl.rewards]
 
 
 def _score(pool: Any, tokenizer: Any, answered: list, max_new_tokens: int, pad_id: int) -> tuple[list, dict]:
@@ -264,11 +267,13 @@ class Rollouts:
     workers. Collective: every rank calls it with its own prompt batches."""
 
     def __init__(self, setup: Any):
+        from ftcore.rewards import rules_of
         from ftcore.rewards.pool import RewardPool
 
         self.cfg, self.runtime, self.tokenizer, self.unwrap = setup.cfg, setup.runtime, setup.tokenizer, setup.unwrap
         self.pad_id = setup.pad_id
-        self.pool = RewardPool(_rules(self.cfg), self.cfg.rl.reward_workers, self.cfg.rl.reward_timeout_s)
+        self.pool = RewardPool(rules_of(self.cfg.rl.rewards), self.cfg.rl.reward_workers,
+                               self.cfg.rl.reward_timeout_s)
 
     def close(self) -> None:
         """Stop the reward workers."""

@@ -269,7 +269,7 @@ class Plan:
 def micro_batch_tokens(cfg: Config) -> int:
     """Token slots of one micro batch on one GPU: micro_batch_size rows of max_seq_len (two rows per pair for
     preference), split over distributed.sequence_parallel ranks."""
-    rows = cfg.train.micro_batch_size * task_for(cfg).rows_per_example
+    rows = cfg.train.micro_batch_size * task_for(cfg).rows_per_step_example(cfg)
     return rows * -(-cfg.data.max_seq_len // cfg.distributed.sequence_parallel)
 
 

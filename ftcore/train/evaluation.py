@@ -6,6 +6,7 @@ generation and scored (ftcore/evaluation/generation.py)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -14,6 +15,8 @@ from ftcore.config import Config
 from ftcore.data.batch import Batch
 from ftcore.evaluation.generation import evaluate_by_generation, write_predictions
 from ftcore.losses.objective import Objective
+from ftcore.rewards import rules_of
+from ftcore.rewards.pool import RewardPool
 from ftcore.run_dir import RunDir
 from ftcore.tasks.base import EvalRun, Task
 from ftcore.train.runtime import Runtime
@@ -46,13 +49,18 @@ class Evaluator:
         """evaluation.generate: the eval prompts answered (every rank its share; under ZeRO-3 in step), scored;
         every answer to output_dir/eval/generate-stepN.jsonl."""
         e, rt = self.cfg.evaluation, self.runtime
-        rows, means = evaluate_by_generation(self.unwrap(engine), self.tokenizer, self.generation, e.generate,
-                                             batch_size=self.cfg.train.micro_batch_size,
-                                             max_new_tokens=e.max_new_tokens,
-                                             rank=rt.rank, world_size=rt.world_size,
-                                             gather=rt.all_gather_object if rt.world_size > 1 else None,
-                                             synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,
-                                             device=rt.device)  # (leaves the model in train mode)
+        with contextlib.ExitStack() as stack:
+            pool = None
+            if e.rewards:  # (workers and timeout: task rl's settings)
+                pool = stack.enter_context(RewardPool(rules_of(e.rewards), self.cfg.rl.reward_workers,
+                                                      self.cfg.rl.reward_timeout_s))
+            rows, means = evaluate_by_generation(self.unwrap(engine), self.tokenizer, self.generation, e.generate,
+                                                 batch_size=self.cfg.train.micro_batch_size,
+                                                 max_new_tokens=e.max_new_tokens,
+                                                 rank=rt.rank, world_size=rt.world_size,
+                                                 gather=rt.all_gather_object if rt.world_size > 1 else None,
+                                                 synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,
+                                                 device=rt.device, rewards=pool)  # (leaves the model in train mode)
         if rt.is_main:
             write_predictions(RunDir(self.cfg.output_dir).eval_predictions / f"generate-step{step:06d}.jsonl", rows)
         return {**{f"eval_gen_{name}": value for name, value in means.items()}, "eval_gen_samples": len(rows)}

@@ -112,7 +112,7 @@ class Recipe:
             self.eval_set = [self._local(b) for b in
                              pad_eval_batches(mine, most, lambda: self.task.filler_batch(pad_id))]
         self.eval_prompts = (read_prompts(cfg.data, self.tokenizer, cfg.evaluation.max_new_tokens)[0]
-                             if cfg.evaluation.generate else [])
+                             if cfg.evaluation.generates else [])
 
     def _setup_model(self) -> None:
         cfg, rt = self.cfg, self.runtime
@@ -361,7 +361,7 @@ class Recipe:
         varlen row)."""
         if self.cfg.data.packing and self.runtime.sequence_parallel > 1:
             return 1
-        return self.cfg.train.micro_batch_size * self.task.rows_per_example
+        return self.cfg.train.micro_batch_size * self.task.rows_per_step_example(self.cfg)
 
     def _probe_rows(self) -> int:
         """Rows of the loss probe's forward: one, or under sequence parallelism the rows every forward has."""

@@ -117,7 +117,7 @@ class Reporter:
             progress.update(task, completed=metrics["step"], loss=f"{metrics['loss']:.4f}")
             if self.runtime.is_main and (metrics["step"] % self.cfg.logging.every == 0 or metrics["step"] == last):
                 # One line per step in captured logs, however long.
-                progress.console.print(step_line(metrics, last), soft_wrap=True)
+                progress.console.print(step_line(metrics, last, self.task.step_words(metrics)), soft_wrap=True)
 
         with progress:
             yield advance
@@ -203,15 +203,15 @@ class Reporter:
                 self.runtime.log(left)
 
 
-def step_line(metrics: dict, last: int) -> str:
-    """The line printed for a logged step."""
+def step_line(metrics: dict, last: int, task_words: str = "") -> str:
+    """The line printed for a logged step (`task_words`: the task's own numbers, after the loss)."""
     norm = metrics["grad_norm"]
     mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
     gpu = (f" gpu {metrics['gpu_max_allocated_gib']:.1f}/{metrics['gpu_max_reserved_gib']:.1f} GiB"
            if "gpu_max_allocated_gib" in metrics else "")
     base_kl = f"base_kl {metrics['base_kl']:.4f} " if "base_kl" in metrics else ""
     packing = f" packing {metrics['packing_efficiency']:.3f}" if "packing_efficiency" in metrics else ""
-    return (f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} {base_kl}lr {metrics['lr']:.3e} "
+    return (f"step {metrics['step']}/{last} loss {metrics['loss']:.4f} {base_kl}{task_words}lr {metrics['lr']:.3e} "
             f"grad_norm {'-' if norm is None else f'{norm:.3f}'} tok/s {metrics['tokens_per_s']:.0f} "
             f"(trained {metrics['trained_tokens_per_s']:.0f}){mfu}{gpu} rss {metrics['host_rss_gib']:.1f} GiB"
             f"{packing}")
