@@ -141,7 +141,7 @@ def run_eval(target: str, data: list[str], fmt: Optional[str], metrics: list[str
              batch_size: int, max_new_tokens: int, zero3: bool, sets: list[str],
              log: Callable[[str], None] = print, rewards: tuple[str, ...] = ()) -> dict:
     """The whole of `ft eval` in this process: one rank of a world a launcher started (`ft eval --nproc N`,
-    torchrun, srun), or alone. It runs on the training's Runtime (process group, timeout, world-size check) and
+    torchrun), or alone. It runs on the training's Runtime (process group, timeout, world-size check) and
     DeepSpeed config (build_inference_ds_config)."""
     # (torch and the training stack are imported here: `ft eval --help` and the launcher's side stay light)
     from ftcore.rewards.pool import RewardPool
@@ -191,8 +191,8 @@ def _evaluate(rt: Any, kind: str, cfg: Optional[Config], where: str, target: str
         started = time.perf_counter()
         rows, means = evaluate_by_generation(model, tokenizer, prompts, metrics, batch_size=batch_size,
                                              max_new_tokens=max_new_tokens, rank=rt.rank, world_size=rt.world_size,
-                                             gather=rt.all_gather_object if rt.world_size > 1 else None,
-                                             synced=zero3, device=rt.device, rewards=rewards)
+                                             gather=rt.all_gather_object, synced=rt.synced_forwards,
+                                             device=rt.device, rewards=rewards)
         seconds = time.perf_counter() - started
     finally:
         if temporary is not None and rt.is_main:

@@ -34,7 +34,6 @@ from ftcore.losses.preference import ResponseLogpObjective
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 NORMALISATIONS = ("grpo", "dr_grpo", "dapo")
-IMPORTANCE_LEVELS = ("token", "sequence")
 STD_EPSILON = 1e-4
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 BUILTIN_MODULE = "ftcore.rewards.builtin"
+# What every reward function is given by keyword: a rule's own argument may not take one of these names.
+BATCH_ARGUMENTS = ("prompts", "completions", "references", "records", "completion_tokens")
 
 
 class RewardError(ValueError):
@@ -82,7 +84,8 @@ def resolve(path: str) -> Callable[..., Any]:
 
 
 def check_rules(rules: list[RewardRule]) -> None:
-    """Every rule names a function that exists (imported here, as a worker will), with distinct labels."""
+    """Every rule names a function that exists (imported here, as a worker will), with distinct labels and no
+    argument named as the batch's."""
     from ftcore.rewards import builtin
 
     seen: set[str] = set()
@@ -91,6 +94,10 @@ def check_rules(rules: list[RewardRule]) -> None:
             raise RewardError(f"reward function {rule.function!r}: not a built-in ({', '.join(builtin.BUILTINS)}) "
                               "nor package.module:function")
         resolve(rule.path)
+        clash = sorted(set(rule.args) & set(BATCH_ARGUMENTS))
+        if clash:
+            raise RewardError(f"reward {rule.label}: argument {clash[0]!r} is what every reward function is given; "
+                              "rename it")
         if rule.label in seen:
             raise RewardError(f"reward {rule.label!r} is listed twice: give one of them a name")
         seen.add(rule.label)

@@ -20,8 +20,6 @@ from pebble import ProcessPool
 
 from ftcore.rewards import RewardError, RewardRule, RewardSample, check_rules, resolve
 
-BATCH_ARGUMENTS = ("prompts", "completions", "references", "records", "completion_tokens")
-
 
 @functools.lru_cache(maxsize=None)
 def _function(path: str) -> Any:
@@ -54,11 +52,6 @@ class RewardPool:
 
     def __init__(self, rules: list[RewardRule], workers: int = 2, timeout_s: float = 10.0):
         check_rules(rules)
-        for rule in rules:
-            clash = sorted(set(rule.args) & set(BATCH_ARGUMENTS))
-            if clash:
-                raise RewardError(f"reward {rule.label}: argument {clash[0]!r} is what every reward function is "
-                                  "given; rename it")
         self.rules, self.timeout_s = rules, timeout_s
         self._pool = ProcessPool(max_workers=workers, initializer=_preload, initargs=([r.path for r in rules],),
                                  context=multiprocessing.get_context("spawn"))

@@ -206,19 +206,18 @@ class RL(Task):
         cfg, rt = run.cfg, run.runtime
         model = run.unwrap(run.engine)
         pad = pad_token_id(run.tokenizer)
-        synced = cfg.distributed.zero_stage == 3 and rt.world_size > 1
         answered = []
         with torch.no_grad():
             for batch in run.batches:
                 prompts = batch.extra.prompts
                 # (a filler batch still generates: under ZeRO-3 every rank runs as many forwards as the others)
                 ids = [p.ids[-(cfg.data.max_seq_len - cfg.rl.max_new_tokens):] for p in prompts] or [[pad]]
-                completions = answer_ids(model, run.tokenizer, ids, cfg.rl.max_new_tokens, synced, rt.device)
+                completions = answer_ids(model, run.tokenizer, ids, cfg.rl.max_new_tokens, rt.synced_forwards,
+                                         rt.device)
                 answered += list(zip(prompts, batch.sample_ids, completions))
         run.engine.train()
         with RewardPool(rules_of(cfg.rl.rewards), cfg.rl.reward_workers, cfg.rl.reward_timeout_s) as pool:
-            counts = _score(pool, run.tokenizer, answered, cfg.rl.max_new_tokens, pad)[1]
-        counts.pop("at_max")  # (the best reward of one rank's share means nothing for the set)
+            counts = _score(pool, run.tokenizer, answered, cfg.rl.max_new_tokens)[1]
         names = sorted(counts)
         totals = dict(zip(names, rt.all_reduce([float(counts[n]) for n in names])))
         prompts = int(totals.get("completions", 0))
@@ -233,7 +232,7 @@ class RL(Task):
         return f"eval reward {metrics['eval_reward']:.4f}{rules} ({metrics['eval_prompts']} prompts)"
 
 
-def _score(pool: Any, tokenizer: Any, answered: list, max_new_tokens: int, pad_id: int) -> tuple[list, dict]:
+def _score(pool: Any, tokenizer: Any, answered: list, max_new_tokens: int) -> tuple[list, dict]:
     """(each completion's total reward, or None; the counts rollout_report turns into metrics) of (prompt, where,
     completion ids) triples."""
     import torch
@@ -251,8 +250,6 @@ def _score(pool: Any, tokenizer: Any, answered: list, max_new_tokens: int, pad_i
               "completion_tokens": sum(len(ids) for _, _, ids in answered),
               "truncated": sum(1 for _, _, ids in answered if _is_truncated(ids, eos, max_new_tokens)),
               "timeouts": sum(scores.timeouts.values()) if scores else 0}
-    best = max(valid) if valid else None
-    counts["at_max"] = sum(1 for v in valid if v == best)
     for label, values in (scores.per_rule.items() if scores else []):
         counts[f"reward_rule_{label}"] = sum(v for v, t in zip(values, totals) if t is not None)
     return totals, {k: torch.tensor(float(v), dtype=torch.float64) for k, v in counts.items()}
@@ -291,7 +288,6 @@ class Rollouts:
         cfg, rt, r = self.cfg, self.runtime, self.cfg.rl
         g = r.num_generations
         room = cfg.data.max_seq_len - r.max_new_tokens
-        synced = cfg.distributed.zero_stage == 3 and rt.world_size > 1
         started = time.perf_counter()
         engine.eval()
         model = self.unwrap(engine)
@@ -302,13 +298,14 @@ class Rollouts:
                 for prompt, where in zip(batch.extra.prompts, batch.sample_ids):
                     seeds = [completion_seed(cfg.train.seed, step, where, k) for k in range(g)]
                     for ids in sample_group(model, prompt.ids[-room:], seeds, r.max_new_tokens, r.temperature,
-                                            r.top_p, self.pad_id, self.tokenizer.eos_token_id, synced, rt.device):
+                                            r.top_p, self.pad_id, self.tokenizer.eos_token_id, rt.synced_forwards,
+                                            rt.device):
                         rows.append((prompt, where, ids))
                 answered.append(rows)
         engine.train()
         generation_s = time.perf_counter() - started
         flat = [row for rows in answered for row in rows]
-        totals, counts = _score(self.pool, self.tokenizer, flat, r.max_new_tokens, self.pad_id)
+        totals, counts = _score(self.pool, self.tokenizer, flat, r.max_new_tokens)
         # Advantages over the whole step: every rank's rewards, in rank order (a group never spans two ranks).
         everyone = rt.all_gather_object(totals)
         start = sum(len(part) for part in everyone[:rt.rank])
@@ -318,7 +315,7 @@ class Rollouts:
         equal = sum(1 for k in range(0, len(totals), g) if len(set(totals[k:k + g])) == 1)  # no signal to learn
         counts["groups"] = torch.tensor(float(len(flat) // g), dtype=torch.float64)
         counts["equal_groups"] = torch.tensor(float(equal), dtype=torch.float64)
-        step_max = max((t for part in everyone for t in part if t is not None), default=None)
+        step_max = max((t for part in everyone for t in part if t is not None), default=None)  # (the step's best)
         counts["at_max"] = torch.tensor(float(sum(1 for t in totals if t is not None and t == step_max)),
                                         dtype=torch.float64)
         counts["generation_s"] = torch.tensor(generation_s, dtype=torch.float64)

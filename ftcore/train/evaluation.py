@@ -58,8 +58,7 @@ class Evaluator:
                                                  batch_size=self.cfg.train.micro_batch_size,
                                                  max_new_tokens=e.max_new_tokens,
                                                  rank=rt.rank, world_size=rt.world_size,
-                                                 gather=rt.all_gather_object if rt.world_size > 1 else None,
-                                                 synced=self.cfg.distributed.zero_stage == 3 and rt.world_size > 1,
+                                                 gather=rt.all_gather_object, synced=rt.synced_forwards,
                                                  device=rt.device, rewards=pool)  # (leaves the model in train mode)
         if rt.is_main:
             write_predictions(RunDir(self.cfg.output_dir).eval_predictions / f"generate-step{step:06d}.jsonl", rows)

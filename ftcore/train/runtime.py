@@ -56,6 +56,12 @@ class Runtime:
         return self.rank % self.sequence_parallel
 
     @property
+    def synced_forwards(self) -> bool:
+        """Is every forward a collective (ZeRO-3 over several ranks gathers each layer from all of them)? Then a
+        generate must keep the ranks stepping together (synced_gpus) and every rank must call it as often."""
+        return self.world_size > 1 and self.ds_config.get("zero_optimization", {}).get("stage") == 3
+
+    @property
     def is_main(self) -> bool:
         """Rank 0: the process that writes run-level files and prints."""
         return self.rank == 0
