@@ -140,6 +140,17 @@ class SavedCheckpoint:
         """How many ranks wrote it."""
         return self.run_state["world_size"]
 
+    def task_states(self) -> list[dict]:
+        """Every rank's task state (save's task_state: task rl's kept rollout batch), in rank order; [] if the
+        run saved none."""
+        files = [self.path / f"task_state_rank{rank}.pt" for rank in range(self.world_size)]
+        if not any(f.is_file() for f in files):
+            return []
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{self.path}: {', '.join(missing)} missing (every rank writes its own)")
+        return [torch.load(f, weights_only=True) for f in files]
+
 
 class CheckpointManager:
     """Finds, saves, prunes and restores the checkpoints under output_dir/checkpoints/. Saving is collective
@@ -194,8 +205,9 @@ class CheckpointManager:
 
     # ---- saving --------------------------------------------------------------------------------------
     def save(self, engine: Any, run_state: Stateful, data_stream: Stateful, *, exclude_frozen: bool,
-             config_text: str = "") -> Path:
-        """Collective: every rank calls it at the same step. Returns the final directory."""
+             config_text: str = "", task_state: Optional[dict] = None) -> Path:
+        """Collective: every rank calls it at the same step. Returns the final directory. `task_state`: this
+        rank's state of the task (tensors, lists, numbers; saved as task_state_rank<r>.pt when not empty)."""
         state = run_state.state_dict()
         step = state["step"]
         final = self.root / step_dir_name(step)
@@ -209,6 +221,8 @@ class CheckpointManager:
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
                                    exclude_frozen_parameters=exclude_frozen)
             torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            if task_state:
+                torch.save(task_state, tmp / f"task_state_rank{self.rank}.pt")
         except (OSError, RuntimeError) as e:
             self._write_failed(step, tmp, e)
         # The ranks of a sequence group read one stream: its state is saved once.

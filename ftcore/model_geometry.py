@@ -122,6 +122,14 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
+def kv_cache_bytes(config: Any, rows: int, tokens: int, element_bytes: int) -> int:
+    """The KV cache of generating `rows` sequences of up to `tokens` tokens: keys and values of every layer (an
+    upper bound for sliding-window layers, which keep fewer)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim(config) * rows * tokens * element_bytes
+
+
 def attention_width(config: Any) -> int:
     """num_attention_heads * head_dim: the width of the attention's query (and output) projection."""
     return getattr(config, "num_attention_heads", 1) * head_dim(config)

@@ -46,6 +46,14 @@ def print_plan(cfg: Config, plan: Plan, nodes: int, gpus_per_node: int, gpu_mem_
     for row in plan.rows:
         if not row.supported:
             console.print(f"ZeRO-{row.stage} offload {row.offload}: {row.note}")
+    if cfg.task == "rl":
+        stage3 = [r for r in plan.rows if r.stage == 3 and r.supported]
+        console.print(f"rollout (task rl, in the totals where it exceeds the activations): "
+                      f"{gib(plan.rows[0].rollout)} GiB per GPU for the KV cache of {cfg.rl.num_generations} "
+                      f"sequences x {cfg.data.max_seq_len} tokens; ZeRO-3: "
+                      + ", ".join(f"offload {r.offload} {gib(r.rollout)} GiB ("
+                                  + ("whole model gathered" if r.rollout_gathers else "layer by layer") + ")"
+                                  for r in stage3))
     if plan.gpu_mem_bytes is None:
         console.print("give --gpu-mem-gb to see what fits, the longest data.max_seq_len per layout, and which "
                       "layout to use")

@@ -43,3 +43,25 @@ def letter_share(completions, **_):
     """The share of a completion's characters that are ASCII lowercase letters: a dense signal even for a random
     model, which GRPO can raise within a few steps."""
     return [sum(ch in "abcdefghijklmnopqrstuvwxyz" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def letter_share_or_kill(completions, records, **_):
+    """letter_share, except that a record naming a `kill_marker` file that exists removes it and kills the training
+    process that called (kill -9, once): a machine lost at a moment the test chooses by data, not by timing."""
+    import os
+    import signal
+
+    for record in records:
+        marker = record.get("kill_marker")
+        if marker and os.path.exists(marker):
+            os.unlink(marker)
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(60)
+    return letter_share(completions)
+
+
+def letter_share_on_odd_answers(completions, references, **_):
+    """letter_share where the reference answer is odd; 0.5 for every completion of an even one (a group with
+    nothing to learn, which DAPO's dynamic sampling replaces)."""
+    shares = letter_share(completions)
+    return [s if int(str(r).strip()) % 2 else 0.5 for s, r in zip(shares, references)]

@@ -129,13 +129,15 @@ def test_advantages_ignore_a_completion_without_a_reward_and_a_group_without_spr
 
 
 # ------------------------------------------------------------------------------------- through the model
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method, old_policy", [("lora", False), ("full", False), ("lora", True)])
 @pytest.mark.parametrize("variant", ["grpo", "dapo-clip-higher", "gspo-kl"])
 def test_the_objective_through_the_chunked_head_equals_the_formula_on_whole_logits(builtin_model_dir, method,
-                                                                                    variant):
+                                                                                    old_policy, variant):
     """GRPOLoss on a fixed rollout micro batch (2 prompts x 3 completions of different lengths, temperature 0.7):
     its loss and every trained parameter's gradient equal the paper formula on log-probs from the model's whole
-    logits / temperature (the reference: the adapter disabled, or a frozen copy). float32: rtol 1e-4."""
+    logits / temperature (the reference: the adapter disabled, or a frozen copy). `old_policy`: a later update of
+    the rollout batch (rl.num_iterations > 1): the old policy's log-probs (old_token_logps, moved by a fixed
+    pattern of +-0.3 +-0.1 so that ratios leave the clip range) ride with the batch. float32: rtol 1e-4."""
     import dataclasses
 
     from ftcore.config import load_config
@@ -164,7 +166,15 @@ def test_the_objective_through_the_chunked_head_equals_the_formula_on_whole_logi
     transform = dataclasses.replace(LogitTransform.of(model.config), temperature=temperature)
     normaliser = 11
     objective = GRPOLoss(settings, lambda m: m, 8, transform, reference)
+    old = None
+    if old_policy:
+        shift = torch.tensor([[0.3 * (-1.0) ** i + 0.1 * (-1.0) ** t for t in range(inputs.targets.shape[1])]
+                              for i in range(len(rows))])
+        old = objective.old_token_logps(model, inputs) + shift * (inputs.targets != IGNORE_INDEX)
+        inputs.extra = RolloutExtra(advantages, {}, old)
     result = objective(model, inputs, normaliser)
+    if old_policy:
+        assert result.terms["clipped_tokens"] > 0
     got = torch.autograd.grad(result.loss, trained)
 
     def token_logps(m):
@@ -180,15 +190,16 @@ def test_the_objective_through_the_chunked_head_equals_the_formula_on_whole_logi
         else:
             with model.disable_adapter():
                 ref = token_logps(model).double()
-    # The formula, one sample and one token at a time (old policy = this policy: one update per rollout).
+    # The formula, one sample and one token at a time (old policy = this policy on a first update).
+    old_logps = logps.detach() if old is None else old[:, :-1].double()
     zero = logps.sum() * 0
     total = zero
     for i in range(len(rows)):
         tokens = [t for t in range(mask.shape[1]) if mask[i, t] > 0]
-        seq = torch.exp(sum((logps[i, t] - logps[i, t].detach() for t in tokens), zero) / len(tokens))
+        seq = torch.exp(sum((logps[i, t] - old_logps[i, t] for t in tokens), zero) / len(tokens))
         terms = []
         for t in tokens:
-            ratio = seq if settings.importance == "sequence" else torch.exp(logps[i, t] - logps[i, t].detach())
+            ratio = seq if settings.importance == "sequence" else torch.exp(logps[i, t] - old_logps[i, t])
             clipped = torch.clamp(ratio, 1 - settings.epsilon, 1 + settings.epsilon_high)
             term = -torch.minimum(ratio * advantages[i].double(), clipped * advantages[i].double())
             if settings.beta:

@@ -157,3 +157,42 @@ def test_sequence_parallelism_divides_the_activations_and_lengthens_what_fits(tm
     bad = ft_in_process("plan", EXAMPLES["7b"], "--gpus-per-node", "3", "--set", "distributed.sequence_parallel=2",
                         check=False)
     assert bad.returncode != 0 and "distributed.sequence_parallel=2 does not divide 3 GPUs" in bad.stderr
+
+
+def test_an_rl_rollout_counts_the_kv_cache_transformers_holds_and_the_gathered_model(builtin_model_dir):
+    """Task rl: the plan's KV cache is what the model's own cache holds after a group's rows reach
+    data.max_seq_len (measured on the tiny model); under ZeRO-3 the whole model gathered for generation adds the
+    rest of the weights, unless the gathered model does not fit --gpu-mem-gb (auto: layer by layer) or
+    rl.zero3_generation is layered; the totals hold the larger of the rollout and the activations."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcore.model_geometry import kv_cache_bytes
+    from ftcore.tools.plan import rollout_bytes
+
+    sets = ["task=rl", "data.train=[{path: builtin:add-two-digits, format: chat}]",
+            "rl.rewards=[{function: exact_answer}]", "model.dtype=float32", "adapter.method=full",
+            "rl.num_generations=3", "data.max_seq_len=40", "rl.max_new_tokens=8"]
+    cfg = load_config(None, sets)
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        cache = model(torch.ones((3, 40), dtype=torch.long), use_cache=True).past_key_values
+    held = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_cache_bytes(model.config, 3, 40, 4) == held
+    facts = build_facts(cfg, builtin_model_dir)
+    assert rollout_bytes(cfg, facts, 0.0) == held + 3 * facts.vocab * 4
+    rows = {(r.stage, r.offload): r for r in make_plan(cfg, facts, 4, 1, None).rows}
+    assert not rows[(2, "none")].rollout_gathers and rows[(2, "none")].rollout == rollout_bytes(cfg, facts, 0.0)
+    # Llama-2-7B on 8 GPUs, ZeRO-3: gathering adds the 7/8 of the bf16 weights this rank does not hold (less the
+    # working set of gathered layers it holds anyway).
+    big = load_config(EXAMPLES["7b"], [*sets[:3], "adapter.method=full", "rl.num_generations=8"])
+    big_facts = build_facts(big, big.model.name_or_path)
+    zero3 = [r for r in make_plan(big, big_facts, 8, 1, None).rows if r.stage == 3][0]
+    added = big_facts.total * 2 - zero3.weights - zero3.trainable_weights
+    assert zero3.rollout_gathers and added > big_facts.total * 2 * 0.8
+    assert zero3.rollout == rollout_bytes(big, big_facts, added)
+    assert zero3.total(True) == zero3.model_states + max(zero3.rollout, zero3.activations_checkpointed) + 2**30
+    tight = make_plan(big, big_facts, 8, 1, (zero3.total(True) - 1) / 2**30)
+    assert not [r for r in tight.rows if r.stage == 3][0].rollout_gathers  # auto: layer by layer
+    layered = load_config(EXAMPLES["7b"], [*sets[:3], "adapter.method=full", "rl.zero3_generation=layered"])
+    assert not [r for r in make_plan(layered, big_facts, 8, 1, None).rows if r.stage == 3][0].rollout_gathers

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ftcore.builtin import resolve_data_path
+from ftcore.checkpoint import step_dir_name
 from ftcore.config import ConfigError, load_config
 from tests.conftest import read_jsonl, run_ft
 
@@ -79,15 +81,85 @@ def test_the_policy_learns_the_rule_and_a_resumed_run_equals_the_uninterrupted_o
     assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
 
 
+@pytest.mark.trains
+def test_a_run_killed_between_two_updates_of_one_rollout_batch_resumes_bit_for_bit(tmp_path):
+    """rl.num_iterations 2: each rollout batch trains two steps, the second with the importance ratio to the
+    policy that sampled it. A run killed (-9) after step 2, whose newest checkpoint (step 1) lies between the two
+    updates of the first rollout batch, resumes from it with the kept rollout batch and ends bit for bit where an
+    uninterrupted run ends: losses, rewards, clip ratios and weights. The kill comes from the eval at step 2 (a
+    record of data.eval names the marker file), so the moment is chosen by data, not by timing."""
+    from safetensors.torch import load_file
+
+    marker = tmp_path / "kill-now"
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a} + {a}?"},
+                                                          {"role": "assistant", "content": str(2 * a)}],
+                                             "kill_marker": str(marker)}) + "\n" for a in range(2)))
+
+    def args(out: Path) -> list[str]:
+        return rl_args(out, "rl.num_iterations=2", "train.max_steps=4", "checkpoint.every_steps=1",
+                       "checkpoint.keep_last=4", "evaluation.every=2",
+                       f"data.eval=[{{path: {eval_file}, format: chat}}]",
+                       "rl.rewards=[{function: tests.reward_fns:letter_share_or_kill}]")
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_ft("train", *args(whole))
+    marker.touch()
+    first = run_ft("train", *args(killed), check=False)
+    assert first.returncode != 0 and not marker.exists(), first.stdout[-2000:]
+    saved = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
+    assert saved == [step_dir_name(1)], saved  # (the eval at step 2 comes before its checkpoint)
+    assert [p.name for p in (killed / "checkpoints" / step_dir_name(1)).glob("task_state_rank*.pt")] == [
+        "task_state_rank0.pt"]
+    second = run_ft("train", *args(killed))
+    assert f"{step_dir_name(1)} at step 1" in second.stdout, second.stdout[-2000:]
+    a = {r["step"]: r for r in steps(whole)}
+    b = {r["step"]: r for r in steps(killed)}  # (step 2 twice: the killed attempt's and the resumed one's)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in ("loss", "reward", "clip_ratio", "kl"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert a[1]["generation_s"] > 0 and a[2]["generation_s"] == 0 and a[2]["reward"] == a[1]["reward"]
+    x, y = (load_file(out / "final" / "model.safetensors") for out in (whole, killed))
+    assert all(x[k].equal(y[k]) for k in x)
+
+
+@pytest.mark.trains
+def test_dynamic_sampling_replaces_groups_without_signal(tmp_path):
+    """rl.dynamic_sampling_draws: the rewards of a prompt with an even answer are all equal (0.5); those groups are
+    dropped and more prompts drawn, so every trained group has signal; the run is deterministic (a rerun resumed
+    mid-way equals it)."""
+    def args(out: Path, *extra: str) -> list[str]:
+        return rl_args(out, "rl.dynamic_sampling_draws=6", "train.max_steps=3", "checkpoint.every_steps=1",
+                       "data.audit=true", "rl.rewards=[{function: tests.reward_fns:letter_share_on_odd_answers}]",
+                       *extra)
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_ft("train", *args(whole))
+    rows = steps(whole)
+    assert all(r["unresampled_groups"] == 0 for r in rows), rows
+    assert sum(r["resampled_prompts"] for r in rows) > 0 and sum(r["equal_reward_groups"] for r in rows) > 0
+    records = [json.loads(line) for line in open(resolve_data_path("builtin:add-two-digits"))]
+    trained = [s for r in read_jsonl(whole / "audit" / "rank0.jsonl") for s in r.get("samples", [])]
+    assert trained and all(int(records[int(s.split(":")[-1].split("#")[0]) - 1]["messages"][1]["content"]) % 2
+                           for s in trained), trained
+    run_ft("train", *args(resumed, "train.stop_at_step=2"))
+    run_ft("train", *args(resumed))
+    assert [r["loss"] for r in steps(resumed)] == [r["loss"] for r in rows]
+
+
 @pytest.mark.multiproc
 @pytest.mark.trains
 def test_two_ranks_train_what_one_rank_accumulating_two_micro_batches_trains(tmp_path):
     """The same 2 prompts per step on 1 rank (2 micro batches of 1) and on 2 ranks (1 each): the same completions
     (sampling is seeded per completion), the same advantages (over the whole step) and the same loss (normalised
-    by the whole step's count). ZeRO-2, LoRA."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    by the whole step's count), also on the second update of a rollout batch (rl.num_iterations 2, the old
+    policy's log-probs). The 1-rank run's checkpoint between two updates resumes on 2 ranks (each takes one of the
+    saved micro batches) and continues the same run. ZeRO-2, LoRA."""
+    one, two, moved = tmp_path / "one", tmp_path / "two", tmp_path / "moved"
     common = ["adapter.method=lora", "adapter.dropout=0", "distributed.zero_stage=2", "train.max_steps=3",
-              "optimizer.lr=5e-3", "train.micro_batch_size=1"]
+              "optimizer.lr=5e-3", "train.micro_batch_size=1", "rl.num_iterations=2", "checkpoint.every_steps=1",
+              "checkpoint.keep_last=3"]
     run_ft("train", *rl_args(one, *common, "train.grad_accum_steps=2"))
     run_ft("launch", *rl_args(two, *common, "train.grad_accum_steps=1"), "--nproc", "2")
     a, b = steps(one), steps(two)
@@ -96,20 +168,40 @@ def test_two_ranks_train_what_one_rank_accumulating_two_micro_batches_trains(tmp
     assert a[0]["completion_length"] == b[0]["completion_length"]
     assert a[0]["reward"] == pytest.approx(b[0]["reward"], rel=1e-12)
     for x, y in zip(a, b):
-        for key in ("loss", "reward", "kl"):
+        for key in ("loss", "reward", "kl", "clip_ratio"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert a[1]["clip_ratio"] > 0  # (the second update's ratios are no longer 1)
+    resumed = run_ft("launch", *rl_args(moved, *common, "train.grad_accum_steps=1"), "--nproc", "2", "--resume",
+                     str(one / "checkpoints" / step_dir_name(1)))
+    assert "world size changed from 1 to 2" in resumed.stdout, resumed.stdout[-3000:]
+    c = steps(moved)
+    assert [r["step"] for r in c] == [2, 3]
+    for x, y in zip(a[1:], c):
+        for key in ("loss", "reward", "kl", "clip_ratio"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
 @pytest.mark.multiproc
 @pytest.mark.trains
-def test_qlora_grpo_on_two_zero3_ranks(tmp_path):
-    """2 processes, ZeRO-3, QLoRA: the policy generates with its layers gathered in step (synced), trains, and
-    the adapter is saved."""
+@pytest.mark.parametrize("generation", ["auto", "layered"])
+def test_qlora_grpo_on_two_zero3_ranks(tmp_path, generation):
+    """2 processes, ZeRO-3, QLoRA: the policy generates with the whole model gathered (auto: the tiny model fits)
+    or fetching each layer in step with the other rank (layered, here with dynamic sampling, where a rank that
+    needs no more prompts keeps generating in step while the other draws), trains, and the adapter is saved; the
+    log says which way the weights met generation."""
     out = tmp_path / "run"
-    run_ft("launch", *rl_args(out, "adapter.method=qlora", "distributed.zero_stage=3", "train.max_steps=2",
-                              "model.dtype=bfloat16", "optimizer.lr=5e-3"), "--nproc", "2")
+    extra = ["rl.dynamic_sampling_draws=2",
+             "rl.rewards=[{function: tests.reward_fns:letter_share_on_odd_answers}]"] * (generation == "layered")
+    launched = run_ft("launch", *rl_args(out, "adapter.method=qlora", "distributed.zero_stage=3", "train.max_steps=2",
+                                         "model.dtype=bfloat16", "optimizer.lr=5e-3", "data.audit=true",
+                                         f"rl.zero3_generation={generation}", *extra), "--nproc", "2")
+    said = {"auto": "the whole model gathered on every rank", "layered": "fetches every layer from the other ranks"}
+    assert said[generation] in launched.stdout, launched.stdout[-3000:]
     rows = steps(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["completion_length"] > 0 for r in rows)
+    first = [read_jsonl(out / "audit" / f"rank{k}.jsonl")[0]["samples"] for k in range(2)]
+    if generation == "layered":
+        assert rows[0]["unresampled_groups"] == 0 and first[0] != first[1]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 

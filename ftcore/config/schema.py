@@ -377,6 +377,18 @@ class RLConfig(Section):
     """The importance ratio per token (GRPO) or per sequence (GSPO, with epsilons about 3e-4 / 4e-4)."""
     mask_truncated: bool = False
     """Truncated completions (no EOS within max_new_tokens) train nothing (DAPO's overlong filtering)."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimizer steps per rollout batch: the step that generates it and num_iterations - 1 more on the same
+    completions, the importance ratio taken to the policy that sampled them (its log-probs kept with the batch
+    and in checkpoints)."""
+    dynamic_sampling_draws: int = Field(0, ge=0)
+    """DAPO's dynamic sampling: groups whose rewards are all equal (nothing to learn) are replaced by the groups of
+    up to this many more micro batches of prompts per rollout and rank; a rollout still short trains dropped groups
+    (advantage 0) in their place. 0 = off."""
+    zero3_generation: Literal["auto", "gather", "layered"] = "auto"
+    """Under ZeRO-3, how the policy's weights meet generation: gather the whole model on every rank for the
+    rollout (fast; needs its full size in free memory), or fetch each layer for every token (slow, no extra
+    memory). auto = gather when it fits with room for the KV cache, said in the log either way."""
     reward_workers: int = Field(2, gt=0)
     """Processes that run the reward functions (per rank)."""
     reward_timeout_s: float = Field(10.0, gt=0)

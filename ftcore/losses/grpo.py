@@ -122,12 +122,13 @@ def step_normaliser(normalisation: str, sequences: int, completion_tokens: int) 
 class GRPOLoss(ResponseLogpObjective):
     """Task rl's objective on a micro batch of rollout rows (prompt + completion; labels on the completion): each
     completion's advantage rides in ModelInputs.extra (RolloutExtra), every log-prob (policy, reference) comes
-    from the chunked head, divided by the sampling temperature as sampling divided the logits. One update per
-    rollout batch: the old policy is the policy itself (ratio 1, the gradient of the surrogate is A * grad log pi).
-    normaliser = step_normaliser's count over the whole step. Reported per step (report): loss, reward and its
-    std, each reward rule's mean, the share of completions at the step's best reward, completion length, the
-    share truncated, the share of tokens clipped, KL, the share of groups whose rewards were all equal, reward
-    timeouts and generation seconds."""
+    from the chunked head, divided by the sampling temperature as sampling divided the logits. On the first update
+    of a rollout batch the old policy is the policy itself (ratio 1, the gradient of the surrogate is A * grad log
+    pi); with rl.num_iterations > 1 the sampling policy's per-token log-probs ride in RolloutExtra.old_logps
+    (old_token_logps computed them at rollout time). normaliser = step_normaliser's count over the whole step.
+    Reported per step (report): loss, reward and its std, each reward rule's mean, the share of completions at the
+    step's best reward, completion length, the share truncated, the share of tokens clipped, KL, the share of
+    groups whose rewards were all equal, reward timeouts, generation seconds and tokens per second."""
 
     def __init__(self, settings: GRPOLossSettings, unwrap: Any, chunk_tokens: int, transform: Any,
                  reference: Optional[torch.nn.Module] = None):
@@ -139,10 +140,11 @@ class GRPOLoss(ResponseLogpObjective):
         s = self.settings
         mask = inputs.targets != -100
         reference = self._reference_logps(model, inputs, per_token=True) if s.beta else None
-        advantages = inputs.extra.advantages
+        advantages, old = inputs.extra.advantages, inputs.extra.old_logps
 
         def loss_of(token_logps: torch.Tensor):
-            per_token, clipped, kl = token_terms(token_logps, token_logps.detach(), reference, advantages, mask, s)
+            per_token, clipped, kl = token_terms(token_logps, token_logps.detach() if old is None else old,
+                                                 reference, advantages, mask, s)
             return loss_sum(per_token, mask, s) / normaliser, (clipped, kl)
 
         loss, out, _, (clipped, kl) = self._loss_of_logps(model, inputs, loss_of, per_token=True)
@@ -151,6 +153,11 @@ class GRPOLoss(ResponseLogpObjective):
         if kl is not None:
             terms["kl_sum"] = (kl.detach() * mask).sum().double()
         return LossOutput(loss, out, terms)
+
+    def old_token_logps(self, model: Any, inputs: ModelInputs) -> torch.Tensor:
+        """Each completion token's log-prob under the policy as it is (no gradient; [rows, width], 0 where nothing
+        trains): the old policy's of a rollout batch trained num_iterations times."""
+        return self._policy_logps(model, inputs, per_token=True)
 
     def report(self, totals: dict[str, float]) -> dict[str, float]:
         """The step's sums -> its means and shares."""
@@ -180,6 +187,9 @@ def rollout_report(totals: dict[str, float]) -> dict[str, float]:
     out["equal_reward_groups"] = t.pop("equal_groups", 0.0) / groups
     out["reward_timeouts"] = t.pop("timeouts", 0.0)
     ranks = max(t.pop("ranks", 0.0), 1.0)
-    if "generation_s" in t:
-        out["generation_s"] = t.pop("generation_s") / ranks
+    if "generation_s" in t:  # (summed over ranks: their mean; 0 on a later update of a rollout batch)
+        seconds = t.pop("generation_s")
+        out["generation_s"] = seconds / ranks
+        if seconds > 0:  # completion tokens of every rank per second of a rank's generation
+            out["generation_tokens_per_s"] = out["completion_length"] * completions / (seconds / ranks)
     return {**out, **t}

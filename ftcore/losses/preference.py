@@ -138,8 +138,8 @@ class ResponseLogpObjective(Objective):
                                            self.chunk_tokens, self.transform)
         return logps if per_token else self.across(logps.sum(dim=1))
 
-    def _policy_logps(self, model: Any, inputs: ModelInputs) -> torch.Tensor:
-        """Summed response log-probs of the policy, without gradients."""
+    def _policy_logps(self, model: Any, inputs: ModelInputs, per_token: bool = False) -> torch.Tensor:
+        """Summed response log-probs of the policy (`per_token`: each token's), without gradients."""
         inner = self.unwrap(model)
         with torch.no_grad(), DecoderOutput(inner).capture() as decoder:
             model(**inputs.forward_kwargs(), logits_to_keep=1)
@@ -147,7 +147,7 @@ class ResponseLogpObjective(Objective):
         with torch.no_grad(), gathered(head):
             logps = chunked_token_logprobs(decoder.hidden, head_tensors(head, decoder.hidden), inputs.targets,
                                            self.chunk_tokens, self.transform)
-        return self.across(logps.sum(dim=1))
+        return logps if per_token else self.across(logps.sum(dim=1))
 
 
 class PreferenceLoss(ResponseLogpObjective):

@@ -69,6 +69,8 @@ class RolloutSetup:
     tokenizer: Any
     unwrap: Callable[[Any], Any]  # engine -> the model inside (to generate with)
     pad_id: int
+    objective: Any  # the run's objective (task rl: the old policy's log-probs come from it)
+    inputs_of: Callable[[Any], Any]  # Batch -> ModelInputs on this rank's device, as the recipe lays it out
 
 
 class Task:
@@ -152,9 +154,11 @@ class Task:
         return max(int(trained_tokens), 1)
 
     def start_rollouts(self, setup: RolloutSetup) -> Optional[Any]:
-        """For a task whose training samples the policy generates (rl): the object that turns each step's batches
-        from the data stream into the batches it trains, called as rollouts(batches, engine, step) on every rank
-        (collective), with close() at the end. None (the default): the stream's batches train as they are."""
+        """For a task whose training samples the policy generates (rl): the object that makes each step's micro
+        batches, called as rollouts(next_batch, count, engine, step) on every rank (collective; it reads the data
+        stream's prompt batches through next_batch() when it needs them), with state_dict() saved in every
+        checkpoint (one file per rank), load_state_dict(every saved rank's state, checkpoint step) on resume, and
+        close() at the end. None (the default): the stream's batches train as they are."""
         return None
 
     def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:

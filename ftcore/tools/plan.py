@@ -29,6 +29,11 @@ will have. From them, per rank:
                 in the compute dtype (in "weights"), 1/world of it per GPU under ZeRO-3. format preference: a micro
                 batch is micro_batch_size pairs, i.e. 2 x micro_batch_size rows (chosen and rejected in one
                 forward); kto: micro_batch_size rows (its mismatched rows run without gradients).
+  rollout       task rl: generation comes before the training forward, so a GPU holds the larger of the two
+                beside the model states: the KV cache of one group's rl.num_generations sequences of
+                data.max_seq_len tokens (2 x layers x kv x dtype per token) and a step's fp32 logits, plus under
+                ZeRO-3 the whole model gathered for generation (rl.zero3_generation gather, or auto where that fits
+                --gpu-mem-gb; else layer by layer, nothing more). The old policy's log-probs stay on the host.
   overhead      1 GiB per GPU for the CUDA context, NCCL and allocator slack.
 
 Host RAM with offload (per node) is DeepSpeed's: the offloaded states x 1.5 (its additional_buffer_factor).
@@ -230,6 +235,8 @@ class Row:
     longest_is_model_limit: bool = False  # ... and it is the model's max_position_embeddings, not the memory
     host_ram_per_node: float = 0.0
     note: str = ""
+    rollout: float = 0.0  # task rl: generation's peak beside the model states (rollout_bytes)
+    rollout_gathers: bool = False  # ... with the whole ZeRO-3 model gathered for it
 
     @property
     def model_states(self) -> float:
@@ -237,9 +244,10 @@ class Row:
         return self.weights + self.quantized_base + self.trainable_weights + self.gradients + self.optimizer
 
     def total(self, checkpointing: bool) -> float:
-        """Everything per GPU, with activations as checkpointing leaves them."""
+        """Everything per GPU, with activations as checkpointing leaves them (or task rl's rollout, which comes
+        before the training forward, when it needs more)."""
         activations = self.activations_checkpointed if checkpointing else self.activations_full
-        return self.model_states + activations + CUDA_OVERHEAD_BYTES
+        return self.model_states + max(activations, self.rollout) + CUDA_OVERHEAD_BYTES
 
 
 @dataclass
@@ -365,7 +373,22 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
             row.weights, row.trainable_weights = (facts.largest_layer + facts.next_largest_layer) * b, 0.0
         row.host_ram_per_node = host_per_rank * gpus_per_node * HOST_BUFFER_FACTOR
     row.activations_checkpointed, row.activations_full = activation_bytes(cfg, facts)
+    if cfg.task == "rl":
+        whole = float_frozen + float_trainable + quantized_weight_bytes
+        held = row.weights + row.quantized_base + row.trainable_weights
+        row.rollout_gathers = stage == 3 and cfg.rl.zero3_generation != "layered"
+        row.rollout = rollout_bytes(cfg, facts, max(0.0, whole - held) if row.rollout_gathers else 0.0)
     return row
+
+
+def rollout_bytes(cfg: Config, facts: ModelFacts, gathered: float) -> float:
+    """Task rl's generation per GPU: the KV cache of a group's rl.num_generations sequences of data.max_seq_len
+    tokens (keys and values, every layer, the compute dtype; an upper bound for sliding-window layers), one
+    step's fp32 logits per sequence, and `gathered`: what gathering the whole ZeRO-3 model adds (rl.zero3_generation
+    gather, or auto where it fits). The old policy's log-probs (rl.num_iterations > 1) are kept on the host."""
+    r, b = cfg.rl, DTYPE_BYTES[cfg.model.dtype]
+    cache = 2 * facts.layers * facts.kv_dim * r.num_generations * cfg.data.max_seq_len * b
+    return cache + r.num_generations * facts.vocab * 4 + gathered
 
 
 def longest_seq_len(cfg: Config, facts: ModelFacts, row: Row, gpu_mem_bytes: float) -> Optional[int]:
@@ -380,7 +403,8 @@ def longest_seq_len(cfg: Config, facts: ModelFacts, row: Row, gpu_mem_bytes: flo
 
     def fits(length: int) -> bool:
         sized = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_seq_len": length})})
-        return row.model_states + activation_bytes(sized, facts)[0] + CUDA_OVERHEAD_BYTES <= gpu_mem_bytes
+        rollout = rollout_bytes(sized, facts, row.rollout - rollout_bytes(cfg, facts, 0.0)) if row.rollout else 0.0
+        return row.model_states + max(activation_bytes(sized, facts)[0], rollout) + CUDA_OVERHEAD_BYTES <= gpu_mem_bytes
 
     low, high = 0, max(1, limit // step)  # in steps: fits(low * step) holds (or low == 0)
     if not fits(step):
@@ -408,6 +432,10 @@ def make_plan(cfg: Config, facts: ModelFacts, gpus_per_node: int, nodes: int,
                 gpu_mem_bytes=gpu_mem_gb * GIB if gpu_mem_gb else None, total_params=facts.total,
                 trainable_params=facts.trainable, quantized_params=facts.quantized, loss=loss_bytes(cfg, facts))
     plan.rows = [plan_row(cfg, facts, stage, offload, world, gpus_per_node) for stage, offload in LAYOUTS]
+    if plan.gpu_mem_bytes and cfg.task == "rl" and cfg.rl.zero3_generation == "auto":
+        for row in plan.rows:  # rl.zero3_generation auto: layer by layer where the gathered model does not fit
+            if row.rollout_gathers and row.total(True) > plan.gpu_mem_bytes:
+                row.rollout_gathers, row.rollout = False, rollout_bytes(cfg, facts, 0.0)
     if plan.gpu_mem_bytes:
         plan.recommendation = recommend(plan)
         for row in plan.rows:

@@ -181,7 +181,7 @@ class Recipe:
                                    unwrap, self.eval_prompts or None)
         # A task whose samples the policy generates (rl) makes each step's batches from the stream's.
         self.rollouts = self.task.start_rollouts(RolloutSetup(cfg, rt, self.tokenizer, unwrap,
-                                                              self.train_stream.pad_id))
+                                                              self.train_stream.pad_id, self.objective, self._inputs))
 
     def _resume(self) -> None:
         """Continue from a checkpoint (ftcore/resume.py says whether it may), or start fresh."""
@@ -214,6 +214,11 @@ class Recipe:
             how = (": the data stream was resharded (every sample not yet trained on is read once)"
                    if streams != data_world else "; the data stream continues as it was")
             self.runtime.log(f"world size changed from {saved.world_size} to {world}{groups}{how}")
+        if self.rollouts is not None:
+            try:
+                self.rollouts.load_state_dict(saved.task_states(), saved.run_state["step"])
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         if self.resume_arg != "auto":
             self._start_timeline(path)
         self.state.load_state_dict(saved.run_state)
@@ -271,9 +276,10 @@ class Recipe:
     def train_step(self) -> dict:
         """One optimizer step over grad_accum_steps micro batches."""
         gas, rt = self.cfg.train.grad_accum_steps, self.runtime
-        whole = [self.train_stream.next_batch() for _ in range(gas)]
-        if self.rollouts is not None:  # (collective) the policy answers the prompts; they train as scored
-            whole = self.rollouts(whole, self.engine, self.state.step)
+        if self.rollouts is not None:  # (collective) the policy answers the stream's prompts; they train as scored
+            whole = self.rollouts(self.train_stream.next_batch, gas, self.engine, self.state.step)
+        else:
+            whole = [self.train_stream.next_batch() for _ in range(gas)]
         batches = [self._local(b) for b in whole]  # this rank's part of each sample's tokens (sequence parallel)
         local_trained = sum(b.trained_tokens for b in batches)
         local_tokens = sum(b.real_tokens for b in batches)
@@ -336,7 +342,8 @@ class Recipe:
     def save_checkpoint(self) -> None:
         """Collective: a checkpoint of the engine, the run state and every rank's data position."""
         path = self.checkpoints.save(self.engine, self.state, self.train_stream, exclude_frozen=self.is_lora,
-                                     config_text=dump_config(self.cfg))
+                                     config_text=dump_config(self.cfg),
+                                     task_state=self.rollouts.state_dict() if self.rollouts is not None else None)
         self.runtime.log(f"checkpoint saved: {path}")
 
     def close(self, error: Optional[BaseException] = None) -> None:
