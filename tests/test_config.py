@@ -152,3 +152,13 @@ def test_a_checkpoint_written_before_the_fields_moved_resumes():
                    for lr in (0.001, 0.002))
     assert fingerprint_diff(older, same) == []
     assert fingerprint_diff(older, other) == ["optimizer.lr: checkpoint 0.001, this run 0.002"]
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES_DIR.glob("*.yaml")))
+def test_every_example_config_is_valid(example):
+    """Each shipped example passes config validation as it is (its task's own checks included)."""
+    cfg = load_config(str(EXAMPLES_DIR / example), [])
+    assert cfg.output_dir
