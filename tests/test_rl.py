@@ -68,9 +68,10 @@ def test_the_policy_learns_the_rule_and_a_resumed_run_equals_the_uninterrupted_o
     first, last = sum(r["reward"] for r in rows[:2]) / 2, sum(r["reward"] for r in rows[-2:]) / 2
     assert last > first + 0.1, [round(r["reward"], 3) for r in rows]
     for key in ("reward_std", "reward_letter_share", "reward_at_max", "completion_length", "truncated",
-                "clip_ratio", "kl", "equal_reward_groups", "reward_timeouts", "generation_s"):
+                "clip_ratio", "kl", "equal_reward_groups", "reward_timeouts", "generation_s", "generation_tokens_per_s"):
         assert key in rows[0], key
     assert rows[0]["reward"] == rows[0]["reward_letter_share"] and rows[0]["completion_length"] <= 4
+    assert rows[0]["completion_length"] <= rows[0]["completion_length_max"] <= 4
 
     run_ft("train", *rl_args(resumed, "train.max_steps=8", "checkpoint.every_steps=4", "train.stop_at_step=4"))
     second = run_ft("train", *rl_args(resumed, "train.max_steps=8", "checkpoint.every_steps=4"))
@@ -166,6 +167,7 @@ def test_two_ranks_train_what_one_rank_accumulating_two_micro_batches_trains(tmp
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     # Step 1 (the same weights): the same completions; their rewards summed in another order (over ranks).
     assert a[0]["completion_length"] == b[0]["completion_length"]
+    assert a[0]["completion_length_max"] == b[0]["completion_length_max"]
     assert a[0]["reward"] == pytest.approx(b[0]["reward"], rel=1e-12)
     for x, y in zip(a, b):
         for key in ("loss", "reward", "kl", "clip_ratio"):

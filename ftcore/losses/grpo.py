@@ -177,6 +177,8 @@ def rollout_report(totals: dict[str, float]) -> dict[str, float]:
         out[f"reward_{name[len('reward_rule_'):]}"] = t.pop(name) / rewarded
     out["reward_at_max"] = t.pop("at_max", 0.0) / rewarded
     out["completion_length"] = t.pop("completion_tokens", 0.0) / completions
+    if "completion_tokens_max" in t:
+        out["completion_length_max"] = t.pop("completion_tokens_max")
     out["truncated"] = t.pop("truncated", 0.0) / completions
     tokens = max(t.pop("loss_tokens", 0.0), 1.0)
     if "clipped_tokens" in t:

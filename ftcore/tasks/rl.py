@@ -17,7 +17,7 @@ train.micro_batch_size prompts per micro batch of the data stream (Rollouts, col
 
 The loss normaliser is the whole step's count (completions, or completion tokens for dapo), so accumulation
 equals data parallelism. Metrics per step: reward (mean, std, per rule), reward_at_max (share of completions at
-the step's best reward), completion_length, truncated, clip_ratio, kl (with rl.beta), equal_reward_groups,
+the step's best reward), completion_length (and its _max), truncated, clip_ratio, kl (with rl.beta), equal_reward_groups,
 reward_timeouts, generation_s and generation_tokens_per_s (0 / absent on a later update of a rollout batch), and
 with dynamic sampling resampled_prompts and unresampled_groups (groups without signal trained for want of
 others). Eval (data.eval): one greedy answer per prompt, its rewards as eval metrics.
@@ -356,48 +356,19 @@ class Rollouts:
         with rl.num_iterations > 1 the old policy's log-probs: this rank's micro batches as plain rows."""
         import torch
 
-        from ftcore.losses.grpo import group_advantages
-
-        cfg, rt, r = self.cfg, self.runtime, self.cfg.rl
+        cfg, r = self.cfg, self.cfg.rl
         g, per_micro = r.num_generations, cfg.train.micro_batch_size
         started = time.perf_counter()
         engine.eval()
         with self._generation_model(engine) as (model, synced):
-            groups, counts = self._answer([next_batch() for _ in range(count)], model, synced, step)
-            drawn = len(groups)
-            for _ in range(r.dynamic_sampling_draws):  # DAPO's dynamic sampling (rl.dynamic_sampling_draws)
-                short = sum(1 for grp in groups if grp.has_signal) < count * per_micro
-                if not rt.all_reduce([float(short)], "max")[0]:
-                    break
-                if short:
-                    more, more_counts = self._answer([next_batch()], model, synced, step)
-                    groups, counts = groups + more, _add(counts, more_counts)
-                elif synced:  # every forward is a collective: this rank generates as often as the others
-                    for _ in range(per_micro):
-                        self._generate(model, [self.pad_id], [0], synced)
-        generation_s = time.perf_counter() - started
-        counts.update(groups=float(len(groups)), equal_groups=float(sum(1 for grp in groups if not grp.has_signal)),
-                      generation_s=generation_s, ranks=1.0)
-        drawn_totals = [t for grp in groups for t in grp.totals if t is not None]  # (the metrics count them all)
-        if r.dynamic_sampling_draws:
-            counts["resampled_prompts"] = float(len(groups) - drawn)
-            chosen = [i for i, grp in enumerate(groups) if grp.has_signal][:count * per_micro]
-            counts["unresampled_groups"] = float(count * per_micro - len(chosen))  # trained without signal
-            chosen += [i for i, grp in enumerate(groups) if not grp.has_signal][:count * per_micro - len(chosen)]
-            groups = [groups[i] for i in sorted(chosen)]
-        # Advantages over the whole step: every rank's rewards, in rank order (a group never spans two ranks).
-        totals = [t for grp in groups for t in grp.totals]
-        everyone = rt.all_gather_object((totals, max(drawn_totals, default=None)))
-        start = sum(len(part) for part, _ in everyone[:rt.rank])
-        rewards = torch.tensor([t if t is not None else 0.0 for part, _ in everyone for t in part], dtype=torch.float64)
-        valid = torch.tensor([t is not None for part, _ in everyone for t in part])
-        advantages = group_advantages(rewards, g, r.advantage_scale, valid)[start:start + len(totals)].float()
-        step_max = max((b for _, b in everyone if b is not None), default=None)  # (the step's best reward)
-        counts["at_max"] = float(sum(1 for t in drawn_totals if t == step_max))
-        micro = []
+            drawn, counts = self._draw(next_batch, count, model, synced, step)
+        counts.update(groups=float(len(drawn)), equal_groups=float(sum(1 for grp in drawn if not grp.has_signal)),
+                      generation_s=time.perf_counter() - started, ranks=1.0)
+        groups = self._choose(drawn, count * per_micro, counts) if r.dynamic_sampling_draws else drawn
+        advantages = self._advantages(groups, drawn, counts)
+        micro, eos = [], self.tokenizer.eos_token_id
         for index in range(count):
             part = groups[index * per_micro:(index + 1) * per_micro]
-            eos = self.tokenizer.eos_token_id
             micro.append({
                 "rows": [[grp.prompt_ids, ids, t is not None and not (r.mask_truncated and _is_truncated(
                     ids, eos, r.max_new_tokens))] for grp in part for ids, t in zip(grp.completions, grp.totals)],
@@ -412,6 +383,57 @@ class Rollouts:
                     m["old_logps"] = self.objective.old_token_logps(engine, self.inputs_of(self._batch(m))).cpu()
         engine.train()
         return micro
+
+    def _draw(self, next_batch: Any, count: int, model: Any, synced: bool, step: int) -> tuple[list[Group], dict]:
+        """`count` prompt batches answered and scored; with dynamic sampling, more (one batch at a time, all ranks
+        deciding together) until this rank has enough groups with signal or rl.dynamic_sampling_draws is spent."""
+        r, rt, per_micro = self.cfg.rl, self.runtime, self.cfg.train.micro_batch_size
+        groups, counts = self._answer([next_batch() for _ in range(count)], model, synced, step)
+        first_draw = len(groups)
+        for _ in range(r.dynamic_sampling_draws):  # DAPO's dynamic sampling
+            short = sum(1 for grp in groups if grp.has_signal) < count * per_micro
+            if not rt.all_reduce([float(short)], "max")[0]:
+                break
+            if short:
+                more, more_counts = self._answer([next_batch()], model, synced, step)
+                groups, counts = groups + more, _add(counts, more_counts)
+            elif synced:  # every forward is a collective: this rank generates as often as the others
+                for _ in range(per_micro):
+                    self._generate(model, [self.pad_id], [0], synced)
+        if r.dynamic_sampling_draws:
+            counts["resampled_prompts"] = float(len(groups) - first_draw)
+        return groups, counts
+
+    @staticmethod
+    def _choose(drawn: list[Group], needed: int, counts: dict) -> list[Group]:
+        """Dynamic sampling's choice: the first `needed` groups with signal, in draw order; dropped groups in
+        their place for any still missing (counted as unresampled_groups)."""
+        chosen = [i for i, grp in enumerate(drawn) if grp.has_signal][:needed]
+        counts["unresampled_groups"] = float(needed - len(chosen))
+        chosen += [i for i, grp in enumerate(drawn) if not grp.has_signal][:needed - len(chosen)]
+        return [drawn[i] for i in sorted(chosen)]
+
+    def _advantages(self, groups: list[Group], drawn: list[Group], counts: dict) -> Any:
+        """The trained completions' advantages over the whole step (every rank's rewards, in rank order: a group
+        never spans two ranks); the step-wide counts (completions at the step's best reward, the longest) added."""
+        import torch
+
+        from ftcore.losses.grpo import group_advantages
+
+        rt, r = self.runtime, self.cfg.rl
+        totals = [t for grp in groups for t in grp.totals]
+        drawn_totals = [t for grp in drawn for t in grp.totals if t is not None]
+        longest = max((len(ids) for grp in drawn for ids in grp.completions), default=0)
+        everyone = rt.all_gather_object((totals, max(drawn_totals, default=None), longest))
+        start = sum(len(part) for part, _, _ in everyone[:rt.rank])
+        rewards = torch.tensor([t if t is not None else 0.0 for part, _, _ in everyone for t in part],
+                               dtype=torch.float64)
+        valid = torch.tensor([t is not None for part, _, _ in everyone for t in part])
+        step_max = max((b for _, b, _ in everyone if b is not None), default=None)  # (the step's best reward)
+        counts["at_max"] = float(sum(1 for t in drawn_totals if t == step_max))
+        # The step's longest completion: counts are summed over ranks, so rank 0 alone carries it.
+        counts["completion_tokens_max"] = float(max(n for _, _, n in everyone)) if rt.rank == 0 else 0.0
+        return group_advantages(rewards, r.num_generations, r.advantage_scale, valid)[start:start + len(totals)].float()
 
     def _answer(self, batches: list, model: Any, synced: bool, step: int) -> tuple[list[Group], dict]:
         """Each prompt of `batches` answered rl.num_generations times and scored."""
