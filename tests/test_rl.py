@@ -214,3 +214,32 @@ def test_ft_plan_counts_every_completion_row():
 
     cfg = load_config(None, [*RL, "train.micro_batch_size=3", "rl.num_generations=6", "data.max_seq_len=128"])
     assert micro_batch_tokens(cfg) == 3 * 6 * 128
+
+
+def test_a_kept_rollout_batch_is_restored_or_refused_in_one_line():
+    """Rollouts.load_state_dict: a checkpoint between two updates without its rollout batch is refused; one from
+    2 ranks is taken by 1 rank whole (its counts merged into the first micro batch); micro batches of another
+    size are refused naming train.micro_batch_size; a checkpoint at a rollout boundary needs nothing."""
+    from types import SimpleNamespace
+
+    from ftcore.tasks.rl import Rollouts
+
+    cfg = load_config(None, [*RL, "rl.num_iterations=2", "rl.num_generations=2", "train.micro_batch_size=1"])
+    rollouts = object.__new__(Rollouts)
+    rollouts.cfg, rollouts.runtime, rollouts.buffer = cfg, SimpleNamespace(rank=0, world_size=1), None
+
+    def saved(rank: int, rows: int = 2) -> dict:
+        return {"step": 2, "micro": [{"rows": [[[1], [2], True]] * rows, "sample_ids": [], "positions": [],
+                                      "advantages": None, "old_logps": None,
+                                      "counts": {"completions": 2.0, **({"at_max": 1.0} if rank == 0 else {})}}]}
+
+    rollouts.load_state_dict([], 4)  # a rollout boundary: the next step generates anew
+    assert rollouts.buffer is None
+    with pytest.raises(ValueError, match="saved at step 3, inside the rollout batch of step 3 .* without"):
+        rollouts.load_state_dict([], 3)
+    rollouts.load_state_dict([saved(0), saved(1)], 3)
+    assert len(rollouts.buffer["micro"]) == 2 and rollouts.buffer["step"] == 2
+    assert rollouts.buffer["micro"][0]["counts"] == {"at_max": 1.0, "completions": 4.0}
+    assert rollouts.buffer["micro"][1]["counts"] == {}
+    with pytest.raises(ValueError, match="train.micro_batch_size as it was"):
+        rollouts.load_state_dict([saved(0, rows=4)], 3)
