@@ -68,7 +68,8 @@ def test_the_policy_learns_the_rule_and_a_resumed_run_equals_the_uninterrupted_o
     first, last = sum(r["reward"] for r in rows[:2]) / 2, sum(r["reward"] for r in rows[-2:]) / 2
     assert last > first + 0.1, [round(r["reward"], 3) for r in rows]
     for key in ("reward_std", "reward_letter_share", "reward_at_max", "completion_length", "truncated",
-                "clip_ratio", "kl", "equal_reward_groups", "reward_timeouts", "generation_s", "generation_tokens_per_s"):
+                "clip_ratio", "kl", "equal_reward_groups", "reward_timeouts", "generation_s",
+                "generation_tokens_per_s"):
         assert key in rows[0], key
     assert rows[0]["reward"] == rows[0]["reward_letter_share"] and rows[0]["completion_length"] <= 4
     assert rows[0]["completion_length"] <= rows[0]["completion_length_max"] <= 4

@@ -17,10 +17,10 @@ train.micro_batch_size prompts per micro batch of the data stream (Rollouts, col
 
 The loss normaliser is the whole step's count (completions, or completion tokens for dapo), so accumulation
 equals data parallelism. Metrics per step: reward (mean, std, per rule), reward_at_max (share of completions at
-the step's best reward), completion_length (and its _max), truncated, clip_ratio, kl (with rl.beta), equal_reward_groups,
-reward_timeouts, generation_s and generation_tokens_per_s (0 / absent on a later update of a rollout batch), and
-with dynamic sampling resampled_prompts and unresampled_groups (groups without signal trained for want of
-others). Eval (data.eval): one greedy answer per prompt, its rewards as eval metrics.
+the step's best reward), completion_length (and its _max), truncated, clip_ratio, kl (with rl.beta),
+equal_reward_groups, reward_timeouts, generation_s and generation_tokens_per_s (0 / absent on a later update of a
+rollout batch), and with dynamic sampling resampled_prompts and unresampled_groups (groups without signal trained
+for want of others). Eval (data.eval): one greedy answer per prompt, its rewards as eval metrics.
 
 Imports without torch (ftcore/tasks/__init__.py says why): the engines are imported where a method runs."""
 
