@@ -31,7 +31,8 @@ def generate(model: str = typer.Option(..., "--model", help="A final/ dir: PEFT 
 
 
 @app.command()
-def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir (e.g. final/)."),
+def export(adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir (e.g. "
+                                                       "final/); several, with --merge, to merge them into one."),
            checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A training checkpoint step dir."),
            base: Optional[str] = typer.Option(None, "--base", help="Base model dir (default: from the run config "
                                               "or adapter_config.json)."),
@@ -43,24 +44,41 @@ def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT L
                                           "adapter onto dequant(NF4(W)) (auto when the run was qlora) or onto W."),
            verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare logits with the model as "
                                        "trained before the output is put in place."),
-           force: bool = typer.Option(False, "--force", help="Replace an existing --out.")) -> None:
+           force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+           merge: Optional[str] = typer.Option(None, "--merge", help="Several adapters: linear | task_arithmetic | "
+                                               "ties | dare_linear | dare_ties, on their exact deltas."),
+           weight: Optional[list[float]] = typer.Option(None, "--weight", help="Per adapter (or one for all; "
+                                                        "default 1)."),
+           density: Optional[list[float]] = typer.Option(None, "--density", help="ties/dare: the share of each "
+                                                         "delta kept (per adapter or one for all; default 1)."),
+           lambda_: float = typer.Option(1.0, "--lambda", help="Scale of the combined delta (not linear)."),
+           seed: int = typer.Option(0, "--seed", help="DARE's masks: seeded by this and each tensor's name.")) -> None:
     """Merge or consolidate into a plain Hugging Face safetensors model, out of core; offline, CPU only.
 
     Examples: ft export --adapter outputs/demo/final --out outputs/demo/merged
               ft export --checkpoint outputs/run/checkpoints/step-000100 --out merged --dtype bfloat16
+              ft export --adapter task/final --adapter style/final --merge ties --weight 0.7 --weight 0.3
+                        --density 0.5 --out merged
     """
     from pathlib import Path
 
     from ftcore.dtypes import DTYPES
-    from ftcore.export.export import ExportError, export_adapter, export_checkpoint
+    from ftcore.export.combine import expand
+    from ftcore.export.export import ExportError, MergeRecipe, export_adapter, export_adapters, export_checkpoint
     from ftcore.export.st_io import return_freed_tensors_to_the_system
 
     # This process only exports: every freed tensor may go back to the system (a library caller keeps its own
     # allocator settings).
     return_freed_tensors_to_the_system()
 
-    if (adapter is None) == (checkpoint is None):
-        fail("ft export: give exactly one of --adapter or --checkpoint")
+    adapters = adapter or []
+    if bool(adapters) == (checkpoint is not None):
+        fail("ft export: give --adapter (one, or several with --merge) or --checkpoint")
+    if len(adapters) > 1 and merge is None:
+        fail(f"ft export: {len(adapters)} adapters need --merge (linear, task_arithmetic, ties, dare_linear or "
+             "dare_ties) to say how they combine")
+    if merge is not None and len(adapters) < 2:
+        fail("ft export: --merge combines two or more --adapter dirs")
     if dtype is not None and dtype not in DTYPES:
         fail(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if merge_base not in ("auto", "quantized", "original"):
@@ -68,8 +86,12 @@ def export(adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT L
     args = dict(out=Path(out), dtype=dtype, shard_size=shard_size, merge_base=merge_base, verify=verify,
                 force=force, log=typer.echo)
     try:
-        if adapter is not None:
-            report = export_adapter(Path(adapter), base, **args)
+        if len(adapters) > 1:
+            recipe = MergeRecipe(merge, expand(weight, len(adapters), 1.0), expand(density, len(adapters), 1.0),
+                                 lambda_, seed)
+            report = export_adapters([Path(a) for a in adapters], base, recipe=recipe, **args)
+        elif adapters:
+            report = export_adapter(Path(adapters[0]), base, **args)
         else:
             report = export_checkpoint(Path(checkpoint), base, **args)
     except (ExportError, ConfigError, OSError) as e:

@@ -1,8 +1,10 @@
 """`ft export`: a fine-tuned model as a plain Hugging Face safetensors directory, on a machine that could not hold it.
 
-Two inputs:
+Three inputs:
 - an adapter (`--adapter DIR --base DIR`): the base is read one tensor at a time, each LoRA-targeted tensor gets
   its delta, and output shards are streamed to disk; memory is one tensor plus the adapter.
+- several adapters (`--adapter A --adapter B --merge ties ...`): the same pass, each tensor getting the adapters'
+  deltas combined by the recipe (combine.py).
 - a training checkpoint (`--checkpoint STEP_DIR`): the ZeRO partitions are consolidated out of core (zero.py);
   a full fine-tune is written as is, a LoRA run becomes an adapter that is merged onto the base as above.
 
@@ -27,18 +29,20 @@ from ftcore.config import Config, run_config_beside
 from ftcore.dtypes import DTYPES
 from ftcore.export.base import BaseModel, quantized_weight_names, tied_embedding_names
 from ftcore.export.classifier import build_classifier, head_outputs, is_classification
+from ftcore.export.combine import AdapterMerge, MergeRecipe
 from ftcore.export.lora import Adapter, AdapterError, build_adapter, load_adapter
 from ftcore.export.merge import MergePlan, check_adapter_fits, output_config, plan_merge
 from ftcore.export.options import ExportError, ExportOptions, ExportReport
 from ftcore.export.output import write_export
 from ftcore.export.st_io import Entry, SafetensorsError
-from ftcore.export.verify import verify_against_adapter, verify_full
+from ftcore.export.verify import verify_against_adapter, verify_against_merge, verify_full
 from ftcore.export.zero import ConsolidationError, ZeroCheckpoint, lora_state_to_adapter
 from ftcore.gguf_base import GGUFError, read_base_record
 
 CONSOLIDATION_BATCH_BYTES = 256 << 20  # bitsandbytes' default, used by transformers' 4-bit loading
 
-__all__ = ["ExportError", "ExportOptions", "ExportReport", "export_adapter", "export_checkpoint"]
+__all__ = ["ExportError", "ExportOptions", "ExportReport", "MergeRecipe", "export_adapter", "export_adapters",
+           "export_checkpoint"]
 
 
 def export_adapter(adapter_dir: Path, base_dir: Optional[str], out: Path, **options) -> ExportReport:
@@ -54,6 +58,74 @@ def export_adapter(adapter_dir: Path, base_dir: Optional[str], out: Path, **opti
                                    read_base_record(adapter_dir, adapter_dir.parent)))
     return _merge_adapter(base, adapter, out, opts, run_config, reference_adapter_dir=adapter_dir,
                           side_sources=[adapter_dir, base.dir])
+
+
+def export_adapters(adapter_dirs: list[Path], base_dir: Optional[str], out: Path, recipe: MergeRecipe,
+                    **options) -> ExportReport:
+    """base + several PEFT adapters combined by `recipe` (combine.py), merged at `out` in one pass over the base;
+    the recipe and each adapter's provenance in merge_recipe.json beside the weights. Adapters trained on another
+    base, on another kind of base (4-bit or not), or adapting other modules are refused in one line."""
+    opts = ExportOptions(**options)
+    adapters, run_configs, bases = [], [], []
+    try:
+        for directory in adapter_dirs:
+            adapters.append(load_adapter(directory))
+            run_configs.append(_run_config(directory))
+            config = run_configs[-1]
+            bases.append(config.model.name_or_path if config else adapters[-1].config.get("base_model_name_or_path"))
+        merge = AdapterMerge(adapters, recipe, [str(d) for d in adapter_dirs])
+    except (AdapterError, SafetensorsError) as e:
+        raise ExportError(str(e)) from None
+    for directory, name, config in zip(adapter_dirs[1:], bases[1:], run_configs[1:]):
+        if name != bases[0] and not base_dir:
+            raise ExportError(f"--adapter {directory} was trained on {name}, --adapter {adapter_dirs[0]} on "
+                              f"{bases[0]}: adapters merged together must share their base")
+        if _trained_4bit(config) != _trained_4bit(run_configs[0]):
+            raise ExportError(f"--adapter {directory} and --adapter {adapter_dirs[0]}: one was trained on a 4-bit "
+                              "(QLoRA) base, the other not; they learned corrections to different weights")
+    if any(is_classification(c, a) for c, a in zip(run_configs, adapters)):
+        raise ExportError("a multi-adapter merge is for causal-LM adapters; a classification adapter is exported "
+                          "alone (--adapter DIR)")
+    base = BaseModel(_resolve_base(base_dir or bases[0], f"--adapter {adapter_dirs[0]}", run_configs[0], opts,
+                                   read_base_record(adapter_dirs[0], adapter_dirs[0].parent)))
+    trained_4bit = _trained_4bit(run_configs[0])
+    for adapter in adapters:
+        if trained_4bit:  # (as for one adapter: a Conv1D layer was a 4-bit Linear of the transposed weight)
+            for name in quantized_weight_names(base)[1] & set(adapter.pairs):
+                adapter.pairs[name].fan_in_fan_out = True
+        check_adapter_fits(adapter, base, tied_embedding_names(base))
+    out_dtype = DTYPES[opts.dtype] if opts.dtype else base.dtype
+    quantized = trained_4bit if opts.merge_base == "auto" else opts.merge_base == "quantized"
+    compute_dtype = DTYPES[run_configs[0].model.dtype] if run_configs[0] else out_dtype
+    plan = plan_merge(base, merge, out_dtype, quantized, compute_dtype)
+    plan.notes["merge_recipe.json"] = json.dumps({
+        **recipe.record(), "base": str(base.dir),
+        "adapters": [{"path": str(d.resolve()), "base_model": name, "r": a.config.get("r"),
+                      "lora_alpha": a.config.get("lora_alpha"), "use_rslora": bool(a.config.get("use_rslora")),
+                      "sha256": _file_sha256(d / "adapter_model.safetensors")}
+                     for d, name, a in zip(adapter_dirs, bases, adapters)]}, indent=1)
+    opts.log(f"merging {len(adapters)} adapters ({recipe.method}, weights {recipe.weights}"
+             + (f", densities {recipe.densities}" if recipe.method not in ("linear", "task_arithmetic") else "")
+             + (f", lambda {recipe.lambda_:g}" if recipe.method != "linear" else "") + ")")
+
+    def check(staging: Path, report: ExportReport) -> None:
+        verify_against_merge(staging, base, merge, quantized, compute_dtype, out_dtype, report, opts.log)
+
+    return write_export(out, opts, plan, [adapter_dirs[0], base.dir], check)
+
+
+def _trained_4bit(run_config: Optional[Config]) -> bool:
+    return run_config is not None and run_config.adapter.method == "qlora"
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, **options) -> ExportReport:

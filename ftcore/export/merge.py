@@ -4,7 +4,7 @@ until the plan's tensors are iterated, one at a time, in the base's file order."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -28,6 +28,7 @@ class MergePlan:
     merged: int = 0
     replaced: int = 0
     merge_base: str = "original"
+    notes: dict[str, str] = field(default_factory=dict)  # file name -> text written beside the weights
 
 
 def check_adapter_fits(adapter: Adapter, base: BaseModel, tied: Optional[tuple[str, str]],

@@ -113,6 +113,8 @@ def write_export(out: Path, options: ExportOptions, plan: "MergePlan", side_sour
         check_disk_space(staged.staging, sum(math.prod(e.shape) * e.dtype.itemsize for e in plan.entries))
         index = write_shards(staged.staging, plan.entries, plan.tensors(), options.shard_bytes)
         copy_side_files(side_sources, staged.staging, plan.config)
+        for name, text in plan.notes.items():
+            (staged.staging / name).write_text(text)
         report = ExportReport(out, len(plan.entries), index["metadata"]["total_size"], merged=plan.merged,
                               replaced=plan.replaced, merge_base=plan.merge_base)
         if verify is not None and options.verify:

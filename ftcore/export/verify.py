@@ -220,6 +220,46 @@ def verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ada
                                classifier)
 
 
+def verify_against_merge(staging: Path, base: BaseModel, merge: Any, quantized: bool, compute_dtype: torch.dtype,
+                         out_dtype: torch.dtype, report: ExportReport, log: Callable[[str], None]) -> None:
+    """The staged export vs base + the adapters' combined deltas (combine.AdapterMerge, recomputed tensor by tensor
+    from the adapters), layer by layer; a family that cannot be streamed is refused (the whole-model check of a
+    single adapter goes through PEFT, which cannot express a TIES or DARE merge)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base.dir)
+    quantized_names, transposed = quantized_weight_names(base) if quantized else (set(), set())
+    tied = tied_embedding_names(base)
+    if tied is not None and merge.targets() & set(tied):  # the export unties them (merge.plan_merge)
+        config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = False
+    try:
+        if transposed:
+            raise NotStreamable("its Conv1D layers were 4-bit Linear layers of the transposed weight in training")
+        with _quiet_loading(False):
+            reference = skeleton(AutoModelForCausalLM, config, torch.float32)
+        in_file = checkpoint_names(reference, list(base.infos))
+    except NotStreamable as e:
+        raise ExportError(f"verification of a multi-adapter merge needs a layer-by-layer check, which this "
+                          f"{base.config.get('model_type', 'model')} cannot have ({e}); rerun with --no-verify to "
+                          "write it unverified") from None
+
+    def weights(name: str) -> torch.Tensor:
+        source = tied[0] if tied and name == tied[1] else in_file.get(name, name)
+        if source not in base.infos:
+            raise ExportError(f"verification failed: the merged model has a weight {name} the base ({base.dir}) "
+                              "does not hold")
+        tensor = base.read(source)
+        if name in quantized_names:
+            tensor = nf4_round_trip(tensor, compute_dtype)
+        elif quantized and tensor.is_floating_point():
+            tensor = tensor.to(compute_dtype)
+        return merge.apply(name, tensor).float()
+
+    what = f"base + {len(merge.adapters)} adapters ({merge.recipe.method})"
+    _compare_streamed(staging, AutoModelForCausalLM, reference, weights, out_dtype, report, log, what,
+                      base.config.get("vocab_size"))
+
+
 def verify_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype: torch.dtype, budget: int,
                 report: ExportReport, log: Callable[[str], None], classifier: Optional[Classifier] = None) -> None:
     """The staged export vs the checkpoint's fp32 weights, layer by layer (the whole-model check where that cannot
