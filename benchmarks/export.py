@@ -6,7 +6,9 @@
 
 Merge: a multi-shard base with random weights and a random LoRA adapter on every linear layer is merged by
 (a) `ft export --adapter` and (b) PEFT `merge_and_unload()` + `save_pretrained`, and the base shards are copied
-with `cp` + `sync` (what the disk allows; ft export fsyncs its output). Consolidation: a real 2-process ZeRO-3
+with `cp` + `sync` (what the disk allows; ft export fsyncs its output). Three such adapters are merged into one by
+TIES with `ft export --adapter x3 --merge ties` and with PEFT's `add_weighted_adapter(combination_type="ties")` +
+`merge_and_unload()`. Consolidation: a real 2-process ZeRO-3
 full fine-tuning checkpoint (`ft launch`, one step) is consolidated by (c) `ft export --checkpoint` and (d)
 DeepSpeed's zero_to_fp32. Every command runs in its own process, which reports its own peak RSS. The merge runs
 twice: with --no-verify, and as users run it by default (verification on: the probe through both models layer by
@@ -31,15 +33,16 @@ from commands import ft, run_checked  # benchmarks/commands.py: ft by sys.execut
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The measurement is printed by an atexit handler: the ft command line ends its process through os._exit after
+# the atexit handlers (launcher/cli.py exit_without_finalizing), so a `finally` would never run.
 MEASURE = """
-import resource, sys, json, time, runpy
+import atexit, resource, sys, json, time, runpy
 t = time.perf_counter()
 sys.argv = {argv!r}
-try:
+atexit.register(lambda: print("BENCH " + json.dumps({{"wall_s": time.perf_counter() - t,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}), flush=True))
+if True:
     {body}
-finally:
-    print("BENCH " + json.dumps({{"wall_s": time.perf_counter() - t,
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}), flush=True)
 """
 
 
@@ -65,8 +68,12 @@ config = LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size
 model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 model.save_pretrained({str(directory)!r}, max_shard_size={shard!r})
 from peft import LoraConfig, get_peft_model
-peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
-peft.save_pretrained({str(directory / "adapter")!r})
+for i, name in enumerate(("adapter", "adapter2", "adapter3")):  # three adapters: one merged, or three by TIES
+    torch.manual_seed(i)
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                            init_lora_weights=False))
+    peft.save_pretrained({str(directory)!r} + "/" + name)
+    model = peft.unload()
 """
     measured(body)
 
@@ -130,6 +137,32 @@ merged.save_pretrained({str(tmp / 'peft')!r}, max_shard_size={merge_model['shard
 """)
         shutil.rmtree(tmp / "peft")
 
+        # Three adapters merged into one by TIES (weights 0.5/0.3/0.2, density 0.5): ft export in its one pass over
+        # the base, vs PEFT's add_weighted_adapter (which applies TIES to the A and B factors, not to the deltas)
+        # + merge_and_unload, loading the whole model.
+        three = [str(base / name) for name in ("adapter", "adapter2", "adapter3")]
+        ties_args = ["--merge", "ties", "--weight", "0.5", "--weight", "0.3", "--weight", "0.2", "--density", "0.5"]
+        ties = measured(cli, ["ft", "export", *[w for a in three for w in ("--adapter", a)], *ties_args, "--base",
+                              str(base), "--out", str(tmp / "ties"), "--no-verify", "--shard-size",
+                              merge_model["shard"]])
+        peft_ties = measured(f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(base)!r}, dtype=torch.bfloat16)
+adapters = {three!r}
+model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+for i, path in enumerate(adapters[1:], 1):
+    model.load_adapter(path, adapter_name=f"a{{i}}")
+model.add_weighted_adapter(["a0", "a1", "a2"], [0.5, 0.3, 0.2], "ties", combination_type="ties", density=0.5)
+model.set_adapter("ties")
+for name in ("a0", "a1", "a2"):
+    model.delete_adapter(name)
+model.merge_and_unload().save_pretrained({str(tmp / 'peft_ties')!r}, max_shard_size={merge_model['shard']!r})
+""")
+        shutil.rmtree(tmp / "ties")
+        shutil.rmtree(tmp / "peft_ties", ignore_errors=True)
+
         # A real ZeRO-3 checkpoint: one step of 2-process full fine-tuning of a model built from a config.
         ckpt_base = tmp / "ckpt_base"
         measured(f"""
@@ -177,6 +210,11 @@ convert_zero_checkpoint_to_fp32_state_dict({str(ckpt)!r}, {str(tmp / 'z2f')!r}, 
             "ft_export_with_verify_peak_rss_mb": round(verified["peak_rss_mb"]),
             "cp_wall_s": round(cp_s, 2),
             "peft_merge_peak_rss_mb": round(peft["peak_rss_mb"]), "peft_merge_wall_s": round(peft["wall_s"], 1),
+            "ties_3_adapters_peak_rss_mb": round(ties["peak_rss_mb"]),
+            "ties_3_adapters_wall_s": round(ties["wall_s"], 1),
+            "ties_3_adapters_peak_rss_over_largest_shard": round(ties["peak_rss_mb"] / largest_mb, 3),
+            "peft_ties_3_adapters_peak_rss_mb": round(peft_ties["peak_rss_mb"]),
+            "peft_ties_3_adapters_wall_s": round(peft_ties["wall_s"], 1),
             "checkpoint_fp32_and_optimizer_mb": round(fp32_mb),
             "ft_consolidate_peak_rss_mb": round(consolidate["peak_rss_mb"]),
             "ft_consolidate_wall_s": round(consolidate["wall_s"], 1),
