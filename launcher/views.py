@@ -12,6 +12,7 @@ from rich.text import Text
 
 from ftcore.config import Config
 from ftcore.data.inspect import InspectResult, length_histogram
+from ftcore.tasks import task_for
 from ftcore.tools.plan import CUDA_OVERHEAD_BYTES, GIB, Plan
 
 PLAN_COLUMNS = ("ZeRO", "offload", "weights", "4-bit base", "trainable", "grads", "optimizer", "model states",
@@ -46,11 +47,12 @@ def print_plan(cfg: Config, plan: Plan, nodes: int, gpus_per_node: int, gpu_mem_
     for row in plan.rows:
         if not row.supported:
             console.print(f"ZeRO-{row.stage} offload {row.offload}: {row.note}")
-    if cfg.task == "rl":
+    shape = task_for(cfg).rollout_shape(cfg)
+    if shape is not None:
         stage3 = [r for r in plan.rows if r.stage == 3 and r.supported]
-        console.print(f"rollout (task rl, in the totals where it exceeds the activations): "
-                      f"{gib(plan.rows[0].rollout)} GiB per GPU for the KV cache of {cfg.rl.num_generations} "
-                      f"sequences x {cfg.data.max_seq_len} tokens; ZeRO-3: "
+        console.print(f"rollout (in the totals where it exceeds the activations): "
+                      f"{gib(plan.rows[0].rollout)} GiB per GPU for the KV cache of {shape.rows} "
+                      f"sequences x {shape.tokens} tokens; ZeRO-3: "
                       + ", ".join(f"offload {r.offload} {gib(r.rollout)} GiB ("
                                   + ("whole model gathered" if r.rollout_gathers else "layer by layer") + ")"
                                   for r in stage3))

@@ -6,7 +6,7 @@ Who asks what:
 - the recipe (ftcore/train/recipe.py): prepare_data, head_settings, needs_reference, rows_per_step_example,
   filler_batch, start_rollouts, normaliser, build_objective;
 - evaluation (ftcore/train/evaluation.py): evaluate; the reporter (ftcore/train/reporting.py): eval_line, step_words;
-- `ft plan` (ftcore/tools/plan.py): head, rows_per_step_example, needs_reference, head_settings;
+- `ft plan` (ftcore/tools/plan.py): head, rows_per_step_example, needs_reference, head_settings, rollout_shape;
 - `ft data inspect` (ftcore/data/inspect.py): prepare_data, describe;
 - the export (ftcore/export/): head.
 
@@ -71,6 +71,16 @@ class RolloutSetup:
     pad_id: int
     objective: Any  # the run's objective (task rl: the old policy's log-probs come from it)
     inputs_of: Callable[[Any], Any]  # Batch -> ModelInputs on this rank's device, as the recipe lays it out
+
+
+@dataclass(frozen=True)
+class RolloutShape:
+    """What a task's generation holds at once (`ft plan` counts it): the rows generated together, their longest
+    length in tokens, and how ZeRO-3 weights meet generation (auto, gather or layered)."""
+
+    rows: int
+    tokens: int
+    zero3_generation: str = "auto"
 
 
 class Task:
@@ -159,6 +169,11 @@ class Task:
         stream's prompt batches through next_batch() when it needs them), with state_dict() saved in every
         checkpoint (one file per rank), load_state_dict(every saved rank's state, checkpoint step) on resume, and
         close() at the end. None (the default): the stream's batches train as they are."""
+        return None
+
+    def rollout_shape(self, cfg: Config) -> Optional[RolloutShape]:
+        """For a task whose policy generates its samples: what one generation holds (ft plan's rollout memory);
+        None (the default): no generation in the loop."""
         return None
 
     def build_objective(self, setup: ObjectiveSetup) -> tuple[Any, str]:

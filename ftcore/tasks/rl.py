@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ftcore.config import Config, FieldError
-from ftcore.tasks.base import EvalRun, ObjectiveSetup, Task, data_sources
+from ftcore.tasks.base import EvalRun, ObjectiveSetup, RolloutShape, Task, data_sources
 
 
 @dataclass
@@ -189,6 +189,10 @@ class RL(Task):
     def rows_per_step_example(self, cfg: Config) -> int:
         """A prompt of the micro batch becomes rl.num_generations rows (prompt + completion each)."""
         return cfg.rl.num_generations
+
+    def rollout_shape(self, cfg: Config) -> RolloutShape:
+        """A prompt's group: rl.num_generations rows of up to data.max_seq_len tokens."""
+        return RolloutShape(cfg.rl.num_generations, cfg.data.max_seq_len, cfg.rl.zero3_generation)
 
     def step_words(self, metrics: dict) -> str:
         """The step's mean reward and completion length (the GRPO loss itself says little: about 0)."""

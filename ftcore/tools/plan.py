@@ -373,22 +373,26 @@ def plan_row(cfg: Config, facts: ModelFacts, stage: int, offload: str, world: in
             row.weights, row.trainable_weights = (facts.largest_layer + facts.next_largest_layer) * b, 0.0
         row.host_ram_per_node = host_per_rank * gpus_per_node * HOST_BUFFER_FACTOR
     row.activations_checkpointed, row.activations_full = activation_bytes(cfg, facts)
-    if cfg.task == "rl":
+    shape = task_for(cfg).rollout_shape(cfg)
+    if shape is not None:
         whole = float_frozen + float_trainable + quantized_weight_bytes
         held = row.weights + row.quantized_base + row.trainable_weights
-        row.rollout_gathers = stage == 3 and cfg.rl.zero3_generation != "layered"
+        row.rollout_gathers = stage == 3 and shape.zero3_generation != "layered"
         row.rollout = rollout_bytes(cfg, facts, max(0.0, whole - held) if row.rollout_gathers else 0.0)
     return row
 
 
 def rollout_bytes(cfg: Config, facts: ModelFacts, gathered: float) -> float:
-    """Task rl's generation per GPU: the KV cache of a group's rl.num_generations sequences of data.max_seq_len
-    tokens (keys and values, every layer, the compute dtype; an upper bound for sliding-window layers), one
-    step's fp32 logits per sequence, and `gathered`: what gathering the whole ZeRO-3 model adds (rl.zero3_generation
-    gather, or auto where it fits). The old policy's log-probs (rl.num_iterations > 1) are kept on the host."""
-    r, b = cfg.rl, DTYPE_BYTES[cfg.model.dtype]
-    cache = 2 * facts.layers * facts.kv_dim * r.num_generations * cfg.data.max_seq_len * b
-    return cache + r.num_generations * facts.vocab * 4 + gathered
+    """A generating task's rollout per GPU (Task.rollout_shape; task rl: a group's rl.num_generations sequences of
+    data.max_seq_len tokens): their KV cache (keys and values, every layer, the compute dtype; an upper bound for
+    sliding-window layers), one step's fp32 logits per sequence, and `gathered`: what gathering the whole ZeRO-3
+    model adds (rl.zero3_generation gather, or auto where it fits). The old policy's log-probs (rl.num_iterations >
+    1) are kept on the host. 0 for a task that does not generate."""
+    shape, b = task_for(cfg).rollout_shape(cfg), DTYPE_BYTES[cfg.model.dtype]
+    if shape is None:
+        return 0.0
+    cache = 2 * facts.layers * facts.kv_dim * shape.rows * shape.tokens * b
+    return cache + shape.rows * facts.vocab * 4 + gathered
 
 
 def longest_seq_len(cfg: Config, facts: ModelFacts, row: Row, gpu_mem_bytes: float) -> Optional[int]:
@@ -432,7 +436,8 @@ def make_plan(cfg: Config, facts: ModelFacts, gpus_per_node: int, nodes: int,
                 gpu_mem_bytes=gpu_mem_gb * GIB if gpu_mem_gb else None, total_params=facts.total,
                 trainable_params=facts.trainable, quantized_params=facts.quantized, loss=loss_bytes(cfg, facts))
     plan.rows = [plan_row(cfg, facts, stage, offload, world, gpus_per_node) for stage, offload in LAYOUTS]
-    if plan.gpu_mem_bytes and cfg.task == "rl" and cfg.rl.zero3_generation == "auto":
+    shape = task_for(cfg).rollout_shape(cfg)
+    if plan.gpu_mem_bytes and shape is not None and shape.zero3_generation == "auto":
         for row in plan.rows:  # rl.zero3_generation auto: layer by layer where the gathered model does not fit
             if row.rollout_gathers and row.total(True) > plan.gpu_mem_bytes:
                 row.rollout_gathers, row.rollout = False, rollout_bytes(cfg, facts, 0.0)
