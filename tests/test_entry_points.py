@@ -6,6 +6,7 @@ is refused in one line."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,8 @@ def test_a_contradiction_between_the_accelerate_config_and_the_ft_config_names_b
     proc = run([bin_of("accelerate"), "launch", "--config_file", str(acc), "--main_process_port", str(free_port()),
                 "-m", "launcher.cli", "train", str(cfg), "--set", "distributed.zero_stage=2"], check=False)
     assert proc.returncode != 0
-    assert ("[rank 0] error: distributed.zero_stage: --set says 2 but the accelerate config (zero_stage=3) says 3"
-            in proc.stderr)
+    # Both ranks read the same config and fail on it; the first to fail is the one the user reads (torchrun's agent
+    # stops the other, which under load may not have got as far as its own message).
+    assert re.search(r"\[rank [01]\] error: distributed\.zero_stage: --set says 2 but the accelerate config "
+                     r"\(zero_stage=3\) says 3", proc.stderr), proc.stderr[-3000:]
     assert not (out / "checkpoints").exists()
