@@ -90,9 +90,8 @@ def export_adapters(adapter_dirs: list[Path], base_dir: Optional[str], out: Path
                                    read_base_record(adapter_dirs[0], adapter_dirs[0].parent)))
     trained_4bit = _trained_4bit(run_configs[0])
     for adapter in adapters:
-        if trained_4bit:  # (as for one adapter: a Conv1D layer was a 4-bit Linear of the transposed weight)
-            for name in quantized_weight_names(base)[1] & set(adapter.pairs):
-                adapter.pairs[name].fan_in_fan_out = True
+        if trained_4bit:
+            _as_trained_on_4bit(adapter, base)
         check_adapter_fits(adapter, base, tied_embedding_names(base))
     out_dtype = DTYPES[opts.dtype] if opts.dtype else base.dtype
     quantized = trained_4bit if opts.merge_base == "auto" else opts.merge_base == "quantized"
@@ -116,6 +115,13 @@ def export_adapters(adapter_dirs: list[Path], base_dir: Optional[str], out: Path
 
 def _trained_4bit(run_config: Optional[Config]) -> bool:
     return run_config is not None and run_config.adapter.method == "qlora"
+
+
+def _as_trained_on_4bit(adapter: Adapter, base: BaseModel) -> None:
+    """Trained on a 4-bit base, a Conv1D (GPT-2) layer was a Linear4bit of the transposed weight, so its LoRA delta
+    is in Linear layout; it is merged into the base's [in, out] layout."""
+    for name in quantized_weight_names(base)[1] & set(adapter.pairs):
+        adapter.pairs[name].fan_in_fan_out = True
 
 
 def _file_sha256(path: Path) -> str:
@@ -160,12 +166,9 @@ def export_checkpoint(checkpoint: Path, base_dir: Optional[str], out: Path, **op
 
 def _merge_adapter(base: BaseModel, adapter: Adapter, out: Path, opts: ExportOptions, run_config: Optional[Config],
                    reference_adapter_dir: Optional[Path], side_sources: list[Path]) -> ExportReport:
-    trained_4bit = run_config is not None and run_config.adapter.method == "qlora"
+    trained_4bit = _trained_4bit(run_config)
     if trained_4bit:
-        # Trained on a 4-bit base: a Conv1D (GPT-2) layer was a Linear4bit of the transposed weight, so its LoRA
-        # delta is in Linear layout; it is merged into the base's [in, out] layout.
-        for name in quantized_weight_names(base)[1] & set(adapter.pairs):
-            adapter.pairs[name].fan_in_fan_out = True
+        _as_trained_on_4bit(adapter, base)
     classifier = None
     if is_classification(run_config, adapter):
         classes = head_outputs({n: tuple(t.shape) for n, t in adapter.replacements.items()}, base, "adapter")

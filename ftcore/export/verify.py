@@ -202,12 +202,7 @@ def verify_against_adapter(staging: Path, base: BaseModel, adapter: Adapter, ada
             if source not in base.infos:
                 raise ExportError(f"verification failed: the model as trained has a weight {name} that neither the "
                                   f"base ({base.dir}) nor the adapter holds")
-            tensor = base.read(source)
-            if name in quantized_names:
-                tensor = nf4_round_trip(tensor, compute_dtype)
-            elif quantized and tensor.is_floating_point():
-                tensor = tensor.to(compute_dtype)  # the rest of a QLoRA base, as training loaded it
-            return tensor.float()
+            return _base_as_trained(base, source, name in quantized_names, quantized, compute_dtype).float()
 
         what = "base + adapter" + (" on the NF4-quantized base" if quantized else "")
         _compare_streamed(staging, model_class, reference, weights, out_dtype, report, log, what,
@@ -248,16 +243,24 @@ def verify_against_merge(staging: Path, base: BaseModel, merge: Any, quantized: 
         if source not in base.infos:
             raise ExportError(f"verification failed: the merged model has a weight {name} the base ({base.dir}) "
                               "does not hold")
-        tensor = base.read(source)
-        if name in quantized_names:
-            tensor = nf4_round_trip(tensor, compute_dtype)
-        elif quantized and tensor.is_floating_point():
-            tensor = tensor.to(compute_dtype)
-        return merge.apply(name, tensor).float()
+        return merge.apply(name, _base_as_trained(base, source, name in quantized_names, quantized,
+                                                  compute_dtype)).float()
 
     what = f"base + {len(merge.adapters)} adapters ({merge.recipe.method})"
     _compare_streamed(staging, AutoModelForCausalLM, reference, weights, out_dtype, report, log, what,
                       base.config.get("vocab_size"))
+
+
+def _base_as_trained(base: BaseModel, source: str, was_4bit: bool, quantized: bool,
+                     compute_dtype: torch.dtype) -> torch.Tensor:
+    """A base tensor as training saw it: its NF4 round trip where bitsandbytes quantized it, the rest of a QLoRA
+    base in the compute dtype (as training loaded it), else as stored."""
+    tensor = base.read(source)
+    if was_4bit:
+        return nf4_round_trip(tensor, compute_dtype)
+    if quantized and tensor.is_floating_point():
+        return tensor.to(compute_dtype)
+    return tensor
 
 
 def verify_full(staging: Path, zero: ZeroCheckpoint, base: BaseModel, out_dtype: torch.dtype, budget: int,
