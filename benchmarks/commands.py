@@ -4,6 +4,8 @@ has none), and a command that fails raises with its exit code and the end of its
 
 from __future__ import annotations
 
+import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +33,9 @@ def run_checked(argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
         raise CommandFailed(f"{shown[:300]} exited {proc.returncode}\n--- stdout (end)\n{proc.stdout[-2000:]}"
                             f"\n--- stderr (end)\n{proc.stderr[-4000:]}")
     return proc
+
+
+def write_peak_rss(path: Path) -> None:
+    """This process's peak RSS so far, as {"peak_rss_gib": ...} in `path` (a worker reports it to its benchmark)."""
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    path.write_text(json.dumps({"peak_rss_gib": peak_gib}))

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from commands import CommandFailed, ft, run_checked, write_peak_rss  # benchmarks/commands.py
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "examples/rl-grpo-gemma.yaml"
@@ -46,18 +46,13 @@ def ft_sets(work: Path, args: argparse.Namespace) -> list[str]:
     return [w for k, v in sets.items() for w in ("--set", f"{k}={v}")]
 
 
-def write_peak_rss(work: Path, side: str) -> None:
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    (work / f"{side}-rss.json").write_text(json.dumps({"peak_rss_gib": peak_gib}))
-
-
 def worker_ft(work: Path, args: argparse.Namespace) -> None:
     from launcher.cli import app
 
     try:
         app(["train", EXAMPLE, *ft_sets(work, args)], standalone_mode=False)
     finally:
-        write_peak_rss(work, "ft")
+        write_peak_rss(work / "ft-rss.json")
 
 
 def worker_trl(work: Path, args: argparse.Namespace) -> None:
@@ -128,7 +123,7 @@ def worker_trl(work: Path, args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(work / "trl" / "final")
         (work / "trl-steps.json").write_text(json.dumps(steps.rows))
     finally:
-        write_peak_rss(work, "trl")
+        write_peak_rss(work / "trl-rss.json")
 
 
 def _config(work: Path, args: argparse.Namespace):
@@ -139,16 +134,15 @@ def _config(work: Path, args: argparse.Namespace):
 
 
 def run(argv: list[str], log: Path) -> float:
+    """Seconds `argv` took; its output goes to `log` (also when it fails, which raises saying why)."""
     started = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = run_checked(argv)
+    except CommandFailed as e:
+        log.write_text(str(e))
+        raise
     log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:6])} ... failed ({proc.returncode}); log: {log}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - started
-
-
-def ft(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "launcher.cli", *argv]
 
 
 def held_out(model: Path, work: Path, name: str) -> float:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from commands import write_peak_rss  # benchmarks/commands.py
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "examples/demo.yaml"
@@ -37,10 +38,8 @@ def ft_sets(out: Path, args: argparse.Namespace) -> list[str]:
     return [w for k, v in sets.items() for w in ("--set", f"{k}={v}")]
 
 
-def write_peak_rss(out: Path, side: str) -> None:
-    rank = int(os.environ.get("RANK", 0))
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    (out / f"{side}-rss-rank{rank}.json").write_text(json.dumps({"peak_rss_gib": peak_gib}))
+def write_rank_peak_rss(out: Path, side: str) -> None:
+    write_peak_rss(out / f"{side}-rss-rank{int(os.environ.get('RANK', 0))}.json")
 
 
 def worker_ft(out: Path, args: argparse.Namespace) -> None:
@@ -49,7 +48,7 @@ def worker_ft(out: Path, args: argparse.Namespace) -> None:
     try:
         app(["train", CONFIG, *ft_sets(out, args)], standalone_mode=False)
     finally:
-        write_peak_rss(out.parent, "ft")
+        write_rank_peak_rss(out.parent, "ft")
 
 
 def worker_trainer(out: Path, args: argparse.Namespace) -> None:
@@ -133,7 +132,7 @@ def worker_trainer(out: Path, args: argparse.Namespace) -> None:
         tokens = sum(b.real_tokens for b in batches) * world
         (out / "result.json").write_text(json.dumps({"losses": losses.rows, "eval_loss": metrics["eval_loss"],
                                                      "wall_s": wall, "tokens": tokens}))
-    write_peak_rss(out.parent, "trainer")
+    write_rank_peak_rss(out.parent, "trainer")
 
 
 def torchrun(nproc: int, side: str, out: Path, args: argparse.Namespace) -> float:
