@@ -145,7 +145,7 @@ def test_the_objective_through_the_chunked_head_equals_the_formula_on_whole_logi
     from ftcore.data.formats import IGNORE_INDEX, Tokenized
     from ftcore.losses.chunked import LogitTransform
     from ftcore.losses.grpo import GRPOLoss
-    from ftcore.tasks.rl import RolloutExtra
+    from ftcore.tasks.rollouts import RolloutExtra
     from ftcore.train.sequence_parallel import model_inputs
     from tests.test_preference import policy_and_reference
 

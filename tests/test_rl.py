@@ -223,7 +223,7 @@ def test_a_kept_rollout_batch_is_restored_or_refused_in_one_line():
     size are refused naming train.micro_batch_size; a checkpoint at a rollout boundary needs nothing."""
     from types import SimpleNamespace
 
-    from ftcore.tasks.rl import Rollouts
+    from ftcore.tasks.rollouts import Rollouts
 
     cfg = load_config(None, [*RL, "rl.num_iterations=2", "rl.num_generations=2", "train.micro_batch_size=1"])
     rollouts = object.__new__(Rollouts)
